@@ -1,0 +1,34 @@
+"""routerd's persistent state: the registry of model versions and the event log.
+
+One SQLite file (through sqlite-utils) holds what must outlive the process: which
+models and versions exist and where they came from, and a log of loads, evictions
+and failures with their reasons. All SQL lives in this package; the rest of routerd
+sees only the records and the ``Store`` methods below. The schema moves forward by
+numbered migrations (``state.migrations``), applied when the store opens.
+
+A ``Store`` is used from one thread, the event loop's (see ``state.store``).
+"""
+
+from state.records import (
+    NAME_MAX_LEN,
+    SOURCES,
+    VERSION_MAX_LEN,
+    Event,
+    StoreError,
+    SyncResult,
+    VersionRecord,
+    VersionSpec,
+)
+from state.store import Store
+
+__all__ = [
+    "NAME_MAX_LEN",
+    "SOURCES",
+    "VERSION_MAX_LEN",
+    "Event",
+    "Store",
+    "StoreError",
+    "SyncResult",
+    "VersionRecord",
+    "VersionSpec",
+]
