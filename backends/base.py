@@ -1,0 +1,178 @@
+"""The contract between the scheduler and the code that runs models.
+
+A *backend* turns a registered model version (a folder plus options) into a
+*loaded model*. The scheduler owns residency (DESIGN.md rule 1): it decides when a
+backend loads or unloads, and it calls every blocking method below from the
+instance's own executor thread (rule 6), never from the event loop. Backends
+therefore may block freely, but must not keep state between instances and must
+not touch the scheduler.
+
+Who calls what, and when:
+
+- ``Backend.validate_options`` — the registry, when a version is registered or
+  synced from config, so a bad option is refused before anything is stored.
+- ``Backend.load`` — the scheduler, once per instance, in the instance executor.
+- ``LoadedModel.warm_up`` — the scheduler, right after ``load``, before the
+  instance accepts its first lease.
+- ``LoadedModel.footprint_bytes`` — the scheduler, after warm-up, to record what
+  the instance really occupies.
+- ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
+  before generation, so prompt-length errors are answered before streaming starts.
+- ``generate`` / ``embed`` — request handlers while they hold a lease, in the
+  instance executor.
+- ``unload`` — the scheduler, in the instance executor, when the instance leaves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class Task(StrEnum):
+    """What a loaded model can do; decides which endpoints accept it."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+
+
+class BackendError(Exception):
+    """A backend could not do what was asked (bad folder, missing device, …).
+
+    The message is shown to API clients and operators, so it must say what went
+    wrong in plain words.
+    """
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served by this model (e.g. no chat template).
+
+    ``param`` names the request field at fault, for the OpenAI error shape.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything a backend needs to load one version; built from the registry."""
+
+    name: str
+    version: str
+    path: str
+    options: Mapping[str, Any]
+    device: str  # "cpu" or "cuda:N", already resolved by placement
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that request handling depends on."""
+
+    task: Task
+    context_length: int
+    device: str
+    dtype: str
+    has_chat_template: bool = False
+    vocab_size: int = 0  # token ids in prompts must be below this; 0 when unknown
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings, already validated by the API layer."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one generated sequence."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Cancellation:
+    """Set from the event loop when a client goes away; polled between steps."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+
+TextSink = Callable[[str], None]
+"""Receives each new piece of generated text, in order, from the executor thread."""
+
+
+class LoadedModel(Protocol):
+    """One model resident on one device. Every method may block."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def warm_up(self) -> None:
+        """Run one short real request so the first client does not pay for it."""
+
+    def footprint_bytes(self) -> int:
+        """Bytes this instance holds on its device (weights, buffers, caches)."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Tokenize a raw prompt as the model expects it (special tokens included)."""
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Render messages with the model's chat template and tokenize them.
+
+        Raises InvalidRequest when the model has no chat template or the messages
+        do not fit it.
+        """
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: TextSink | None,
+        cancellation: Cancellation,
+    ) -> GenerationResult:
+        """Decode until a stop condition; stream text through ``on_text`` if given.
+
+        Text passed to ``on_text`` never contains a stop string or the beginning of
+        one that might still complete: concatenating every piece gives exactly
+        ``GenerationResult.text``.
+        """
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model's tokenizer gives for ``text`` (usage reporting)."""
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One normalized vector per tokenized input, computed in one pass."""
+
+    def unload(self) -> None:
+        """Drop every reference to device memory; the instance is gone after this."""
+
+
+class Backend(Protocol):
+    """A kind of model runtime (``transformers``, later ``vllm``, ``echo``…)."""
+
+    kind: str
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the options normalized, or raise InvalidRequest naming the bad key."""
+
+    def load(self, spec: LoadSpec) -> LoadedModel:
+        """Read the folder and place the model on ``spec.device``; may take seconds."""

@@ -1,0 +1,119 @@
+"""Text-side helpers for token-by-token generation: detokenizing and stop strings.
+
+Streaming clients must receive text that is final: once a piece has been sent it
+cannot be taken back. Two things make the naive "decode and send" wrong:
+
+- a token can end in the middle of a UTF-8 character (byte-level BPE splits
+  multi-byte characters), so the decoded text ends in U+FFFD until the next
+  token completes it — :class:`IncrementalDetokenizer` holds such tails back;
+- the end of the text so far may be the beginning of a stop string that the
+  next tokens complete — :class:`StopStringHoldback` holds those tails back and
+  cuts the text where a stop string appears.
+
+Both are pure (no torch), so they are unit-tested on plain strings and ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+
+# How many prompt tokens to decode in front of the first generated token. Some
+# tokenizers (SentencePiece) drop a leading space when a sequence is decoded from
+# its start; decoding with a little context keeps that space.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into new text, one token at a time.
+
+    It decodes a small window (the last emitted tokens plus the new ones) rather
+    than everything generated, so each step costs the same however long the
+    output grows. New text is released only when it does not end in an
+    incomplete character; :meth:`flush` releases whatever is left at the end.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], context: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(context[-_CONTEXT_TOKENS:]) if context else []
+        # ids[prefix:read] were already emitted and serve as decoding context;
+        # ids[read:] are not yet emitted.
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text that became final ("" if none)."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Return any text still held back (incomplete characters included)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR)):
+            return ""
+        # The context part was already sent; send only what lies past it (if a
+        # tokenizer's clean-ups ever make decoding not prefix-stable, this still
+        # never repeats or retracts text).
+        new = after[len(before) :]
+        self._prefix = self._read
+        self._read = len(self._ids)
+        return new
+
+
+class StopStringHoldback:
+    """Finds stop strings in streamed text and holds back possible beginnings.
+
+    :meth:`push` takes the next piece of text and returns what may be sent now;
+    after it reports a stop, the text up to (not including) the stop string has
+    been returned and everything after is dropped. :meth:`flush` returns the
+    held-back tail when generation ends for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if isinstance(stops, str):  # a lone string is one stop, not one per character
+            stops = (stops,)
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add ``text``; return the part that can no longer become a stop string."""
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        buffer = self._held + text
+        cut = self._first_stop(buffer)
+        if cut is not None:
+            self.stopped = True
+            self._held = ""
+            return buffer[:cut]
+        keep = self._partial_suffix_len(buffer)
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep]
+
+    def flush(self) -> str:
+        """Return the held tail; call once, when generation ends without a stop."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _first_stop(self, buffer: str) -> int | None:
+        found = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        return min(found) if found else None
+
+    def _partial_suffix_len(self, buffer: str) -> int:
+        """Length of the longest tail of ``buffer`` that begins some stop string."""
+        longest = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
