@@ -1,0 +1,82 @@
+"""Errors that reach clients, each carrying the OpenAI error fields and its HTTP status.
+
+The core raises these; ``routerd.api.errors`` renders them. Keeping the status next
+to the meaning means a new failure mode is classified once, where it is raised,
+instead of in a growing mapping inside the HTTP layer.
+"""
+
+from __future__ import annotations
+
+
+class RouterdError(Exception):
+    """Base: a failure a client should see as ``{"error": {...}}`` with ``status``."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+
+class BadRequest(RouterdError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(RouterdError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ModelNotFound(RouterdError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(RouterdError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(RouterdError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class Unavailable(RouterdError):
+    """No capacity, a failed load, or shutting down: the client may retry later."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+class LoadFailed(Unavailable):
+    code = "model_load_failed"
+
+
+class Draining(Unavailable):
+    code = "draining"
+
+
+class GatewayTimeout(RouterdError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

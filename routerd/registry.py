@@ -1,0 +1,85 @@
+"""Registering model versions: validate once at the door, then store and re-route.
+
+Both ways in — ``[[models]]`` in the config (synced at start) and ``routerctl
+register`` (the admin API) — go through ``Registry`` so a version is checked the
+same way whichever way it came: the backend exists, the folder exists, the
+options are ones the backend and the scheduler understand. Nothing invalid is
+ever stored, so a bad registration cannot break later loads or restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from backends.base import InvalidRequest
+from backends.registry import BackendRegistry
+from policies.placement import is_device_preference
+from routerd.router import Router
+from state import Store, SyncResult, VersionRecord, VersionSpec
+
+# Options the scheduler reads itself; everything else belongs to the backend.
+SCHEDULER_OPTIONS = ("device",)
+
+
+class Registry:
+    """The registry service: validation in front of the store, router kept in step."""
+
+    def __init__(self, store: Store, backends: BackendRegistry, router: Router) -> None:
+        self._store = store
+        self._backends = backends
+        self._router = router
+        self.refresh()
+
+    def validate(self, spec: VersionSpec) -> VersionSpec:
+        """Return ``spec`` with normalized options, or raise InvalidRequest (param named)."""
+        folder = Path(spec.path)
+        if not folder.is_absolute():
+            raise InvalidRequest(f"path must be absolute, got {spec.path!r}", param="path")
+        if not folder.is_dir():
+            raise InvalidRequest(f"path {spec.path} is not a directory", param="path")
+        scheduler_options: dict[str, Any] = {}
+        backend_options: dict[str, Any] = {}
+        for key, value in spec.options.items():
+            (scheduler_options if key in SCHEDULER_OPTIONS else backend_options)[key] = value
+        device = scheduler_options.get("device", "auto")
+        if not isinstance(device, str) or not is_device_preference(device):
+            raise InvalidRequest(
+                f"option device must be auto, cpu, cuda or cuda:N, got {device!r}",
+                param="options.device",
+            )
+        try:
+            normalized = self._backends.validate_options(spec.backend, backend_options)
+        except InvalidRequest as exc:
+            # Backends name their own option keys; clients sent them under "options".
+            if exc.param in backend_options:
+                raise InvalidRequest(str(exc), param=f"options.{exc.param}") from exc
+            raise
+        if "device" in scheduler_options:
+            normalized["device"] = device
+        return replace(spec, options=normalized)
+
+    def register(self, spec: VersionSpec, *, source: str = "api") -> VersionRecord:
+        try:
+            record = self._store.upsert_version(self.validate(spec), source=source)
+        except ValueError as exc:
+            if isinstance(exc, InvalidRequest):
+                raise
+            raise InvalidRequest(str(exc), param="name") from exc
+        self.refresh()
+        return record
+
+    def sync(self, specs: Sequence[VersionSpec], *, source: str) -> SyncResult:
+        """Make the versions from ``source`` (config, demo) exactly ``specs``."""
+        validated = [self.validate(spec) for spec in specs]
+        result = self._store.sync_versions(validated, source=source)
+        self.refresh()
+        return result
+
+    def versions(self) -> list[VersionRecord]:
+        return self._store.list_versions()
+
+    def refresh(self) -> None:
+        self._router.replace(self._store.list_versions())

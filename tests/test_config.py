@@ -1,0 +1,120 @@
+"""Configuration: embedded defaults, TOML overrides, state-dir precedence, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from routerd.config import (
+    Config,
+    ConfigError,
+    default_state_dir,
+    load_config,
+    parse_duration,
+)
+
+
+def test_defaults_need_no_file():
+    config = load_config(None)
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8400
+    assert config.models == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ROUTERD_STATE_DIR": "/a", "STATE_DIRECTORY": "/b", "XDG_STATE_HOME": "/c"}, "/a"),
+        ({"STATE_DIRECTORY": "/b:/other", "XDG_STATE_HOME": "/c"}, "/b"),
+        ({"XDG_STATE_HOME": "/c", "HOME": "/home/u"}, "/c/routerd"),
+        ({"HOME": "/home/u"}, "/home/u/.local/state/routerd"),
+    ],
+)
+def test_state_dir_precedence(env, expected):
+    assert default_state_dir(env) == Path(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("1h", 3600), ("7", 7), (3, 3)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text, key="k") == seconds
+
+
+def test_bad_duration_names_the_key():
+    with pytest.raises(ConfigError, match=r"server\.shutdown_timeout"):
+        parse_duration("soon", key="server.shutdown_timeout")
+
+
+def test_file_overrides_and_models(tmp_path):
+    model_dir = tmp_path / "weights"
+    model_dir.mkdir()
+    path = tmp_path / "routerd.toml"
+    path.write_text(
+        """
+log_level = "debug"
+[server]
+port = 9000
+shutdown_timeout = "5s"
+[state]
+dir = "state"
+[[models]]
+name = "m"
+version = "2"
+path = "weights"
+[models.options]
+dtype = "bfloat16"
+"""
+    )
+    config = load_config(path)
+    assert config.server.port == 9000
+    assert config.server.host == "127.0.0.1"
+    assert config.server.shutdown_timeout == 5
+    assert config.state_dir == tmp_path / "state"
+    assert config.log_level == "debug"
+    (model,) = config.models
+    assert (model.name, model.version, model.backend) == ("m", "2", "transformers")
+    assert model.path == str(model_dir)
+    assert model.options == {"dtype": "bfloat16"}
+    assert config.source_file == path
+
+
+def test_flags_win_over_the_file(tmp_path):
+    config = Config().with_overrides(port=1234, host="0.0.0.0", state_dir=tmp_path, demo=None)
+    assert (config.server.port, config.server.host, config.state_dir) == (1234, "0.0.0.0", tmp_path)
+    assert config.demo is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown key server.prot"),
+        ("[server]\nport = 'x'\n", "server.port"),
+        ("[server]\nport = 70000\n", "not a TCP port"),
+        ("[[models]]\nname = 'm'\n", "missing required key 'path'"),
+        ("[[models]]\nname='m'\npath='/x'\n[[models]]\nname='m'\npath='/y'\n", "declared twice"),
+        ("log_level = 'loud'\n", "log_level"),
+        ("this is not toml", "invalid TOML"),
+    ],
+)
+def test_bad_files_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_shipped_configs_load():
+    repo = Path(__file__).resolve().parent.parent
+    defaults = load_config(repo / "configs" / "default.toml")
+    assert defaults.server == Config().server
+    assert defaults.scheduler == Config().scheduler
+    example = load_config(repo / "configs" / "example.toml")
+    assert [m.name for m in example.models] == ["my-llm"]
