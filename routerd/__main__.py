@@ -1,0 +1,5 @@
+import sys
+
+from routerd.cli import main
+
+sys.exit(main())

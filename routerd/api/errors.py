@@ -1,0 +1,107 @@
+"""Every failure leaves as an OpenAI-shaped error with the right status (DESIGN.md rule 7).
+
+One middleware does it for all routes, so a handler raises and never builds an
+error response itself, and aiohttp's own errors (unknown route, wrong method, body
+too large) come out in the same shape as ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import BackendError, InvalidRequest
+from routerd.errors import BadRequest, PayloadTooLarge, RouterdError
+
+log = logging.getLogger("routerd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(error: RouterdError) -> web.Response:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return web.json_response(
+        error_body(error.message, type=error.type, param=error.param, code=error.code),
+        status=error.status,
+        headers=headers,
+    )
+
+
+def as_routerd_error(exc: BaseException) -> RouterdError:
+    """Classify any exception a handler let through."""
+    if isinstance(exc, RouterdError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, BackendError):
+        return RouterdError(f"backend error: {exc}")
+    return RouterdError("internal error; see the routerd log")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_exception_response(exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = as_routerd_error(exc)
+        if error.status >= 500 and not isinstance(exc, RouterdError):
+            log.exception("%s %s failed", request.method, request.path)
+        return error_response(error)
+
+
+def _http_exception_response(exc: web.HTTPException) -> web.Response:
+    status_types = {413: ("request_too_large", "invalid_request_error")}
+    code, type_ = status_types.get(
+        exc.status, (None, "invalid_request_error" if exc.status < 500 else "server_error")
+    )
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    response = web.json_response(
+        error_body(message or exc.reason, type=type_, code=code or _default_code(exc.status)),
+        status=exc.status,
+    )
+    if exc.status == 405 and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+def _default_code(status: int) -> str | None:
+    return {404: "not_found", 405: "method_not_allowed"}.get(status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 saying what is wrong with it."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"request body is larger than the limit of {request.client_max_size} bytes"
+        ) from None
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body

@@ -1,0 +1,110 @@
+"""Running generation and embedding on a leased instance, from the event loop.
+
+The blocking work runs on the instance's own thread (DESIGN.md rule 6). Streaming
+crosses from that thread to the loop through a queue fed with
+``call_soon_threadsafe``; if the consumer stops early (client gone) the generation
+is cancelled and awaited, so the lease is never released while the thread still
+uses the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from backends.base import Cancellation, GenerationResult, ModelInfo, SamplingParams
+from routerd.api.schemas import Prompt, SamplingFields
+from routerd.errors import BadRequest
+from routerd.instance import Instance
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    params: SamplingParams
+
+
+async def tokenize(instance: Instance, prompt: Prompt, *, param: str) -> list[int]:
+    """Token ids for a prompt; strings are tokenized on the instance thread, arrays checked.
+
+    The instance thread, not any pool thread: a fast tokenizer is not safe to use from
+    two threads at once, and the instance thread also decodes during generation.
+    """
+    if isinstance(prompt, str):
+        return await instance.run(instance.model.encode_prompt, prompt)
+    check_token_ids(instance.model.info, prompt, param=param)
+    return prompt
+
+
+def check_token_ids(info: ModelInfo, token_ids: Sequence[int], *, param: str) -> None:
+    if info.vocab_size and any(t >= info.vocab_size for t in token_ids):
+        raise BadRequest(
+            f"{param} holds a token id outside the vocabulary (size {info.vocab_size})",
+            param=param,
+        )
+
+
+def fit_to_context(
+    info: ModelInfo, prompt_tokens: int, fields: SamplingFields, *, param: str
+) -> SamplingParams:
+    """Sampling params whose max_tokens fits the context, or a 400 naming the overflow."""
+    room = info.context_length - prompt_tokens
+    if room < 1 or (fields.max_tokens is not None and fields.max_tokens > room):
+        asked = fields.max_tokens if fields.max_tokens is not None else 1
+        raise BadRequest(
+            f"This model's maximum context length is {info.context_length} tokens. However, "
+            f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, "
+            f"{asked} for the completion). Please reduce the prompt or max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_tokens=fields.max_tokens if fields.max_tokens is not None else room,
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        seed=fields.seed,
+        stop=fields.stop,
+    )
+
+
+async def generate(instance: Instance, prompt: PreparedPrompt) -> GenerationResult:
+    return await instance.run(
+        instance.model.generate, prompt.token_ids, prompt.params, None, Cancellation()
+    )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of a stream: the whole result with its usage and finish reason."""
+
+    result: GenerationResult
+
+
+async def stream(
+    instance: Instance, prompt: PreparedPrompt
+) -> AsyncGenerator[str | Finished, None]:
+    """Yield text pieces as the model produces them, then ``Finished``."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    cancellation = Cancellation()
+
+    def on_text(piece: str) -> None:  # called on the instance thread
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    work = asyncio.ensure_future(
+        instance.run(
+            instance.model.generate, prompt.token_ids, prompt.params, on_text, cancellation
+        )
+    )
+    # Queued after every piece: the thread's call_soon_threadsafe calls precede the
+    # future's completion callback, and the loop runs callbacks in order.
+    work.add_done_callback(lambda _: pieces.put_nowait(None))
+    try:
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        yield Finished(work.result())
+    finally:
+        if not work.done():
+            cancellation.cancel()
+            await asyncio.wait([work])

@@ -1,0 +1,33 @@
+"""Liveness and readiness, for load balancers and systemd.
+
+``/health`` answers as long as the process and its event loop run. ``/ready``
+answers 200 only while the store is open, the scheduler runs and shutdown has not
+begun, so a balancer stops sending work before the daemon stops taking it.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from routerd.services import SERVICES
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    checks = {
+        "store": services.store.is_open,
+        "scheduler": services.scheduler.running,
+        "accepting": services.accepting,
+    }
+    ok = all(checks.values())
+    return web.json_response(
+        {"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503
+    )

@@ -1,0 +1,353 @@
+"""The OpenAI-compatible API: models, completions, chat completions, embeddings.
+
+Each handler follows the request path of DESIGN.md: parse and validate the body,
+resolve the model id through the router, hold a scheduler lease for the whole
+response (streaming included), run the work on the instance's thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import GenerationResult, Task
+from routerd.api.errors import as_routerd_error, error_body, read_json_object
+from routerd.api.generation import (
+    Finished,
+    PreparedPrompt,
+    check_token_ids,
+    fit_to_context,
+    generate,
+    stream,
+    tokenize,
+)
+from routerd.api.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    parse_chat,
+    parse_completion,
+    parse_embedding,
+)
+from routerd.errors import BadRequest, ModelNotFound
+from routerd.scheduler import Lease
+from routerd.services import SERVICES, Services
+from state import VersionRecord
+
+routes = web.RouteTableDef()
+
+
+def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
+    headers = {
+        "x-routerd-model": record.model_id,
+        "x-routerd-device": lease.instance.device,
+    }
+    if lease.cold_start_ms is not None:
+        headers["x-routerd-cold-start-ms"] = f"{lease.cold_start_ms:.0f}"
+    return headers
+
+
+def _require_task(lease: Lease, task: Task, model_id: str, endpoint: str) -> None:
+    if lease.instance.model.info.task is not task:
+        raise BadRequest(
+            f"model '{model_id}' is a {lease.instance.model.info.task} model and cannot serve "
+            f"{endpoint}",
+            param="model",
+        )
+
+
+# -- models ----------------------------------------------------------------------
+
+
+def _model_entry(model_id: str, record: VersionRecord) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(record.created_at),
+        "owned_by": "routerd",
+        "root": record.model_id,
+    }
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    table = request.app[SERVICES].router.table
+    data = [_model_entry(name, record) for name, record in sorted(table.latest.items())]
+    data += [_model_entry(mid, record) for mid, record in sorted(table.versions.items())]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model_id}")
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    try:
+        record = request.app[SERVICES].router.resolve(model_id)
+    except ModelNotFound:
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model") from None
+    return web.json_response(_model_entry(model_id, record))
+
+
+# -- completions -----------------------------------------------------------------
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    req = parse_completion(await read_json_object(request))
+    record = services.router.resolve(req.model)
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
+        prompts = [await _prepare(lease, req, prompt, param="prompt") for prompt in req.prompts]
+        if req.stream:
+            return await _stream_completion(request, req, record, lease, prompts)
+        results = [await generate(lease.instance, p) for p in prompts]
+    return web.json_response(
+        {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": r.text,
+                    "logprobs": None,
+                    "finish_reason": _finish(r),
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": _usage(results),
+        },
+        headers=_served_headers(record, lease),
+    )
+
+
+async def _prepare(
+    lease: Lease, req: CompletionRequest, prompt: str | list[int], *, param: str
+) -> PreparedPrompt:
+    token_ids = await tokenize(lease.instance, prompt, param=param)
+    info = lease.instance.model.info
+    return PreparedPrompt(
+        token_ids, fit_to_context(info, len(token_ids), req.sampling, param=param)
+    )
+
+
+async def _stream_completion(
+    request: web.Request,
+    req: CompletionRequest,
+    record: VersionRecord,
+    lease: Lease,
+    prompts: list[PreparedPrompt],
+) -> web.StreamResponse:
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
+
+    return await _write_sse(
+        request, req.include_usage, record, lease, prompts, chunk, usage_chunk=chunk(0, "", None)
+    )
+
+
+# -- chat ------------------------------------------------------------------------
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    req = parse_chat(await read_json_object(request))
+    record = services.router.resolve(req.model)
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
+        model = lease.instance.model
+        token_ids = await lease.instance.run(model.encode_chat, req.messages)
+        params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+        prompt = PreparedPrompt(token_ids, params)
+        if req.stream:
+            return await _stream_chat(request, req, record, lease, prompt)
+        result = await generate(lease.instance, prompt)
+    return web.json_response(
+        {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": _finish(result),
+                }
+            ],
+            "usage": _usage([result]),
+        },
+        headers=_served_headers(record, lease),
+    )
+
+
+async def _stream_chat(
+    request: web.Request,
+    req: ChatRequest,
+    record: VersionRecord,
+    lease: Lease,
+    prompt: PreparedPrompt,
+) -> web.StreamResponse:
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    started = False
+
+    def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        nonlocal started
+        delta: dict[str, str] = {} if finish is not None else {"content": text}
+        if not started:
+            delta = {"role": "assistant", **delta}
+            started = True
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
+        }
+
+    usage_chunk = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": req.model,
+        "choices": [],
+    }
+    return await _write_sse(
+        request, req.include_usage, record, lease, [prompt], chunk, usage_chunk=usage_chunk
+    )
+
+
+# -- streaming -------------------------------------------------------------------
+
+ChunkMaker = Callable[[int, str, str | None], dict[str, Any]]
+
+
+async def _write_sse(
+    request: web.Request,
+    include_usage: bool,
+    record: VersionRecord,
+    lease: Lease,
+    prompts: list[PreparedPrompt],
+    chunk: ChunkMaker,
+    *,
+    usage_chunk: dict[str, Any],
+) -> web.StreamResponse:
+    """Server-sent events: a chunk per text piece, a finish chunk per prompt, [DONE].
+
+    An error after the stream began cannot change the status any more; it is sent
+    as an ``error`` event in the OpenAI shape, followed by ``[DONE]``.
+    """
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            **_served_headers(record, lease),
+        }
+    )
+    await response.prepare(request)
+    results: list[GenerationResult] = []
+    try:
+        for index, prompt in enumerate(prompts):
+            async with aclosing(stream(lease.instance, prompt)) as pieces:
+                async for item in pieces:
+                    if isinstance(item, Finished):
+                        results.append(item.result)
+                        await _send(response, chunk(index, "", _finish(item.result)))
+                    elif item:
+                        await _send(response, chunk(index, item, None))
+        if include_usage:
+            await _send(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
+    except (ConnectionResetError, ConnectionError):
+        return response  # the client left; leaving the generator cancelled the work
+    except Exception as exc:
+        error = as_routerd_error(exc)
+        await _send(response, error_body(error.message, type=error.type, code=error.code))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+def _finish(result: GenerationResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _usage(results: list[GenerationResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+# -- embeddings ------------------------------------------------------------------
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    services: Services = request.app[SERVICES]
+    req = parse_embedding(await read_json_object(request))
+    record = services.router.resolve(req.model)
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
+        info = lease.instance.model.info
+        batch: list[list[int]] = []
+        for i, item in enumerate(req.inputs):
+            param = "input" if len(req.inputs) == 1 else f"input[{i}]"
+            ids = await tokenize(lease.instance, item, param=param)
+            check_token_ids(info, ids, param=param)
+            if len(ids) > info.context_length:
+                raise BadRequest(
+                    f"{param} has {len(ids)} tokens; this model's maximum context length is "
+                    f"{info.context_length} tokens",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            batch.append(ids)
+        vectors = await lease.instance.run(lease.instance.model.embed, batch)
+    tokens = sum(len(ids) for ids in batch)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers=_served_headers(record, lease),
+    )
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector

@@ -1,0 +1,109 @@
+"""Wiring: build every part from a Config, attach the HTTP routes, own the lifecycle.
+
+Start-up order: open the store (migrations run), sync config (and demo) models into
+the registry, build router and scheduler. Shutdown runs in reverse: aiohttp stops
+accepting and lets in-flight requests finish (``server.shutdown_timeout``), then
+the cleanup context unloads every instance and closes the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from backends.registry import BackendRegistry
+from routerd.api import admin, health, openai
+from routerd.api.errors import error_middleware
+from routerd.config import Config
+from routerd.devices import DeviceInventory, NvmlProbe
+from routerd.registry import Registry
+from routerd.router import Router
+from routerd.scheduler import Scheduler
+from routerd.services import SERVICES, Services
+from state import Store, VersionSpec
+
+log = logging.getLogger("routerd")
+
+
+def build_services(
+    config: Config,
+    *,
+    backends: BackendRegistry | None = None,
+    devices: DeviceInventory | None = None,
+) -> Services:
+    """Open the store and build every part; the store is closed again on failure."""
+    store = Store.open(config.database_path)
+    try:
+        backends = backends or BackendRegistry()
+        devices = devices or DeviceInventory(NvmlProbe.open())
+        router = Router()
+        registry = Registry(store, backends, router)
+        synced = registry.sync(config.models, source="config")
+        registry.sync(_demo_specs(config), source="demo")
+        if synced.added or synced.updated or synced.removed:
+            log.info(
+                "config models synced: added=%s updated=%s removed=%s",
+                synced.added,
+                synced.updated,
+                synced.removed,
+            )
+        scheduler = Scheduler(
+            backends, devices, store.record_event, load_timeout=config.scheduler.load_timeout
+        )
+    except BaseException:
+        store.close()
+        raise
+    return Services(
+        config=config,
+        store=store,
+        backends=backends,
+        devices=devices,
+        router=router,
+        registry=registry,
+        scheduler=scheduler,
+    )
+
+
+def _demo_specs(config: Config) -> list[VersionSpec]:
+    """The demo models, built once under the state dir, when ``--demo`` asks for them."""
+    if not config.demo:
+        return []
+    from routerd.demo import ensure_demo_models
+
+    return [
+        VersionSpec(
+            name=m.name, version=m.version, backend=m.backend, path=m.path, options=m.options
+        )
+        for m in ensure_demo_models(config.demo_dir)
+    ]
+
+
+def build_app(services: Services) -> web.Application:
+    app = web.Application(
+        client_max_size=services.config.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[SERVICES] = services
+    app.add_routes(openai.routes)
+    app.add_routes(admin.routes)
+    app.add_routes(health.routes)
+    app.on_shutdown.append(_stop_accepting)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    app[SERVICES].accepting = False
+    log.info("shutting down: no new requests, waiting for in-flight ones")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    yield
+    services.accepting = False
+    try:
+        await services.scheduler.close()
+    finally:
+        services.store.close()
+        log.info("stopped")

@@ -1,0 +1,236 @@
+"""``routerctl``: the operator's command line. It talks only to the admin HTTP API.
+
+Every command takes ``--url`` and ``--json``. Without ``--json`` it prints for people;
+with it, the API's JSON as is, for scripts. Any failure prints one line on stderr
+and exits non-zero. Only the standard library is used, so the command starts fast
+and works from a bare Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8400"
+
+
+class CtlError(Exception):
+    """One line for the operator."""
+
+
+def request(
+    url: str, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 900.0
+) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"} if data is not None else {},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raise CtlError(_error_message(exc)) from None
+    except urllib.error.URLError as exc:
+        raise CtlError(f"cannot reach routerd at {url}: {exc.reason}") from None
+    except (TimeoutError, ConnectionError) as exc:
+        raise CtlError(f"cannot reach routerd at {url}: {exc}") from None
+    except json.JSONDecodeError:
+        raise CtlError(f"routerd at {url} answered with something that is not JSON") from None
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(exc.read())
+        message = payload["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = exc.reason
+    return f"{message} (HTTP {exc.code})"
+
+
+# -- formatting for people --------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0.0, (now or time.time()) - timestamp)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _format_status(status: dict[str, Any]) -> str:
+    devices = table(
+        ["DEVICE", "TOTAL", "USED", "RESERVED", "ROUTERD"],
+        [
+            [
+                d["id"],
+                human_bytes(d["total_bytes"]),
+                human_bytes(d["used_bytes"]),
+                human_bytes(d["reserved_bytes"]),
+                human_bytes(d.get("routerd_bytes", 0)),
+            ]
+            for d in status["devices"]
+        ],
+    )
+    instances = status["instances"]
+    if not instances:
+        return devices + "\n\nno models loaded"
+    return devices + "\n\n" + _format_instances(instances)
+
+
+def _format_instances(instances: Sequence[dict[str, Any]]) -> str:
+    return table(
+        ["MODEL", "DEVICE", "STATE", "SIZE", "IN FLIGHT", "LAST USED"],
+        [
+            [
+                f"{i['model']}@{i['version']}",
+                i["device"],
+                i["state"],
+                human_bytes(i["bytes"]),
+                str(i["in_flight"]),
+                human_age(i["last_used"]),
+            ]
+            for i in instances
+        ],
+    )
+
+
+def _format_models(models: Sequence[dict[str, Any]]) -> str:
+    if not models:
+        return "no models registered"
+    return table(
+        ["MODEL", "BACKEND", "STATE", "SOURCE", "PATH"],
+        [[m["id"], m["backend"], m["state"], m["source"], m["path"]] for m in models],
+    )
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CtlError(f"--option expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def run(args: argparse.Namespace) -> str:
+    """Execute one command; return what to print."""
+    url = args.url
+    as_json = args.json
+    if args.command == "status":
+        result = request(url, "GET", "/admin/status")
+        return json.dumps(result, indent=2) if as_json else _format_status(result)
+    if args.command == "models":
+        result = request(url, "GET", "/admin/models")
+        return json.dumps(result, indent=2) if as_json else _format_models(result["models"])
+    if args.command == "register":
+        body = {
+            "name": args.name,
+            "version": args.version,
+            "backend": args.backend,
+            "path": str(Path(args.path).expanduser().resolve()),
+            "options": dict(_parse_option(o) for o in args.option),
+        }
+        result = request(url, "POST", "/admin/models", body)
+        return json.dumps(result, indent=2) if as_json else f"registered {result['id']}"
+    if args.command == "load":
+        result = request(url, "POST", "/admin/load", {"model": args.model})
+        if as_json:
+            return json.dumps(result, indent=2)
+        took = f" in {result['load_ms'] / 1000:.1f}s" if result.get("load_ms") else ""
+        return (
+            f"loaded {result['model']}@{result['version']} on {result['device']} "
+            f"({human_bytes(result['bytes'])}){took}"
+        )
+    if args.command == "evict":
+        result = request(url, "POST", "/admin/evict", {"model": args.model})
+        if as_json:
+            return json.dumps(result, indent=2)
+        return "\n".join(
+            f"evicted {i['model']}@{i['version']} from {i['device']} ({human_bytes(i['bytes'])})"
+            for i in result["evicted"]
+        )
+    raise CtlError(f"unknown command {args.command}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"routerd address (default $ROUTERD_URL or {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
+    )
+    parser = argparse.ArgumentParser(
+        prog="routerctl", parents=[common], description="Operate a running routerd."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", parents=[common], help="devices and loaded instances")
+    commands.add_parser("models", parents=[common], help="registered model versions")
+    register = commands.add_parser("register", parents=[common], help="register a model version")
+    register.add_argument("name")
+    register.add_argument("--version", default="1")
+    register.add_argument("--path", required=True, help="Hugging Face model folder")
+    register.add_argument("--backend", default="transformers")
+    register.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend or scheduler option, e.g. dtype=float32 device=cpu",
+    )
+    for name, text in (("load", "load and warm up a model"), ("evict", "drain and unload a model")):
+        sub = commands.add_parser(name, parents=[common], help=text)
+        sub.add_argument("model", metavar="NAME[@VERSION]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.url = getattr(args, "url", None) or os.environ.get("ROUTERD_URL") or DEFAULT_URL
+    args.json = getattr(args, "json", False)
+    try:
+        print(run(args))
+    except CtlError as exc:
+        print(f"routerctl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The running daemon's parts, gathered so handlers reach them through one typed key.
+
+Handlers read ``request.app[SERVICES]``; they never build or replace a part. The
+app's start-up context (``routerd.app``) creates them in order and closes them in
+reverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from backends.registry import BackendRegistry
+from routerd.config import Config
+from routerd.devices import DeviceInventory
+from routerd.registry import Registry
+from routerd.router import Router
+from routerd.scheduler import Scheduler
+from state import Store
+
+
+@dataclass
+class Services:
+    config: Config
+    store: Store
+    backends: BackendRegistry
+    devices: DeviceInventory
+    router: Router
+    registry: Registry
+    scheduler: Scheduler
+    accepting: bool = True  # False once shutdown began: /ready answers 503
+
+
+SERVICES = web.AppKey("services", Services)
