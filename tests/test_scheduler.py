@@ -39,6 +39,26 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+class HeldLease:
+    """A request that holds its lease until ``release`` is set, like a long stream."""
+
+    def __init__(self, services: Services, model_id: str) -> None:
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        record = services.router.resolve(model_id)
+
+        async def request() -> None:
+            async with services.scheduler.lease(record):
+                self.holding.set()
+                await self.release.wait()
+
+        self.task = asyncio.create_task(request())
+
+    async def started(self) -> HeldLease:
+        await self.holding.wait()
+        return self
+
+
 async def test_twenty_concurrent_first_requests_cause_one_load(services, backend):
     record = services.router.resolve("a")
     backend.load_gate.clear()
@@ -120,24 +140,14 @@ async def test_each_instance_loads_on_its_own_thread(services, backend):
 
 
 async def test_eviction_waits_for_live_leases_streaming_included(services, backend):
-    record = services.router.resolve("a")
-    holding = asyncio.Event()
-    release = asyncio.Event()
-
-    async def long_request() -> None:
-        async with services.scheduler.lease(record):
-            holding.set()
-            await release.wait()
-
-    request = asyncio.create_task(long_request())
-    await holding.wait()
+    held = await HeldLease(services, "a").started()
     eviction = asyncio.create_task(services.scheduler.evict("a@1", reason="test"))
     await asyncio.sleep(0.05)
     assert not eviction.done()
     assert services.scheduler.instance("a@1").state == InstanceState.DRAINING
     assert backend.unloads == []
-    release.set()
-    await request
+    held.release.set()
+    await held.task
     snapshot = await eviction
     assert snapshot.model == "a"
     assert backend.unloads == ["a@1"]
@@ -165,16 +175,7 @@ async def test_cancelled_request_returns_its_lease(services):
 
 async def test_request_during_drain_waits_and_gets_a_fresh_instance(services, backend):
     record = services.router.resolve("a")
-    release = asyncio.Event()
-    holding = asyncio.Event()
-
-    async def long_request() -> None:
-        async with services.scheduler.lease(record):
-            holding.set()
-            await release.wait()
-
-    first = asyncio.create_task(long_request())
-    await holding.wait()
+    held = await HeldLease(services, "a").started()
     eviction = asyncio.create_task(services.scheduler.evict("a@1", reason="test"))
     await asyncio.sleep(0.01)
 
@@ -185,8 +186,8 @@ async def test_request_during_drain_waits_and_gets_a_fresh_instance(services, ba
     late = asyncio.create_task(late_request())
     await asyncio.sleep(0.02)
     assert not late.done(), "a draining instance must not take new leases"
-    release.set()
-    await first
+    held.release.set()
+    await held.task
     await eviction
     assert await late == "ready"
     assert backend.loads == ["a@1", "a@1"]
