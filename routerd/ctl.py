@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,23 @@ def human_age(timestamp: float, now: float | None = None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def human_until(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0.0, timestamp - (now or time.time()))
+    if seconds < 60:
+        return f"in {seconds:.0f}s"
+    if seconds < 3600:
+        return f"in {seconds / 60:.0f}m"
+    return f"in {seconds / 3600:.1f}h"
+
+
+def _bytes_or_dash(n: int | None) -> str:
+    return "-" if n is None else human_bytes(n)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
@@ -108,29 +126,82 @@ def _format_status(status: dict[str, Any]) -> str:
 
 
 def _format_instances(instances: Sequence[dict[str, Any]]) -> str:
-    return table(
-        ["MODEL", "DEVICE", "STATE", "SIZE", "IN FLIGHT", "LAST USED"],
-        [
-            [
-                f"{i['model']}@{i['version']}",
-                i["device"],
-                i["state"],
-                human_bytes(i["bytes"]),
-                str(i["in_flight"]),
-                human_age(i["last_used"]),
-            ]
-            for i in instances
-        ],
-    )
+    """One row per instance. ESTIMATED (before the load) and EXPIRES (keep-alive) only
+    when the daemon reports them; SIZE is the measured footprint ("-" until measured)."""
+    estimated = any("estimated_bytes" in i for i in instances)
+    expiring = any(i.get("expires_at") is not None for i in instances)
+    headers = ["MODEL", "DEVICE", "STATE", *(["ESTIMATED"] if estimated else []), "SIZE"]
+    headers += ["IN FLIGHT", "LAST USED", *(["EXPIRES"] if expiring else [])]
+    rows = []
+    for i in instances:
+        row = [
+            f"{i['model']}@{i['version']}",
+            i["device"],
+            i["state"] + (", pinned" if i.get("pinned") else ""),
+        ]
+        if estimated:
+            row.append(_bytes_or_dash(i.get("estimated_bytes") or None))
+        row += [_bytes_or_dash(_measured(i)), str(i["in_flight"]), human_age(i["last_used"])]
+        if expiring:
+            expires_at = i.get("expires_at")
+            row.append("-" if expires_at is None else human_until(expires_at))
+        rows.append(row)
+    return table(headers, rows)
+
+
+def _measured(instance: dict[str, Any]) -> int | None:
+    """The measured footprint; daemons that predate ``measured_bytes`` report ``bytes``."""
+    if "measured_bytes" in instance:
+        measured: int | None = instance["measured_bytes"]
+        return measured
+    return int(instance["bytes"])
 
 
 def _format_models(models: Sequence[dict[str, Any]]) -> str:
     if not models:
         return "no models registered"
     return table(
-        ["MODEL", "BACKEND", "STATE", "SOURCE", "PATH"],
-        [[m["id"], m["backend"], m["state"], m["source"], m["path"]] for m in models],
+        ["MODEL", "BACKEND", "STATE", "PINNED", "SOURCE", "PATH"],
+        [
+            [
+                m["id"],
+                m["backend"],
+                m["state"],
+                "yes" if m.get("pinned") else "no",
+                m["source"],
+                m["path"],
+            ]
+            for m in models
+        ],
     )
+
+
+def _format_events(events: Sequence[dict[str, Any]]) -> str:
+    if not events:
+        return "no events"
+    return table(
+        ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR"],
+        [
+            [
+                human_age(e["ts"]),
+                e["kind"],
+                f"{e['model']}@{e['version']}",
+                e.get("device") or "-",
+                _clip(e.get("reason") or "-"),
+                _bytes_or_dash(_event_bytes(e)),
+                e.get("trigger") or "-",
+            ]
+            for e in events
+        ],
+    )
+
+
+def _event_bytes(event: dict[str, Any]) -> int | None:
+    """``bytes``; events recorded before it existed kept it in ``detail``."""
+    value = event.get("bytes")
+    if value is None:
+        value = (event.get("detail") or {}).get("bytes")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # -- commands ---------------------------------------------------------------------
@@ -167,7 +238,10 @@ def run(args: argparse.Namespace) -> str:
         result = request(url, "POST", "/admin/models", body)
         return json.dumps(result, indent=2) if as_json else f"registered {result['id']}"
     if args.command == "load":
-        result = request(url, "POST", "/admin/load", {"model": args.model})
+        body = {"model": args.model}
+        if args.device is not None:
+            body["device"] = args.device
+        result = request(url, "POST", "/admin/load", body)
         if as_json:
             return json.dumps(result, indent=2)
         took = f" in {result['load_ms'] / 1000:.1f}s" if result.get("load_ms") else ""
@@ -176,13 +250,29 @@ def run(args: argparse.Namespace) -> str:
             f"({human_bytes(result['bytes'])}){took}"
         )
     if args.command == "evict":
-        result = request(url, "POST", "/admin/evict", {"model": args.model})
+        body = {"model": args.model, **({"force": True} if args.force else {})}
+        result = request(url, "POST", "/admin/evict", body)
         if as_json:
             return json.dumps(result, indent=2)
         return "\n".join(
             f"evicted {i['model']}@{i['version']} from {i['device']} ({human_bytes(i['bytes'])})"
             for i in result["evicted"]
         )
+    if args.command in ("pin", "unpin"):
+        result = request(url, "POST", f"/admin/{args.command}", {"model": args.model})
+        if as_json:
+            return json.dumps(result, indent=2)
+        return f"{args.command}ned {result['id']}"
+    if args.command == "events":
+        query = {"limit": str(args.limit)}
+        if args.model is not None:
+            query["model"] = args.model
+        result = request(url, "GET", "/admin/events?" + urllib.parse.urlencode(query))
+        return json.dumps(result, indent=2) if as_json else _format_events(result["events"])
+    if args.command == "why":
+        path = "/admin/why/" + urllib.parse.quote(args.model, safe="@:")
+        result = request(url, "GET", path)
+        return json.dumps(result, indent=2) if as_json else str(result["explanation"])
     raise CtlError(f"unknown command {args.command}")
 
 
@@ -214,10 +304,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="backend or scheduler option, e.g. dtype=float32 device=cpu",
     )
-    for name, text in (("load", "load and warm up a model"), ("evict", "drain and unload a model")):
+    load = commands.add_parser("load", parents=[common], help="load and warm up a model")
+    load.add_argument("model", metavar="NAME[@VERSION]")
+    load.add_argument("--device", help="cpu, cuda or cuda:N (default: where placement puts it)")
+    evict = commands.add_parser("evict", parents=[common], help="drain and unload a model")
+    evict.add_argument("model", metavar="NAME[@VERSION]")
+    evict.add_argument(
+        "--force",
+        action="store_true",
+        help="do not wait for requests in flight: they end at once with an error",
+    )
+    for name, text in (
+        ("pin", "keep a model version resident: never evicted to make room"),
+        ("unpin", "let a pinned model version be evicted again"),
+        ("why", "explain a model version's latest load or eviction"),
+    ):
         sub = commands.add_parser(name, parents=[common], help=text)
         sub.add_argument("model", metavar="NAME[@VERSION]")
+    events = commands.add_parser(
+        "events", parents=[common], help="recent loads, evictions and failures, newest first"
+    )
+    events.add_argument("--model", metavar="NAME[@VERSION]", help="only this model's events")
+    events.add_argument("--limit", type=_positive_int, default=50, help="how many (default 50)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,19 +1,25 @@
-"""routerd's persistent state: the registry of model versions and the event log.
+"""routerd's persistent state: the registry of model versions, pins, measured
+footprints and the event log.
 
 One SQLite file (through sqlite-utils) holds what must outlive the process: which
-models and versions exist and where they came from, and a log of loads, evictions
-and failures with their reasons. All SQL lives in this package; the rest of routerd
-sees only the records and the ``Store`` methods below. The schema moves forward by
-numbered migrations (``state.migrations``), applied when the store opens.
+models and versions exist and where they came from, which versions are pinned, what
+each was measured to occupy per kind of device, and a log of loads, evictions and
+failures with their reasons. All SQL lives in this package; the rest of routerd sees
+only the records and the ``Store`` methods below. The schema moves forward by numbered
+migrations (``state.migrations``), applied when the store opens.
 
 A ``Store`` is used from one thread, the event loop's (see ``state.store``).
 """
 
 from state.records import (
+    EVENT_KINDS,
+    EVICT_REASONS,
+    FOOTPRINT_PARTS,
     NAME_MAX_LEN,
     SOURCES,
     VERSION_MAX_LEN,
     Event,
+    FootprintRecord,
     StoreError,
     SyncResult,
     VersionRecord,
@@ -22,10 +28,14 @@ from state.records import (
 from state.store import Store
 
 __all__ = [
+    "EVENT_KINDS",
+    "EVICT_REASONS",
+    "FOOTPRINT_PARTS",
     "NAME_MAX_LEN",
     "SOURCES",
     "VERSION_MAX_LEN",
     "Event",
+    "FootprintRecord",
     "Store",
     "StoreError",
     "SyncResult",

@@ -1,7 +1,7 @@
 """Numbered schema migrations, and the runner that applies the pending ones.
 
 The database outlives the code that created it: a host upgrades routerd and keeps its
-registry, events and (later) routes and measured footprints. So the schema only ever
+registry, events, pins and measured footprints (and later routes). So the schema only ever
 moves forward through this list. Each migration is applied once, in its own
 transaction together with its row in ``schema_migrations``, so a failure leaves the
 database at the previous version, never half-way. A released migration is never
@@ -85,7 +85,44 @@ _INITIAL = (
     "CREATE INDEX events_model_ts ON events (model, ts)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial", _run(_INITIAL)),)
+# Pins and measured footprints belong to one version: deleting the version deletes
+# them (ON DELETE CASCADE; the store turns foreign keys on per connection). The new
+# event columns are NULL on the rows written before, which is what they mean there:
+# not recorded. ALTER TABLE … ADD COLUMN keeps every existing row.
+_PINS_FOOTPRINTS_EVENT_DETAILS = (
+    """
+    CREATE TABLE pins (
+        name      TEXT NOT NULL,
+        version   TEXT NOT NULL,
+        pinned_at REAL NOT NULL,
+        PRIMARY KEY (name, version),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
+    )
+    """,
+    """
+    CREATE TABLE footprints (
+        name            TEXT NOT NULL,
+        version         TEXT NOT NULL,
+        device_kind     TEXT NOT NULL,
+        estimated_bytes INTEGER CHECK (estimated_bytes IS NULL OR estimated_bytes >= 0),
+        measured_bytes  INTEGER NOT NULL CHECK (measured_bytes >= 0),
+        weights_bytes   INTEGER NOT NULL CHECK (weights_bytes >= 0),
+        runtime_bytes   INTEGER NOT NULL CHECK (runtime_bytes >= 0),
+        working_bytes   INTEGER NOT NULL CHECK (working_bytes >= 0),
+        measured_at     REAL NOT NULL,
+        PRIMARY KEY (name, version, device_kind),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
+    )
+    """,
+    "ALTER TABLE events ADD COLUMN bytes INTEGER",
+    "ALTER TABLE events ADD COLUMN duration_ms REAL",
+    'ALTER TABLE events ADD COLUMN "trigger" TEXT',
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial", _run(_INITIAL)),
+    Migration(2, "pins_footprints_event_details", _run(_PINS_FOOTPRINTS_EVENT_DETAILS)),
+)
 """Every migration, in order, numbered 1, 2, 3, … without gaps."""
 
 

@@ -11,6 +11,7 @@ a 400 with that field as ``param``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,9 +82,34 @@ class SyncResult:
         return bool(self.added or self.updated or self.removed)
 
 
+EVENT_KINDS: Final = ("load", "load_failed", "evict", "leak")
+"""The kinds of event routerd itself records. ``Store.record_event`` accepts any kind
+that is a valid identifier (so a newer routerd's rows still read back); these are the
+ones the rest of the code knows how to describe:
+
+- ``load``: a version became resident (``device``, ``bytes``, ``duration_ms``: how
+  long the load and warm-up took; ``reason``: why it was loaded).
+- ``load_failed``: a load did not complete; ``reason`` is the backend's message.
+- ``evict``: a version was unloaded; ``reason`` is one of ``EVICT_REASONS``,
+  ``bytes`` what it freed, ``trigger`` the model id of the load that needed the room.
+- ``leak``: after an eviction the device reading did not show the memory the
+  instance held as free again; ``bytes`` is what it held, ``reason`` says more.
+"""
+
+EVICT_REASONS: Final = ("lru", "ttl", "manual", "pressure", "shutdown", "oom-retry")
+"""Why an instance is evicted (``Event.reason`` of an ``evict`` event)."""
+
+FOOTPRINT_PARTS: Final = ("weights", "runtime", "working")
+"""The terms a measured footprint is split into (``Store.record_footprint``)."""
+
+
 @dataclass(frozen=True)
 class Event:
-    """One entry of the event log (loads, evictions, failures), with why it happened."""
+    """One entry of the event log (loads, evictions, failures), with why it happened.
+
+    ``bytes``, ``duration_ms`` and ``trigger`` (schema 2) are None on rows recorded
+    without them, including every row written before schema 2.
+    """
 
     id: int
     ts: float
@@ -93,6 +119,36 @@ class Event:
     device: str | None
     reason: str | None
     detail: dict[str, Any]
+    bytes: int | None = None
+    duration_ms: float | None = None
+    trigger: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.model}@{self.version}"
+
+
+@dataclass(frozen=True)
+class FootprintRecord:
+    """What one version was measured to occupy on one kind of device (``cpu``, ``cuda``).
+
+    ``measured_bytes`` is ``weights_bytes + runtime_bytes + working_bytes``;
+    ``estimated_bytes`` is what was predicted before the load (None if nothing was).
+    """
+
+    name: str
+    version: str
+    device_kind: str
+    estimated_bytes: int | None
+    measured_bytes: int
+    weights_bytes: int
+    runtime_bytes: int
+    working_bytes: int
+    measured_at: float
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 # -- checks ------------------------------------------------------------------------
@@ -142,6 +198,24 @@ def check_text(field_name: str, value: object) -> str:
     if "\x00" in value:
         raise ValueError(f"{field_name} must not contain NUL characters")
     return value
+
+
+def check_byte_count(field_name: str, value: object) -> int:
+    """A non-negative integer number of bytes (``bool`` is refused), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field_name} must be an integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{field_name} must not be negative, got {value}")
+    return value
+
+
+def check_duration_ms(field_name: str, value: object) -> float:
+    """A finite, non-negative number of milliseconds, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field_name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field_name} must be a finite, non-negative number, got {value}")
+    return float(value)
 
 
 def check_source(value: object) -> str:

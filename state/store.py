@@ -1,11 +1,14 @@
-"""The registry store: model versions and the event log, kept in one SQLite file.
+"""The registry store: model versions, pins, measured footprints and the event log.
 
 The registry in SQLite is the truth at run time (config is synced into it), so it
 must survive restarts and crashes, and two sources of versions (config, the admin API)
-must not overwrite each other's rows by accident. ``Store`` is the only code that
-talks to the database; everything it takes is checked first (``ValueError`` naming the
-field), and every database failure comes out as ``StoreError`` with a message that
-says which file and what to do, never a bare ``sqlite3`` exception.
+must not overwrite each other's rows by accident. Pins and footprints hang off one
+version and go with it when it is deleted; a footprint also goes when the version is
+re-registered with another backend, path or options, since it no longer describes
+what would be loaded. ``Store`` is the only code that talks to the database;
+everything it takes is checked first (``ValueError`` naming the field), and every
+database failure comes out as ``StoreError`` with a message that says which file and
+what to do, never a bare ``sqlite3`` exception.
 
 Threading: a ``Store`` belongs to one thread, the event loop's. Its connection is
 opened with sqlite3's same-thread check, so use from another thread fails loudly
@@ -27,11 +30,15 @@ from sqlite_utils import Database
 from state.connection import BUSY_TIMEOUT_S, connect, describe, write_transaction
 from state.migrations import migrate
 from state.records import (
+    FOOTPRINT_PARTS,
     Event,
+    FootprintRecord,
     StoreError,
     SyncResult,
     VersionRecord,
     VersionSpec,
+    check_byte_count,
+    check_duration_ms,
     check_identifier,
     check_name,
     check_source,
@@ -43,10 +50,11 @@ from state.records import (
 
 _VERSION_ORDER = "name, created_at, rowid"  # rowid: insertion order, for equal timestamps
 _EVENT_KIND_MAX_LEN = 64
+_DEVICE_KIND_MAX_LEN = 32
 
 
 class Store:
-    """Models, versions and events over SQLite. Create with ``Store.open``."""
+    """Models, versions, pins, footprints and events over SQLite. Create with ``Store.open``."""
 
     def __init__(
         self, db: Database, path: Path, clock: Callable[[], float], busy_timeout: float, schema: int
@@ -143,7 +151,8 @@ class Store:
         """Insert ``spec``, or update that version's backend/path/options/source.
 
         An update keeps ``created_at`` and sets ``updated_at`` to now, even when nothing
-        else changed (re-registering counts as touching it).
+        else changed (re-registering counts as touching it). An update that changes the
+        backend, path or options drops the version's measured footprints; its pin stays.
         """
         row = _spec_row(spec, check_source(source))
         with self._write(f"registering {spec.model_id}") as db:
@@ -154,6 +163,8 @@ class Store:
                 row.update(created_at=now, updated_at=now)
                 db.table("versions").insert(row)
             else:
+                if _describes_other_files(existing, row):
+                    _forget_footprints(db, spec.name, spec.version)
                 db.table("versions").update((spec.name, spec.version), _changes(row, now))
                 row.update(created_at=existing["created_at"], updated_at=now)
         return _record(row)
@@ -173,7 +184,10 @@ class Store:
         return [_record(row) for row in rows]
 
     def delete_version(self, name: str, version: str) -> bool:
-        """Delete one version (and its model row if it was the last); False if absent."""
+        """Delete one version (and its model row if it was the last); False if absent.
+
+        Its pin and footprints go with it (foreign keys, ON DELETE CASCADE); its events stay.
+        """
         check_name(name)
         check_version(version)
         with self._write(f"deleting {name}@{version}") as db:
@@ -188,7 +202,8 @@ class Store:
         New ones are inserted, ones whose backend/path/options differ are updated, and
         rows of ``source`` missing from ``specs`` are deleted. Rows of other sources are
         left alone, except that a spec naming one takes it over: its source becomes
-        ``source`` (reported as updated), so from then on this source owns it.
+        ``source`` (reported as updated), so from then on this source owns it. An
+        update that changes the backend, path or options drops the measured footprints.
         """
         check_source(source)
         rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -215,6 +230,8 @@ class Store:
                     db.table("versions").insert({**row, "created_at": now, "updated_at": now})
                     added.append(model_id)
                 elif any(old[column] != row[column] for column in _SPEC_COLUMNS):
+                    if _describes_other_files(old, row):
+                        _forget_footprints(db, *key)
                     db.table("versions").update(key, _changes(row, now))
                     updated.append(model_id)
             for key, old in existing.items():
@@ -222,6 +239,109 @@ class Store:
                     _delete_version(db, *key)
                     removed.append(f"{key[0]}@{key[1]}")
         return SyncResult(added=added, updated=updated, removed=removed)
+
+    # -- pins ------------------------------------------------------------------------
+
+    def set_pinned(self, name: str, version: str, pinned: bool) -> None:
+        """Pin or unpin a registered version; idempotent (a pin keeps its first time).
+
+        ``ValueError`` if the version is not registered.
+        """
+        check_name(name)
+        check_version(version)
+        if not isinstance(pinned, bool):
+            raise ValueError(f"pinned must be a boolean, got {type(pinned).__name__}")
+        action = "pinning" if pinned else "unpinning"
+        with self._write(f"{action} {name}@{version}") as db:
+            if _fetch_version(db, name, version) is None:
+                raise ValueError(f"{name}@{version} is not registered")
+            if pinned:
+                db.execute(
+                    "INSERT OR IGNORE INTO pins (name, version, pinned_at) VALUES (?, ?, ?)",
+                    [name, version, self._now()],
+                )
+            else:
+                db.execute("DELETE FROM pins WHERE name = ? AND version = ?", [name, version])
+
+    def pinned_versions(self) -> list[tuple[str, str]]:
+        """Every pinned ``(name, version)``, by name, then version."""
+        with self._read("listing pins") as db:
+            rows = db.execute("SELECT name, version FROM pins ORDER BY name, version").fetchall()
+        return [(str(name), str(version)) for name, version in rows]
+
+    def is_pinned(self, name: str, version: str) -> bool:
+        check_name(name)
+        check_version(version)
+        with self._read(f"reading the pin of {name}@{version}") as db:
+            return bool(db.table("pins").count_where("name = ? AND version = ?", [name, version]))
+
+    # -- footprints ------------------------------------------------------------------
+
+    def record_footprint(
+        self,
+        name: str,
+        version: str,
+        device_kind: str,
+        *,
+        measured: Mapping[str, int],
+        estimated_bytes: int | None,
+    ) -> None:
+        """Store what ``name@version`` was measured to occupy on ``device_kind``.
+
+        ``measured`` has exactly the keys ``weights``, ``runtime`` and ``working`` (bytes);
+        ``measured_bytes`` is their sum. Replaces an earlier measurement for the same
+        device kind. ``ValueError`` if the version is not registered or a value is bad.
+        """
+        check_name(name)
+        check_version(version)
+        check_identifier("device_kind", device_kind, _DEVICE_KIND_MAX_LEN)
+        if not isinstance(measured, Mapping):
+            raise ValueError(f"measured must be a mapping, got {type(measured).__name__}")
+        keys = set(measured)
+        if keys != set(FOOTPRINT_PARTS):
+            missing = [k for k in FOOTPRINT_PARTS if k not in keys]
+            extra = sorted(str(k) for k in keys - set(FOOTPRINT_PARTS))
+            raise ValueError(
+                f"measured must have exactly the keys {', '.join(FOOTPRINT_PARTS)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(extra)}" if extra else "")
+            )
+        parts = {k: check_byte_count(f"measured.{k}", measured[k]) for k in FOOTPRINT_PARTS}
+        if estimated_bytes is not None:
+            check_byte_count("estimated_bytes", estimated_bytes)
+        model_id = f"{name}@{version}"
+        with self._write(f"recording the footprint of {model_id} on {device_kind}") as db:
+            if _fetch_version(db, name, version) is None:
+                raise ValueError(f"{model_id} is not registered")
+            row: dict[str, Any] = {
+                "name": name,
+                "version": version,
+                "device_kind": device_kind,
+                "estimated_bytes": estimated_bytes,
+                "measured_bytes": sum(parts.values()),
+                "weights_bytes": parts["weights"],
+                "runtime_bytes": parts["runtime"],
+                "working_bytes": parts["working"],
+                "measured_at": self._now(),
+            }
+            db.table("footprints").insert(row, replace=True)
+
+    def measured_footprint(
+        self, name: str, version: str, device_kind: str
+    ) -> FootprintRecord | None:
+        """The stored measurement of ``name@version`` on ``device_kind``, if any."""
+        check_name(name)
+        check_version(version)
+        check_identifier("device_kind", device_kind, _DEVICE_KIND_MAX_LEN)
+        with self._read(f"reading the footprint of {name}@{version}") as db:
+            rows = list(
+                db.table("footprints").rows_where(
+                    "name = ? AND version = ? AND device_kind = ?",
+                    [name, version, device_kind],
+                    limit=1,
+                )
+            )
+        return _footprint(rows[0]) if rows else None
 
     # -- events ----------------------------------------------------------------------
 
@@ -234,8 +354,17 @@ class Store:
         device: str | None = None,
         reason: str | None = None,
         detail: Mapping[str, Any] | None = None,
+        bytes: int | None = None,
+        duration_ms: float | None = None,
+        trigger: str | None = None,
     ) -> Event:
-        """Append to the event log (a load, an eviction, a failure) and return the entry."""
+        """Append to the event log (a load, an eviction, a failure) and return the entry.
+
+        ``bytes``: what the load took or the eviction freed (a leak: what the device
+        did not show as free again); ``duration_ms``: how long it took; ``trigger``: for
+        an eviction, the model id of the load that needed the room. The kinds routerd
+        records are described at ``state.records.EVENT_KINDS``.
+        """
         check_identifier("kind", kind, _EVENT_KIND_MAX_LEN)
         check_name(model)
         check_version(version)
@@ -243,6 +372,12 @@ class Store:
             check_text("device", device)
         if reason is not None and not isinstance(reason, str):
             raise ValueError(f"reason must be a string, got {type(reason).__name__}")
+        if bytes is not None:
+            check_byte_count("bytes", bytes)
+        if duration_ms is not None:
+            duration_ms = check_duration_ms("duration_ms", duration_ms)
+        if trigger is not None:
+            check_text("trigger", trigger)
         detail_json = dump_json_object("detail", {} if detail is None else detail)
         row: dict[str, Any] = {
             "kind": kind,
@@ -251,6 +386,9 @@ class Store:
             "device": device,
             "reason": reason,
             "detail": detail_json,
+            "bytes": bytes,
+            "duration_ms": duration_ms,
+            "trigger": trigger,
         }
         with self._write(f"recording a {kind} event for {model}@{version}") as db:
             row["ts"] = self._now()
@@ -260,11 +398,21 @@ class Store:
         assert event_id is not None
         return _event({**row, "id": event_id})
 
-    def events(self, *, limit: int = 100, model: str | None = None) -> list[Event]:
-        """The latest ``limit`` events (of ``model`` if given), newest first."""
+    def events(
+        self, *, limit: int = 100, model: str | None = None, version: str | None = None
+    ) -> list[Event]:
+        """The latest ``limit`` events (of ``model``, and ``version`` of it, if given),
+        newest first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        where, args = (None, []) if model is None else ("model = ?", [check_name(model)])
+        if version is not None and model is None:
+            raise ValueError("version needs model: events are filtered by name@version")
+        where: str | None = None
+        args: list[str] = []
+        if model is not None:
+            where, args = "model = ?", [check_name(model)]
+            if version is not None:
+                where, args = "model = ? AND version = ?", [model, check_version(version)]
         with self._read("reading events") as db:
             rows = list(
                 db.table("events").rows_where(where, args, order_by="ts DESC, id DESC", limit=limit)
@@ -317,6 +465,18 @@ def _spec_row(spec: VersionSpec, source: str) -> dict[str, Any]:
     }
 
 
+_FILE_COLUMNS = ("backend", "path", "options")  # what a measured footprint depends on
+
+
+def _describes_other_files(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """True when an update changes what would be loaded, so measurements are stale."""
+    return any(old[column] != new[column] for column in _FILE_COLUMNS)
+
+
+def _forget_footprints(db: Database, name: str, version: str) -> None:
+    db.execute("DELETE FROM footprints WHERE name = ? AND version = ?", [name, version])
+
+
 def _changes(row: Mapping[str, Any], now: float) -> dict[str, Any]:
     return {**{column: row[column] for column in _SPEC_COLUMNS}, "updated_at": now}
 
@@ -361,4 +521,22 @@ def _event(row: Mapping[str, Any]) -> Event:
         device=row["device"],
         reason=row["reason"],
         detail=load_json_object(row["detail"]),
+        bytes=None if row["bytes"] is None else int(row["bytes"]),
+        duration_ms=None if row["duration_ms"] is None else float(row["duration_ms"]),
+        trigger=row["trigger"],
+    )
+
+
+def _footprint(row: Mapping[str, Any]) -> FootprintRecord:
+    estimated = row["estimated_bytes"]
+    return FootprintRecord(
+        name=row["name"],
+        version=row["version"],
+        device_kind=row["device_kind"],
+        estimated_bytes=None if estimated is None else int(estimated),
+        measured_bytes=int(row["measured_bytes"]),
+        weights_bytes=int(row["weights_bytes"]),
+        runtime_bytes=int(row["runtime_bytes"]),
+        working_bytes=int(row["working_bytes"]),
+        measured_at=float(row["measured_at"]),
     )

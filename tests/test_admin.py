@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -12,8 +14,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from backends.registry import BackendRegistry
 from routerd import ctl
 from routerd.app import build_app
-from tests.fakes import FakeBackend
+from routerd.devices import DeviceInventory
+from routerd.services import SERVICES, Services
+from tests.fakes import MEMINFO, FakeBackend, FakeGpus
 from tests.support import fake_services, fake_spec
+
+GIB = 1 << 30
 
 
 @pytest.fixture
@@ -26,6 +32,10 @@ async def client(tmp_path: Path, backend: FakeBackend):
     app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")]))
     async with TestClient(TestServer(app, host="127.0.0.1")) as test_client:
         yield test_client
+
+
+def services_of(client: TestClient) -> Services:
+    return client.server.app[SERVICES]
 
 
 async def routerctl(client: TestClient, capsys, *args: str) -> tuple[int, str, str]:
@@ -100,6 +110,7 @@ async def test_load_status_evict_cycle(client, capsys, backend):
     assert backend.unloads == ["a@1"]
     events = await (await client.get("/admin/events?model=a")).json()
     assert [e["kind"] for e in events["events"]] == ["evict", "load"]
+    assert events["events"][0]["reason"] == "manual"
 
 
 async def test_routerctl_errors_are_one_line_and_nonzero(client, capsys):
@@ -126,3 +137,292 @@ def test_human_sizes():
 def test_registry_refuses_unknown_backend_kind():
     with pytest.raises(ValueError, match="unknown backend 'x'"):
         BackendRegistry({}).get("x")
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+async def test_events_filter_and_carry_the_new_fields(client, capsys):
+    store = services_of(client).store
+    store.record_event("load", "a", "1", device="cuda:0", reason="request", bytes=2 * GIB)
+    store.record_event("load", "b", "1", device="cuda:0", bytes=1024)
+    store.record_event(
+        "evict",
+        "a",
+        "1",
+        device="cuda:0",
+        reason="lru",
+        bytes=2 * GIB,
+        duration_ms=12.5,
+        trigger="b@1",
+    )
+    store.record_event("load", "a", "2", device="cpu", detail={"bytes": 3 * 1024 * 1024})
+
+    response = await client.get("/admin/events", params={"model": "a"})
+    assert response.status == 200
+    events = (await response.json())["events"]
+    assert [(e["kind"], e["version"]) for e in events] == [
+        ("load", "2"),
+        ("evict", "1"),
+        ("load", "1"),
+    ]
+    evict = events[1]
+    assert {k: evict[k] for k in ("model", "device", "reason", "bytes", "duration_ms")} == {
+        "model": "a",
+        "device": "cuda:0",
+        "reason": "lru",
+        "bytes": 2 * GIB,
+        "duration_ms": 12.5,
+    }
+    assert evict["trigger"] == "b@1"
+    assert events[0]["bytes"] is None and events[0]["trigger"] is None
+
+    one = await (await client.get("/admin/events", params={"model": "a@1", "limit": "1"})).json()
+    assert [(e["kind"], e["version"]) for e in one["events"]] == [("evict", "1")]
+    everything = await (await client.get("/admin/events")).json()
+    assert len(everything["events"]) == 4
+
+    for query, param in (({"model": "bad name"}, "model"), ({"limit": "0"}, "limit")):
+        response = await client.get("/admin/events", params=query)
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == param
+
+    code, out, err = await routerctl(client, capsys, "events", "--model", "a", "--limit", "2")
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split() == ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR"]
+    assert len(rows) == 2
+    assert rows[0].split()[2:] == ["load", "a@2", "cpu", "-", "3.0", "MiB", "-"]
+    assert rows[1].split()[2:] == ["evict", "a@1", "cuda:0", "lru", "2.0", "GiB", "b@1"]
+
+    code, out, err = await routerctl(client, capsys, "events", "--json")
+    assert code == 0, err
+    assert [e["model"] for e in json.loads(out)["events"]] == ["a", "a", "b", "a"]
+
+    code, out, err = await routerctl(client, capsys, "events", "--model", "nobody")
+    assert (code, out.strip()) == (0, "no events")
+
+
+# -- why ------------------------------------------------------------------------------
+
+
+async def test_why_after_a_load_and_an_evict(client, capsys):
+    response = await client.get("/admin/why/a")
+    assert await response.json() == {
+        "model": "a@1",
+        "explanation": "a@1 has never been loaded since the event log began.",
+    }
+
+    code, _, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    code, out, err = await routerctl(client, capsys, "why", "a")
+    assert code == 0, err
+    assert out.startswith("a@1 was loaded on cpu just now")
+    assert "it occupies 1000 bytes" in out and out.strip().endswith("not been evicted since.")
+
+    code, _, err = await routerctl(client, capsys, "evict", "a")
+    assert code == 0, err
+    why = await (await client.get("/admin/why/a@1")).json()
+    assert why["model"] == "a@1"
+    text = why["explanation"]
+    assert text.startswith("a@1 was evicted from cpu just now because an operator asked for it")
+    assert "It had been resident for 0s, since it was loaded on cpu just now." in text
+    assert "freed 1000 bytes" in text
+
+    code, out, err = await routerctl(client, capsys, "why", "a@1", "--json")
+    assert code == 0, err
+    assert json.loads(out) == why
+
+
+async def test_why_names_unknown_models_and_old_versions(client, capsys):
+    code, out, err = await routerctl(client, capsys, "why", "nobody")
+    assert (code, out) == (1, "")
+    assert "does not exist" in err and "HTTP 404" in err
+    response = await client.get("/admin/why/a@9")
+    assert response.status == 404
+
+    # A version no longer registered is still explained from its events.
+    services_of(client).store.record_event(
+        "evict", "gone", "3", device="cpu", reason="ttl", bytes=2048
+    )
+    why = await (await client.get("/admin/why/gone@3")).json()
+    assert why["explanation"].startswith("gone@3 was evicted from cpu")
+    assert "idle for longer than its keep_alive" in why["explanation"]
+
+
+# -- pins -----------------------------------------------------------------------------
+
+
+async def test_pin_and_unpin_round_trip(client, capsys):
+    services = services_of(client)
+    code, out, err = await routerctl(client, capsys, "pin", "a")
+    assert code == 0, err
+    assert out.strip() == "pinned a@1"
+    assert services.store.is_pinned("a", "1")
+    listed = await (await client.get("/admin/models")).json()
+    assert [(m["id"], m["pinned"]) for m in listed["models"]] == [("a@1", True)]
+    code, out, _ = await routerctl(client, capsys, "models")
+    header, row = out.splitlines()
+    assert "PINNED" in header.split() and "yes" in row.split()
+
+    code, out, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    code, out, _ = await routerctl(client, capsys, "status", "--json")
+    assert json.loads(out)["instances"][0]["pinned"] is True
+
+    code, out, err = await routerctl(client, capsys, "unpin", "a@1", "--json")
+    assert code == 0, err
+    unpinned = json.loads(out)
+    assert (unpinned["id"], unpinned["pinned"], unpinned["state"]) == ("a@1", False, "ready")
+    assert not services.store.is_pinned("a", "1")
+    listed = await (await client.get("/admin/models")).json()
+    assert [m["pinned"] for m in listed["models"]] == [False]
+    code, out, _ = await routerctl(client, capsys, "status", "--json")
+    assert json.loads(out)["instances"][0]["pinned"] is False
+
+    code, _, err = await routerctl(client, capsys, "pin", "nobody")
+    assert code == 1 and "HTTP 404" in err
+    response = await client.post("/admin/pin", json={})
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == "model"
+
+
+# -- load on a device, forced eviction, status columns --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu0", "device must be cpu, cuda or cuda:N"),
+        ("cuda:", "device must be cpu, cuda or cuda:N"),
+        (" cpu", "device must be cpu, cuda or cuda:N"),
+        (0, "device must be cpu, cuda or cuda:N"),
+        ("cuda:3", "device cuda:3 does not exist here (devices: cpu)"),
+        ("cuda", "device cuda does not exist here (devices: cpu)"),
+    ],
+)
+async def test_load_with_a_bad_device_is_400(client, backend, device, message):
+    response = await client.post("/admin/load", json={"model": "a", "device": device})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == "device"
+    assert message in error["message"]
+    assert backend.loads == []
+
+
+async def test_routerctl_load_on_a_device(client, capsys, backend):
+    code, _, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:0")
+    assert code == 1 and "HTTP 400" in err and "does not exist" in err
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cpu")
+    assert code == 0, err
+    assert out.startswith("loaded a@1 on cpu")
+    assert backend.load_devices == ["cpu"]
+
+
+@pytest.fixture
+async def gpu_client(tmp_path: Path):
+    gpus = FakeGpus([8 * GIB, 8 * GIB])
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=4 * GIB)
+    backend = FakeBackend(gpus)
+    services = fake_services(
+        tmp_path, backend, [fake_spec(tmp_path, "a", bytes=GIB)], devices=devices
+    )
+    async with TestClient(TestServer(build_app(services), host="127.0.0.1")) as test_client:
+        yield test_client, backend
+
+
+async def test_load_on_the_gpu_asked_for(gpu_client, capsys):
+    client, backend = gpu_client
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:1")
+    assert code == 0, err
+    assert out.startswith("loaded a@1 on cuda:1 (1.0 GiB)")
+    assert backend.load_devices == ["cuda:1"]
+    code, out, err = await routerctl(client, capsys, "why", "a")
+    assert out.startswith("a@1 was loaded on cuda:1 just now"), err
+
+
+async def test_evict_force_is_sent_to_the_scheduler(client, capsys, monkeypatch):
+    scheduler = services_of(client).scheduler
+    calls: list[dict[str, Any]] = []
+    real_evict = scheduler.evict
+
+    async def recording_evict(model_id: str, **kwargs: Any):
+        calls.append({"model_id": model_id, **kwargs})
+        return await real_evict(model_id, **kwargs)
+
+    monkeypatch.setattr(scheduler, "evict", recording_evict)
+    for force in (True, False):
+        code, _, err = await routerctl(client, capsys, "load", "a")
+        assert code == 0, err
+        extra = ["--force"] if force else []
+        code, out, err = await routerctl(client, capsys, "evict", "a", *extra)
+        assert code == 0, err
+        assert out.startswith("evicted a@1")
+    assert calls == [
+        {"model_id": "a@1", "reason": "manual", "force": True},
+        {"model_id": "a@1", "reason": "manual", "force": False},
+    ]
+
+    response = await client.post("/admin/evict", json={"model": "a", "force": "yes"})
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == "force"
+
+
+async def test_status_shows_estimated_and_measured_size(client, capsys, tmp_path):
+    folder = tmp_path / "sized"
+    folder.mkdir()
+    code, _, err = await routerctl(
+        client,
+        capsys,
+        "register",
+        "sized",
+        "--path",
+        str(folder),
+        "--backend",
+        "fake",
+        "--option",
+        "estimate=4096",
+        "--option",
+        "bytes=3072",
+    )
+    assert code == 0, err
+    code, _, err = await routerctl(client, capsys, "load", "sized")
+    assert code == 0, err
+    code, out, err = await routerctl(client, capsys, "status")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("MODEL"))
+    row = next(line for line in lines if line.startswith("sized@1"))
+    assert header.split()[:6] == ["MODEL", "DEVICE", "STATE", "ESTIMATED", "SIZE", "IN"]
+    assert row.split()[:7] == ["sized@1", "cpu", "ready", "4.0", "KiB", "3.0", "KiB"]
+
+
+def test_instance_table_without_the_new_fields():
+    """A daemon that predates estimates and keep-alive still gets a readable table."""
+    now = time.time()
+    old = {
+        "model": "m",
+        "version": "1",
+        "device": "cpu",
+        "state": "ready",
+        "bytes": 2048,
+        "in_flight": 0,
+        "last_used": now,
+    }
+    header, row = ctl._format_instances([old]).splitlines()
+    assert header.split() == ["MODEL", "DEVICE", "STATE", "SIZE", "IN", "FLIGHT", "LAST", "USED"]
+    assert row.split()[:5] == ["m@1", "cpu", "ready", "2.0", "KiB"]
+
+    new = {
+        **old,
+        "estimated_bytes": 0,
+        "measured_bytes": None,
+        "pinned": True,
+        "expires_at": now + 600,
+    }
+    header, row = ctl._format_instances([new]).splitlines()
+    assert header.split()[3:5] == ["ESTIMATED", "SIZE"] and header.endswith("EXPIRES")
+    assert row.split()[:6] == ["m@1", "cpu", "ready,", "pinned", "-", "-"]
+    assert row.endswith("in 10m")

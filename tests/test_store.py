@@ -1,4 +1,5 @@
-"""The store's promises: migrations, the version registry, sync by source, events, errors."""
+"""The store's promises: migrations, the version registry, sync by source, pins,
+footprints, events, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 import state.migrations as migrations
-from state import Store, StoreError, SyncResult, VersionSpec
+from state import Event, FootprintRecord, Store, StoreError, SyncResult, VersionSpec
 
 
 class FakeClock:
@@ -76,11 +77,19 @@ def model_rows(path: Path) -> list[str]:
 def test_open_creates_dir_wal_and_foreign_keys(store: Store, db_path: Path) -> None:
     assert store.is_open
     assert db_path.is_file()
-    assert store.schema_version == migrations.latest_version() == 1
+    assert store.schema_version == migrations.latest_version() == 2
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"schema_migrations", "models", "versions", "events", "events_model_ts"} <= tables
+    assert {
+        "schema_migrations",
+        "models",
+        "versions",
+        "events",
+        "events_model_ts",
+        "pins",
+        "footprints",
+    } <= tables
     assert store.integrity_ok()
 
 
@@ -100,43 +109,109 @@ def test_reopen_keeps_data_and_applies_nothing_twice(db_path: Path, clock: FakeC
     clock.advance()
     again = Store.open(db_path, clock=clock)
     try:
-        assert again.schema_version == 1
+        assert again.schema_version == 2
         assert [r.model_id for r in again.list_versions()] == ["llama@1"]
         assert [e.kind for e in again.events()] == ["load"]
     finally:
         again.close()
     with sqlite3.connect(db_path) as conn:
         applied = conn.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    assert applied == [(1, "initial", 1_000.0)]
+    assert applied == [(1, "initial", 1_000.0), (2, "pins_footprints_event_details", 1_000.0)]
 
 
 def test_pending_migration_applied_on_reopen_and_failure_rolls_back(
     db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Store.open(db_path, clock=clock).close()
+    released = migrations.MIGRATIONS
+    newest = migrations.latest_version()
 
     broken = migrations._run(["CREATE TABLE half_done (x)", "CREATE TABLE nope (("])
-    bad = (*migrations.MIGRATIONS, migrations.Migration(2, "broken", broken))
+    bad = (*released, migrations.Migration(newest + 1, "broken", broken))
     monkeypatch.setattr(migrations, "MIGRATIONS", bad)
     with pytest.raises(StoreError, match=r"opening the store failed"):
         Store.open(db_path, clock=clock)
     with sqlite3.connect(db_path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "half_done" not in tables
-        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (newest,)
 
-    good = migrations._run(["CREATE TABLE pins (name TEXT PRIMARY KEY)"])
-    monkeypatch.setattr(migrations, "MIGRATIONS", (*bad[:1], migrations.Migration(2, "pins", good)))
+    good = migrations._run(["CREATE TABLE routes (name TEXT PRIMARY KEY)"])
+    monkeypatch.setattr(
+        migrations, "MIGRATIONS", (*released, migrations.Migration(newest + 1, "routes", good))
+    )
     upgraded = Store.open(db_path, clock=clock)
-    assert upgraded.schema_version == 2
+    assert upgraded.schema_version == newest + 1
     upgraded.close()
+
+
+def test_upgrade_from_schema_1_keeps_every_row(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file as routerd at schema 1 left it: its registry written through the store
+    # (the versions table is unchanged since), its events as that code wrote them.
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
+        old = Store.open(db_path, clock=clock)
+        assert old.schema_version == 1
+        old.upsert_version(spec("llama", "1", options={"dtype": "bf16"}), source="config")
+        old.upsert_version(spec("llama", "2"), source="api")
+        old.upsert_version(spec("embed", "1"), source="demo")
+        versions_before = old.list_versions()
+        old.close()
+    with sqlite3.connect(db_path) as conn:
+        assert "trigger" not in [row[1] for row in conn.execute("PRAGMA table_info(events)")]
+        conn.executemany(
+            "INSERT INTO events (ts, kind, model, version, device, reason, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (1_000.0, "load", "llama", "1", "cuda:0", None, '{"bytes":7}'),
+                (1_001.0, "evict", "llama", "1", "cuda:0", "admin", "{}"),
+                (1_001.0, "load_failed", "embed", "1", None, "no such file", "{}"),
+            ],
+        )
+
+    clock.advance(61)
+    new = Store.open(db_path, clock=clock)
+    try:
+        assert new.schema_version == 2
+        assert new.list_versions() == versions_before
+        assert [(e.id, e.kind, e.model_id, e.device, e.reason, e.detail) for e in new.events()] == [
+            (3, "load_failed", "embed@1", None, "no such file", {}),
+            (2, "evict", "llama@1", "cuda:0", "admin", {}),
+            (1, "load", "llama@1", "cuda:0", None, {"bytes": 7}),
+        ]
+        assert all((e.bytes, e.duration_ms, e.trigger) == (None, None, None) for e in new.events())
+        assert new.pinned_versions() == []
+        assert new.measured_footprint("llama", "1", "cuda") is None
+
+        # The new tables and columns work on the upgraded file, foreign keys included.
+        new.set_pinned("llama", "1", True)
+        new.record_footprint(
+            "llama",
+            "1",
+            "cuda",
+            measured={"weights": 1, "runtime": 2, "working": 3},
+            estimated_bytes=5,
+        )
+        event = new.record_event("evict", "llama", "2", bytes=9, duration_ms=1.5, trigger="x@1")
+        assert (event.id, event.bytes, event.duration_ms, event.trigger) == (4, 9, 1.5, "x@1")
+        assert new.pinned_versions() == [("llama", "1")]
+        assert new.delete_version("llama", "1")
+        assert new.pinned_versions() == []
+        assert new.measured_footprint("llama", "1", "cuda") is None
+    finally:
+        new.close()
+    with sqlite3.connect(db_path) as conn:
+        applied = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+    assert applied == [(1, 1_000.0), (2, 1_061.0)]
 
 
 def test_newer_schema_is_refused(db_path: Path, clock: FakeClock) -> None:
     Store.open(db_path, clock=clock).close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', 0)")
-    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(1\)"):
+    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(2\)"):
         Store.open(db_path, clock=clock)
 
 
@@ -324,6 +399,170 @@ def test_sync_is_all_or_nothing(store: Store) -> None:
     assert ids(store) == [("a@1", "config")]
 
 
+# -- pins -----------------------------------------------------------------------------
+
+
+def test_pin_unpin_is_idempotent_and_needs_a_registered_version(
+    store: Store, clock: FakeClock, db_path: Path
+) -> None:
+    store.upsert_version(spec("llama", "1"), source="api")
+    store.upsert_version(spec("llama", "2"), source="api")
+    store.upsert_version(spec("alpha", "1"), source="api")
+    assert not store.is_pinned("llama", "1")
+
+    store.set_pinned("llama", "2", True)
+    clock.advance()
+    store.set_pinned("llama", "2", True)  # again: still one pin, first time kept
+    store.set_pinned("alpha", "1", True)
+    assert store.is_pinned("llama", "2")
+    assert not store.is_pinned("llama", "1")
+    assert store.pinned_versions() == [("alpha", "1"), ("llama", "2")]
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT pinned_at FROM pins WHERE name = 'llama'").fetchall() == [
+            (1_000.0,)
+        ]
+
+    store.set_pinned("llama", "2", False)
+    store.set_pinned("llama", "2", False)
+    store.set_pinned("llama", "1", False)  # never pinned: nothing to do
+    assert store.pinned_versions() == [("alpha", "1")]
+
+    with pytest.raises(ValueError, match=r"llama@9 is not registered"):
+        store.set_pinned("llama", "9", True)
+    with pytest.raises(ValueError, match=r"nobody@1 is not registered"):
+        store.set_pinned("nobody", "1", False)
+    with pytest.raises(ValueError, match=r"pinned must be a boolean"):
+        store.set_pinned("llama", "1", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"name 'a b' must not contain whitespace"):
+        store.is_pinned("a b", "1")
+    assert store.pinned_versions() == [("alpha", "1")]
+
+
+def test_pin_survives_reregistration_and_goes_with_the_version(store: Store) -> None:
+    store.upsert_version(spec("llama", "1"), source="config")
+    store.set_pinned("llama", "1", True)
+    store.upsert_version(spec("llama", "1", path="/moved"), source="api")
+    store.sync_versions([spec("llama", "1", options={"dtype": "bf16"})], source="config")
+    assert store.is_pinned("llama", "1")
+
+    assert store.sync_versions([], source="config").removed == ["llama@1"]
+    assert store.pinned_versions() == []
+    store.upsert_version(spec("llama", "1"), source="api")  # registered anew: not pinned
+    assert not store.is_pinned("llama", "1")
+
+
+# -- footprints -----------------------------------------------------------------------
+
+
+def parts(weights: int, runtime: int = 0, working: int = 0) -> dict[str, int]:
+    return {"weights": weights, "runtime": runtime, "working": working}
+
+
+def test_footprint_round_trip_per_device_kind(store: Store, clock: FakeClock) -> None:
+    store.upsert_version(spec("llama", "1"), source="api")
+    assert store.measured_footprint("llama", "1", "cuda") is None
+
+    store.record_footprint("llama", "1", "cuda", measured=parts(100, 20, 3), estimated_bytes=110)
+    store.record_footprint("llama", "1", "cpu", measured=parts(100), estimated_bytes=None)
+    assert store.measured_footprint("llama", "1", "cuda") == FootprintRecord(
+        name="llama",
+        version="1",
+        device_kind="cuda",
+        estimated_bytes=110,
+        measured_bytes=123,
+        weights_bytes=100,
+        runtime_bytes=20,
+        working_bytes=3,
+        measured_at=1_000.0,
+    )
+    cpu = store.measured_footprint("llama", "1", "cpu")
+    assert cpu is not None
+    assert (cpu.measured_bytes, cpu.estimated_bytes, cpu.model_id) == (100, None, "llama@1")
+
+    clock.advance(10)  # a new measurement replaces the old one for that kind
+    store.record_footprint("llama", "1", "cuda", measured=parts(100, 40, 5), estimated_bytes=130)
+    again = store.measured_footprint("llama", "1", "cuda")
+    assert again is not None
+    assert (again.measured_bytes, again.estimated_bytes, again.measured_at) == (145, 130, 1_010.0)
+    assert store.measured_footprint("llama", "1", "cpu") == cpu
+
+
+@pytest.mark.parametrize(
+    ("measured", "estimated", "message"),
+    [
+        (
+            {"weights": 1, "runtime": 2},
+            None,
+            r"exactly the keys weights, runtime, working; missing working",
+        ),
+        ({**parts(1), "kv": 2}, None, r"; unknown kv"),
+        (parts(-1), None, r"measured.weights must not be negative"),
+        (parts(1, True), None, r"measured.runtime must be an integer, got bool"),
+        (parts(1, 0, 2.5), None, r"measured.working must be an integer, got float"),
+        (parts(1), -5, r"estimated_bytes must not be negative"),
+        ([1, 2, 3], None, r"measured must be a mapping"),
+    ],
+)
+def test_bad_footprints_are_refused(
+    store: Store, measured: Any, estimated: Any, message: str
+) -> None:
+    store.upsert_version(spec("llama", "1"), source="api")
+    with pytest.raises(ValueError, match=message):
+        store.record_footprint("llama", "1", "cuda", measured=measured, estimated_bytes=estimated)
+    assert store.measured_footprint("llama", "1", "cuda") is None
+
+
+def test_footprint_needs_a_registered_version_and_a_device_kind(store: Store) -> None:
+    with pytest.raises(ValueError, match=r"llama@1 is not registered"):
+        store.record_footprint("llama", "1", "cuda", measured=parts(1), estimated_bytes=None)
+    store.upsert_version(spec("llama", "1"), source="api")
+    with pytest.raises(ValueError, match=r"device_kind must not be empty"):
+        store.record_footprint("llama", "1", "", measured=parts(1), estimated_bytes=None)
+    with pytest.raises(ValueError, match=r"device_kind 'cuda 0' must not contain whitespace"):
+        store.measured_footprint("llama", "1", "cuda 0")
+
+
+def test_changed_files_drop_footprints_but_touching_keeps_them(store: Store) -> None:
+    def measure(name: str) -> None:
+        for kind in ("cpu", "cuda"):
+            store.record_footprint(name, "1", kind, measured=parts(8), estimated_bytes=None)
+
+    def kinds(name: str) -> list[str]:
+        return [k for k in ("cpu", "cuda") if store.measured_footprint(name, "1", k)]
+
+    for name in ("path", "options", "backend", "same", "synced", "takeover"):
+        store.upsert_version(spec(name, "1"), source="config")
+        measure(name)
+
+    store.upsert_version(spec("path", "1", path="/elsewhere"), source="config")
+    store.upsert_version(spec("options", "1", options={"dtype": "bf16"}), source="config")
+    store.upsert_version(spec("backend", "1", backend="vllm"), source="config")
+    store.upsert_version(spec("same", "1"), source="api")  # only the source changes
+    result = store.sync_versions(
+        [
+            spec("path", "1", path="/elsewhere"),
+            spec("options", "1", options={"dtype": "bf16"}),
+            spec("backend", "1", backend="vllm"),
+            spec("synced", "1", options={"max_context": 512}),
+        ],
+        source="config",
+    )
+    assert result.updated == ["synced@1"]
+    assert result.removed == ["takeover@1"]
+    store.upsert_version(spec("takeover", "1"), source="config")
+    measure("takeover")
+    store.sync_versions([spec("takeover", "1")], source="demo")  # takes it over, same files
+
+    assert [kinds(n) for n in ("path", "options", "backend", "synced")] == [[], [], [], []]
+    assert kinds("same") == ["cpu", "cuda"]
+    assert kinds("takeover") == ["cpu", "cuda"]
+
+    measure("path")
+    assert store.delete_version("path", "1")
+    store.upsert_version(spec("path", "1", path="/elsewhere"), source="api")
+    assert kinds("path") == []
+
+
 # -- validation -----------------------------------------------------------------------
 
 
@@ -394,3 +633,73 @@ def test_events_newest_first_and_filtered(store: Store, clock: FakeClock) -> Non
         store.record_event("", "llama", "1")
     with pytest.raises(ValueError, match=r"detail must be JSON-serializable"):
         store.record_event("load", "llama", "1", detail={"x": {1, 2}})
+
+
+def test_event_details_round_trip(store: Store, clock: FakeClock) -> None:
+    load = store.record_event(
+        "load", "llama", "1", device="cuda:0", reason="request", bytes=2_000, duration_ms=812.5
+    )
+    clock.advance(30)
+    evict = store.record_event(
+        "evict",
+        "llama",
+        "1",
+        device="cuda:0",
+        reason="lru",
+        bytes=2_000,
+        duration_ms=3,
+        trigger="mistral@2",
+    )
+    leak = store.record_event("leak", "llama", "1", device="cuda:0", bytes=64)
+    assert evict == Event(
+        id=2,
+        ts=1_030.0,
+        kind="evict",
+        model="llama",
+        version="1",
+        device="cuda:0",
+        reason="lru",
+        detail={},
+        bytes=2_000,
+        duration_ms=3.0,
+        trigger="mistral@2",
+    )
+    assert evict.model_id == "llama@1"
+    assert store.events() == [leak, evict, load]
+    assert (load.bytes, load.duration_ms, load.trigger) == (2_000, 812.5, None)
+
+
+def test_events_of_one_version(store: Store) -> None:
+    store.record_event("load", "llama", "1")
+    store.record_event("load", "llama", "2")
+    store.record_event("evict", "llama", "1")
+    store.record_event("load", "mistral", "1")
+    assert [(e.kind, e.version) for e in store.events(model="llama", version="1")] == [
+        ("evict", "1"),
+        ("load", "1"),
+    ]
+    assert [e.kind for e in store.events(model="llama", version="1", limit=1)] == ["evict"]
+    assert store.events(model="llama", version="3") == []
+    with pytest.raises(ValueError, match=r"version needs model"):
+        store.events(version="1")
+    with pytest.raises(ValueError, match=r"version 'a b' must not contain whitespace"):
+        store.events(model="llama", version="a b")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"bytes": -1}, r"bytes must not be negative"),
+        ({"bytes": 1.5}, r"bytes must be an integer, got float"),
+        ({"bytes": False}, r"bytes must be an integer, got bool"),
+        ({"duration_ms": -0.1}, r"duration_ms must be a finite, non-negative number"),
+        ({"duration_ms": float("inf")}, r"duration_ms must be a finite, non-negative number"),
+        ({"duration_ms": "3"}, r"duration_ms must be a number, got str"),
+        ({"trigger": ""}, r"trigger must not be empty"),
+        ({"trigger": 7}, r"trigger must be a string"),
+    ],
+)
+def test_bad_event_details_are_refused(store: Store, fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.record_event("evict", "llama", "1", **fields)
+    assert store.events() == []

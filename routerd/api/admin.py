@@ -1,31 +1,47 @@
 """The admin API under /admin/, which ``routerctl`` talks to (and nothing else does).
 
 Handlers ask the scheduler and the registry; they never touch instances or SQL
-themselves (DESIGN.md rule 1).
+themselves (DESIGN.md rule 1): a pin is asked of the scheduler, which keeps it in
+the store; the handlers only read pins and events back from the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+import time
+from typing import Any, Final
 
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
 from routerd.errors import BadRequest, NotFound
+from routerd.explain import explain
 from routerd.instance import InstanceSnapshot
 from routerd.services import SERVICES, Services
 from state import VersionRecord, VersionSpec
 
 routes = web.RouteTableDef()
 
+_DEVICE: Final = re.compile(r"cpu|cuda(:[0-9]+)?")
+"""Where ``POST /admin/load`` may be asked to put a version (omit it for the default)."""
+
+WHY_HISTORY: Final = 1_000
+"""How many of a version's latest events ``/admin/why`` reads: enough to find the load
+that preceded its latest eviction."""
+
 
 def _instance_json(snapshot: InstanceSnapshot) -> dict[str, Any]:
     return dataclasses.asdict(snapshot)
 
 
-def _version_json(record: VersionRecord, services: Services) -> dict[str, Any]:
+def _version_json(
+    record: VersionRecord, services: Services, *, pinned: bool | None = None
+) -> dict[str, Any]:
+    """A version as routerctl shows it; ``pinned`` is read from the store unless given."""
     resident = services.scheduler.instance(record.model_id)
+    if pinned is None:
+        pinned = services.store.is_pinned(record.name, record.version)
     return {
         "id": record.model_id,
         "name": record.name,
@@ -37,6 +53,7 @@ def _version_json(record: VersionRecord, services: Services) -> dict[str, Any]:
         "created_at": record.created_at,
         "state": resident.state if resident else "unloaded",
         "device": resident.device if resident else None,
+        "pinned": pinned,
     }
 
 
@@ -56,8 +73,14 @@ async def status(request: web.Request) -> web.Response:
 @routes.get("/admin/models")
 async def models(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    pinned = set(services.store.pinned_versions())
     return web.json_response(
-        {"models": [_version_json(r, services) for r in services.registry.versions()]}
+        {
+            "models": [
+                _version_json(r, services, pinned=(r.name, r.version) in pinned)
+                for r in services.registry.versions()
+            ]
+        }
     )
 
 
@@ -89,19 +112,53 @@ def _model_param(body: dict[str, Any]) -> str:
     return model
 
 
+def _device_param(body: dict[str, Any], services: Services) -> str | None:
+    """``device`` if given: ``cpu``, ``cuda`` (the first GPU) or ``cuda:N``, and present."""
+    device = body.get("device")
+    if device is None:
+        return None
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise BadRequest(f"device must be cpu, cuda or cuda:N, got {device!r}", param="device")
+    here = services.devices.device_ids()
+    present = any(d.startswith("cuda:") for d in here) if device == "cuda" else device in here
+    if not present:
+        raise BadRequest(
+            f"device {device} does not exist here (devices: {', '.join(here) or 'none'})",
+            param="device",
+        )
+    return device
+
+
+def _force_param(body: dict[str, Any]) -> bool:
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise BadRequest(f"force must be a boolean, got {force!r}", param="force")
+    return force
+
+
 @routes.post("/admin/load")
 async def load(request: web.Request) -> web.Response:
+    """Load ``model`` now, on ``device`` if given (else where placement puts it)."""
     services = request.app[SERVICES]
-    record = services.router.resolve(_model_param(await read_json_object(request)))
-    snapshot = await services.scheduler.load(record)
+    body = await read_json_object(request)
+    model = _model_param(body)
+    device = _device_param(body, services)
+    record = services.router.resolve(model)
+    snapshot = await services.scheduler.load(record, device=device)
     return web.json_response(_instance_json(snapshot))
 
 
 @routes.post("/admin/evict")
 async def evict(request: web.Request) -> web.Response:
-    """Evict ``NAME@VERSION``, or every resident version of ``NAME``."""
+    """Evict ``NAME@VERSION``, or every resident version of ``NAME``.
+
+    ``force``: do not wait for requests in flight; the scheduler ends them with an error.
+    A pinned version is evicted too (a pin only keeps the scheduler from choosing it).
+    """
     services = request.app[SERVICES]
-    model = _model_param(await read_json_object(request))
+    body = await read_json_object(request)
+    model = _model_param(body)
+    force = _force_param(body)
     if "@" in model:
         targets = [services.router.resolve(model).model_id]
     else:
@@ -113,9 +170,34 @@ async def evict(request: web.Request) -> web.Response:
     if not targets or all(services.scheduler.instance(t) is None for t in targets):
         raise NotFound(f"{model} is not loaded", param="model")
     evicted = [
-        _instance_json(await services.scheduler.evict(target, reason="admin")) for target in targets
+        _instance_json(await services.scheduler.evict(target, reason="manual", force=force))
+        for target in targets
     ]
     return web.json_response({"evicted": evicted})
+
+
+@routes.post("/admin/pin")
+async def pin(request: web.Request) -> web.Response:
+    """Pin ``model`` (NAME resolves through the router): the scheduler keeps it resident."""
+    return await _set_pinned(request, pinned=True)
+
+
+@routes.post("/admin/unpin")
+async def unpin(request: web.Request) -> web.Response:
+    return await _set_pinned(request, pinned=False)
+
+
+async def _set_pinned(request: web.Request, *, pinned: bool) -> web.Response:
+    services = request.app[SERVICES]
+    record = services.router.resolve(_model_param(await read_json_object(request)))
+    try:
+        if pinned:
+            services.scheduler.pin(record)
+        else:
+            services.scheduler.unpin(record)
+    except ValueError as exc:  # the store no longer has it: deleted since it was routed
+        raise NotFound(str(exc), param="model") from exc
+    return web.json_response(_version_json(record, services, pinned=pinned))
 
 
 @routes.get("/admin/events")
@@ -127,5 +209,40 @@ async def events(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer", param="limit") from None
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000", param="limit")
-    found = services.store.events(limit=limit, model=request.query.get("model"))
+    model = request.query.get("model")
+    name, version = (None, None) if model is None else _split_model_id(model)
+    try:
+        found = services.store.events(limit=limit, model=name, version=version)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="model") from exc
     return web.json_response({"events": [dataclasses.asdict(e) for e in found]})
+
+
+@routes.get("/admin/why/{model_id}")
+async def why(request: web.Request) -> web.Response:
+    """Explain, from the event log, why ``model_id`` is (not) resident.
+
+    ``NAME`` means the version the router resolves it to. ``NAME@VERSION`` may also
+    name a version no longer registered, as long as the log has events of it.
+    """
+    services = request.app[SERVICES]
+    model_id = request.match_info["model_id"]
+    name, version = _split_model_id(model_id)
+    if version is None:
+        record = services.router.resolve(model_id)
+        model_id, name, version = record.model_id, record.name, record.version
+    try:
+        history = services.store.events(limit=WHY_HISTORY, model=name, version=version)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="model") from exc
+    if not history:
+        services.router.resolve(model_id)  # an unknown version is a 404, not "never loaded"
+    return web.json_response(
+        {"model": model_id, "explanation": explain(model_id, history, time.time())}
+    )
+
+
+def _split_model_id(model_id: str) -> tuple[str, str | None]:
+    """``name@version`` → (name, version); ``name`` → (name, None)."""
+    name, sep, version = model_id.partition("@")
+    return name, (version if sep else None)
