@@ -14,8 +14,10 @@ Who calls what, and when:
 - ``Backend.load`` — the scheduler, once per instance, in the instance executor.
 - ``LoadedModel.warm_up`` — the scheduler, right after ``load``, before the
   instance accepts its first lease.
-- ``LoadedModel.footprint_bytes`` — the scheduler, after warm-up, to record what
-  the instance really occupies.
+- ``Backend.estimate_footprint`` — the scheduler, before placing a version it has
+  never measured on that kind of device, off the event loop; reads headers only.
+- ``LoadedModel.measure_footprint`` — the scheduler, after warm-up, to record what
+  the instance really occupies; later placements use that number (rule 5).
 - ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
   before generation, so prompt-length errors are answered before streaming starts.
 - ``generate`` / ``embed`` — request handlers while they hold a lease, in the
@@ -44,6 +46,13 @@ class BackendError(Exception):
 
     The message is shown to API clients and operators, so it must say what went
     wrong in plain words.
+    """
+
+
+class OutOfMemory(BackendError):
+    """The device ran out of memory while loading or running; what was taken is freed.
+
+    The scheduler answers it by evicting more and retrying the load once.
     """
 
 
@@ -102,7 +111,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: instances track live ones in sets
 class Cancellation:
     """Set from the event loop when a client goes away; polled between steps."""
 
@@ -120,6 +129,26 @@ TextSink = Callable[[str], None]
 """Receives each new piece of generated text, in order, from the executor thread."""
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Device bytes an instance needs, split by what they are for.
+
+    ``weights``: parameters and buffers in the target dtype. ``runtime``: the KV
+    cache the instance is granted (context length × max concurrent sequences × bytes
+    per token), reserved whether or not it is in use yet. ``working``: activations
+    and scratch memory of a forward pass. Estimates and measurements use the same
+    split, so they can be compared term by term.
+    """
+
+    weights: int
+    runtime: int = 0
+    working: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.runtime + self.working
+
+
 class LoadedModel(Protocol):
     """One model resident on one device. Every method may block."""
 
@@ -129,8 +158,8 @@ class LoadedModel(Protocol):
     def warm_up(self) -> None:
         """Run one short real request so the first client does not pay for it."""
 
-    def footprint_bytes(self) -> int:
-        """Bytes this instance holds on its device (weights, buffers, caches)."""
+    def measure_footprint(self) -> Footprint:
+        """What this instance really holds on its device, measured after warm-up."""
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a raw prompt as the model expects it (special tokens included)."""
@@ -173,6 +202,12 @@ class Backend(Protocol):
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return the options normalized, or raise InvalidRequest naming the bad key."""
+
+    def estimate_footprint(self, spec: LoadSpec) -> Footprint:
+        """Bytes ``spec`` will need on ``spec.device``, from headers alone (no weights read).
+
+        Raises BackendError when the folder cannot be read.
+        """
 
     def load(self, spec: LoadSpec) -> LoadedModel:
         """Read the folder and place the model on ``spec.device``; may take seconds."""

@@ -9,18 +9,21 @@ the cleanup context unloads every instance and closes the store.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from backends.registry import BackendRegistry
+from policies.eviction import eviction_policy
+from policies.placement import placement_policy
 from routerd.api import admin, health, openai
 from routerd.api.errors import error_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
 from routerd.router import Router
-from routerd.scheduler import Scheduler
+from routerd.scheduler import Scheduler, SchedulerSettings
 from routerd.services import SERVICES, Services
 from state import Store, VersionSpec
 
@@ -32,12 +35,21 @@ def build_services(
     *,
     backends: BackendRegistry | None = None,
     devices: DeviceInventory | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    on_change: Callable[[Scheduler], None] | None = None,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure."""
     store = Store.open(config.database_path)
     try:
         backends = backends or BackendRegistry()
-        devices = devices or DeviceInventory(NvmlProbe.open())
+        devices = devices or DeviceInventory(
+            NvmlProbe.open(),
+            cpu_budget=config.devices.cpu_memory,
+            gpu_indices=config.devices.gpus,
+        )
+        placement = placement_policy(
+            config.scheduler.placement, eviction_policy(config.scheduler.eviction)
+        )
         router = Router()
         registry = Registry(store, backends, router)
         synced = registry.sync(config.models, source="config")
@@ -49,8 +61,17 @@ def build_services(
                 synced.updated,
                 synced.removed,
             )
+        for model_id in sorted(config.pinned):
+            name, _, version = model_id.partition("@")
+            store.set_pinned(name, version, True)
         scheduler = Scheduler(
-            backends, devices, store.record_event, load_timeout=config.scheduler.load_timeout
+            backends,
+            devices,
+            store,
+            placement,
+            SchedulerSettings.from_config(config.scheduler, config.devices),
+            clock=clock,
+            on_change=on_change,
         )
     except BaseException:
         store.close()
@@ -100,6 +121,7 @@ async def _stop_accepting(app: web.Application) -> None:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
+    await services.scheduler.start(services.router.table.versions.get)
     yield
     services.accepting = False
     try:

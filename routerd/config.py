@@ -8,6 +8,7 @@ with settings nobody chose.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from policies.eviction import EVICTION_POLICIES
+from policies.placement import STRATEGIES
 from state import VersionSpec
 
 DEFAULT_HOST = "127.0.0.1"
@@ -40,6 +43,46 @@ def parse_duration(value: str | int | float, *, key: str) -> float:
     if match is None:
         raise ConfigError(f'{key}: expected a duration such as "30s" or "5m", got {value!r}')
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: str | int, *, key: str) -> int:
+    """Bytes from ``"8GiB"``, ``"512MiB"``, ``"2GB"`` or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: expected a size such as "8GiB", got {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: a size cannot be negative")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f'{key}: expected a size such as "8GiB" or "512MiB", got {value!r}')
+    unit = (match.group(2) or "b").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_keep_alive(value: str | int | float, *, key: str) -> float:
+    """Seconds an idle instance stays loaded: a duration, ``0`` (unload when idle) or
+    ``-1`` (never unload), the values Ollama users already know. Never is ``inf``."""
+    seconds = parse_duration(value, key=key)
+    if seconds < 0:
+        if seconds != -1:
+            raise ConfigError(f"{key}: use -1 for never, or a duration >= 0, got {value!r}")
+        return math.inf
+    return seconds
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -68,6 +111,21 @@ class ServerConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     load_timeout: float = 600.0
+    load_wait_timeout: float = 30.0  # waiting for leases to end so room can be made
+    min_residency: float = 10.0  # anti-thrash: no eviction before this long resident
+    keep_alive: float = 300.0  # idle instances unload after this; inf = never
+    release_timeout: float = 10.0  # NVML must show an eviction's memory back by then
+    placement: str = "best-fit"
+    eviction: str = "lru"
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    cpu_memory: int | None = None  # None: a share of available memory; 0: no CPU device
+    gpus: tuple[int, ...] | None = None  # None: every GPU NVML finds
+    poll_interval: float = 2.0
+    gpu_headroom: int = 256 * 1024**2  # kept free for the CUDA context and fragmentation
+    cpu_headroom: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,10 +134,12 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
     demo: bool = False
     models: tuple[VersionSpec, ...] = ()
+    pinned: frozenset[str] = frozenset()  # model ids declared ``pinned = true``
     source_file: Path | None = None
 
     @property
@@ -121,9 +181,12 @@ def load_config(path: Path | None) -> Config:
 
 
 def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
-    _reject_unknown(raw, {"server", "scheduler", "state", "log_level", "models"}, where="")
+    _reject_unknown(
+        raw, {"server", "scheduler", "devices", "state", "log_level", "models"}, where=""
+    )
     server = _server(_table(raw, "server"))
     scheduler = _scheduler(_table(raw, "scheduler"))
+    devices = _devices(_table(raw, "devices"))
     state = _table(raw, "state")
     _reject_unknown(state, {"dir"}, where="state.")
     state_dir = (
@@ -137,7 +200,8 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise ConfigError("models: expected an array of tables ([[models]])")
-    models = tuple(_model(entry, i, base_dir) for i, entry in enumerate(models_raw))
+    entries = [_model(entry, i, base_dir) for i, entry in enumerate(models_raw)]
+    models = tuple(spec for spec, _ in entries)
     seen: set[tuple[str, str]] = set()
     for spec in models:
         key = (spec.name, spec.version)
@@ -145,7 +209,13 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
             raise ConfigError(f"models: {spec.name}@{spec.version} is declared twice")
         seen.add(key)
     return Config(
-        server=server, scheduler=scheduler, state_dir=state_dir, log_level=log_level, models=models
+        server=server,
+        scheduler=scheduler,
+        devices=devices,
+        state_dir=state_dir,
+        log_level=log_level,
+        models=models,
+        pinned=frozenset(f"{spec.name}@{spec.version}" for spec, pinned in entries if pinned),
     )
 
 
@@ -169,37 +239,100 @@ def _server(raw: Mapping[str, Any]) -> ServerConfig:
 
 
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
-    _reject_unknown(raw, {"load_timeout"}, where="scheduler.")
     defaults = SchedulerConfig()
-    timeout = parse_duration(
-        raw.get("load_timeout", defaults.load_timeout), key="scheduler.load_timeout"
+    durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
+    _reject_unknown(raw, {*durations, "keep_alive", "placement", "eviction"}, where="scheduler.")
+    values: dict[str, Any] = {}
+    for key in durations:
+        seconds = parse_duration(raw.get(key, getattr(defaults, key)), key=f"scheduler.{key}")
+        if seconds < 0 or (seconds == 0 and key in ("load_timeout", "load_wait_timeout")):
+            raise ConfigError(f"scheduler.{key}: must be positive")
+        values[key] = seconds
+    values["keep_alive"] = parse_keep_alive(
+        raw.get("keep_alive", defaults.keep_alive), key="scheduler.keep_alive"
     )
-    if timeout <= 0:
-        raise ConfigError("scheduler.load_timeout: must be positive")
-    return SchedulerConfig(load_timeout=timeout)
+    values["placement"] = _choice(
+        raw.get("placement", defaults.placement), "scheduler.placement", sorted(STRATEGIES)
+    )
+    values["eviction"] = _choice(
+        raw.get("eviction", defaults.eviction), "scheduler.eviction", sorted(EVICTION_POLICIES)
+    )
+    return SchedulerConfig(**values)
 
 
-def _model(entry: Any, index: int, base_dir: Path) -> VersionSpec:
+def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
+    defaults = DevicesConfig()
+    _reject_unknown(
+        raw,
+        {"cpu_memory", "gpus", "poll_interval", "gpu_headroom", "cpu_headroom"},
+        where="devices.",
+    )
+    cpu_memory = defaults.cpu_memory
+    if "cpu_memory" in raw and raw["cpu_memory"] != "auto":
+        cpu_memory = parse_size(raw["cpu_memory"], key="devices.cpu_memory")
+    gpus_raw = raw.get("gpus", "auto")
+    gpus: tuple[int, ...] | None = None
+    if gpus_raw != "auto":
+        if not isinstance(gpus_raw, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpus_raw
+        ):
+            raise ConfigError('devices.gpus: expected "auto" or a list of GPU indices')
+        gpus = tuple(gpus_raw)
+    poll = parse_duration(
+        raw.get("poll_interval", defaults.poll_interval), key="devices.poll_interval"
+    )
+    if poll <= 0:
+        raise ConfigError("devices.poll_interval: must be positive")
+    return DevicesConfig(
+        cpu_memory=cpu_memory,
+        gpus=gpus,
+        poll_interval=poll,
+        gpu_headroom=parse_size(
+            raw.get("gpu_headroom", defaults.gpu_headroom), key="devices.gpu_headroom"
+        ),
+        cpu_headroom=parse_size(
+            raw.get("cpu_headroom", defaults.cpu_headroom), key="devices.cpu_headroom"
+        ),
+    )
+
+
+def _model(entry: Any, index: int, base_dir: Path) -> tuple[VersionSpec, bool]:
+    """One ``[[models]]`` table → its spec and whether it is pinned.
+
+    ``keep_alive`` and ``devices`` are written beside ``name`` for convenience but
+    stored with the options, where the scheduler reads them for every version.
+    """
     where = f"models[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: expected a table")
-    _reject_unknown(entry, {"name", "version", "backend", "path", "options"}, where=f"{where}.")
+    known = {"name", "version", "backend", "path", "options", "keep_alive", "devices", "pinned"}
+    _reject_unknown(entry, known, where=f"{where}.")
     for required in ("name", "path"):
         if required not in entry:
             raise ConfigError(f"{where}: missing required key {required!r}")
     options = entry.get("options", {})
     if not isinstance(options, Mapping):
         raise ConfigError(f"{where}.options: expected a table")
+    options = dict(options)
+    if "keep_alive" in entry:
+        parse_keep_alive(entry["keep_alive"], key=f"{where}.keep_alive")
+        options["keep_alive"] = entry["keep_alive"]
+    if "devices" in entry:
+        options["devices"] = entry["devices"]
+    pinned = entry.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ConfigError(f"{where}.pinned: expected true or false")
     try:
-        return VersionSpec(
+        spec = VersionSpec(
             name=_str(entry["name"], f"{where}.name"),
             version=_str(entry.get("version", "1"), f"{where}.version"),
             backend=_str(entry.get("backend", "transformers"), f"{where}.backend"),
             path=str(_resolve(Path(_str(entry["path"], f"{where}.path")).expanduser(), base_dir)),
-            options=dict(options),
+            options=options,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    return spec, pinned
 
 
 def _resolve(path: Path, base_dir: Path) -> Path:
@@ -230,3 +363,10 @@ def _int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     return value
+
+
+def _choice(value: Any, key: str, known: list[str]) -> str:
+    text = _str(value, key)
+    if text not in known:
+        raise ConfigError(f"{key}: unknown policy {text!r} (known: {', '.join(known)})")
+    return text

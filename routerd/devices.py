@@ -11,7 +11,8 @@ hand-written fake and exercise the GPU paths on a CPU-only machine.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +21,12 @@ log = logging.getLogger("routerd.devices")
 
 @dataclass(frozen=True)
 class DeviceReading:
-    """One device's memory as last measured."""
+    """One device's memory as last measured.
+
+    ``process_bytes`` maps each process NVML reports on the device to its usage;
+    the ledger splits it into ours (this pid) and foreign. Empty for the CPU device.
+    ``budget_bytes`` is what routerd may use there: the whole GPU, or the CPU budget.
+    """
 
     id: str  # "cpu" or "cuda:N"
     kind: str  # "cpu" or "cuda"
@@ -28,6 +34,9 @@ class DeviceReading:
     total_bytes: int
     used_bytes: int
     free_bytes: int
+    budget_bytes: int = 0
+    uuid: str = ""
+    process_bytes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,12 @@ class GpuProbe(Protocol):
     def name(self, index: int) -> str: ...
 
     def memory(self, index: int) -> GpuMemory: ...
+
+    def uuid(self, index: int) -> str: ...
+
+    def processes(self, index: int) -> Mapping[int, int]:
+        """Bytes used on the device by each process (pid → bytes) NVML can see."""
+        ...
 
 
 class NvmlProbe:
@@ -78,9 +93,30 @@ class NvmlProbe:
         info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(index))
         return GpuMemory(total=int(info.total), free=int(info.free), used=int(info.used))
 
+    def uuid(self, index: int) -> str:
+        raw = self._nvml.nvmlDeviceGetUUID(self._nvml.nvmlDeviceGetHandleByIndex(index))
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-def read_cpu_memory(meminfo: Path = Path("/proc/meminfo")) -> DeviceReading:
-    """Host memory from the kernel: MemTotal and MemAvailable (what can still be used)."""
+    def processes(self, index: int) -> Mapping[int, int]:
+        handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+        usage: dict[int, int] = {}
+        for call in (
+            "nvmlDeviceGetComputeRunningProcesses",
+            "nvmlDeviceGetGraphicsRunningProcesses",
+        ):
+            try:
+                found = getattr(self._nvml, call)(handle)
+            except Exception:  # not supported on this device/driver: report what we can
+                continue
+            for proc in found:
+                used = getattr(proc, "usedGpuMemory", None)  # None without permission
+                if used is not None:
+                    usage[int(proc.pid)] = usage.get(int(proc.pid), 0) + int(used)
+        return usage
+
+
+def read_meminfo(meminfo: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """/proc/meminfo as bytes per field (empty where it cannot be read)."""
     fields: dict[str, int] = {}
     try:
         for line in meminfo.read_text().splitlines():
@@ -90,6 +126,43 @@ def read_cpu_memory(meminfo: Path = Path("/proc/meminfo")) -> DeviceReading:
                 fields[key] = int(parts[0]) * 1024
     except OSError:
         pass
+    return fields
+
+
+def cgroup_available_bytes(cgroup_dir: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Room left under this process's cgroup v2 memory limit, or None without a limit."""
+    try:
+        limit = (cgroup_dir / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        current = int((cgroup_dir / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return max(int(limit) - current, 0)
+
+
+CPU_BUDGET_SHARE = 0.75
+
+
+def default_cpu_budget(
+    meminfo: Path = Path("/proc/meminfo"), cgroup_dir: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """A share of the memory available at start, within the cgroup limit if one is set.
+
+    Not all of it: the daemon itself, tokenizers and the page cache of memory-mapped
+    weights need room too.
+    """
+    fields = read_meminfo(meminfo)
+    available = fields.get("MemAvailable", fields.get("MemFree", 0))
+    cgroup = cgroup_available_bytes(cgroup_dir)
+    if cgroup is not None:
+        available = min(available, cgroup)
+    return int(available * CPU_BUDGET_SHARE)
+
+
+def read_cpu_memory(meminfo: Path = Path("/proc/meminfo"), budget: int = 0) -> DeviceReading:
+    """Host memory from the kernel: MemTotal and MemAvailable (what can still be used)."""
+    fields = read_meminfo(meminfo)
     total = fields.get("MemTotal", 0)
     available = fields.get("MemAvailable", fields.get("MemFree", 0))
     return DeviceReading(
@@ -99,28 +172,51 @@ def read_cpu_memory(meminfo: Path = Path("/proc/meminfo")) -> DeviceReading:
         total_bytes=total,
         used_bytes=max(total - available, 0),
         free_bytes=available,
+        budget_bytes=budget,
     )
 
 
 class DeviceInventory:
-    """Reads every device on demand: the CPU device first, then each GPU by index."""
+    """Reads every device: the CPU device first (if it has a budget), then each GPU.
 
-    def __init__(self, gpus: GpuProbe | None, meminfo: Path = Path("/proc/meminfo")) -> None:
+    ``cpu_budget`` is the CPU device's memory budget in bytes (0 removes the CPU
+    device); ``gpu_indices`` limits which GPUs are used (None: all of them).
+    """
+
+    def __init__(
+        self,
+        gpus: GpuProbe | None,
+        meminfo: Path = Path("/proc/meminfo"),
+        *,
+        cpu_budget: int | None = None,
+        gpu_indices: Sequence[int] | None = None,
+    ) -> None:
         self._gpus = gpus
         self._meminfo = meminfo
+        self.cpu_budget = default_cpu_budget(meminfo) if cpu_budget is None else cpu_budget
+        count = 0 if gpus is None else gpus.device_count()
+        if gpu_indices is None:
+            self._gpu_indices = list(range(count))
+        else:
+            missing = [i for i in gpu_indices if i >= count]
+            if missing:
+                log.warning("configured GPUs %s do not exist (NVML sees %d)", missing, count)
+            self._gpu_indices = [i for i in gpu_indices if i < count]
+        self._last: list[DeviceReading] = []
 
     def gpu_ids(self) -> list[str]:
-        if self._gpus is None:
-            return []
-        return [f"cuda:{i}" for i in range(self._gpus.device_count())]
+        return [f"cuda:{i}" for i in self._gpu_indices]
 
     def device_ids(self) -> list[str]:
-        return ["cpu", *self.gpu_ids()]
+        return (["cpu"] if self.cpu_budget > 0 else []) + self.gpu_ids()
 
     def readings(self) -> list[DeviceReading]:
-        result = [read_cpu_memory(self._meminfo)]
+        """Read every device now (NVML and /proc are cheap) and remember the result."""
+        result = []
+        if self.cpu_budget > 0:
+            result.append(read_cpu_memory(self._meminfo, self.cpu_budget))
         if self._gpus is not None:
-            for index in range(self._gpus.device_count()):
+            for index in self._gpu_indices:
                 mem = self._gpus.memory(index)
                 result.append(
                     DeviceReading(
@@ -130,6 +226,14 @@ class DeviceInventory:
                         total_bytes=mem.total,
                         used_bytes=mem.used,
                         free_bytes=mem.free,
+                        budget_bytes=mem.total,
+                        uuid=self._gpus.uuid(index),
+                        process_bytes=dict(self._gpus.processes(index)),
                     )
                 )
+        self._last = result
         return result
+
+    def last_readings(self) -> list[DeviceReading]:
+        """The most recent poll, for status pages that must not touch NVML."""
+        return self._last or self.readings()

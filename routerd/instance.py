@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,33 +20,54 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from backends.base import LoadedModel
+from backends.base import Cancellation, Footprint, LoadedModel
 from state import VersionRecord
 
 T = TypeVar("T")
 
 
 class InstanceState(StrEnum):
+    WAITING = "waiting"  # placed; its victims are still leaving
     LOADING = "loading"
     WARMING = "warming"
     READY = "ready"
     DRAINING = "draining"
     UNLOADING = "unloading"
 
+    @property
+    def allocating(self) -> bool:
+        return self in (InstanceState.LOADING, InstanceState.WARMING)
+
 
 class Instance:
     """A version resident (or becoming resident) on a device."""
 
-    def __init__(self, record: VersionRecord, device: str, *, estimated_bytes: int) -> None:
+    def __init__(
+        self,
+        record: VersionRecord,
+        device: str,
+        *,
+        reserved_bytes: int,
+        estimated_bytes: int,
+        keep_alive: float,
+        now: float,
+    ) -> None:
         self.record = record
         self.device = device
-        self.state = InstanceState.LOADING
-        self.estimated_bytes = estimated_bytes
-        self.bytes = 0
+        self.state = InstanceState.WAITING
+        self.reserved_bytes = reserved_bytes  # what placement planned for it
+        self.estimated_bytes = estimated_bytes  # the estimate from headers
+        self.measured: Footprint | None = None
+        self.keep_alive = keep_alive
         self.in_flight = 0
-        self.load_started = time.monotonic()
+        self.placed_at = now  # scheduler clock
+        self.loaded_at = now  # scheduler clock; reset when it becomes ready
+        self.touched = now  # scheduler clock: last lease acquired or released
         self.load_ms: float | None = None
-        self.last_used = time.time()
+        self.last_used = time.time()  # wall clock, for people
+        self.victim_of: str | None = None  # the load this instance makes room for
+        self.revoked: str | None = None  # why live leases were ended (forced eviction)
+        self._cancellations: set[Cancellation] = set()
         self._model: LoadedModel | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"routerd-{record.model_id}"
@@ -53,6 +75,11 @@ class Instance:
         self.idle = asyncio.Event()
         self.idle.set()
         self.gone = asyncio.Event()
+
+    @property
+    def bytes(self) -> int:
+        """Measured bytes once ready; the planned reservation before that."""
+        return self.measured.total if self.measured is not None else self.reserved_bytes
 
     @property
     def model_id(self) -> str:
@@ -76,15 +103,32 @@ class Instance:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    def acquire(self) -> None:
+    def acquire(self, now: float) -> None:
         self.in_flight += 1
+        self.touched = now
         self.idle.clear()
 
-    def release(self) -> None:
+    def release(self, now: float) -> None:
         self.in_flight -= 1
+        self.touched = now
         self.last_used = time.time()
         if self.in_flight == 0:
             self.idle.set()
+
+    def track(self, cancellation: Cancellation) -> None:
+        """Remember a running generation so a forced eviction can stop it."""
+        self._cancellations.add(cancellation)
+        if self.revoked is not None:
+            cancellation.cancel()
+
+    def untrack(self, cancellation: Cancellation) -> None:
+        self._cancellations.discard(cancellation)
+
+    def revoke(self, reason: str) -> None:
+        """End every live lease's work (forced eviction); handlers report ``reason``."""
+        self.revoked = reason
+        for cancellation in list(self._cancellations):
+            cancellation.cancel()
 
     def close_executor(self) -> None:
         """Stop the thread once its queued work is done; never blocks the loop."""
@@ -102,13 +146,24 @@ class InstanceSnapshot:
     state: str
     bytes: int
     estimated_bytes: int
+    measured_bytes: int | None
     in_flight: int
     pinned: bool
     last_used: float
     load_ms: float | None
+    expires_at: float | None  # wall clock; None while busy, pinned or kept forever
 
     @classmethod
-    def of(cls, instance: Instance) -> InstanceSnapshot:
+    def of(cls, instance: Instance, *, pinned: bool = False, now: float = 0.0) -> InstanceSnapshot:
+        expires_at = None
+        if (
+            instance.state is InstanceState.READY
+            and instance.in_flight == 0
+            and not pinned
+            and math.isfinite(instance.keep_alive)
+        ):
+            remaining = instance.touched + instance.keep_alive - now
+            expires_at = time.time() + max(remaining, 0.0)
         return cls(
             model=instance.record.name,
             version=instance.record.version,
@@ -117,8 +172,10 @@ class InstanceSnapshot:
             state=str(instance.state),
             bytes=instance.bytes,
             estimated_bytes=instance.estimated_bytes,
+            measured_bytes=None if instance.measured is None else instance.measured.total,
             in_flight=instance.in_flight,
-            pinned=False,
+            pinned=pinned,
             last_used=instance.last_used,
             load_ms=instance.load_ms,
+            expires_at=expires_at,
         )

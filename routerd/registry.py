@@ -9,6 +9,7 @@ ever stored, so a bad registration cannot break later loads or restarts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any
 from backends.base import InvalidRequest
 from backends.registry import BackendRegistry
 from policies.placement import is_device_preference
+from routerd.config import ConfigError, parse_keep_alive
 from routerd.router import Router
 from state import Store, SyncResult, VersionRecord, VersionSpec
 
 # Options the scheduler reads itself; everything else belongs to the backend.
-SCHEDULER_OPTIONS = ("device",)
+SCHEDULER_OPTIONS = ("device", "devices", "keep_alive")
 
 
 class Registry:
@@ -44,12 +46,7 @@ class Registry:
         backend_options: dict[str, Any] = {}
         for key, value in spec.options.items():
             (scheduler_options if key in SCHEDULER_OPTIONS else backend_options)[key] = value
-        device = scheduler_options.get("device", "auto")
-        if not isinstance(device, str) or not is_device_preference(device):
-            raise InvalidRequest(
-                f"option device must be auto, cpu, cuda or cuda:N, got {device!r}",
-                param="options.device",
-            )
+        _check_scheduler_options(scheduler_options)
         try:
             normalized = self._backends.validate_options(spec.backend, backend_options)
         except InvalidRequest as exc:
@@ -57,8 +54,7 @@ class Registry:
             if exc.param in backend_options:
                 raise InvalidRequest(str(exc), param=f"options.{exc.param}") from exc
             raise
-        if "device" in scheduler_options:
-            normalized["device"] = device
+        normalized.update(scheduler_options)
         return replace(spec, options=normalized)
 
     def register(self, spec: VersionSpec, *, source: str = "api") -> VersionRecord:
@@ -83,3 +79,33 @@ class Registry:
 
     def refresh(self) -> None:
         self._router.replace(self._store.list_versions())
+
+
+def _check_scheduler_options(options: dict[str, Any]) -> None:
+    """Validate (and normalize in place) ``device``, ``devices`` and ``keep_alive``."""
+    if "device" in options:
+        device = options["device"]
+        if not isinstance(device, str) or not is_device_preference(device):
+            raise InvalidRequest(
+                f"option device must be auto, cpu, cuda or cuda:N, got {device!r}",
+                param="options.device",
+            )
+    if "devices" in options:
+        devices = options["devices"]
+        if (
+            not isinstance(devices, list)
+            or not devices
+            or not all(isinstance(d, str) and is_device_preference(d) for d in devices)
+        ):
+            raise InvalidRequest(
+                'option devices must be a list such as ["cuda", "cpu"] of auto, cpu, cuda, '
+                f"cuda:N; got {devices!r}",
+                param="options.devices",
+            )
+    if "keep_alive" in options:
+        try:
+            seconds = parse_keep_alive(options["keep_alive"], key="keep_alive")
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc), param="options.keep_alive") from None
+        # Stored as JSON, which has no infinity: -1 means never, as in the config.
+        options["keep_alive"] = -1 if math.isinf(seconds) else seconds

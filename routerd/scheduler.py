@@ -1,53 +1,64 @@
 """The scheduler: the one owner of residency (DESIGN.md rule 1).
 
 Only this module creates, loads and removes instances. Request handlers ask for a
-lease; operators ask for a load or an eviction; everything else reads snapshots.
-All of its state lives on the event loop and is changed only from it, so no lock
-is needed: between two ``await`` points nothing else can interleave.
+lease; operators ask for a load, an eviction or a pin; everything else reads
+snapshots. All of its state lives on the event loop and is changed only from it, so
+no lock is needed: between two ``await`` points nothing else interleaves, and every
+plan is committed in the same step that computed it.
 
 ``lease(record)`` — decision tree:
 
 1. The version has a READY instance → lease it at once.
-2. A load of that version is in flight → wait for that same load (single flight,
-   rule 4): twenty first requests cause exactly one load.
-3. The instance is DRAINING or UNLOADING (an eviction is under way) → wait until it
-   is gone, then go to 4.
-4. Nothing is resident → start one load (placement picks the device), wait for it.
-5. The load fails → ``LoadFailed`` (503) with the backend's reason; the failed
-   instance is removed and nothing else changes (rule 7).
-6. The load outlasts ``load_timeout`` → ``Unavailable`` (503, Retry-After); the load
-   itself carries on for whoever asks next.
+2. A load of that version is in flight → wait for that same load (single flight).
+3. Its instance is being evicted → wait until it is gone, then go to 4.
+4. Nothing is resident → one load: estimate (or recall the measured) footprint on
+   each device kind, ask the placement policy for a plan; a plan is committed at
+   once (victims start draining, the bytes are claimed); a refusal that may pass
+   is waited out up to ``load_wait_timeout`` (then 503 with Retry-After); a final
+   refusal (too large, pinned) is 503 at once.
+5. The load runs after its victims are gone; out of memory (or measured larger
+   than the room) → free it, evict more, retry once; then 503 with the reason.
+6. The load outlasts ``load_timeout`` → 503 for this waiter; the load carries on.
 
 The lease is released in ``__aexit__`` (rule 3), cancellation included, and an
-instance with a live lease is never unloaded: eviction drains first.
+instance with a live lease is never unloaded: eviction drains first, unless an
+operator forces it, which stops the live requests with a clear error.
+
+Background work (``start``): the keep-alive reaper unloads idle instances whose
+``keep_alive`` ran out, and pinned versions are loaded again after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from backends.base import LoadSpec
+from backends.base import Backend, BackendError, Footprint, LoadSpec, OutOfMemory
 from backends.registry import BackendRegistry
-from policies.placement import PlacementError, place
-from routerd.devices import DeviceInventory, DeviceReading
+from policies.placement import PlacementPolicy
+from policies.types import DeviceRoom, LoadRequest, Plan, Resident
+from routerd.config import DevicesConfig, SchedulerConfig, parse_keep_alive
+from routerd.devices import DeviceInventory
 from routerd.errors import Draining, LoadFailed, NotFound, Unavailable
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
+from routerd.memory import Holding, LedgerRow, build_ledger
 from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
 
-class EventLog(Protocol):
-    """Where the scheduler records what it committed (the store's event table)."""
+class ResidencyStore(Protocol):
+    """What the scheduler keeps in SQLite: events, pins, measured footprints."""
 
-    def __call__(
+    def record_event(
         self,
         kind: str,
         model: str,
@@ -56,7 +67,49 @@ class EventLog(Protocol):
         device: str | None = None,
         reason: str | None = None,
         detail: Mapping[str, Any] | None = None,
+        bytes: int | None = None,
+        duration_ms: float | None = None,
+        trigger: str | None = None,
     ) -> object: ...
+
+    def pinned_versions(self) -> list[tuple[str, str]]: ...
+
+    def set_pinned(self, name: str, version: str, pinned: bool) -> None: ...
+
+    def measured_footprint(self, name: str, version: str, device_kind: str) -> Any: ...
+
+    def record_footprint(
+        self,
+        name: str,
+        version: str,
+        device_kind: str,
+        *,
+        measured: Mapping[str, int],
+        estimated_bytes: int | None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    load_timeout: float = 600.0
+    load_wait_timeout: float = 30.0
+    min_residency: float = 10.0
+    keep_alive: float = 300.0
+    release_timeout: float = 10.0
+    poll_interval: float = 2.0
+    headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
+
+    @classmethod
+    def from_config(cls, scheduler: SchedulerConfig, devices: DevicesConfig) -> SchedulerSettings:
+        return cls(
+            load_timeout=scheduler.load_timeout,
+            load_wait_timeout=scheduler.load_wait_timeout,
+            min_residency=scheduler.min_residency,
+            keep_alive=scheduler.keep_alive,
+            release_timeout=scheduler.release_timeout,
+            poll_interval=devices.poll_interval,
+            headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +118,15 @@ class Lease:
 
     instance: Instance
     cold_start_ms: float | None  # set when this request waited for a load
+
+
+@dataclass(frozen=True)
+class Leak:
+    """An evicted instance whose memory NVML never showed back; its bytes stay counted."""
+
+    model_id: str
+    device: str
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -77,15 +139,27 @@ class DeviceSnapshot:
     free_bytes: int
     reserved_bytes: int
     routerd_bytes: int
+    budget_bytes: int
+    foreign_bytes: int
+    headroom_bytes: int
+    capacity_bytes: int
+    free_for_planning_bytes: int
 
 
-def estimate_weights_bytes(path: str) -> int:
-    """Bytes of the checkpoint's safetensors files: the weights' floor in memory."""
-    folder = Path(path)
-    try:
-        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    except OSError:
-        return 0
+class _RetryLoad(Exception):
+    """Internal: the attempt failed for lack of memory; plan again with ``need``."""
+
+    def __init__(self, need: Mapping[str, int], reason: str) -> None:
+        super().__init__(reason)
+        self.need = need
+        self.reason = reason
+
+
+def preferences_of(record: VersionRecord) -> list[str]:
+    devices = record.options.get("devices")
+    if isinstance(devices, list) and devices:
+        return [str(d) for d in devices]
+    return [str(record.options.get("device", "auto"))]
 
 
 class Scheduler:
@@ -95,36 +169,120 @@ class Scheduler:
         self,
         backends: BackendRegistry,
         devices: DeviceInventory,
-        events: EventLog,
+        store: ResidencyStore,
+        placement: PlacementPolicy,
+        settings: SchedulerSettings | None = None,
         *,
-        load_timeout: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        our_pid: int | None = None,
+        on_change: Callable[[Scheduler], None] | None = None,
     ) -> None:
         self._backends = backends
         self._devices = devices
-        self._events = events
-        self._load_timeout = load_timeout
+        self._store = store
+        self._placement = placement
+        self.settings = settings or SchedulerSettings()
         self._clock = clock
+        self._on_change = on_change  # e.g. metrics, or a test asserting the ledger
+        self._pid = os.getpid() if our_pid is None else our_pid
         self._instances: dict[str, Instance] = {}
         self._loads: dict[str, asyncio.Task[Instance]] = {}
+        self._waiting: dict[str, int] = {}  # model id → requests waiting for it
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
+        self._leaks: list[Leak] = []
+        self._change = asyncio.Event()
         self._closing = False
+        self._background: list[asyncio.Task[None]] = []
         self.load_count = 0
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self, resolve: Callable[[str], VersionRecord | None]) -> None:
+        """Start the keep-alive reaper and load pinned versions again (in the background)."""
+        self._background.append(asyncio.create_task(self._reap_idle(), name="keep-alive"))
+        self._background.append(asyncio.create_task(self._poll_devices(), name="device poll"))
+        for model_id in sorted(self._pinned):
+            record = resolve(model_id)
+            if record is not None:
+                self._spawn(self._restore(record), name=f"restore {model_id}")
+
+    async def _restore(self, record: VersionRecord) -> None:
+        try:
+            await self.load(record)
+        except Exception as exc:
+            log.warning("pinned %s could not be loaded at start: %s", record.model_id, exc)
+
+    async def close(self) -> None:
+        """Stop for shutdown: refuse new leases, wait for loads, unload everything.
+
+        The HTTP server has already waited for in-flight requests by the time this
+        runs, so the drain here is normally instant.
+        """
+        self._closing = True
+        self._changed()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._loads:
+            await asyncio.wait(list(self._loads.values()))
+        for model_id in list(self._instances):
+            try:
+                await self.evict(model_id, reason="shutdown")
+            except Exception:  # one bad unload must not keep the others resident
+                log.exception("unloading %s at shutdown failed", model_id)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    @property
+    def running(self) -> bool:
+        return not self._closing
 
     # -- requests ---------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, record: VersionRecord) -> AsyncIterator[Lease]:
-        """Hold a READY instance of ``record`` for the whole ``async with`` body."""
+    async def lease(
+        self, record: VersionRecord, *, keep_alive: float | None = None
+    ) -> AsyncIterator[Lease]:
+        """Hold a READY instance of ``record`` for the whole ``async with`` body.
+
+        ``keep_alive`` (a request's own) replaces the instance's from now on.
+        """
         started = self._clock()
-        instance, waited = await self._ready_instance(record)
-        instance.acquire()
+        instance, waited = await self._ready_instance(record, device=None)
+        instance.acquire(self._clock())
         cold_start_ms = (self._clock() - started) * 1000 if waited else None
         try:
             yield Lease(instance=instance, cold_start_ms=cold_start_ms)
         finally:
-            instance.release()
+            if keep_alive is not None:
+                instance.keep_alive = keep_alive
+            instance.release(self._clock())
+            self._changed()
 
-    async def _ready_instance(self, record: VersionRecord) -> tuple[Instance, bool]:
+    async def _ready_instance(
+        self, record: VersionRecord, *, device: str | None
+    ) -> tuple[Instance, bool]:
+        """A READY instance, and whether this call had to wait for it.
+
+        While a request waits, it counts as demand on its version (``_waiting``):
+        a freshly loaded instance is not idle, and so not evictable, until the
+        requests that waited for it have taken their leases. Without this, two
+        loads competing for the same room evict each other's fresh instances before
+        either serves anything.
+        """
+        key = record.model_id
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            return await self._wait_ready(record, device=device)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+
+    async def _wait_ready(
+        self, record: VersionRecord, *, device: str | None
+    ) -> tuple[Instance, bool]:
         waited = False
         while True:
             if self._closing:
@@ -139,21 +297,21 @@ class Scheduler:
             ):
                 await instance.gone.wait()
                 continue
-            await self._await_load(record)
+            await self._await_load(record, device)
 
-    async def _await_load(self, record: VersionRecord) -> Instance:
+    async def _await_load(self, record: VersionRecord, device: str | None) -> Instance:
         task = self._loads.get(record.model_id)
         if task is None:
-            task = asyncio.create_task(self._load(record), name=f"load {record.model_id}")
+            task = asyncio.create_task(self._load(record, device), name=f"load {record.model_id}")
             self._loads[record.model_id] = task
             task.add_done_callback(self._load_done)
         try:
             # shield: a waiter that gives up (timeout, client gone) must not cancel
             # the load the other waiters share.
-            return await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.load_timeout)
         except TimeoutError:
             raise Unavailable(
-                f"{record.model_id} is still loading after {self._load_timeout:.0f}s",
+                f"{record.model_id} is still loading after {self.settings.load_timeout:.0f}s",
                 retry_after=5,
             ) from None
 
@@ -163,147 +321,476 @@ class Scheduler:
                 del self._loads[key]
         if not task.cancelled():
             task.exception()  # retrieved: waiters that gave up must not leave it unseen
+        self._changed()
 
     # -- operators --------------------------------------------------------------
 
-    async def load(self, record: VersionRecord) -> InstanceSnapshot:
-        """Make ``record`` resident (or return the resident instance)."""
-        instance, _ = await self._ready_instance(record)
-        return InstanceSnapshot.of(instance)
+    async def load(self, record: VersionRecord, *, device: str | None = None) -> InstanceSnapshot:
+        """Make ``record`` resident (on ``device`` if given) or return the resident one."""
+        instance, _ = await self._ready_instance(record, device=device)
+        return self._snapshot(instance)
 
-    async def evict(self, model_id: str, *, reason: str) -> InstanceSnapshot:
-        """Drain (no new leases; live ones finish), then unload ``model_id``."""
+    async def evict(
+        self, model_id: str, *, reason: str = "manual", force: bool = False
+    ) -> InstanceSnapshot:
+        """Drain (no new leases; live ones finish) and unload ``model_id``.
+
+        ``force`` ends live requests at once, each with a clear error.
+        """
         instance = self._instances.get(model_id)
         if instance is None:
             raise NotFound(f"{model_id} is not loaded", param="model")
-        if instance.state in (InstanceState.LOADING, InstanceState.WARMING):
+        if instance.state in (InstanceState.WAITING, InstanceState.LOADING, InstanceState.WARMING):
             task = self._loads.get(model_id)
             if task is not None:
                 await asyncio.wait([task])
-            return await self.evict(model_id, reason=reason)
+            return await self.evict(model_id, reason=reason, force=force)
+        snapshot = self._snapshot(instance)
         if instance.state is not InstanceState.READY:
+            if force:
+                instance.revoke(f"{model_id} was evicted by an operator")
             await instance.gone.wait()
-            return InstanceSnapshot.of(instance)
-        instance.state = InstanceState.DRAINING
-        await instance.idle.wait()
-        snapshot = InstanceSnapshot.of(instance)
-        await self._unload(instance)
-        self._events(
-            "evict",
-            instance.record.name,
-            instance.record.version,
-            device=instance.device,
-            reason=reason,
-            detail={"bytes": snapshot.bytes},
-        )
-        log.info("evicted %s from %s (%s)", model_id, instance.device, reason)
+            return snapshot
+        await self._evict_instance(instance, reason=reason, trigger=None, force=force)
         return snapshot
 
-    async def close(self) -> None:
-        """Stop for shutdown: refuse new leases, wait for loads, unload everything.
+    def pin(self, record: VersionRecord) -> None:
+        """Never evict this version (operators may still evict it by hand)."""
+        self._store.set_pinned(record.name, record.version, True)
+        self._pinned.add(record.model_id)
+        self._changed()
 
-        The HTTP server has already waited for in-flight requests by the time this
-        runs, so the drain here is normally instant.
-        """
-        self._closing = True
-        if self._loads:
-            await asyncio.wait(list(self._loads.values()))
-        for model_id in list(self._instances):
-            try:
-                await self.evict(model_id, reason="shutdown")
-            except Exception:  # one bad unload must not keep the others resident
-                log.exception("unloading %s at shutdown failed", model_id)
+    def unpin(self, record: VersionRecord) -> None:
+        self._store.set_pinned(record.name, record.version, False)
+        self._pinned.discard(record.model_id)
+        self._changed()
 
     # -- snapshots --------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return not self._closing
+    def _snapshot(self, instance: Instance) -> InstanceSnapshot:
+        return InstanceSnapshot.of(
+            instance, pinned=instance.model_id in self._pinned, now=self._clock()
+        )
 
     def instances(self) -> list[InstanceSnapshot]:
-        return [InstanceSnapshot.of(i) for i in self._instances.values()]
+        return [self._snapshot(i) for i in self._instances.values()]
 
     def instance(self, model_id: str) -> InstanceSnapshot | None:
         found = self._instances.get(model_id)
-        return None if found is None else InstanceSnapshot.of(found)
+        return None if found is None else self._snapshot(found)
+
+    def leaks(self) -> list[Leak]:
+        return list(self._leaks)
+
+    def is_pinned(self, model_id: str) -> bool:
+        return model_id in self._pinned
+
+    def ledger(self, *, fresh: bool = True) -> list[LedgerRow]:
+        """The memory ledger now (``fresh``: read NVML and the kernel first)."""
+        readings = self._devices.readings() if fresh else self._devices.last_readings()
+        return build_ledger(
+            readings, self._holdings(), headroom=self.settings.headroom, our_pid=self._pid
+        )
 
     def devices(self) -> list[DeviceSnapshot]:
-        def ours(reading: DeviceReading, *, loading: bool) -> int:
-            return sum(
-                (i.estimated_bytes if loading else i.bytes)
-                for i in self._instances.values()
-                if i.device == reading.id
-                and (i.state in (InstanceState.LOADING, InstanceState.WARMING)) == loading
-            )
-
+        names = {r.id: r for r in self._devices.last_readings()}
         return [
             DeviceSnapshot(
-                id=r.id,
-                kind=r.kind,
-                name=r.name,
-                total_bytes=r.total_bytes,
-                used_bytes=r.used_bytes,
-                free_bytes=r.free_bytes,
-                reserved_bytes=ours(r, loading=True),
-                routerd_bytes=ours(r, loading=False),
+                id=row.device,
+                kind=row.kind,
+                name=names[row.device].name if row.device in names else row.device,
+                total_bytes=names[row.device].total_bytes if row.device in names else row.budget,
+                used_bytes=row.measured_used,
+                free_bytes=row.measured_free,
+                reserved_bytes=row.reserved + row.claimed,
+                routerd_bytes=row.ours,
+                budget_bytes=row.budget,
+                foreign_bytes=row.foreign,
+                headroom_bytes=row.headroom,
+                capacity_bytes=row.capacity,
+                free_for_planning_bytes=row.free,
             )
-            for r in self._devices.readings()
+            for row in self.ledger(fresh=False)
         ]
 
-    # -- effects ----------------------------------------------------------------
+    def _holdings(self) -> list[Holding]:
+        holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self._leaks]
+        for i in self._instances.values():
+            if i.state is InstanceState.WAITING:
+                kind = "waiting"
+            elif i.state.allocating:
+                kind = "loading"
+            elif i.victim_of is not None:
+                kind = "victim"
+            else:
+                kind = "resident"
+            holdings.append(Holding(i.device, i.bytes, kind))
+        return holdings
 
-    async def _load(self, record: VersionRecord) -> Instance:
-        """Load, warm up and measure one instance; on failure leave nothing behind."""
+    # -- loading ----------------------------------------------------------------
+
+    async def _load(self, record: VersionRecord, device: str | None) -> Instance:
+        """Estimate, place, wait for victims, load, warm up, measure; retry once on OOM."""
         try:
-            device = place(str(record.options.get("device", "auto")), self._devices.device_ids())
             backend = self._backends.get(record.backend)
-        except (PlacementError, ValueError) as exc:
-            self._events("load_failed", record.name, record.version, reason=str(exc))
+        except ValueError as exc:
+            self._record("load_failed", record, reason=str(exc))
             raise LoadFailed(f"cannot load {record.model_id}: {exc}") from exc
-        instance = Instance(record, device, estimated_bytes=estimate_weights_bytes(record.path))
-        self._instances[record.model_id] = instance
-        self.load_count += 1
-        backend_options = {k: v for k, v in record.options.items() if k != "device"}
-        spec = LoadSpec(
+        preferences = [device] if device else preferences_of(record)
+        estimates = await self._estimates(record, backend)
+        need = {d: self._need(record, estimates, d) for d in self._devices.device_ids()}
+        retried: str | None = None
+        while True:
+            instance = await self._place(record, preferences, need, estimates, retried)
+            try:
+                return await self._bring_up(instance, backend, need)
+            except _RetryLoad as retry:
+                if retried is not None:
+                    self._record("load_failed", record, device=instance.device, reason=retry.reason)
+                    raise LoadFailed(
+                        f"loading {record.model_id} failed: {retry.reason} (after one retry)"
+                    ) from None
+                log.warning(
+                    "%s: %s; evicting more and retrying once", record.model_id, retry.reason
+                )
+                retried = retry.reason
+                need = dict(retry.need)
+
+    async def _estimates(self, record: VersionRecord, backend: Backend) -> dict[str, int]:
+        """Bytes per device kind: the stored measurement if any, else the estimate."""
+        estimates: dict[str, int] = {}
+        for device_id in self._devices.device_ids():
+            kind = device_id.split(":")[0]
+            if kind in estimates:
+                continue
+            spec = self._spec(record, device_id)
+            try:
+                estimate = await asyncio.to_thread(backend.estimate_footprint, spec)
+            except (BackendError, OSError, ValueError) as exc:
+                self._record("load_failed", record, device=device_id, reason=str(exc))
+                raise LoadFailed(f"cannot load {record.model_id}: {exc}") from exc
+            estimates[kind] = estimate.total
+        return estimates
+
+    def _need(self, record: VersionRecord, estimates: Mapping[str, int], device_id: str) -> int:
+        kind = device_id.split(":")[0]
+        stored = self._store.measured_footprint(record.name, record.version, kind)
+        if stored is not None and getattr(stored, "measured_bytes", None):
+            return int(stored.measured_bytes)
+        return estimates[kind]
+
+    def _spec(self, record: VersionRecord, device: str) -> LoadSpec:
+        scheduler_keys = {"device", "devices", "keep_alive"}
+        return LoadSpec(
             name=record.name,
             version=record.version,
             path=record.path,
-            options=backend_options,
+            options={k: v for k, v in record.options.items() if k not in scheduler_keys},
             device=device,
         )
-        log.info("loading %s on %s", record.model_id, device)
+
+    async def _place(
+        self,
+        record: VersionRecord,
+        preferences: Sequence[str],
+        need: Mapping[str, int],
+        estimates: Mapping[str, int],
+        retried: str | None,
+    ) -> Instance:
+        """Plan until a plan comes (committed at once) or the wait runs out."""
+        deadline = self._clock() + self.settings.load_wait_timeout
+        request = LoadRequest(record.model_id, preferences, need)
+        while True:
+            if self._closing:
+                raise Draining("routerd is shutting down", retry_after=5)
+            rooms, residents = self._planning_view()
+            decision = self._placement.place(
+                request,
+                rooms,
+                residents,
+                now=self._clock(),
+                min_residency=self.settings.min_residency,
+            )
+            if isinstance(decision, Plan):
+                return self._commit(record, decision, need, estimates, retried)
+            if not decision.retry:
+                self._record("load_failed", record, reason=decision.reason)
+                raise Unavailable(decision.reason, code="insufficient_memory")
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                self._record("load_failed", record, reason=decision.reason)
+                raise Unavailable(
+                    f"{decision.reason} (waited {self.settings.load_wait_timeout:g}s)",
+                    code="insufficient_memory",
+                    retry_after=max(self.settings.min_residency, 1.0),
+                )
+            await self._wait_for_change(min(remaining, 0.25))
+
+    def _planning_view(self) -> tuple[list[DeviceRoom], list[Resident]]:
+        rooms = [
+            DeviceRoom(id=row.device, kind=row.kind, capacity=row.capacity, free=row.free)
+            for row in self.ledger()
+        ]
+        residents = [
+            Resident(
+                model_id=i.model_id,
+                device=i.device,
+                bytes=i.bytes,
+                last_used=i.touched,
+                loaded_at=i.loaded_at,
+                in_flight=i.in_flight + self._waiting.get(i.model_id, 0),
+                pinned=i.model_id in self._pinned,
+                ready=i.state is InstanceState.READY,
+            )
+            for i in self._instances.values()
+        ]
+        return rooms, residents
+
+    def _commit(
+        self,
+        record: VersionRecord,
+        plan: Plan,
+        need: Mapping[str, int],
+        estimates: Mapping[str, int],
+        retried: str | None,
+    ) -> Instance:
+        """Make the plan true in one step: the new instance claims its bytes, victims drain."""
+        keep_alive = record.options.get("keep_alive")
+        instance = Instance(
+            record,
+            plan.device,
+            reserved_bytes=need[plan.device],
+            estimated_bytes=estimates[plan.device.split(":")[0]],
+            keep_alive=(
+                self.settings.keep_alive
+                if keep_alive is None
+                else parse_keep_alive(keep_alive, key="keep_alive")
+            ),
+            now=self._clock(),
+        )
+        self._instances[record.model_id] = instance
+        self.load_count += 1
+        reason = "oom-retry" if retried else self._placement.eviction.name
+        for victim_id in plan.evict:
+            victim = self._instances[victim_id]
+            victim.victim_of = record.model_id
+            victim.state = InstanceState.DRAINING
+            self._spawn(
+                self._evict_instance(victim, reason=reason, trigger=record.model_id),
+                name=f"evict {victim_id}",
+            )
+        if plan.evict:
+            log.info(
+                "placing %s on %s: evicting %s (%s)",
+                record.model_id,
+                plan.device,
+                ", ".join(plan.evict),
+                reason,
+            )
+        self._changed()
+        return instance
+
+    async def _bring_up(
+        self, instance: Instance, backend: Backend, need: Mapping[str, int]
+    ) -> Instance:
+        record = instance.record
+        victims = [i for i in self._instances.values() if i.victim_of == record.model_id]
+        await asyncio.gather(*(v.gone.wait() for v in victims))
+        # Other loads' victims may still be leaving; a leak may have kept bytes. Start
+        # allocating only once used + this reservation fits the capacity.
+        deadline = self._clock() + self.settings.load_wait_timeout
+        while (row := self._row(instance.device)) is not None and (
+            row.used + instance.reserved_bytes > row.capacity
+        ):
+            if self._clock() >= deadline:
+                await self._discard(instance)
+                raise _RetryLoad(need, f"memory on {instance.device} did not come back as planned")
+            await self._wait_for_change(0.1)
+        instance.state = InstanceState.LOADING
+        self._changed()
+        log.info("loading %s on %s", record.model_id, instance.device)
+        spec = self._spec(record, instance.device)
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
             instance.state = InstanceState.WARMING
             await instance.run(model.warm_up)
-            instance.bytes = await instance.run(model.footprint_bytes)
+            measured: Footprint = await instance.run(model.measure_footprint)
+        except OutOfMemory as exc:
+            await self._discard(instance)
+            raise _RetryLoad(
+                self._grown(need, instance.device, 1.5), f"out of memory: {exc}"
+            ) from None
         except BaseException as exc:
-            await self._unload(instance)
+            await self._discard(instance)
             reason = str(exc) or type(exc).__name__
-            self._events("load_failed", record.name, record.version, device=device, reason=reason)
-            log.warning("loading %s on %s failed: %s", record.model_id, device, reason)
+            self._record("load_failed", record, device=instance.device, reason=reason)
+            log.warning("loading %s on %s failed: %s", record.model_id, instance.device, reason)
             if isinstance(exc, Exception):
                 raise LoadFailed(f"loading {record.model_id} failed: {reason}") from exc
             raise
-        instance.load_ms = (time.monotonic() - instance.load_started) * 1000
-        instance.state = InstanceState.READY
-        self._events(
-            "load",
+        instance.measured = measured
+        kind = instance.device.split(":")[0]
+        self._store.record_footprint(
             record.name,
             record.version,
-            device=device,
+            kind,
+            measured={
+                "weights": measured.weights,
+                "runtime": measured.runtime,
+                "working": measured.working,
+            },
+            estimated_bytes=instance.estimated_bytes,
+        )
+        overrun = self._row(instance.device)
+        over = overrun.over_budget if overrun is not None else 0
+        if over > 0 and not await self._make_room(instance, over):
+            await self._discard(instance)
+            grown = self._grown(need, instance.device, 1.0, at_least=measured.total)
+            raise _RetryLoad(
+                grown,
+                f"measured {measured.total} bytes, more than the {instance.reserved_bytes} "
+                f"planned, and {instance.device} has no room for the difference",
+            )
+        instance.load_ms = (self._clock() - instance.placed_at) * 1000
+        instance.loaded_at = instance.touched = self._clock()
+        instance.state = InstanceState.READY
+        self._record(
+            "load",
+            record,
+            device=instance.device,
             reason="request",
-            detail={"bytes": instance.bytes, "load_ms": round(instance.load_ms, 1)},
+            bytes=measured.total,
+            duration_ms=round(instance.load_ms, 1),
+            detail={
+                "estimated_bytes": instance.estimated_bytes,
+                "weights": measured.weights,
+                "runtime": measured.runtime,
+                "working": measured.working,
+            },
         )
         log.info(
-            "loaded %s on %s: %d bytes in %.0f ms",
+            "loaded %s on %s: %d bytes (estimated %d) in %.0f ms",
             record.model_id,
-            device,
-            instance.bytes,
+            instance.device,
+            measured.total,
+            instance.estimated_bytes,
             instance.load_ms,
         )
+        self._changed()
         return instance
+
+    def _row(self, device: str) -> LedgerRow | None:
+        return next((row for row in self.ledger() if row.device == device), None)
+
+    def _grown(
+        self, need: Mapping[str, int], device: str, factor: float, *, at_least: int = 0
+    ) -> dict[str, int]:
+        grown = dict(need)
+        grown[device] = max(int(need[device] * factor), at_least)
+        return grown
+
+    async def _make_room(self, instance: Instance, overrun: int) -> bool:
+        """Evict idle instances on the device to cover a measured overrun (``pressure``)."""
+        _, residents = self._planning_view()
+        others = [
+            r for r in residents if r.device == instance.device and r.model_id != instance.model_id
+        ]
+        victims = self._placement.eviction.victims(
+            others, need=overrun, free=0, now=self._clock(), min_residency=0.0
+        )
+        if victims is None:
+            return False
+        leaving = [self._instances[v] for v in victims]
+        for victim in leaving:
+            victim.victim_of = instance.model_id
+            victim.state = InstanceState.DRAINING
+            self._spawn(
+                self._evict_instance(victim, reason="pressure", trigger=instance.model_id),
+                name=f"evict {victim.model_id}",
+            )
+        await asyncio.gather(*(v.gone.wait() for v in leaving))
+        return True
+
+    async def _discard(self, instance: Instance) -> None:
+        """Remove an instance that never became ready, giving back what it took."""
+        await self._unload(instance)
+        self._forget(instance)
+
+    # -- eviction ---------------------------------------------------------------
+
+    async def _evict_instance(
+        self, instance: Instance, *, reason: str, trigger: str | None, force: bool = False
+    ) -> None:
+        instance.state = InstanceState.DRAINING
+        if force:
+            instance.revoke(f"{instance.model_id} was evicted by an operator")
+        self._changed()
+        await instance.idle.wait()
+        resident_s = self._clock() - instance.loaded_at
+        freed = instance.bytes
+        before = self._our_usage(instance.device)
+        try:
+            await self._unload(instance)
+            leaked = await self._verify_release(instance.device, before, freed)
+        finally:
+            self._forget(instance)
+        record = instance.record
+        self._record(
+            "evict",
+            record,
+            device=instance.device,
+            reason=reason,
+            bytes=freed,
+            trigger=trigger,
+            detail={"resident_s": round(resident_s, 1)},
+        )
+        log.info(
+            "evicted %s from %s (%s%s) after %.0fs, %d bytes",
+            instance.model_id,
+            instance.device,
+            reason,
+            f", for {trigger}" if trigger else "",
+            resident_s,
+            freed,
+        )
+        if leaked:
+            self._leaks.append(Leak(instance.model_id, instance.device, freed))
+            self._record(
+                "leak",
+                record,
+                device=instance.device,
+                reason=f"memory not back after {self.settings.release_timeout:g}s",
+                bytes=freed,
+            )
+            log.error(
+                "%s: %d bytes on %s not released after eviction; kept in the ledger",
+                instance.model_id,
+                freed,
+                instance.device,
+            )
+
+    def _our_usage(self, device: str) -> int | None:
+        """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
+        if not device.startswith("cuda"):
+            return None
+        for reading in self._devices.readings():
+            if reading.id == device:
+                return reading.process_bytes.get(self._pid, 0)
+        return None
+
+    async def _verify_release(self, device: str, before: int | None, freed: int) -> bool:
+        """True (leaked) unless the device shows ~``freed`` bytes back in time."""
+        if before is None or freed <= 0:
+            return False
+        deadline = self._clock() + self.settings.release_timeout
+        while True:
+            now_usage = self._our_usage(device)
+            if now_usage is None or before - now_usage >= int(freed * 0.9):
+                return False
+            if self._clock() >= deadline:
+                return True
+            await asyncio.sleep(min(0.05, max(deadline - self._clock(), 0)))
 
     async def _unload(self, instance: Instance) -> None:
         instance.state = InstanceState.UNLOADING
@@ -313,6 +800,73 @@ class Scheduler:
                 await instance.run(model.unload)
         finally:
             instance.close_executor()
-            if self._instances.get(instance.model_id) is instance:
-                del self._instances[instance.model_id]
-            instance.gone.set()
+
+    def _forget(self, instance: Instance) -> None:
+        if self._instances.get(instance.model_id) is instance:
+            del self._instances[instance.model_id]
+        instance.gone.set()
+        self._changed()
+
+    # -- keep-alive -------------------------------------------------------------
+
+    async def _reap_idle(self) -> None:
+        """Unload idle instances whose keep_alive ran out (reason ``ttl``)."""
+        while not self._closing:
+            now = self._clock()
+            wake = 1.0
+            for instance in list(self._instances.values()):
+                if (
+                    instance.state is not InstanceState.READY
+                    or instance.in_flight
+                    or instance.model_id in self._waiting
+                    or instance.model_id in self._pinned
+                    or math.isinf(instance.keep_alive)
+                ):
+                    continue
+                remaining = instance.touched + instance.keep_alive - now
+                if remaining <= 0:
+                    instance.state = InstanceState.DRAINING
+                    self._spawn(
+                        self._evict_instance(instance, reason="ttl", trigger=None),
+                        name=f"expire {instance.model_id}",
+                    )
+                else:
+                    wake = min(wake, remaining)
+            await self._wait_for_change(max(wake, 0.01))
+
+    async def _poll_devices(self) -> None:
+        """Refresh the device readings that status pages show, every poll_interval."""
+        while not self._closing:
+            try:
+                await asyncio.to_thread(self._devices.readings)
+            except Exception as exc:  # a flaky NVML read must not stop polling
+                log.warning("reading devices failed: %s", exc)
+            await asyncio.sleep(self.settings.poll_interval)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Wake everything waiting for room or for the reaper's next look."""
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+        if self._on_change is not None:
+            self._on_change(self)
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        change = self._change
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(change.wait(), timeout)
+
+    def _spawn(self, coro: Any, *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed: %s", name, t.exception())
+
+        task.add_done_callback(done)
+
+    def _record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
+        self._store.record_event(kind, record.name, record.version, **fields)

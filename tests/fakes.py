@@ -9,6 +9,7 @@ cancellation. ``FakeGpus`` stands in for NVML.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -18,17 +19,28 @@ from typing import Any
 from backends.base import (
     BackendError,
     Cancellation,
+    Footprint,
     GenerationResult,
     InvalidRequest,
     LoadSpec,
     ModelInfo,
+    OutOfMemory,
     SamplingParams,
     Task,
     TextSink,
 )
 from routerd.devices import DeviceInventory, GpuMemory
 
-FAKE_OPTIONS = {"task", "context", "fail_load", "token_delay", "bytes"}
+FAKE_OPTIONS = {
+    "task",
+    "context",
+    "fail_load",
+    "token_delay",
+    "bytes",  # the measured footprint
+    "estimate",  # the estimated footprint (default: the same as bytes)
+    "oom_loads",  # this many loads fail with OutOfMemory first
+    "leak",  # unloading does not give the GPU memory back
+}
 
 
 class FakeModel:
@@ -55,8 +67,8 @@ class FakeModel:
     def warm_up(self) -> None:
         self.warmed = True
 
-    def footprint_bytes(self) -> int:
-        return int(self.spec.options.get("bytes", 1000))
+    def measure_footprint(self) -> Footprint:
+        return Footprint(weights=int(self.spec.options.get("bytes", 1000)))
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -113,12 +125,17 @@ class FakeModel:
     def unload(self) -> None:
         self.unloaded = True
         self.backend.unloads.append(self.spec.name + "@" + self.spec.version)
+        if not self.spec.options.get("leak"):
+            self.backend.on_gpu(self.spec, -self.measure_footprint().total)
 
 
 class FakeBackend:
+    """Loads FakeModels; with ``gpus`` it books their bytes in the fake NVML as this pid."""
+
     kind = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: FakeGpus | None = None) -> None:
+        self.gpus = gpus
         self.loads: list[str] = []
         self.unloads: list[str] = []
         self.models: list[FakeModel] = []
@@ -128,6 +145,7 @@ class FakeBackend:
         self.generate_gate.set()
         self.generated = 0
         self.load_threads: list[str] = []
+        self.load_devices: list[str] = []
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(options) - FAKE_OPTIONS
@@ -136,37 +154,74 @@ class FakeBackend:
             raise InvalidRequest(f"unknown option {key!r}", param=key)
         return dict(options)
 
+    def estimate_footprint(self, spec: LoadSpec) -> Footprint:
+        if not Path(spec.path).is_dir():
+            raise BackendError(f"{spec.path} is not a directory")
+        return Footprint(weights=int(spec.options.get("estimate", spec.options.get("bytes", 1000))))
+
+    def on_gpu(self, spec: LoadSpec, nbytes: int) -> None:
+        if self.gpus is not None and spec.device.startswith("cuda:"):
+            self.gpus.add(int(spec.device.split(":")[1]), os.getpid(), nbytes)
+
     def load(self, spec: LoadSpec) -> FakeModel:
-        self.loads.append(spec.name + "@" + spec.version)
+        model_id = spec.name + "@" + spec.version
+        self.loads.append(model_id)
+        self.load_devices.append(spec.device)
         self.load_threads.append(threading.current_thread().name)
         if not Path(spec.path).is_dir():
             raise BackendError(f"{spec.path} is not a directory")
         self.load_gate.wait()
         if spec.options.get("fail_load"):
             raise BackendError(str(spec.options["fail_load"]))
+        if self.loads.count(model_id) <= int(spec.options.get("oom_loads", 0)):
+            raise OutOfMemory(f"CUDA out of memory loading {model_id}")
         model = FakeModel(spec, self)
+        self.on_gpu(spec, model.measure_footprint().total)
         self.models.append(model)
         return model
 
 
 class FakeGpus:
-    """A GpuProbe with fixed GPUs: ``FakeGpus([(total, used), ...])``."""
+    """A GpuProbe with GPUs whose per-process usage a test sets and changes.
 
-    def __init__(self, gpus: Sequence[tuple[int, int]]) -> None:
-        self.gpus = list(gpus)
+    ``FakeGpus([total0, total1])``; ``use(index, pid, bytes)`` makes a process hold
+    memory there (``bytes=0`` releases it); used and free follow from the processes.
+    """
+
+    def __init__(self, totals: Sequence[int]) -> None:
+        self.totals = list(totals)
+        self.usage: list[dict[int, int]] = [{} for _ in totals]
+
+    def use(self, index: int, pid: int, nbytes: int) -> None:
+        if nbytes:
+            self.usage[index][pid] = nbytes
+        else:
+            self.usage[index].pop(pid, None)
+
+    def add(self, index: int, pid: int, nbytes: int) -> None:
+        self.use(index, pid, max(self.usage[index].get(pid, 0) + nbytes, 0))
 
     def device_count(self) -> int:
-        return len(self.gpus)
+        return len(self.totals)
 
     def name(self, index: int) -> str:
         return f"Fake GPU {index}"
 
+    def uuid(self, index: int) -> str:
+        return f"GPU-fake-{index}"
+
     def memory(self, index: int) -> GpuMemory:
-        total, used = self.gpus[index]
-        return GpuMemory(total=total, free=total - used, used=used)
+        used = sum(self.usage[index].values())
+        return GpuMemory(total=self.totals[index], free=self.totals[index] - used, used=used)
+
+    def processes(self, index: int) -> Mapping[int, int]:
+        return dict(self.usage[index])
 
 
-def cpu_only_inventory(tmp: Path) -> DeviceInventory:
+MEMINFO = "MemTotal:       16000000 kB\nMemAvailable:   12000000 kB\n"
+
+
+def cpu_only_inventory(tmp: Path, cpu_budget: int = 8 * 1024**3) -> DeviceInventory:
     meminfo = tmp / "meminfo"
-    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:   12000000 kB\n")
-    return DeviceInventory(None, meminfo=meminfo)
+    meminfo.write_text(MEMINFO)
+    return DeviceInventory(None, meminfo=meminfo, cpu_budget=cpu_budget)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from backends.registry import BackendRegistry
 from routerd.app import build_services
-from routerd.config import Config, SchedulerConfig
+from routerd.config import Config, DevicesConfig, SchedulerConfig
+from routerd.devices import DeviceInventory
+from routerd.scheduler import Scheduler
 from routerd.services import Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
@@ -29,13 +32,55 @@ def fake_services(
     *,
     load_timeout: float = 30.0,
     backends: BackendRegistry | None = None,
+    devices: DeviceInventory | None = None,
+    scheduler: dict[str, Any] | None = None,
+    devices_config: dict[str, Any] | None = None,
+    pinned: Sequence[str] = (),
+    clock: Callable[[], float] = time.monotonic,
+    on_change: Callable[[Scheduler], None] | None = None,
     **config: Any,
 ) -> Services:
+    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
+    scheduler_settings = {"load_timeout": load_timeout, "min_residency": 0.0, **(scheduler or {})}
     cfg = Config(
         state_dir=tmp / "state",
         models=tuple(models),
-        scheduler=SchedulerConfig(load_timeout=load_timeout),
+        scheduler=SchedulerConfig(**scheduler_settings),
+        devices=DevicesConfig(**(devices_config or {})),
+        pinned=frozenset(pinned),
         **config,
     )
     registry = backends or BackendRegistry({"fake": lambda: backend})
-    return build_services(cfg, backends=registry, devices=cpu_only_inventory(tmp))
+    return build_services(
+        cfg,
+        backends=registry,
+        devices=devices or cpu_only_inventory(tmp),
+        clock=clock,
+        on_change=on_change,
+    )
+
+
+class FakeClock:
+    """Monotonic seconds that only move when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class LedgerWatch:
+    """An on_change hook that checks, after every change, that no device is over budget."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self.worst_over = 0
+
+    def __call__(self, scheduler: Scheduler) -> None:
+        self.checks += 1
+        for row in scheduler.ledger():
+            self.worst_over = max(self.worst_over, row.over_budget)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from routerd.config import (
     default_state_dir,
     load_config,
     parse_duration,
+    parse_size,
 )
 
 
@@ -118,3 +120,58 @@ def test_shipped_configs_load():
     assert defaults.scheduler == Config().scheduler
     example = load_config(repo / "configs" / "example.toml")
     assert [m.name for m in example.models] == ["my-llm"]
+
+
+def test_devices_and_scheduler_sections(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        """
+[scheduler]
+keep_alive = -1
+min_residency = "0s"
+placement = "spread"
+[devices]
+cpu_memory = "512MiB"
+gpus = [1]
+gpu_headroom = "1GiB"
+[[models]]
+name = "m"
+path = "/m"
+keep_alive = "10m"
+devices = ["cuda", "cpu"]
+pinned = true
+"""
+    )
+    config = load_config(path)
+    assert math.isinf(config.scheduler.keep_alive)
+    assert config.scheduler.min_residency == 0
+    assert config.scheduler.placement == "spread"
+    assert config.devices.cpu_memory == 512 * 1024**2
+    assert config.devices.gpus == (1,)
+    assert config.devices.gpu_headroom == 1024**3
+    assert config.models[0].options == {"keep_alive": "10m", "devices": ["cuda", "cpu"]}
+    assert config.pinned == {"m@1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[scheduler]\nplacement = 'worst-fit'\n", "best-fit"),
+        ("[scheduler]\neviction = 'random'\n", "lru"),
+        ("[scheduler]\nkeep_alive = -5\n", "never"),
+        ("[devices]\ncpu_memory = 'lots'\n", "devices.cpu_memory"),
+        ("[devices]\ngpus = 'some'\n", "devices.gpus"),
+    ],
+)
+def test_bad_scheduling_settings(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("8GiB", 8 * 1024**3), ("512MiB", 512 * 1024**2), ("2GB", 2 * 10**9), (7, 7)]
+)
+def test_sizes(text, size):
+    assert parse_size(text, key="k") == size

@@ -23,15 +23,15 @@ async def test_in_flight_stream_finishes_before_models_unload(tmp_path):
     await site.start()
     port = runner.addresses[0][1]
     body = {"model": "slow", "prompt": "abc", "max_tokens": 60, "stream": True}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
-            assert response.status == 200
-            await response.content.readline()  # the stream has begun
-            stopping = asyncio.create_task(runner.cleanup())
-            await asyncio.sleep(0.05)
-            assert not services.accepting, "shutdown must stop readiness at once"
-            assert backend.unloads == [], "no unload while a request is in flight"
-            text = (await response.read()).decode()
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+        assert response.status == 200
+        await response.content.readline()  # the stream has begun
+        stopping = asyncio.create_task(runner.cleanup())
+        await asyncio.sleep(0.05)
+        assert not services.accepting, "shutdown must stop readiness at once"
+        assert backend.unloads == [], "no unload while a request is in flight"
+        text = (await response.read()).decode()
     await stopping
     pieces = [line for line in text.split("\n") if line.startswith("data: ")]
     assert pieces[-1] == "data: [DONE]"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from backends.base import Cancellation, GenerationResult, ModelInfo, SamplingParams
 from routerd.api.schemas import Prompt, SamplingFields
-from routerd.errors import BadRequest
+from routerd.errors import BadRequest, Unavailable
 from routerd.instance import Instance
 
 
@@ -68,10 +68,23 @@ def fit_to_context(
     )
 
 
+def check_not_revoked(instance: Instance) -> None:
+    """A forced eviction stopped this request's work: say so instead of a short answer."""
+    if instance.revoked is not None:
+        raise Unavailable(instance.revoked, code="evicted", retry_after=1)
+
+
 async def generate(instance: Instance, prompt: PreparedPrompt) -> GenerationResult:
-    return await instance.run(
-        instance.model.generate, prompt.token_ids, prompt.params, None, Cancellation()
-    )
+    cancellation = Cancellation()
+    instance.track(cancellation)
+    try:
+        result = await instance.run(
+            instance.model.generate, prompt.token_ids, prompt.params, None, cancellation
+        )
+    finally:
+        instance.untrack(cancellation)
+    check_not_revoked(instance)
+    return result
 
 
 @dataclass(frozen=True)
@@ -92,18 +105,22 @@ async def stream(
     def on_text(piece: str) -> None:  # called on the instance thread
         loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
+    instance.track(cancellation)
     work = asyncio.ensure_future(
         instance.run(
             instance.model.generate, prompt.token_ids, prompt.params, on_text, cancellation
         )
     )
+    work.add_done_callback(lambda _: instance.untrack(cancellation))
     # Queued after every piece: the thread's call_soon_threadsafe calls precede the
     # future's completion callback, and the loop runs callbacks in order.
     work.add_done_callback(lambda _: pieces.put_nowait(None))
     try:
         while (piece := await pieces.get()) is not None:
             yield piece
-        yield Finished(work.result())
+        result = work.result()
+        check_not_revoked(instance)
+        yield Finished(result)
     finally:
         if not work.done():
             cancellation.cancel()

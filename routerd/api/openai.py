@@ -102,7 +102,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
     record = services.router.resolve(req.model)
-    async with services.scheduler.lease(record) as lease:
+    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
         prompts = [await _prepare(lease, req, prompt, param="prompt") for prompt in req.prompts]
         if req.stream:
@@ -171,7 +171,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
     record = services.router.resolve(req.model)
-    async with services.scheduler.lease(record) as lease:
+    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
         model = lease.instance.model
         token_ids = await lease.instance.run(model.encode_chat, req.messages)
@@ -315,7 +315,7 @@ async def embeddings(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     req = parse_embedding(await read_json_object(request))
     record = services.router.resolve(req.model)
-    async with services.scheduler.lease(record) as lease:
+    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
         info = lease.instance.model.info
         batch: list[list[int]] = []

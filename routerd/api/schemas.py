@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from routerd.config import ConfigError, parse_keep_alive
 from routerd.errors import BadRequest
 
 Prompt = str | list[int]
@@ -34,6 +35,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     user: str | None
+    keep_alive: float | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     user: str | None
+    keep_alive: float | None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class EmbeddingRequest:
     inputs: list[Prompt]
     encoding_format: str
     user: str | None
+    keep_alive: float | None
 
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
@@ -64,6 +68,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
         stream=stream,
         include_usage=include_usage,
         user=_optional_str(body, "user"),
+        keep_alive=_keep_alive(body),
     )
 
 
@@ -79,6 +84,7 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         user=_optional_str(body, "user"),
+        keep_alive=_keep_alive(body),
     )
 
 
@@ -98,6 +104,7 @@ def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
         inputs=_prompts(body.get("input"), param="input"),
         encoding_format=encoding,
         user=_optional_str(body, "user"),
+        keep_alive=_keep_alive(body),
     )
 
 
@@ -324,3 +331,16 @@ def _content(content: Any, where: str) -> str:
     raise BadRequest(
         f"{where}.content must be a string or an array of parts", param=f"{where}.content"
     )
+
+
+def _keep_alive(body: Mapping[str, Any]) -> float | None:
+    """The request's own ``keep_alive`` (Ollama's field): a duration, 0, or -1 for never."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest('keep_alive must be a duration such as "5m", 0 or -1', param="keep_alive")
+    try:
+        return parse_keep_alive(value, key="keep_alive")
+    except ConfigError as exc:
+        raise BadRequest(str(exc), param="keep_alive") from None

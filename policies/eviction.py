@@ -1,0 +1,79 @@
+"""Eviction: which idle instances to unload so a load fits on one device.
+
+Pure (DESIGN.md rule 2). A policy never picks an instance with a live lease, a
+pinned one, or one resident for less than ``min_residency`` (anti-thrash): those are
+filtered out before the policy orders the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from policies.types import Resident
+
+
+class EvictionPolicy(Protocol):
+    """Called by the placement policy, once per candidate device, while planning."""
+
+    name: str
+
+    def victims(
+        self,
+        residents: Sequence[Resident],
+        *,
+        need: int,
+        free: int,
+        now: float,
+        min_residency: float,
+    ) -> tuple[str, ...] | None:
+        """Model ids to evict (in order) so that ``free`` grows to ``need``; None if
+        the instances evictable now cannot free enough."""
+        ...
+
+
+class LeastRecentlyUsed:
+    """Evict the least recently used idle instances first, stopping once enough is free.
+
+    Decision tree:
+    1. ``need <= free`` → nothing to evict.
+    2. Keep only instances evictable now (idle, unpinned, past min residency).
+    3. Take them oldest ``last_used`` first until ``free`` reaches ``need`` → those.
+    4. Still short after all of them → None (the caller waits or refuses).
+    """
+
+    name = "lru"
+
+    def victims(
+        self,
+        residents: Sequence[Resident],
+        *,
+        need: int,
+        free: int,
+        now: float,
+        min_residency: float,
+    ) -> tuple[str, ...] | None:
+        if need <= free:
+            return ()
+        chosen: list[str] = []
+        for resident in sorted(
+            (r for r in residents if r.evictable(now, min_residency)),
+            key=lambda r: (r.last_used, r.model_id),
+        ):
+            chosen.append(resident.model_id)
+            free += resident.bytes
+            if free >= need:
+                return tuple(chosen)
+        return None
+
+
+EVICTION_POLICIES: dict[str, type[LeastRecentlyUsed]] = {"lru": LeastRecentlyUsed}
+
+
+def eviction_policy(name: str) -> EvictionPolicy:
+    """The eviction policy called ``name``; ValueError listing the known ones."""
+    if name not in EVICTION_POLICIES:
+        raise ValueError(
+            f"unknown eviction policy {name!r} (known: {', '.join(sorted(EVICTION_POLICIES))})"
+        )
+    return EVICTION_POLICIES[name]()
