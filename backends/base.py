@@ -156,7 +156,9 @@ class LoadedModel(Protocol):
     def info(self) -> ModelInfo: ...
 
     def warm_up(self) -> None:
-        """Run one short real request so the first client does not pay for it."""
+        """Run real requests so the first client does not pay for lazy set-up, and
+        profile them (a full-context prompt included) so ``measure_footprint`` can
+        report what the instance really needs."""
 
     def measure_footprint(self) -> Footprint:
         """What this instance really holds on its device, measured after warm-up."""

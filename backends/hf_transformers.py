@@ -9,6 +9,11 @@ KV cache rather than ``model.generate``: routerd needs to check cancellation,
 stop strings and stream text between every two tokens. The text-side parts of
 that loop (incremental detokenizing, stop-string holdback) live in
 :mod:`backends.hf_text`.
+
+Footprints (DESIGN.md rule 5): ``estimate_footprint`` reads config and
+safetensors headers (arithmetic in :mod:`backends.footprint`); ``warm_up``
+profiles a prompt of the whole context and ``measure_footprint`` reports what
+that really took.
 """
 
 from __future__ import annotations
@@ -20,19 +25,26 @@ import json
 import re
 import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from backends import footprint
 from backends.base import (
     BackendError,
     Cancellation,
+    Footprint,
     GenerationResult,
     InvalidRequest,
     LoadSpec,
     ModelInfo,
+    OutOfMemory,
     SamplingParams,
     Task,
     TextSink,
@@ -46,10 +58,7 @@ _DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
 }
 _TASKS = ("auto", "generate", "embed")
-_OPTION_KEYS = ("dtype", "task", "max_context")
-# Tokenizers without a known limit report a huge sentinel (1e30); ignore those.
-_SENSIBLE_MAX_LENGTH = 10_000_000
-_FALLBACK_CONTEXT = 2048
+_OPTION_KEYS = ("dtype", "task", "max_context", "max_concurrency")
 
 
 class _ProgressBars:
@@ -98,7 +107,12 @@ class TransformersBackend:
     kind = "transformers"
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Check ``dtype``, ``task`` and ``max_context``; fill in defaults."""
+        """Check ``dtype``, ``task``, ``max_context`` and ``max_concurrency``; fill in defaults.
+
+        ``max_concurrency`` is how many sequences the instance decodes at once: its
+        KV cache is reserved for that many full contexts. Default 1 (the decode loop
+        serves one sequence at a time).
+        """
         unknown = sorted(set(options) - set(_OPTION_KEYS))
         if unknown:
             raise InvalidRequest(
@@ -113,22 +127,49 @@ class TransformersBackend:
         if task not in _TASKS:
             raise _options_error("task", task, ", ".join(_TASKS))
         normalized: dict[str, Any] = {"dtype": dtype, "task": task}
-        if "max_context" in options:
-            limit = options["max_context"]
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-                raise _options_error("max_context", limit, "a positive integer")
-            normalized["max_context"] = limit
+        for key in ("max_context", "max_concurrency"):
+            if key in options:
+                value = options[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise _options_error(key, value, "a positive integer")
+                normalized[key] = value
         return normalized
+
+    def estimate_footprint(self, spec: LoadSpec) -> Footprint:
+        """Bytes ``spec`` will need, from config and safetensors headers (no weights read).
+
+        ``weights``: header tensor sizes in the load dtype (a causal checkpoint
+        loaded for embeddings drops its ``lm_head``). ``runtime``: KV bytes per
+        token × context length × ``max_concurrency`` for generation, 0 for
+        embeddings. ``working``: :func:`backends.footprint.working_bytes` for one
+        prompt of the whole context — the same pass ``warm_up`` measures; not
+        multiplied by ``max_concurrency``, as an instance runs one pass at a time.
+        """
+        plan = self._plan(spec)
+        tensors = footprint.read_checkpoint(plan.folder)
+        if plan.task is Task.EMBED and plan.causal:
+            # AutoModel loads the base model of a *ForCausalLM checkpoint, without its head.
+            tensors = {n: t for n, t in tensors.items() if not n.startswith("lm_head.")}
+        dtype_bytes = plan.dtype.itemsize
+        runtime = 0
+        if plan.task is Task.GENERATE:
+            per_token = footprint.kv_cache_bytes_per_token(plan.config, dtype_bytes)
+            runtime = per_token * plan.context_length * plan.max_concurrency
+        gated = any("gate_proj" in name or "gate_up_proj" in name for name in tensors)
+        working = footprint.working_bytes(
+            plan.config, plan.context_length, dtype_bytes, decoder=plan.causal, gated_mlp=gated
+        )
+        return Footprint(
+            weights=footprint.weights_bytes(tensors.values(), dtype_bytes),
+            runtime=runtime,
+            working=working,
+        )
 
     def load(self, spec: LoadSpec) -> TransformersModel:
         """Load tokenizer and model from ``spec.path`` onto ``spec.device``."""
-        options = self.validate_options(spec.options)
+        plan = self._plan(spec)
         device = _resolve_device(spec.device)
-        folder = Path(spec.path)
-        config = _read_config(folder)
-        _check_weights(folder)
-        task = _resolve_task(options["task"], config)
-        dtype = _resolve_dtype(options["dtype"], device)
+        task, dtype, folder = plan.task, plan.dtype, plan.folder
 
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -147,20 +188,61 @@ class TransformersBackend:
             model = None
             traceback.clear_frames(exc.__traceback__)
             _release_memory(device)
-            raise BackendError(
+            error = OutOfMemory if isinstance(exc, torch.OutOfMemoryError) else BackendError
+            raise error(
                 f"could not load {spec.name}@{spec.version} from {folder} "
                 f"as a {task.value} model: {exc}"
             ) from exc
         model.eval()
         info = ModelInfo(
             task=task,
-            context_length=_context_length(model.config, tokenizer, options.get("max_context")),
+            context_length=plan.context_length,
             device=spec.device,
             dtype=str(dtype).removeprefix("torch."),
             has_chat_template=getattr(tokenizer, "chat_template", None) is not None,
             vocab_size=int(model.get_input_embeddings().num_embeddings),
         )
-        return TransformersModel(model, tokenizer, info, device, spec.name)
+        return TransformersModel(model, tokenizer, info, device, spec.name, plan.max_concurrency)
+
+    def _plan(self, spec: LoadSpec) -> _Plan:
+        """What ``load`` will do with ``spec``, decided from small files only.
+
+        ``load`` and ``estimate_footprint`` both start here, so the task, dtype
+        and context length they use cannot disagree.
+        """
+        options = self.validate_options(spec.options)
+        device_type = _parse_device(spec.device)[0]
+        folder = Path(spec.path)
+        raw_config = _read_config(folder)
+        _check_weights(folder)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # unknown model_type, bad values: one clear error
+            raise BackendError(f"cannot read the config in {folder}: {exc}") from exc
+        return _Plan(
+            folder=folder,
+            config=config,
+            task=_resolve_task(options["task"], raw_config),
+            causal=_is_causal(raw_config),
+            dtype=_resolve_dtype(options["dtype"], device_type),
+            context_length=footprint.context_length(
+                config, footprint.tokenizer_max_length(folder), options.get("max_context")
+            ),
+            max_concurrency=int(options.get("max_concurrency", 1)),
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    folder: Path
+    config: Any  # a transformers PretrainedConfig
+    task: Task
+    causal: bool  # the checkpoint is a *ForCausalLM
+    dtype: torch.dtype
+    context_length: int
+    max_concurrency: int
 
 
 def _release_memory(device: torch.device) -> None:
@@ -169,18 +251,25 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _resolve_device(name: str) -> torch.device:
+def _parse_device(name: str) -> tuple[str, int]:
+    """``"cpu"`` → ("cpu", 0), ``"cuda:N"`` → ("cuda", N); checks the spelling only."""
     if name == "cpu":
-        return torch.device("cpu")
+        return "cpu", 0
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if match is None:
         raise BackendError(f"unknown device {name!r}; expected 'cpu' or 'cuda:N'")
+    return "cuda", int(match.group(1) or 0)
+
+
+def _resolve_device(name: str) -> torch.device:
+    kind, index = _parse_device(name)
+    if kind == "cpu":
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise BackendError(
             f"device {name} was requested but CUDA is not available to torch "
             f"{torch.__version__} on this host"
         )
-    index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
         raise BackendError(
             f"device {name} does not exist; torch sees {torch.cuda.device_count()} CUDA device(s)"
@@ -211,37 +300,26 @@ def _check_weights(folder: Path) -> None:
     raise BackendError(f"model folder {folder} has no safetensors weights{hint}")
 
 
+def _is_causal(config: Mapping[str, Any]) -> bool:
+    architectures = config.get("architectures") or []
+    return any(str(a).endswith("ForCausalLM") for a in architectures)
+
+
 def _resolve_task(option: str, config: Mapping[str, Any]) -> Task:
     if option != "auto":
         return Task(option)
-    architectures = config.get("architectures") or []
-    causal = any(str(a).endswith("ForCausalLM") for a in architectures)
-    return Task.GENERATE if causal else Task.EMBED
+    return Task.GENERATE if _is_causal(config) else Task.EMBED
 
 
-def _resolve_dtype(option: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(option: str, device_type: str) -> torch.dtype:
     chosen = _DTYPES[option]
     if chosen is not None:
         return chosen
-    if device.type == "cpu":
+    if device_type == "cpu":
         return torch.float32  # bf16 matmuls on many CPUs are slower and less exact
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _context_length(config: Any, tokenizer: Any, max_context: int | None) -> int:
-    """The smallest of the model's positions, the tokenizer's limit and the option."""
-    limits: list[int] = []
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-            break
-    tokenizer_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < _SENSIBLE_MAX_LENGTH:
-        limits.append(tokenizer_max)
-    if max_context is not None:
-        limits.append(max_context)
-    return min(limits) if limits else _FALLBACK_CONTEXT
+    # Either is 2 bytes, so an estimate made where CUDA is missing is still right.
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
@@ -264,18 +342,28 @@ class TransformersModel:
     """One loaded folder on one device; implements ``backends.base.LoadedModel``."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, info: ModelInfo, device: torch.device, name: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        device: torch.device,
+        name: str,
+        max_concurrency: int = 1,
     ) -> None:
         self._model: Any = model
         self._tokenizer: Any = tokenizer
         self._info = info
         self._device = device
         self._name = name
+        self._max_concurrency = max_concurrency
         self._eos_ids = _eos_ids(model, tokenizer)
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed past_key_values to cache.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
+        # Embeddings need no KV cache; decoders loaded as AutoModel build one unless told.
+        self._no_cache = {"use_cache": False} if "use_cache" in params else {}
+        self._profile: _Profile | None = None  # what warm_up measured
 
     @property
     def info(self) -> ModelInfo:
@@ -423,7 +511,8 @@ class TransformersModel:
             mask[row, : len(ids)] = 1
         with torch.inference_mode():
             batch, mask = batch.to(self._device), mask.to(self._device)
-            hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state.float()
+            out = model(input_ids=batch, attention_mask=mask, **self._no_cache)
+            hidden = out.last_hidden_state.float()
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             vectors = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
@@ -433,24 +522,110 @@ class TransformersModel:
     # -- lifecycle --------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """One tiny real request, so kernels and lazy allocations happen now."""
+        """Profile the largest pass the instance admits, then run one tiny real request.
+
+        The profile is a prompt of the whole context: for generation, the prefill
+        forward (the same ``_step`` requests use) and the sampling of its token;
+        for embeddings, one input of that length through ``embed``. While it runs,
+        the tensor memory it takes is measured (see :meth:`_measure`) and the KV
+        cache it produced is weighed; ``measure_footprint`` reports both.
+        The tiny request then exercises the decode step as a client would.
+        Raises OutOfMemory when the device cannot hold the profile.
+        """
         ids = self.encode_prompt("Hello")
-        if self._info.task is Task.GENERATE:
-            self.generate(ids, SamplingParams(max_tokens=2, temperature=0.0), None, Cancellation())
+        length = self._info.context_length
+        filler = self._tokenizer.encode(" hello", add_special_tokens=False) or ids
+        profile_ids = (ids + filler * length)[:length]
+        generating = self._info.task is Task.GENERATE
+        model = self._require(self._info.task)
+
+        def prefill() -> Any:
+            prompt = torch.tensor([profile_ids], dtype=torch.long, device=self._device)
+            logits, cache = self._step(model, prompt, None)
+            _sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
+            return cache
+
+        try:
+            if generating:
+                self._profile = self._measure(prefill, cached_tokens=length)
+                params = SamplingParams(max_tokens=2, temperature=0.0)
+                self.generate(ids, params, None, Cancellation())
+            else:
+                self._profile = self._measure(lambda: self.embed([profile_ids]), cached_tokens=0)
+                self.embed([ids])
+        except torch.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)
+            _release_memory(self._device)
+            raise OutOfMemory(
+                f"model {self._name} cannot process a prompt of its whole context "
+                f"({length} tokens) on {self._info.device}: {exc}"
+            ) from exc
+
+    def _measure(self, run: Callable[[], Any], cached_tokens: int) -> _Profile:
+        """Run ``run`` (which returns the KV cache it built, if any) and measure it.
+
+        KV: the bytes of the tensors in the returned cache, divided by the tokens
+        it holds. Working: the activation and scratch memory of the run, KV excluded.
+
+        - On CUDA: the caching allocator's peak during the run
+          (``max_memory_allocated`` after ``reset_peak_memory_stats``) minus what
+          was allocated before it (our weights and any other instance's) and minus
+          the KV. It includes kernel workspaces (cuBLAS, attention). The profile
+          holds a process-wide lock so two warm-ups do not reset each other's peak;
+          requests of other instances on the same device still add to it.
+        - On CPU torch keeps no allocator statistics and RSS is useless here:
+          safetensors weights are mmap'd (pages come and go with the page cache)
+          and glibc/oneDNN arenas keep freed memory. So a dispatch mode sees
+          every tensor an operation creates on this thread and follows its
+          storage until it is freed; working is the largest sum of storages alive
+          at once (other than the weights and the returned KV). Scratch memory
+          inside a kernel, never exposed as a tensor, is not seen.
+        """
+        model = self._model
+        if self._device.type == "cuda":
+            with _CUDA_PROFILE_LOCK, torch.inference_mode():
+                torch.cuda.synchronize(self._device)
+                before = torch.cuda.memory_allocated(self._device)
+                torch.cuda.reset_peak_memory_stats(self._device)
+                cache = run()
+                torch.cuda.synchronize(self._device)
+                peak = torch.cuda.max_memory_allocated(self._device)
+                kv = _tensor_storages(cache)
+                working = max(0, peak - before - sum(kv.values()))
         else:
-            self.embed([ids])
+            weights = _tensor_storages([*model.parameters(), *model.buffers()])
+            tracker = _StorageTracker(set(weights))
+            with torch.inference_mode(), tracker:
+                cache = run()
+            kv = _tensor_storages(cache)
+            working = footprint.peak_live_bytes(tracker.spans(exclude_live=set(kv)))
+        kv_bytes = sum(kv.values())
+        del cache
+        per_token = kv_bytes / cached_tokens if cached_tokens else 0.0
+        return _Profile(kv_bytes_per_token=per_token, working=working)
 
-    def footprint_bytes(self) -> int:
-        """Bytes of the module's parameters and buffers.
+    def measure_footprint(self) -> Footprint:
+        """What the instance holds, measured; call after ``warm_up``.
 
-        This counts weights only. On CUDA the KV cache of running requests and
-        the caching allocator's reserve are not included; the scheduler measures
-        those with NVML after warm-up (DESIGN.md rule 5).
+        ``weights``: bytes of the module's parameters and buffers, each storage
+        counted once (tied weights share one). ``runtime``: the KV bytes per token
+        the warm-up's cache really held × context length × ``max_concurrency``
+        (0 for embeddings). ``working``: what the warm-up's profile measured.
+        An unloaded instance holds nothing.
         """
         if self._model is None:
-            return 0
+            return Footprint(weights=0)
+        if self._profile is None:
+            raise BackendError(f"model {self._name} must be warmed up before it is measured")
         tensors = [*self._model.parameters(), *self._model.buffers()]
-        return sum(int(t.numel()) * int(t.element_size()) for t in tensors)
+        runtime = round(
+            self._profile.kv_bytes_per_token * self._info.context_length * self._max_concurrency
+        )
+        return Footprint(
+            weights=sum(_tensor_storages(tensors).values()),
+            runtime=runtime,
+            working=self._profile.working,
+        )
 
     def unload(self) -> None:
         self._model = None
@@ -466,6 +641,96 @@ class TransformersModel:
                 param="model",
             )
         return self._model
+
+
+@dataclass(frozen=True)
+class _Profile:
+    kv_bytes_per_token: float
+    working: int
+
+
+_CUDA_PROFILE_LOCK = threading.Lock()
+_weak_ref: Any = StorageWeakRef  # untyped; ``.expired()`` says the storage was freed
+
+
+def _tensor_storages(root: Any) -> dict[int, int]:
+    """``{storage address: bytes}`` of every tensor reachable from ``root``.
+
+    Follows lists, tuples, dicts and object attributes (a transformers cache keeps
+    its tensors in per-layer objects) a few levels deep; each storage counts once.
+    """
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr():
+                found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                visit(item, depth + 1)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type | torch.nn.Module):
+            for item in vars(obj).values():
+                visit(item, depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Follows the storages that operations create on this thread while active.
+
+    Each new storage is kept as a weak reference with the step (operation count)
+    it appeared at; the step at which it is found freed ends its span. Storages
+    in ``existing`` (the weights) and views of live storages are not new.
+    """
+
+    def __init__(self, existing: set[int]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._existing = existing
+        self._live: dict[int, tuple[Any, int, int]] = {}
+        self._ended: list[tuple[int, int, int]] = []
+        self._step = 0
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self._step += 1
+        for address in [a for a, (ref, _, _) in self._live.items() if ref.expired()]:
+            _, nbytes, born = self._live.pop(address)
+            self._ended.append((nbytes, born, self._step))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and item.device.type != "meta":
+                storage = item.untyped_storage()
+                address = storage.data_ptr()
+                if address and address not in self._existing and address not in self._live:
+                    self._live[address] = (_weak_ref(storage), storage.nbytes(), self._step)
+        return out
+
+    def spans(self, exclude_live: set[int]) -> list[tuple[int, int, int]]:
+        """``(nbytes, born, died)`` of every storage seen; those still alive end now.
+
+        Storages still alive whose address is in ``exclude_live`` are left out.
+        """
+        end = self._step + 1
+        alive = [
+            (nbytes, born, end)
+            for address, (ref, nbytes, born) in self._live.items()
+            if address not in exclude_live and not ref.expired()
+        ]
+        return [*self._ended, *alive]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -11,7 +11,7 @@ from backends.registry import BackendRegistry
 from routerd.app import build_services
 from routerd.config import Config, DevicesConfig, SchedulerConfig
 from routerd.devices import DeviceInventory
-from routerd.scheduler import Scheduler
+from routerd.residency import ResidencyCore
 from routerd.services import Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
@@ -37,7 +37,7 @@ def fake_services(
     devices_config: dict[str, Any] | None = None,
     pinned: Sequence[str] = (),
     clock: Callable[[], float] = time.monotonic,
-    on_change: Callable[[Scheduler], None] | None = None,
+    on_change: Callable[[ResidencyCore], None] | None = None,
     **config: Any,
 ) -> Services:
     """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
@@ -80,7 +80,7 @@ class LedgerWatch:
         self.checks = 0
         self.worst_over = 0
 
-    def __call__(self, scheduler: Scheduler) -> None:
+    def __call__(self, scheduler: ResidencyCore) -> None:
         self.checks += 1
         for row in scheduler.ledger():
             self.worst_over = max(self.worst_over, row.over_budget)

@@ -15,6 +15,7 @@ import torch
 from backends.base import (
     BackendError,
     Cancellation,
+    Footprint,
     GenerationResult,
     InvalidRequest,
     LoadedModel,
@@ -62,23 +63,24 @@ def test_options_are_normalized() -> None:
     backend = TransformersBackend()
     assert backend.kind == "transformers"
     assert backend.validate_options({}) == {"dtype": "auto", "task": "auto"}
-    assert backend.validate_options({"dtype": "bfloat16", "task": "embed", "max_context": 64}) == {
-        "dtype": "bfloat16",
-        "task": "embed",
-        "max_context": 64,
-    }
+    assert backend.validate_options(
+        {"dtype": "bfloat16", "task": "embed", "max_context": 64, "max_concurrency": 4}
+    ) == {"dtype": "bfloat16", "task": "embed", "max_context": 64, "max_concurrency": 4}
 
 
 @pytest.mark.parametrize(
     ("options", "key", "allowed"),
     [
-        ({"quantize": "int8"}, "quantize", "dtype, task, max_context"),
+        ({"quantize": "int8"}, "quantize", "dtype, task, max_context, max_concurrency"),
         ({"dtype": "float64"}, "dtype", "auto, float32, bfloat16, float16"),
         ({"task": "rerank"}, "task", "auto, generate, embed"),
         ({"max_context": 0}, "max_context", "positive integer"),
         ({"max_context": -5}, "max_context", "positive integer"),
         ({"max_context": "512"}, "max_context", "positive integer"),
         ({"max_context": True}, "max_context", "positive integer"),
+        ({"max_concurrency": 0}, "max_concurrency", "positive integer"),
+        ({"max_concurrency": 1.5}, "max_concurrency", "positive integer"),
+        ({"max_concurrency": False}, "max_concurrency", "positive integer"),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, Any], key: str, allowed: str) -> None:
@@ -134,7 +136,8 @@ def test_loaded_models_describe_themselves(
         "float32",
     )
     assert info.has_chat_template and info.vocab_size == 1024
-    assert 1_000_000 < small_model.footprint_bytes() < 1_100_000
+    small_model.warm_up()
+    assert 1_000_000 < small_model.measure_footprint().weights < 1_100_000
     assert embed_model.info.task is Task.EMBED
     assert embed_model.info.context_length == 512
 
@@ -150,17 +153,24 @@ def test_max_context_caps_the_context_and_unload_releases(demo_root: Path) -> No
     result = model.generate(list(range(100, 113)), greedy(50), None, Cancellation())
     assert result.finish_reason in ("length", "stop") and result.completion_tokens <= 3
     model.unload()
-    assert model.footprint_bytes() == 0
+    assert model.measure_footprint() == Footprint(weights=0)
     with pytest.raises(BackendError, match="unloaded"):
         model.generate([1, 2], greedy(2), None, Cancellation())
 
 
 def test_task_option_overrides_detection(demo_root: Path) -> None:
-    model = TransformersBackend().load(spec(demo_root / "demo-small", task="embed"))
+    backend = TransformersBackend()
+    as_embed = spec(demo_root / "demo-small", task="embed")
+    model = backend.load(as_embed)
     assert model.info.task is Task.EMBED
     model.warm_up()
     [vector] = model.embed([model.encode_prompt("hello")])
     assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-5)
+    # Loaded without its lm_head and without a KV cache; the estimate knows both.
+    measured, estimate = model.measure_footprint(), backend.estimate_footprint(as_embed)
+    assert measured.runtime == estimate.runtime == 0
+    assert estimate.weights == pytest.approx(measured.weights, rel=0.01)
+    assert estimate.total == pytest.approx(measured.total, rel=0.10)
 
 
 # -- generation -------------------------------------------------------------------
@@ -431,7 +441,12 @@ def test_generate_and_embed_on_cuda(demo_root: Path) -> None:
     model = backend.load(spec(demo_root / "demo-small", device="cuda:0"))
     assert model.info.dtype in ("bfloat16", "float16")
     model.warm_up()
-    assert 500_000 < model.footprint_bytes() < 600_000  # half-precision weights
+    measured = model.measure_footprint()
+    assert 500_000 < measured.weights < 600_000  # half-precision weights
+    estimate = backend.estimate_footprint(spec(demo_root / "demo-small", device="cuda:0"))
+    assert estimate.weights == pytest.approx(measured.weights, rel=0.01)
+    assert measured.runtime == estimate.runtime == 2 * 2 * 2 * 32 * 2 * 2048
+    assert measured.working > 0
     assert run(model, greedy(16))[0] == run(model, greedy(16))[0]
     seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=3)
     assert run(model, seeded)[0] == run(model, seeded)[0]
