@@ -22,6 +22,7 @@ from routerd.api.errors import error_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
+from routerd.residency import ResidencyCore
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
 from routerd.services import SERVICES, Services
@@ -36,7 +37,7 @@ def build_services(
     backends: BackendRegistry | None = None,
     devices: DeviceInventory | None = None,
     clock: Callable[[], float] = time.monotonic,
-    on_change: Callable[[Scheduler], None] | None = None,
+    on_change: Callable[[ResidencyCore], None] | None = None,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure."""
     store = Store.open(config.database_path)

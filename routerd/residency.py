@@ -1,0 +1,396 @@
+"""Residency state and its upkeep: what the scheduler owns, and how instances leave.
+
+``ResidencyCore`` holds the scheduler's state (instances, pins, leaks, loads in
+flight) and everything that does not decide what loads where: snapshots and the
+memory ledger, eviction (drain, unload, verify the memory came back), the
+keep-alive reaper and device polling. ``routerd.scheduler.Scheduler`` builds on it
+with leases, loading and placement. Both run only on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backends.registry import BackendRegistry
+from policies.placement import PlacementPolicy
+from policies.types import DeviceRoom, Resident
+from routerd.config import DevicesConfig, SchedulerConfig
+from routerd.devices import DeviceInventory
+from routerd.instance import Instance, InstanceSnapshot, InstanceState
+from routerd.memory import Holding, LedgerRow, build_ledger
+from state import VersionRecord
+
+log = logging.getLogger("routerd.scheduler")
+
+
+class ResidencyStore(Protocol):
+    """What the scheduler keeps in SQLite: events, pins, measured footprints."""
+
+    def record_event(
+        self,
+        kind: str,
+        model: str,
+        version: str,
+        *,
+        device: str | None = None,
+        reason: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        bytes: int | None = None,
+        duration_ms: float | None = None,
+        trigger: str | None = None,
+    ) -> object: ...
+
+    def pinned_versions(self) -> list[tuple[str, str]]: ...
+
+    def set_pinned(self, name: str, version: str, pinned: bool) -> None: ...
+
+    def measured_footprint(self, name: str, version: str, device_kind: str) -> Any: ...
+
+    def record_footprint(
+        self,
+        name: str,
+        version: str,
+        device_kind: str,
+        *,
+        measured: Mapping[str, int],
+        estimated_bytes: int | None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    load_timeout: float = 600.0
+    load_wait_timeout: float = 30.0
+    min_residency: float = 10.0
+    keep_alive: float = 300.0
+    release_timeout: float = 10.0
+    poll_interval: float = 2.0
+    headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
+
+    @classmethod
+    def from_config(cls, scheduler: SchedulerConfig, devices: DevicesConfig) -> SchedulerSettings:
+        return cls(
+            load_timeout=scheduler.load_timeout,
+            load_wait_timeout=scheduler.load_wait_timeout,
+            min_residency=scheduler.min_residency,
+            keep_alive=scheduler.keep_alive,
+            release_timeout=scheduler.release_timeout,
+            poll_interval=devices.poll_interval,
+            headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's hold on a ready instance; valid inside ``async with`` only."""
+
+    instance: Instance
+    cold_start_ms: float | None  # set when this request waited for a load
+
+
+@dataclass(frozen=True)
+class Leak:
+    """An evicted instance whose memory NVML never showed back; its bytes stay counted."""
+
+    model_id: str
+    device: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    id: str
+    kind: str
+    name: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    reserved_bytes: int
+    routerd_bytes: int
+    budget_bytes: int
+    foreign_bytes: int
+    headroom_bytes: int
+    capacity_bytes: int
+    free_for_planning_bytes: int
+
+
+class ResidencyCore:
+    """The scheduler's state and upkeep; see the module docstring."""
+
+    def __init__(
+        self,
+        backends: BackendRegistry,
+        devices: DeviceInventory,
+        store: ResidencyStore,
+        placement: PlacementPolicy,
+        settings: SchedulerSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        our_pid: int | None = None,
+        on_change: Callable[[ResidencyCore], None] | None = None,
+    ) -> None:
+        self._backends = backends
+        self._devices = devices
+        self._store = store
+        self._placement = placement
+        self.settings = settings or SchedulerSettings()
+        self._clock = clock
+        self._on_change = on_change  # e.g. metrics, or a test asserting the ledger
+        self._pid = os.getpid() if our_pid is None else our_pid
+        self._instances: dict[str, Instance] = {}
+        self._loads: dict[str, asyncio.Task[Instance]] = {}
+        self._waiting: dict[str, int] = {}  # model id → requests waiting for it
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
+        self._leaks: list[Leak] = []
+        self._change = asyncio.Event()
+        self._closing = False
+        self._background: list[asyncio.Task[None]] = []
+        self.load_count = 0
+
+    # -- snapshots --------------------------------------------------------------
+
+    def _snapshot(self, instance: Instance) -> InstanceSnapshot:
+        return InstanceSnapshot.of(
+            instance, pinned=instance.model_id in self._pinned, now=self._clock()
+        )
+
+    def instances(self) -> list[InstanceSnapshot]:
+        return [self._snapshot(i) for i in self._instances.values()]
+
+    def instance(self, model_id: str) -> InstanceSnapshot | None:
+        found = self._instances.get(model_id)
+        return None if found is None else self._snapshot(found)
+
+    def leaks(self) -> list[Leak]:
+        return list(self._leaks)
+
+    def is_pinned(self, model_id: str) -> bool:
+        return model_id in self._pinned
+
+    def ledger(self, *, fresh: bool = True) -> list[LedgerRow]:
+        """The memory ledger now (``fresh``: read NVML and the kernel first)."""
+        readings = self._devices.readings() if fresh else self._devices.last_readings()
+        return build_ledger(
+            readings, self._holdings(), headroom=self.settings.headroom, our_pid=self._pid
+        )
+
+    def devices(self) -> list[DeviceSnapshot]:
+        names = {r.id: r for r in self._devices.last_readings()}
+        return [
+            DeviceSnapshot(
+                id=row.device,
+                kind=row.kind,
+                name=names[row.device].name if row.device in names else row.device,
+                total_bytes=names[row.device].total_bytes if row.device in names else row.budget,
+                used_bytes=row.measured_used,
+                free_bytes=row.measured_free,
+                reserved_bytes=row.reserved + row.claimed,
+                routerd_bytes=row.ours,
+                budget_bytes=row.budget,
+                foreign_bytes=row.foreign,
+                headroom_bytes=row.headroom,
+                capacity_bytes=row.capacity,
+                free_for_planning_bytes=row.free,
+            )
+            for row in self.ledger(fresh=False)
+        ]
+
+    def _holdings(self) -> list[Holding]:
+        holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self._leaks]
+        for i in self._instances.values():
+            if i.state is InstanceState.WAITING:
+                kind = "waiting"
+            elif i.state.allocating:
+                kind = "loading"
+            elif i.victim_of is not None:
+                kind = "victim"
+            else:
+                kind = "resident"
+            holdings.append(Holding(i.device, i.bytes, kind))
+        return holdings
+
+    def _planning_view(self) -> tuple[list[DeviceRoom], list[Resident]]:
+        rooms = [
+            DeviceRoom(id=row.device, kind=row.kind, capacity=row.capacity, free=row.free)
+            for row in self.ledger()
+        ]
+        residents = [
+            Resident(
+                model_id=i.model_id,
+                device=i.device,
+                bytes=i.bytes,
+                last_used=i.touched,
+                loaded_at=i.loaded_at,
+                in_flight=i.in_flight + self._waiting.get(i.model_id, 0),
+                pinned=i.model_id in self._pinned,
+                ready=i.state is InstanceState.READY,
+            )
+            for i in self._instances.values()
+        ]
+        return rooms, residents
+
+    def _row(self, device: str) -> LedgerRow | None:
+        return next((row for row in self.ledger() if row.device == device), None)
+
+    # -- eviction ---------------------------------------------------------------
+
+    async def _evict_instance(
+        self, instance: Instance, *, reason: str, trigger: str | None, force: bool = False
+    ) -> None:
+        instance.state = InstanceState.DRAINING
+        if force:
+            instance.revoke(f"{instance.model_id} was evicted by an operator")
+        self._changed()
+        await instance.idle.wait()
+        resident_s = self._clock() - instance.loaded_at
+        freed = instance.bytes
+        before = self._our_usage(instance.device)
+        try:
+            await self._unload(instance)
+            leaked = await self._verify_release(instance.device, before, freed)
+        finally:
+            self._forget(instance)
+        record = instance.record
+        self._record(
+            "evict",
+            record,
+            device=instance.device,
+            reason=reason,
+            bytes=freed,
+            trigger=trigger,
+            detail={"resident_s": round(resident_s, 1)},
+        )
+        log.info(
+            "evicted %s from %s (%s%s) after %.0fs, %d bytes",
+            instance.model_id,
+            instance.device,
+            reason,
+            f", for {trigger}" if trigger else "",
+            resident_s,
+            freed,
+        )
+        if leaked:
+            self._leaks.append(Leak(instance.model_id, instance.device, freed))
+            self._record(
+                "leak",
+                record,
+                device=instance.device,
+                reason=f"memory not back after {self.settings.release_timeout:g}s",
+                bytes=freed,
+            )
+            log.error(
+                "%s: %d bytes on %s not released after eviction; kept in the ledger",
+                instance.model_id,
+                freed,
+                instance.device,
+            )
+
+    def _our_usage(self, device: str) -> int | None:
+        """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
+        if not device.startswith("cuda"):
+            return None
+        for reading in self._devices.readings():
+            if reading.id == device:
+                return reading.process_bytes.get(self._pid, 0)
+        return None
+
+    async def _verify_release(self, device: str, before: int | None, freed: int) -> bool:
+        """True (leaked) unless the device shows ~``freed`` bytes back in time."""
+        if before is None or freed <= 0:
+            return False
+        deadline = self._clock() + self.settings.release_timeout
+        while True:
+            now_usage = self._our_usage(device)
+            if now_usage is None or before - now_usage >= int(freed * 0.9):
+                return False
+            if self._clock() >= deadline:
+                return True
+            await asyncio.sleep(min(0.05, max(deadline - self._clock(), 0)))
+
+    async def _unload(self, instance: Instance) -> None:
+        instance.state = InstanceState.UNLOADING
+        model = instance.detach()
+        try:
+            if model is not None:
+                await instance.run(model.unload)
+        finally:
+            instance.close_executor()
+
+    def _forget(self, instance: Instance) -> None:
+        if self._instances.get(instance.model_id) is instance:
+            del self._instances[instance.model_id]
+        instance.gone.set()
+        self._changed()
+
+    # -- keep-alive -------------------------------------------------------------
+
+    async def _reap_idle(self) -> None:
+        """Unload idle instances whose keep_alive ran out (reason ``ttl``)."""
+        while not self._closing:
+            now = self._clock()
+            wake = 1.0
+            for instance in list(self._instances.values()):
+                if (
+                    instance.state is not InstanceState.READY
+                    or instance.in_flight
+                    or instance.model_id in self._waiting
+                    or instance.model_id in self._pinned
+                    or math.isinf(instance.keep_alive)
+                ):
+                    continue
+                remaining = instance.touched + instance.keep_alive - now
+                if remaining <= 0:
+                    instance.state = InstanceState.DRAINING
+                    self._spawn(
+                        self._evict_instance(instance, reason="ttl", trigger=None),
+                        name=f"expire {instance.model_id}",
+                    )
+                else:
+                    wake = min(wake, remaining)
+            await self._wait_for_change(max(wake, 0.01))
+
+    async def _poll_devices(self) -> None:
+        """Refresh the device readings that status pages show, every poll_interval."""
+        while not self._closing:
+            try:
+                await asyncio.to_thread(self._devices.readings)
+            except Exception as exc:  # a flaky NVML read must not stop polling
+                log.warning("reading devices failed: %s", exc)
+            await asyncio.sleep(self.settings.poll_interval)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Wake everything waiting for room or for the reaper's next look."""
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+        if self._on_change is not None:
+            self._on_change(self)
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        change = self._change
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(change.wait(), timeout)
+
+    def _spawn(self, coro: Any, *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed: %s", name, t.exception())
+
+        task.add_done_callback(done)
+
+    def _record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
+        self._store.record_event(kind, record.name, record.version, **fields)
