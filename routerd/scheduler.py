@@ -95,7 +95,7 @@ class Scheduler(ResidencyCore):
 
     async def _restore(self, record: VersionRecord) -> None:
         try:
-            await self.load(record)
+            await self.load(record, why="restore")
         except Exception as exc:
             log.warning("pinned %s could not be loaded at start: %s", record.model_id, exc)
 
@@ -135,7 +135,7 @@ class Scheduler(ResidencyCore):
         ``keep_alive`` (a request's own) replaces the instance's from now on.
         """
         started = self._clock()
-        instance, waited = await self._ready_instance(record, device=None)
+        instance, waited = await self._ready_instance(record, device=None, why="request")
         instance.acquire(self._clock())
         cold_start_ms = (self._clock() - started) * 1000 if waited else None
         try:
@@ -147,7 +147,7 @@ class Scheduler(ResidencyCore):
             self._changed()
 
     async def _ready_instance(
-        self, record: VersionRecord, *, device: str | None
+        self, record: VersionRecord, *, device: str | None, why: str
     ) -> tuple[Instance, bool]:
         """A READY instance, and whether this call had to wait for it.
 
@@ -160,14 +160,14 @@ class Scheduler(ResidencyCore):
         key = record.model_id
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
-            return await self._wait_ready(record, device=device)
+            return await self._wait_ready(record, device=device, why=why)
         finally:
             self._waiting[key] -= 1
             if not self._waiting[key]:
                 del self._waiting[key]
 
     async def _wait_ready(
-        self, record: VersionRecord, *, device: str | None
+        self, record: VersionRecord, *, device: str | None, why: str
     ) -> tuple[Instance, bool]:
         waited = False
         while True:
@@ -183,12 +183,15 @@ class Scheduler(ResidencyCore):
             ):
                 await instance.gone.wait()
                 continue
-            await self._await_load(record, device)
+            await self._await_load(record, device, why)
 
-    async def _await_load(self, record: VersionRecord, device: str | None) -> Instance:
+    async def _await_load(self, record: VersionRecord, device: str | None, why: str) -> Instance:
+        """Join the version's load in flight, or start it (``why`` goes to the event log)."""
         task = self._loads.get(record.model_id)
         if task is None:
-            task = asyncio.create_task(self._load(record, device), name=f"load {record.model_id}")
+            task = asyncio.create_task(
+                self._load(record, device, why), name=f"load {record.model_id}"
+            )
             self._loads[record.model_id] = task
             task.add_done_callback(self._load_done)
         try:
@@ -211,9 +214,11 @@ class Scheduler(ResidencyCore):
 
     # -- operators --------------------------------------------------------------
 
-    async def load(self, record: VersionRecord, *, device: str | None = None) -> InstanceSnapshot:
+    async def load(
+        self, record: VersionRecord, *, device: str | None = None, why: str = "manual"
+    ) -> InstanceSnapshot:
         """Make ``record`` resident (on ``device`` if given) or return the resident one."""
-        instance, _ = await self._ready_instance(record, device=device)
+        instance, _ = await self._ready_instance(record, device=device, why=why)
         return self._snapshot(instance)
 
     async def evict(
@@ -253,7 +258,7 @@ class Scheduler(ResidencyCore):
 
     # -- loading ----------------------------------------------------------------
 
-    async def _load(self, record: VersionRecord, device: str | None) -> Instance:
+    async def _load(self, record: VersionRecord, device: str | None, why: str) -> Instance:
         """Estimate, place, wait for victims, load, warm up, measure; retry once on OOM."""
         try:
             backend = self._backends.get(record.backend)
@@ -267,7 +272,7 @@ class Scheduler(ResidencyCore):
         while True:
             instance = await self._place(record, preferences, need, estimates, retried)
             try:
-                return await self._bring_up(instance, backend, need)
+                return await self._bring_up(instance, backend, need, why)
             except _RetryLoad as retry:
                 if retried is not None:
                     self._record("load_failed", record, device=instance.device, reason=retry.reason)
@@ -395,7 +400,7 @@ class Scheduler(ResidencyCore):
         return instance
 
     async def _bring_up(
-        self, instance: Instance, backend: Backend, need: Mapping[str, int]
+        self, instance: Instance, backend: Backend, need: Mapping[str, int], why: str
     ) -> Instance:
         record = instance.record
         victims = [i for i in self._instances.values() if i.victim_of == record.model_id]
@@ -463,7 +468,7 @@ class Scheduler(ResidencyCore):
             "load",
             record,
             device=instance.device,
-            reason="request",
+            reason=why,
             bytes=measured.total,
             duration_ms=round(instance.load_ms, 1),
             detail={

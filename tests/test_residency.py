@@ -60,6 +60,7 @@ async def test_lru_order_under_a_budget_for_two_of_three(tmp_path, backend):
             ("evict", "m@1", "lru", "s@1"),
         ]
         assert sorted(i.model for i in services.scheduler.instances()) == ["l", "s"]
+        assert {r for _, _, r, _ in events(services, "load")} == {"request"}
         assert watch.checks > 10 and watch.worst_over == 0
     finally:
         services.store.close()
@@ -214,6 +215,10 @@ async def test_pinned_versions_load_again_after_restart(tmp_path, backend):
             )
         )
         assert second.scheduler.instance("other@1") is None
+        loads = [(k, m, r) for k, m, r, _ in events(second, "load")]
+        assert loads[-1] == ("load", "p@1", "restore")
+        await second.scheduler.load(second.router.resolve("other"))
+        assert events(second, "load")[-1][:3] == ("load", "other@1", "manual")
     finally:
         await second.scheduler.close()
         second.store.close()
