@@ -20,8 +20,8 @@ Who calls what, and when:
   the instance really occupies; later placements use that number (rule 5).
 - ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
   before generation, so prompt-length errors are answered before streaming starts.
-- ``generate`` / ``embed`` — request handlers while they hold a lease, in the
-  instance executor.
+- ``generate`` / ``generate_batch`` / ``embed`` — the instance's batcher, for requests
+  that hold a lease, in the instance executor.
 - ``unload`` — the scheduler, in the instance executor, when the instance leaves.
 """
 
@@ -129,6 +129,29 @@ TextSink = Callable[[str], None]
 """Receives each new piece of generated text, in order, from the executor thread."""
 
 
+@dataclass(eq=False)  # rows are identities: a batch tracks them in lists and sets
+class GenerationRow:
+    """One sequence of a batch: its prompt and settings, and where its output goes.
+
+    ``on_text`` and ``on_done`` are called on the executor thread; ``on_done`` exactly
+    once, when the row finishes (stop, length or cancelled) or fails (``error`` set,
+    ``result`` None) — other rows of the batch carry on either way.
+    """
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    on_text: TextSink | None
+    cancellation: Cancellation
+    on_done: Callable[[GenerationRow], None]
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+
+RowSource = Callable[[int], list[GenerationRow]]
+"""Called by ``generate_batch`` between decode steps with the number of free slots;
+returns the queued rows that join the running batch now (possibly none)."""
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Device bytes an instance needs, split by what they are for.
@@ -185,6 +208,17 @@ class LoadedModel(Protocol):
         Text passed to ``on_text`` never contains a stop string or the beginning of
         one that might still complete: concatenating every piece gives exactly
         ``GenerationResult.text``.
+        """
+
+    def generate_batch(self, rows: Sequence[GenerationRow], admit: RowSource | None) -> None:
+        """Decode ``rows`` together until every row has finished.
+
+        Each row keeps its own max_tokens, stop strings, temperature, top_p and seed,
+        streams through its own ``on_text`` and finishes on its own; a row whose
+        cancellation is set stops alone. A row's greedy output is the same as from
+        ``generate`` alone. Between steps, ``admit`` (if given) is asked for rows to
+        join the running batch; a backend that cannot join rows mid-decode calls it
+        only when the batch is empty and returns when admit has nothing more.
         """
 
     def count_tokens(self, text: str) -> int:

@@ -6,14 +6,15 @@ network — and only safetensors weights, so loading cannot run pickled code.
 
 Generation is a hand-written decode loop over the model's forward pass with its
 KV cache rather than ``model.generate``: routerd needs to check cancellation,
-stop strings and stream text between every two tokens. The text-side parts of
-that loop (incremental detokenizing, stop-string holdback) live in
-:mod:`backends.hf_text`.
+stop strings and stream text between every two tokens. The loop decodes many
+rows at once, which join and leave between steps (:mod:`backends.hf_batch`);
+``generate`` is a batch of one. Its text-side parts (incremental detokenizing,
+stop-string holdback) live in :mod:`backends.hf_text`.
 
 Footprints (DESIGN.md rule 5): ``estimate_footprint`` reads config and
 safetensors headers (arithmetic in :mod:`backends.footprint`); ``warm_up``
-profiles a prompt of the whole context and ``measure_footprint`` reports what
-that really took.
+profiles a prompt of the whole context (measured by :mod:`backends.hf_measure`)
+and ``measure_footprint`` reports what that really took.
 """
 
 from __future__ import annotations
@@ -25,31 +26,29 @@ import json
 import re
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from backends import footprint
+from backends import footprint, hf_batch, hf_measure
 from backends.base import (
     BackendError,
     Cancellation,
     Footprint,
     GenerationResult,
+    GenerationRow,
     InvalidRequest,
     LoadSpec,
     ModelInfo,
     OutOfMemory,
+    RowSource,
     SamplingParams,
     Task,
     TextSink,
 )
-from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -110,8 +109,7 @@ class TransformersBackend:
         """Check ``dtype``, ``task``, ``max_context`` and ``max_concurrency``; fill in defaults.
 
         ``max_concurrency`` is how many sequences the instance decodes at once: its
-        KV cache is reserved for that many full contexts. Default 1 (the decode loop
-        serves one sequence at a time).
+        KV cache is reserved for that many full contexts. Default 1.
         """
         unknown = sorted(set(options) - set(_OPTION_KEYS))
         if unknown:
@@ -322,22 +320,6 @@ def _resolve_dtype(option: str, device_type: str) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits: greedy, or temperature + top-p."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=rng).item())
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    outside = mass_before >= params.top_p  # the mass before a token already reaches top_p
-    outside[0] = False  # the most likely token always stays
-    sorted_probs[outside] = 0.0
-    choice = torch.multinomial(sorted_probs, 1, generator=rng)
-    return int(order[choice].item())
-
-
 class TransformersModel:
     """One loaded folder on one device; implements ``backends.base.LoadedModel``."""
 
@@ -363,7 +345,7 @@ class TransformersModel:
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         # Embeddings need no KV cache; decoders loaded as AutoModel build one unless told.
         self._no_cache = {"use_cache": False} if "use_cache" in params else {}
-        self._profile: _Profile | None = None  # what warm_up measured
+        self._profile: hf_measure.Profile | None = None  # what warm_up measured
 
     @property
     def info(self) -> ModelInfo:
@@ -427,51 +409,46 @@ class TransformersModel:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
-        model = self._require(Task.GENERATE)
+        """One row decoded alone: ``generate_batch`` with a batch of one."""
+        self._require(Task.GENERATE)
         self._check_ids(prompt_ids, "prompt", "the prompt")
-        rng: torch.Generator | None = None
-        if params.temperature > 0 and params.seed is not None:
-            rng = torch.Generator(device=self._device)
-            rng.manual_seed(params.seed)
-        detok = IncrementalDetokenizer(self._decode, context=prompt_ids)
-        stops = StopStringHoldback(params.stop)
-        pieces: list[str] = []
+        row = GenerationRow(prompt_ids, params, on_text, cancellation, on_done=lambda _: None)
+        self.generate_batch([row], None)
+        if row.error is not None:
+            raise row.error
+        if row.result is None:  # generate_batch finishes every row it is given
+            raise BackendError(f"model {self._name} left a row unfinished")
+        return row.result
 
-        def emit(text: str) -> None:
-            if text:
-                pieces.append(text)
-                if on_text is not None:
-                    on_text(text)
+    def generate_batch(
+        self, rows: Sequence[GenerationRow], admit: RowSource | None, max_rows: int | None = None
+    ) -> None:
+        """Decode ``rows`` together, letting ``admit``'s rows join between steps.
 
-        budget = min(params.max_tokens, self._info.context_length - len(prompt_ids))
-        finish, produced, cache = "length", 0, None
-        with torch.inference_mode():
-            step_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._device)
-            while produced < budget:
-                if cancellation.cancelled:
-                    finish = "cancelled"
-                    break
-                logits, cache = self._step(model, step_ids, cache)
-                token = _sample(logits, params, rng)
-                produced += 1
-                if token in self._eos_ids:
-                    finish = "stop"
-                    break
-                emit(stops.push(detok.add(token)))
-                if stops.stopped:
-                    break
-                step_ids = torch.tensor([[token]], dtype=torch.long, device=self._device)
-        if not stops.stopped:
-            emit(stops.push(detok.flush()))
-            emit(stops.flush())
-        if stops.stopped:
-            finish = "stop"
-        return GenerationResult(
-            text="".join(pieces),
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=produced,
-            finish_reason=finish,
+        The loop lives in :mod:`backends.hf_batch`; ``max_rows`` caps the running
+        batch (None: as many as ``admit`` gives).
+        """
+        try:
+            model = self._require(Task.GENERATE)
+        except Exception as exc:  # every row is told, as the protocol promises
+            for row in rows:
+                row.result, row.error = None, exc
+                row.on_done(row)
+            return
+        pad_id = self._tokenizer.pad_token_id
+        decoder = hf_batch.Decoder(
+            model=model,
+            device=self._device,
+            cache_arg=self._cache_arg,
+            keep_arg=self._keep_arg,
+            pad_id=0 if pad_id is None else int(pad_id),
+            eos_ids=self._eos_ids,
+            context_length=self._info.context_length,
+            decode=self._decode,
+            check=lambda ids: self._check_ids(ids, "prompt", "the prompt"),
         )
+        with torch.inference_mode():
+            hf_batch.generate_batch(decoder, rows, admit, max_rows)
 
     def _step(self, model: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """One forward pass; returns the last position's logits and the grown cache."""
@@ -527,8 +504,9 @@ class TransformersModel:
         The profile is a prompt of the whole context: for generation, the prefill
         forward (the same ``_step`` requests use) and the sampling of its token;
         for embeddings, one input of that length through ``embed``. While it runs,
-        the tensor memory it takes is measured (see :meth:`_measure`) and the KV
-        cache it produced is weighed; ``measure_footprint`` reports both.
+        the tensor memory it takes is measured and the KV cache it produced is
+        weighed (see :func:`backends.hf_measure.measure`); ``measure_footprint``
+        reports both.
         The tiny request then exercises the decode step as a client would.
         Raises OutOfMemory when the device cannot hold the profile.
         """
@@ -542,16 +520,20 @@ class TransformersModel:
         def prefill() -> Any:
             prompt = torch.tensor([profile_ids], dtype=torch.long, device=self._device)
             logits, cache = self._step(model, prompt, None)
-            _sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
+            hf_batch.sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
             return cache
 
         try:
             if generating:
-                self._profile = self._measure(prefill, cached_tokens=length)
+                self._profile = hf_measure.measure(
+                    prefill, self._model, self._device, cached_tokens=length
+                )
                 params = SamplingParams(max_tokens=2, temperature=0.0)
                 self.generate(ids, params, None, Cancellation())
             else:
-                self._profile = self._measure(lambda: self.embed([profile_ids]), cached_tokens=0)
+                self._profile = hf_measure.measure(
+                    lambda: self.embed([profile_ids]), self._model, self._device, cached_tokens=0
+                )
                 self.embed([ids])
         except torch.OutOfMemoryError as exc:
             traceback.clear_frames(exc.__traceback__)
@@ -560,49 +542,6 @@ class TransformersModel:
                 f"model {self._name} cannot process a prompt of its whole context "
                 f"({length} tokens) on {self._info.device}: {exc}"
             ) from exc
-
-    def _measure(self, run: Callable[[], Any], cached_tokens: int) -> _Profile:
-        """Run ``run`` (which returns the KV cache it built, if any) and measure it.
-
-        KV: the bytes of the tensors in the returned cache, divided by the tokens
-        it holds. Working: the activation and scratch memory of the run, KV excluded.
-
-        - On CUDA: the caching allocator's peak during the run
-          (``max_memory_allocated`` after ``reset_peak_memory_stats``) minus what
-          was allocated before it (our weights and any other instance's) and minus
-          the KV. It includes kernel workspaces (cuBLAS, attention). The profile
-          holds a process-wide lock so two warm-ups do not reset each other's peak;
-          requests of other instances on the same device still add to it.
-        - On CPU torch keeps no allocator statistics and RSS is useless here:
-          safetensors weights are mmap'd (pages come and go with the page cache)
-          and glibc/oneDNN arenas keep freed memory. So a dispatch mode sees
-          every tensor an operation creates on this thread and follows its
-          storage until it is freed; working is the largest sum of storages alive
-          at once (other than the weights and the returned KV). Scratch memory
-          inside a kernel, never exposed as a tensor, is not seen.
-        """
-        model = self._model
-        if self._device.type == "cuda":
-            with _CUDA_PROFILE_LOCK, torch.inference_mode():
-                torch.cuda.synchronize(self._device)
-                before = torch.cuda.memory_allocated(self._device)
-                torch.cuda.reset_peak_memory_stats(self._device)
-                cache = run()
-                torch.cuda.synchronize(self._device)
-                peak = torch.cuda.max_memory_allocated(self._device)
-                kv = _tensor_storages(cache)
-                working = max(0, peak - before - sum(kv.values()))
-        else:
-            weights = _tensor_storages([*model.parameters(), *model.buffers()])
-            tracker = _StorageTracker(set(weights))
-            with torch.inference_mode(), tracker:
-                cache = run()
-            kv = _tensor_storages(cache)
-            working = footprint.peak_live_bytes(tracker.spans(exclude_live=set(kv)))
-        kv_bytes = sum(kv.values())
-        del cache
-        per_token = kv_bytes / cached_tokens if cached_tokens else 0.0
-        return _Profile(kv_bytes_per_token=per_token, working=working)
 
     def measure_footprint(self) -> Footprint:
         """What the instance holds, measured; call after ``warm_up``.
@@ -622,7 +561,7 @@ class TransformersModel:
             self._profile.kv_bytes_per_token * self._info.context_length * self._max_concurrency
         )
         return Footprint(
-            weights=sum(_tensor_storages(tensors).values()),
+            weights=sum(hf_measure.tensor_storages(tensors).values()),
             runtime=runtime,
             working=self._profile.working,
         )
@@ -641,96 +580,6 @@ class TransformersModel:
                 param="model",
             )
         return self._model
-
-
-@dataclass(frozen=True)
-class _Profile:
-    kv_bytes_per_token: float
-    working: int
-
-
-_CUDA_PROFILE_LOCK = threading.Lock()
-_weak_ref: Any = StorageWeakRef  # untyped; ``.expired()`` says the storage was freed
-
-
-def _tensor_storages(root: Any) -> dict[int, int]:
-    """``{storage address: bytes}`` of every tensor reachable from ``root``.
-
-    Follows lists, tuples, dicts and object attributes (a transformers cache keeps
-    its tensors in per-layer objects) a few levels deep; each storage counts once.
-    """
-    found: dict[int, int] = {}
-    seen: set[int] = set()
-
-    def visit(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > 4:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr():
-                found[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(obj, list | tuple):
-            for item in obj:
-                visit(item, depth + 1)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                visit(item, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type | torch.nn.Module):
-            for item in vars(obj).values():
-                visit(item, depth + 1)
-
-    visit(root, 0)
-    return found
-
-
-class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Follows the storages that operations create on this thread while active.
-
-    Each new storage is kept as a weak reference with the step (operation count)
-    it appeared at; the step at which it is found freed ends its span. Storages
-    in ``existing`` (the weights) and views of live storages are not new.
-    """
-
-    def __init__(self, existing: set[int]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._existing = existing
-        self._live: dict[int, tuple[Any, int, int]] = {}
-        self._ended: list[tuple[int, int, int]] = []
-        self._step = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: Any = (),
-        kwargs: Any = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        self._step += 1
-        for address in [a for a, (ref, _, _) in self._live.items() if ref.expired()]:
-            _, nbytes, born = self._live.pop(address)
-            self._ended.append((nbytes, born, self._step))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor) and item.device.type != "meta":
-                storage = item.untyped_storage()
-                address = storage.data_ptr()
-                if address and address not in self._existing and address not in self._live:
-                    self._live[address] = (_weak_ref(storage), storage.nbytes(), self._step)
-        return out
-
-    def spans(self, exclude_live: set[int]) -> list[tuple[int, int, int]]:
-        """``(nbytes, born, died)`` of every storage seen; those still alive end now.
-
-        Storages still alive whose address is in ``exclude_live`` are left out.
-        """
-        end = self._step + 1
-        alive = [
-            (nbytes, born, end)
-            for address, (ref, nbytes, born) in self._live.items()
-            if address not in exclude_live and not ref.expired()
-        ]
-        return [*self._ended, *alive]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

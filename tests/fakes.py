@@ -21,10 +21,12 @@ from backends.base import (
     Cancellation,
     Footprint,
     GenerationResult,
+    GenerationRow,
     InvalidRequest,
     LoadSpec,
     ModelInfo,
     OutOfMemory,
+    RowSource,
     SamplingParams,
     Task,
     TextSink,
@@ -113,6 +115,30 @@ class FakeModel:
             completion_tokens=len(text),
             finish_reason=finish,
         )
+
+    def generate_batch(
+        self,
+        rows: Sequence[GenerationRow],
+        admit: RowSource | None,
+        max_rows: int | None = None,
+    ) -> None:
+        """Runs the rows one after another, then whatever ``admit`` gives, until it gives none."""
+        queue = list(rows)
+        while True:
+            while queue:
+                row = queue.pop(0)
+                try:
+                    row.result = self.generate(
+                        row.prompt_ids, row.params, row.on_text, row.cancellation
+                    )
+                except Exception as exc:
+                    row.result, row.error = None, exc
+                row.on_done(row)
+            if admit is None:
+                return
+            queue = list(admit(1 << 30 if max_rows is None else max(0, max_rows)))
+            if not queue:
+                return
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
         vectors = []

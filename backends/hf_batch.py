@@ -1,0 +1,344 @@
+"""Batched decoding for the transformers backend: many rows, one forward pass per step.
+
+Every row of a batch keeps its own settings (max_tokens, stop strings, temperature,
+top_p, seed), its own text state (:mod:`backends.hf_text`) and finishes on its own.
+Rows join a running batch between steps (continuous batching):
+
+- New rows are prefilled together as a small batch of their own, left-padded to a
+  common length with an attention mask, and their KV cache is merged into the
+  running batch's — both sides left-padded with masked zeros to a common length,
+  then concatenated along the batch dimension.
+- Every forward pass gets explicit position ids: a row's tokens sit at its own
+  positions (0, 1, 2, … from its first prompt token), whatever padding the batch
+  puts in front of them. With the padding masked out, a row computes what it
+  would compute alone, so its greedy output does not depend on the batch.
+- Finished rows leave the cache at once, and columns that only padding still
+  uses are cut off, so the batch never grows beyond what its live rows need.
+
+Merging needs plain full-attention cache layers (``DynamicLayer``), whose key and
+value tensors can be padded and concatenated. For other caches (sliding windows,
+linear attention) the batch admits new rows only when it is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backends.base import GenerationResult, GenerationRow, OutOfMemory, RowSource, SamplingParams
+from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
+
+log = logging.getLogger("routerd.backends")
+
+_NO_LIMIT = 1 << 30  # free slots reported to ``admit`` when the batch has no maximum
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits: greedy, or temperature + top-p."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=rng).item())
+    sorted_probs, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    outside = mass_before >= params.top_p  # the mass before a token already reaches top_p
+    outside[0] = False  # the most likely token always stays
+    sorted_probs[outside] = 0.0
+    choice = torch.multinomial(sorted_probs, 1, generator=rng)
+    return int(order[choice].item())
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """What the decode loop needs from a loaded causal model."""
+
+    model: Any
+    device: torch.device
+    cache_arg: str  # "cache" or "past_key_values", as the model's forward names it
+    keep_arg: str | None  # "logits_to_keep" where the forward takes it
+    pad_id: int
+    eos_ids: frozenset[int]
+    context_length: int
+    decode: Callable[[Sequence[int]], str]
+    check: Callable[[Sequence[int]], None]  # raises InvalidRequest for a bad prompt
+
+
+class _Seq:
+    """The decoding state of one row: its sampler, text state and counts."""
+
+    def __init__(self, row: GenerationRow, decoder: Decoder) -> None:
+        self.row = row
+        self.params = row.params
+        self.rng: torch.Generator | None = None
+        if self.params.temperature > 0 and self.params.seed is not None:
+            self.rng = torch.Generator(device=decoder.device)
+            self.rng.manual_seed(self.params.seed)
+        self.eos_ids = decoder.eos_ids
+        self.detok = IncrementalDetokenizer(decoder.decode, context=row.prompt_ids)
+        self.stops = StopStringHoldback(self.params.stop)
+        self.pieces: list[str] = []
+        prompt_len = len(row.prompt_ids)
+        self.budget = min(self.params.max_tokens, decoder.context_length - prompt_len)
+        self.produced = 0
+        self.token = 0  # the last sampled token, fed to the next step
+        self.position = prompt_len  # where ``token`` sits in the row's own sequence
+
+    def accept(self, token: int) -> str | None:
+        """Take a sampled token; return the finish reason if the row is done."""
+        self.produced += 1
+        if token in self.eos_ids:
+            return "stop"
+        self._emit(self.stops.push(self.detok.add(token)))
+        if self.stops.stopped:
+            return "stop"
+        if self.produced >= self.budget:
+            return "length"
+        self.token = token
+        self.position = len(self.row.prompt_ids) + self.produced - 1
+        return None
+
+    def result(self, reason: str) -> GenerationResult:
+        """Release the held-back text and build the row's result."""
+        if not self.stops.stopped:
+            self._emit(self.stops.push(self.detok.flush()))
+            self._emit(self.stops.flush())
+        return GenerationResult(
+            text="".join(self.pieces),
+            prompt_tokens=len(self.row.prompt_ids),
+            completion_tokens=self.produced,
+            finish_reason="stop" if self.stops.stopped else reason,
+        )
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            if self.row.on_text is not None:
+                self.row.on_text(text)
+
+
+def _done(row: GenerationRow, seq: _Seq | None, reason: str, error: BaseException | None) -> None:
+    """Finish ``row`` with a result (from ``seq``) or ``error``; call on_done once."""
+    if error is None and seq is not None:
+        try:
+            row.result = seq.result(reason)
+        except Exception as exc:  # the row's own sink failed: only this row fails
+            error = exc
+    elif error is None:
+        row.result = GenerationResult("", len(row.prompt_ids), 0, reason)
+    if error is not None:
+        row.result, row.error = None, error
+    try:
+        row.on_done(row)
+    except Exception:  # one caller's callback must not end the other rows
+        log.exception("on_done of a generation row failed")
+
+
+def _forward_error(exc: Exception, rows: int) -> Exception:
+    """What the rows of a failed forward pass report."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        traceback.clear_frames(exc.__traceback__)
+        return OutOfMemory(f"the device ran out of memory decoding a batch of {rows} rows: {exc}")
+    return exc
+
+
+class _Batch:
+    """The running batch: its rows, their shared KV cache and attention mask."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.seqs: list[_Seq] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows may join now: the batch is empty or its cache can be merged."""
+        if not self.seqs:
+            return True
+        from transformers.cache_utils import DynamicLayer
+
+        layers: list[Any] = list(getattr(self.cache, "layers", None) or [])
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def join(self, rows: Sequence[GenerationRow]) -> None:
+        """Prefill ``rows`` as a batch of their own and merge them into the running one."""
+        fresh: list[_Seq] = []
+        for row in rows:
+            try:
+                self.decoder.check(row.prompt_ids)
+                seq = _Seq(row, self.decoder)
+            except Exception as exc:  # a bad prompt fails its own row only
+                _done(row, None, "", exc)
+                continue
+            if row.cancellation.cancelled:
+                _done(row, seq, "cancelled", None)
+            elif seq.budget <= 0:
+                _done(row, seq, "length", None)
+            else:
+                fresh.append(seq)
+        if not fresh:
+            return
+        device = self.decoder.device
+        width = max(len(s.row.prompt_ids) for s in fresh)
+        ids = torch.full((len(fresh), width), self.decoder.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(fresh), width), dtype=torch.long)
+        for i, seq in enumerate(fresh):
+            prompt = list(seq.row.prompt_ids)
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+        # Each row counts positions from its own first token; padding sits at 0.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        try:
+            logits, cache = self._forward(ids, positions, mask, None)
+        except Exception as exc:  # e.g. out of memory: the new rows fail, the batch goes on
+            error = _forward_error(exc, len(fresh))
+            for seq in fresh:
+                _done(seq.row, None, "", error)
+            return
+        start = len(self.seqs)
+        self._merge(cache, mask, fresh)
+        self._take(start, logits)
+
+    def step(self) -> None:
+        """One decode step for every row; cancelled rows leave first."""
+        cancelled = [s for s in self.seqs if s.row.cancellation.cancelled]
+        for seq in cancelled:
+            _done(seq.row, seq, "cancelled", None)
+        self._drop(cancelled)
+        if not self.seqs or self.mask is None:
+            return
+        device = self.decoder.device
+        ids = torch.tensor([[s.token] for s in self.seqs], dtype=torch.long, device=device)
+        positions = torch.tensor([[s.position] for s in self.seqs], dtype=torch.long)
+        ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        try:
+            logits, self.cache = self._forward(ids, positions.to(device), mask, self.cache)
+        except Exception as exc:  # the whole pass failed: every row in it fails
+            error = _forward_error(exc, len(self.seqs))
+            failed, self.seqs, self.cache, self.mask = self.seqs, [], None, None
+            for seq in failed:
+                _done(seq.row, None, "", error)
+            return
+        self.mask = mask
+        self._take(0, logits)
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """One forward pass; returns each row's last-position logits and the cache."""
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+        }
+        if cache is not None:
+            kwargs[self.decoder.cache_arg] = cache
+        if self.decoder.keep_arg is not None:
+            kwargs[self.decoder.keep_arg] = 1
+        out = self.decoder.model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits, new_cache
+
+    def _take(self, start: int, logits: torch.Tensor) -> None:
+        """Sample a token for rows ``start:`` (one logits row each); finish those done."""
+        seqs = self.seqs[start:]
+        greedy: list[int] = logits.argmax(dim=-1).tolist()
+        finished: list[_Seq] = []
+        for i, seq in enumerate(seqs):
+            error: Exception | None = None
+            reason: str | None = None
+            try:
+                if seq.params.temperature <= 0:
+                    token = greedy[i]
+                else:
+                    token = sample(logits[i], seq.params, seq.rng)
+                reason = seq.accept(token)
+            except Exception as exc:  # this row's sink or sampler failed; the rest go on
+                error = exc
+            if reason is not None or error is not None:
+                _done(seq.row, seq, reason or "", error)
+                finished.append(seq)
+        self._drop(finished)
+
+    def _merge(self, cache: Any, mask: torch.Tensor, fresh: list[_Seq]) -> None:
+        """Append prefilled rows (their cache and mask) to the running batch."""
+        if not self.seqs or self.mask is None:
+            self.seqs, self.cache, self.mask = list(fresh), cache, mask
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                a = torch.nn.functional.pad(a, (0, 0, width - old, 0))
+                b = torch.nn.functional.pad(b, (0, 0, width - new, 0))
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        self.mask = torch.cat(
+            [
+                torch.nn.functional.pad(self.mask, (width - old, 0)),
+                torch.nn.functional.pad(mask, (width - new, 0)),
+            ],
+            dim=0,
+        )
+        self.seqs.extend(fresh)
+
+    def _drop(self, finished: list[_Seq]) -> None:
+        """Remove finished rows from the batch and the columns only they needed."""
+        if not finished:
+            return
+        gone = set(map(id, finished))
+        keep = [i for i, seq in enumerate(self.seqs) if id(seq) not in gone]
+        self.seqs = [self.seqs[i] for i in keep]
+        if not self.seqs or self.mask is None:
+            self.seqs, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        if not self.can_join:
+            return  # only plain layers can be cut along the sequence
+        first = int(self.mask.any(dim=0).int().argmax().item())
+        if first > 0:  # columns that are padding for every remaining row
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:, :]
+                layer.values = layer.values[:, :, first:, :]
+
+
+def generate_batch(
+    decoder: Decoder,
+    rows: Sequence[GenerationRow],
+    admit: RowSource | None,
+    max_rows: int | None = None,
+) -> None:
+    """Decode ``rows`` and every row ``admit`` adds, until none is left.
+
+    Between steps ``admit`` is asked for up to ``max_rows`` minus the live rows
+    (unbounded when ``max_rows`` is None). Each row ends with ``result`` or
+    ``error`` set and its ``on_done`` called once.
+    """
+    batch = _Batch(decoder)
+    incoming = list(rows)
+    while True:
+        if incoming:
+            batch.join(incoming)
+        if batch.seqs:
+            batch.step()
+        incoming = []
+        if admit is not None and batch.can_join:
+            limit = _NO_LIMIT if max_rows is None else max_rows
+            incoming = list(admit(max(0, limit - len(batch.seqs))))
+        if not batch.seqs and not incoming:
+            return
