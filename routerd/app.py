@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from backends.registry import BackendRegistry
-from policies.eviction import eviction_policy
-from policies.placement import placement_policy
+from policies import registry as policy_registry
 from routerd.api import admin, health, openai
 from routerd.api.errors import error_middleware
 from routerd.config import Config
@@ -48,8 +47,10 @@ def build_services(
             cpu_budget=config.devices.cpu_memory,
             gpu_indices=config.devices.gpus,
         )
-        placement = placement_policy(
-            config.scheduler.placement, eviction_policy(config.scheduler.eviction)
+        placement = policy_registry.create(
+            "placement",
+            config.scheduler.placement,
+            eviction=policy_registry.create("eviction", config.scheduler.eviction),
         )
         router = Router()
         registry = Registry(store, backends, router)

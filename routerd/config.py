@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from policies.eviction import EVICTION_POLICIES
-from policies.placement import STRATEGIES
+from policies import registry as policy_registry
 from state import VersionSpec
 
 DEFAULT_HOST = "127.0.0.1"
@@ -117,6 +116,7 @@ class SchedulerConfig:
     release_timeout: float = 10.0  # NVML must show an eviction's memory back by then
     placement: str = "best-fit"
     eviction: str = "lru"
+    routing: str = "least-outstanding"  # among a version's replicas
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,9 @@ def _server(raw: Mapping[str, Any]) -> ServerConfig:
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     defaults = SchedulerConfig()
     durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
-    _reject_unknown(raw, {*durations, "keep_alive", "placement", "eviction"}, where="scheduler.")
+    _reject_unknown(
+        raw, {*durations, "keep_alive", "placement", "eviction", "routing"}, where="scheduler."
+    )
     values: dict[str, Any] = {}
     for key in durations:
         seconds = parse_duration(raw.get(key, getattr(defaults, key)), key=f"scheduler.{key}")
@@ -251,12 +253,8 @@ def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     values["keep_alive"] = parse_keep_alive(
         raw.get("keep_alive", defaults.keep_alive), key="scheduler.keep_alive"
     )
-    values["placement"] = _choice(
-        raw.get("placement", defaults.placement), "scheduler.placement", sorted(STRATEGIES)
-    )
-    values["eviction"] = _choice(
-        raw.get("eviction", defaults.eviction), "scheduler.eviction", sorted(EVICTION_POLICIES)
-    )
+    for kind in ("placement", "eviction", "routing"):
+        values[kind] = _policy(raw.get(kind, getattr(defaults, kind)), kind)
     return SchedulerConfig(**values)
 
 
@@ -365,8 +363,11 @@ def _int(value: Any, key: str) -> int:
     return value
 
 
-def _choice(value: Any, key: str, known: list[str]) -> str:
-    text = _str(value, key)
-    if text not in known:
-        raise ConfigError(f"{key}: unknown policy {text!r} (known: {', '.join(known)})")
-    return text
+def _policy(value: Any, kind: str) -> str:
+    """A policy name known to the registry (built-in or plug-in)."""
+    name = _str(value, f"scheduler.{kind}")
+    try:
+        policy_registry.check(kind, name)
+    except ValueError as exc:
+        raise ConfigError(f"scheduler.{kind}: {exc}") from None
+    return name

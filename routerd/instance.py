@@ -18,10 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from backends.base import Cancellation, Footprint, LoadedModel
 from state import VersionRecord
+
+if TYPE_CHECKING:
+    from routerd.batcher import Batcher
 
 T = TypeVar("T")
 
@@ -51,8 +54,10 @@ class Instance:
         estimated_bytes: int,
         keep_alive: float,
         now: float,
+        replica: int = 0,
     ) -> None:
         self.record = record
+        self.replica = replica
         self.device = device
         self.state = InstanceState.WAITING
         self.reserved_bytes = reserved_bytes  # what placement planned for it
@@ -69,8 +74,9 @@ class Instance:
         self.revoked: str | None = None  # why live leases were ended (forced eviction)
         self._cancellations: set[Cancellation] = set()
         self._model: LoadedModel | None = None
+        self._batcher: Batcher | None = None
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"routerd-{record.model_id}"
+            max_workers=1, thread_name_prefix=f"routerd-{record.model_id}-{replica}"
         )
         self.idle = asyncio.Event()
         self.idle.set()
@@ -86,13 +92,38 @@ class Instance:
         return self.record.model_id
 
     @property
+    def key(self) -> str:
+        """Unique per instance: the model id for the first replica, ``id#n`` for others."""
+        return (
+            self.record.model_id if self.replica == 0 else f"{self.record.model_id}#{self.replica}"
+        )
+
+    @property
     def model(self) -> LoadedModel:
         if self._model is None:
             raise RuntimeError(f"{self.model_id} has no loaded model (state {self.state})")
         return self._model
 
+    @property
+    def batcher(self) -> Batcher:
+        """The queue every request of this instance goes through (set once ready)."""
+        if self._batcher is None:
+            raise RuntimeError(f"{self.model_id} has no batcher (state {self.state})")
+        return self._batcher
+
+    @property
+    def queued(self) -> int:
+        return 0 if self._batcher is None else self._batcher.queued
+
     def attach(self, model: LoadedModel) -> None:
         self._model = model
+
+    def attach_batcher(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    def detach_batcher(self) -> Batcher | None:
+        batcher, self._batcher = self._batcher, None
+        return batcher
 
     def detach(self) -> LoadedModel | None:
         model, self._model = self._model, None
@@ -141,6 +172,7 @@ class InstanceSnapshot:
 
     model: str
     version: str
+    replica: int
     backend: str
     device: str
     state: str
@@ -167,6 +199,7 @@ class InstanceSnapshot:
         return cls(
             model=instance.record.name,
             version=instance.record.version,
+            replica=instance.replica,
             backend=instance.record.backend,
             device=instance.device,
             state=str(instance.state),

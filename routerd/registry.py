@@ -18,12 +18,15 @@ from typing import Any
 from backends.base import InvalidRequest
 from backends.registry import BackendRegistry
 from policies.placement import is_device_preference
-from routerd.config import ConfigError, parse_keep_alive
+from policies.registry import check as check_policy
+from routerd.batcher import BATCHING_OPTIONS, batching_policy
+from routerd.config import ConfigError, parse_duration, parse_keep_alive
 from routerd.router import Router
 from state import Store, SyncResult, VersionRecord, VersionSpec
 
 # Options the scheduler reads itself; everything else belongs to the backend.
-SCHEDULER_OPTIONS = ("device", "devices", "keep_alive")
+REPLICA_OPTIONS = ("replicas", "max_replicas", "scale_up_queue", "scale_down_idle", "routing")
+SCHEDULER_OPTIONS = ("device", "devices", "keep_alive", *BATCHING_OPTIONS, *REPLICA_OPTIONS)
 
 
 class Registry:
@@ -109,3 +112,31 @@ def _check_scheduler_options(options: dict[str, Any]) -> None:
             raise InvalidRequest(str(exc), param="options.keep_alive") from None
         # Stored as JSON, which has no infinity: -1 means never, as in the config.
         options["keep_alive"] = -1 if math.isinf(seconds) else seconds
+    for key in ("replicas", "max_replicas", "scale_up_queue"):
+        value = options.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(
+                f"option {key} must be a positive integer, got {value!r}", param=f"options.{key}"
+            )
+    if options.get("max_replicas", 1) < options.get("replicas", 1) and "max_replicas" in options:
+        raise InvalidRequest(
+            "option max_replicas must be at least replicas", param="options.max_replicas"
+        )
+    if "scale_down_idle" in options:
+        try:
+            options["scale_down_idle"] = parse_duration(
+                options["scale_down_idle"], key="scale_down_idle"
+            )
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc), param="options.scale_down_idle") from None
+    if "routing" in options:
+        try:
+            check_policy("routing", str(options["routing"]))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="options.routing") from None
+    batching = {k: v for k, v in options.items() if k in BATCHING_OPTIONS}
+    if batching:
+        try:
+            batching_policy(batching, "cpu")
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"batching options: {exc}", param="options.batching") from None

@@ -72,6 +72,8 @@ class SchedulerSettings:
     min_residency: float = 10.0
     keep_alive: float = 300.0
     release_timeout: float = 10.0
+    scale_down_idle: float = 30.0  # extra replicas leave after this long idle
+    routing: str = "least-outstanding"
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
 
@@ -83,6 +85,7 @@ class SchedulerSettings:
             min_residency=scheduler.min_residency,
             keep_alive=scheduler.keep_alive,
             release_timeout=scheduler.release_timeout,
+            routing=scheduler.routing,
             poll_interval=devices.poll_interval,
             headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
         )
@@ -148,6 +151,7 @@ class ResidencyCore:
         self._instances: dict[str, Instance] = {}
         self._loads: dict[str, asyncio.Task[Instance]] = {}
         self._waiting: dict[str, int] = {}  # model id → requests waiting for it
+        self._routing_policies: dict[str, Any] = {}  # by name; some keep counters
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
         self._leaks: list[Leak] = []
@@ -167,7 +171,11 @@ class ResidencyCore:
         return [self._snapshot(i) for i in self._instances.values()]
 
     def instance(self, model_id: str) -> InstanceSnapshot | None:
+        """The version's first replica (or an instance key's own snapshot), if resident."""
         found = self._instances.get(model_id)
+        if found is None:
+            replicas = [i for i in self._instances.values() if i.record.model_id == model_id]
+            found = min(replicas, key=lambda i: i.replica) if replicas else None
         return None if found is None else self._snapshot(found)
 
     def leaks(self) -> list[Leak]:
@@ -225,7 +233,7 @@ class ResidencyCore:
         ]
         residents = [
             Resident(
-                model_id=i.model_id,
+                model_id=i.key,
                 device=i.device,
                 bytes=i.bytes,
                 last_used=i.touched,
@@ -318,6 +326,9 @@ class ResidencyCore:
 
     async def _unload(self, instance: Instance) -> None:
         instance.state = InstanceState.UNLOADING
+        batcher = instance.detach_batcher()
+        if batcher is not None:
+            await batcher.close()
         model = instance.detach()
         try:
             if model is not None:
@@ -326,33 +337,48 @@ class ResidencyCore:
             instance.close_executor()
 
     def _forget(self, instance: Instance) -> None:
-        if self._instances.get(instance.model_id) is instance:
-            del self._instances[instance.model_id]
+        if self._instances.get(instance.key) is instance:
+            del self._instances[instance.key]
         instance.gone.set()
         self._changed()
 
     # -- keep-alive -------------------------------------------------------------
 
+    def _idle_limit(self, instance: Instance) -> tuple[float, str]:
+        """How long ``instance`` may stay idle, and the eviction reason when it has.
+
+        Replicas beyond a model's ``replicas`` were added for load; they leave after
+        ``scale_down_idle`` (if that is sooner than the keep-alive).
+        """
+        options = instance.record.options
+        if instance.replica >= int(options.get("replicas", 1)):
+            scale_down = float(options.get("scale_down_idle", self.settings.scale_down_idle))
+            if scale_down < instance.keep_alive:
+                return scale_down, "scale-down"
+        return instance.keep_alive, "ttl"
+
     async def _reap_idle(self) -> None:
-        """Unload idle instances whose keep_alive ran out (reason ``ttl``)."""
+        """Unload idle instances whose keep_alive ran out (``ttl``, or ``scale-down``)."""
         while not self._closing:
             now = self._clock()
             wake = 1.0
             for instance in list(self._instances.values()):
+                limit, reason = self._idle_limit(instance)
                 if (
                     instance.state is not InstanceState.READY
                     or instance.in_flight
+                    or instance.queued
                     or instance.model_id in self._waiting
                     or instance.model_id in self._pinned
-                    or math.isinf(instance.keep_alive)
+                    or math.isinf(limit)
                 ):
                     continue
-                remaining = instance.touched + instance.keep_alive - now
+                remaining = instance.touched + limit - now
                 if remaining <= 0:
                     instance.state = InstanceState.DRAINING
                     self._spawn(
-                        self._evict_instance(instance, reason="ttl", trigger=None),
-                        name=f"expire {instance.model_id}",
+                        self._evict_instance(instance, reason=reason, trigger=None),
+                        name=f"expire {instance.key}",
                     )
                 else:
                     wake = min(wake, remaining)

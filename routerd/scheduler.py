@@ -36,10 +36,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from backends.base import Backend, BackendError, Footprint, LoadSpec, OutOfMemory
+from policies.registry import create as create_policy
+from policies.routing import Candidate, RouteRequest, RoutingPolicy
 from policies.types import LoadRequest, Plan
+from routerd.batcher import Batcher, batching_policy
 from routerd.config import parse_keep_alive
 from routerd.errors import Draining, LoadFailed, NotFound, Unavailable
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
+from routerd.registry import SCHEDULER_OPTIONS
 from routerd.residency import (
     DeviceSnapshot,
     Leak,
@@ -173,9 +177,12 @@ class Scheduler(ResidencyCore):
         while True:
             if self._closing:
                 raise Draining("routerd is shutting down", retry_after=5)
+            replicas = self._replicas(record.model_id)
+            chosen = self._route(record, replicas)
+            if chosen is not None:
+                self._scale_up_if_busy(record, replicas)
+                return chosen, waited
             instance = self._instances.get(record.model_id)
-            if instance is not None and instance.state is InstanceState.READY:
-                return instance, waited
             waited = True
             if instance is not None and instance.state in (
                 InstanceState.DRAINING,
@@ -212,6 +219,69 @@ class Scheduler(ResidencyCore):
             task.exception()  # retrieved: waiters that gave up must not leave it unseen
         self._changed()
 
+    # -- replicas and routing -----------------------------------------------------
+
+    def _replicas(self, model_id: str) -> list[Instance]:
+        return [i for i in self._instances.values() if i.record.model_id == model_id]
+
+    def _route(self, record: VersionRecord, replicas: list[Instance]) -> Instance | None:
+        """The READY replica the routing policy ranks first, or None if none is ready."""
+        ready = [i for i in replicas if i.state is InstanceState.READY]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        name = str(record.options.get("routing", self.settings.routing))
+        ranked = self._routing_policy(name).rank(
+            RouteRequest(record.model_id),
+            [
+                Candidate(
+                    key=i.key,
+                    device=i.device,
+                    resident=i.state is InstanceState.READY,
+                    in_flight=i.in_flight,
+                    queued=i.queued,
+                )
+                for i in replicas
+            ],
+        )
+        by_key = {i.key: i for i in ready}
+        return next((by_key[c.key] for c in ranked if c.key in by_key), ready[0])
+
+    def _routing_policy(self, name: str) -> RoutingPolicy:
+        if name not in self._routing_policies:
+            self._routing_policies[name] = create_policy("routing", name)
+        policy: RoutingPolicy = self._routing_policies[name]
+        return policy
+
+    def _scale_up_if_busy(self, record: VersionRecord, replicas: list[Instance]) -> None:
+        """Add a replica when below ``replicas``, or when every replica is busy.
+
+        Busy: at least ``scale_up_queue`` requests in flight or queued on each ready
+        replica. At most ``max_replicas``; one replica load at a time per version;
+        only where memory allows without evicting anything.
+        """
+        options = record.options
+        minimum = int(options.get("replicas", 1))
+        maximum = max(int(options.get("max_replicas", minimum)), minimum)
+        if len(replicas) >= maximum or any(i.state is not InstanceState.READY for i in replicas):
+            return
+        threshold = int(options.get("scale_up_queue", 4))
+        busy = all(i.in_flight + i.queued >= threshold for i in replicas)
+        if len(replicas) >= minimum and not busy:
+            return
+        taken = {i.replica for i in replicas}
+        replica = next(n for n in range(maximum) if n not in taken)
+        self._spawn(self._add_replica(record, replica), name=f"replica {record.model_id}#{replica}")
+
+    async def _add_replica(self, record: VersionRecord, replica: int) -> None:
+        key = f"{record.model_id}#{replica}" if replica else record.model_id
+        task = asyncio.create_task(self._load(record, None, "scale-up", replica=replica))
+        self._loads[key] = task
+        task.add_done_callback(self._load_done)
+        try:
+            await task
+        except Unavailable as exc:
+            log.info("%s: not adding replica %d: %s", record.model_id, replica, exc.message)
+
     # -- operators --------------------------------------------------------------
 
     async def load(
@@ -224,22 +294,32 @@ class Scheduler(ResidencyCore):
     async def evict(
         self, model_id: str, *, reason: str = "manual", force: bool = False
     ) -> InstanceSnapshot:
-        """Drain (no new leases; live ones finish) and unload ``model_id``.
+        """Drain (no new leases; live ones finish) and unload every replica of ``model_id``.
 
-        ``force`` ends live requests at once, each with a clear error.
+        ``force`` ends live requests at once, each with a clear error. Returns the
+        first replica as it was before it left.
         """
-        instance = self._instances.get(model_id)
-        if instance is None:
+        replicas = sorted(self._replicas(model_id), key=lambda i: i.replica)
+        if not replicas:
             raise NotFound(f"{model_id} is not loaded", param="model")
+        snapshots = await asyncio.gather(
+            *(self._evict_replica(i, reason=reason, force=force) for i in replicas)
+        )
+        return snapshots[0]
+
+    async def _evict_replica(
+        self, instance: Instance, *, reason: str, force: bool
+    ) -> InstanceSnapshot:
         if instance.state in (InstanceState.WAITING, InstanceState.LOADING, InstanceState.WARMING):
-            task = self._loads.get(model_id)
+            task = self._loads.get(instance.key)
             if task is not None:
                 await asyncio.wait([task])
-            return await self.evict(model_id, reason=reason, force=force)
+            if self._instances.get(instance.key) is not instance:
+                return self._snapshot(instance)
         snapshot = self._snapshot(instance)
         if instance.state is not InstanceState.READY:
             if force:
-                instance.revoke(f"{model_id} was evicted by an operator")
+                instance.revoke(f"{instance.model_id} was evicted by an operator")
             await instance.gone.wait()
             return snapshot
         await self._evict_instance(instance, reason=reason, trigger=None, force=force)
@@ -258,7 +338,9 @@ class Scheduler(ResidencyCore):
 
     # -- loading ----------------------------------------------------------------
 
-    async def _load(self, record: VersionRecord, device: str | None, why: str) -> Instance:
+    async def _load(
+        self, record: VersionRecord, device: str | None, why: str, *, replica: int = 0
+    ) -> Instance:
         """Estimate, place, wait for victims, load, warm up, measure; retry once on OOM."""
         try:
             backend = self._backends.get(record.backend)
@@ -270,7 +352,9 @@ class Scheduler(ResidencyCore):
         need = {d: self._need(record, estimates, d) for d in self._devices.device_ids()}
         retried: str | None = None
         while True:
-            instance = await self._place(record, preferences, need, estimates, retried)
+            instance = await self._place(
+                record, preferences, need, estimates, retried, replica=replica
+            )
             try:
                 return await self._bring_up(instance, backend, need, why)
             except _RetryLoad as retry:
@@ -309,7 +393,7 @@ class Scheduler(ResidencyCore):
         return estimates[kind]
 
     def _spec(self, record: VersionRecord, device: str) -> LoadSpec:
-        scheduler_keys = {"device", "devices", "keep_alive"}
+        scheduler_keys = set(SCHEDULER_OPTIONS)
         return LoadSpec(
             name=record.name,
             version=record.version,
@@ -325,10 +409,17 @@ class Scheduler(ResidencyCore):
         need: Mapping[str, int],
         estimates: Mapping[str, int],
         retried: str | None,
+        *,
+        replica: int = 0,
     ) -> Instance:
-        """Plan until a plan comes (committed at once) or the wait runs out."""
+        """Plan until a plan comes (committed at once) or the wait runs out.
+
+        An extra replica (``replica`` > 0) is only added where memory allows it now:
+        it neither waits nor evicts anything.
+        """
         deadline = self._clock() + self.settings.load_wait_timeout
-        request = LoadRequest(record.model_id, preferences, need)
+        key = record.model_id if replica == 0 else f"{record.model_id}#{replica}"
+        request = LoadRequest(key, preferences, need)
         while True:
             if self._closing:
                 raise Draining("routerd is shutting down", retry_after=5)
@@ -340,8 +431,11 @@ class Scheduler(ResidencyCore):
                 now=self._clock(),
                 min_residency=self.settings.min_residency,
             )
-            if isinstance(decision, Plan):
-                return self._commit(record, decision, need, estimates, retried)
+            if isinstance(decision, Plan) and (replica == 0 or not decision.evict):
+                return self._commit(record, decision, need, estimates, retried, replica)
+            if replica:
+                raise Unavailable(f"no free room for another replica of {record.model_id}")
+            assert not isinstance(decision, Plan)
             if not decision.retry:
                 self._record("load_failed", record, reason=decision.reason)
                 raise Unavailable(decision.reason, code="insufficient_memory")
@@ -362,6 +456,7 @@ class Scheduler(ResidencyCore):
         need: Mapping[str, int],
         estimates: Mapping[str, int],
         retried: str | None,
+        replica: int = 0,
     ) -> Instance:
         """Make the plan true in one step: the new instance claims its bytes, victims drain."""
         keep_alive = record.options.get("keep_alive")
@@ -376,16 +471,17 @@ class Scheduler(ResidencyCore):
                 else parse_keep_alive(keep_alive, key="keep_alive")
             ),
             now=self._clock(),
+            replica=replica,
         )
-        self._instances[record.model_id] = instance
+        self._instances[instance.key] = instance
         self.load_count += 1
         reason = "oom-retry" if retried else self._placement.eviction.name
         for victim_id in plan.evict:
             victim = self._instances[victim_id]
-            victim.victim_of = record.model_id
+            victim.victim_of = instance.key
             victim.state = InstanceState.DRAINING
             self._spawn(
-                self._evict_instance(victim, reason=reason, trigger=record.model_id),
+                self._evict_instance(victim, reason=reason, trigger=instance.key),
                 name=f"evict {victim_id}",
             )
         if plan.evict:
@@ -403,7 +499,7 @@ class Scheduler(ResidencyCore):
         self, instance: Instance, backend: Backend, need: Mapping[str, int], why: str
     ) -> Instance:
         record = instance.record
-        victims = [i for i in self._instances.values() if i.victim_of == record.model_id]
+        victims = [i for i in self._instances.values() if i.victim_of == instance.key]
         await asyncio.gather(*(v.gone.wait() for v in victims))
         # Other loads' victims may still be leaving; a leak may have kept bytes. Start
         # allocating only once used + this reservation fits the capacity.
@@ -461,6 +557,7 @@ class Scheduler(ResidencyCore):
                 f"measured {measured.total} bytes, more than the {instance.reserved_bytes} "
                 f"planned, and {instance.device} has no room for the difference",
             )
+        instance.attach_batcher(Batcher(instance, batching_policy(record.options, instance.device)))
         instance.load_ms = (self._clock() - instance.placed_at) * 1000
         instance.loaded_at = instance.touched = self._clock()
         instance.state = InstanceState.READY
@@ -500,7 +597,7 @@ class Scheduler(ResidencyCore):
         """Evict idle instances on the device to cover a measured overrun (``pressure``)."""
         _, residents = self._planning_view()
         others = [
-            r for r in residents if r.device == instance.device and r.model_id != instance.model_id
+            r for r in residents if r.device == instance.device and r.model_id != instance.key
         ]
         victims = self._placement.eviction.victims(
             others, need=overrun, free=0, now=self._clock(), min_residency=0.0
@@ -509,10 +606,10 @@ class Scheduler(ResidencyCore):
             return False
         leaving = [self._instances[v] for v in victims]
         for victim in leaving:
-            victim.victim_of = instance.model_id
+            victim.victim_of = instance.key
             victim.state = InstanceState.DRAINING
             self._spawn(
-                self._evict_instance(victim, reason="pressure", trigger=instance.model_id),
+                self._evict_instance(victim, reason="pressure", trigger=instance.key),
                 name=f"evict {victim.model_id}",
             )
         await asyncio.gather(*(v.gone.wait() for v in leaving))

@@ -64,6 +64,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "devices": [dataclasses.asdict(d) for d in services.scheduler.devices()],
             "instances": [_instance_json(i) for i in services.scheduler.instances()],
+            "leaked": [dataclasses.asdict(leak) for leak in services.scheduler.leaks()],
             "models": len(services.router.table.versions),
             "accepting": services.accepting,
         }
@@ -164,9 +165,10 @@ async def evict(request: web.Request) -> web.Response:
     else:
         if model not in services.router.table.latest:
             services.router.resolve(model)  # raises the 404 in the usual shape
-        targets = [
-            i.model + "@" + i.version for i in services.scheduler.instances() if i.model == model
-        ]
+        # One target per version: evicting a version takes all its replicas.
+        targets = sorted(
+            {i.model + "@" + i.version for i in services.scheduler.instances() if i.model == model}
+        )
     if not targets or all(services.scheduler.instance(t) is None for t in targets):
         raise NotFound(f"{model} is not loaded", param="model")
     evicted = [

@@ -78,8 +78,8 @@ async def generate(instance: Instance, prompt: PreparedPrompt) -> GenerationResu
     cancellation = Cancellation()
     instance.track(cancellation)
     try:
-        result = await instance.run(
-            instance.model.generate, prompt.token_ids, prompt.params, None, cancellation
+        result = await instance.batcher.generate(
+            prompt.token_ids, prompt.params, None, cancellation
         )
     finally:
         instance.untrack(cancellation)
@@ -107,9 +107,7 @@ async def stream(
 
     instance.track(cancellation)
     work = asyncio.ensure_future(
-        instance.run(
-            instance.model.generate, prompt.token_ids, prompt.params, on_text, cancellation
-        )
+        instance.batcher.generate(prompt.token_ids, prompt.params, on_text, cancellation)
     )
     work.add_done_callback(lambda _: instance.untrack(cancellation))
     # Queued after every piece: the thread's call_soon_threadsafe calls precede the

@@ -331,7 +331,7 @@ async def embeddings(request: web.Request) -> web.Response:
                     code="context_length_exceeded",
                 )
             batch.append(ids)
-        vectors = await lease.instance.run(lease.instance.model.embed, batch)
+        vectors = await lease.instance.batcher.embed(batch)
     tokens = sum(len(ids) for ids in batch)
     return web.json_response(
         {

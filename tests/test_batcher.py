@@ -1,0 +1,106 @@
+"""The per-instance batcher: requests queue, batches form by policy, rows finish alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.base import Cancellation, SamplingParams
+from tests.fakes import FakeBackend
+from tests.support import fake_services, fake_spec
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+async def ready_instance(services, name):
+    await services.scheduler.load(services.router.resolve(name))
+    return services.scheduler._instances[f"{name}@1"]
+
+
+async def test_concurrent_requests_share_batches(tmp_path, backend):
+    models = [fake_spec(tmp_path, "m", max_batch_size=8, max_wait_ms=50, context=4096)]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "m")
+        prompts = [[97 + i, 98 + i] for i in range(8)]
+        results = await asyncio.gather(
+            *(
+                instance.batcher.generate(p, SamplingParams(max_tokens=3), None, Cancellation())
+                for p in prompts
+            )
+        )
+        assert [r.text for r in results] == [
+            bytes(reversed(p)).decode() + chr(p[1]) for p in prompts
+        ]
+        assert instance.batcher.batches == 1
+        assert instance.batcher.largest_batch == 8
+    finally:
+        services.store.close()
+
+
+async def test_no_batching_runs_each_request_alone(tmp_path, backend):
+    services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "m", batching="none")])
+    try:
+        instance = await ready_instance(services, "m")
+        await asyncio.gather(
+            *(
+                instance.batcher.generate([97], SamplingParams(max_tokens=2), None, Cancellation())
+                for _ in range(5)
+            )
+        )
+        assert instance.batcher.largest_batch == 1
+    finally:
+        services.store.close()
+
+
+async def test_embedding_requests_merge_into_one_forward_pass(tmp_path, backend):
+    models = [fake_spec(tmp_path, "e", task="embed", max_wait_ms=50)]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "e")
+        inputs = [[[1, 2]], [[3], [4, 5, 6]], [[7]]]
+        results = await asyncio.gather(*(instance.batcher.embed(i) for i in inputs))
+        assert [len(r) for r in results] == [1, 2, 1]
+        alone = instance.model.embed([[3], [4, 5, 6]])
+        assert results[1] == alone
+        assert instance.batcher.batches == 1
+    finally:
+        services.store.close()
+
+
+async def test_row_cancelled_while_queued_finishes_cancelled(tmp_path, backend):
+    models = [fake_spec(tmp_path, "m", batching="none", token_delay=0.01, context=4096)]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "m")
+        first = asyncio.create_task(
+            instance.batcher.generate([97], SamplingParams(max_tokens=20), None, Cancellation())
+        )
+        cancellation = Cancellation()
+        queued = asyncio.create_task(
+            instance.batcher.generate([98], SamplingParams(max_tokens=20), None, cancellation)
+        )
+        await asyncio.sleep(0.02)
+        cancellation.cancel()
+        assert (await queued).finish_reason == "cancelled"
+        assert (await first).finish_reason == "length"
+    finally:
+        services.store.close()
+
+
+async def test_bad_option_values_are_refused_at_registration(tmp_path, backend):
+    from backends.base import InvalidRequest
+
+    services = fake_services(tmp_path, backend)
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            services.registry.register(fake_spec(tmp_path, "x", max_batch_size=0))
+        assert caught.value.param == "options.batching"
+        with pytest.raises(InvalidRequest):
+            services.registry.register(fake_spec(tmp_path, "y", batching="sometimes"))
+    finally:
+        services.store.close()
