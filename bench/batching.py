@@ -87,11 +87,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     version="1",
                     backend="transformers",
                     path=folder,
-                    options={
-                        "batching": batching,
-                        "max_batch_size": args.clients,
-                        "max_wait_ms": 5.0,
-                    },
+                    options=(
+                        {"batching": "dynamic", "max_batch_size": args.clients, "max_wait_ms": 5.0}
+                        if batching == "dynamic"
+                        else {"batching": "none"}
+                    ),
                 )
             )
     config = Config(
