@@ -21,7 +21,13 @@ def _transformers() -> Backend:
     return TransformersBackend()
 
 
-BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {"transformers": _transformers}
+def _echo() -> Backend:
+    from backends.echo import EchoBackend
+
+    return EchoBackend()
+
+
+BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {"transformers": _transformers, "echo": _echo}
 
 
 class BackendRegistry:

@@ -1,0 +1,408 @@
+"""The ``echo`` backend: alone, and behind the real app through the built-in registry."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from backends.base import (
+    BackendError,
+    Cancellation,
+    GenerationRow,
+    InvalidRequest,
+    LoadSpec,
+    SamplingParams,
+    Task,
+)
+from backends.echo import EchoBackend, EchoModel
+from backends.registry import BUILTIN_BACKENDS, BackendRegistry
+from routerd.app import build_app
+from state import VersionSpec
+from tests.fakes import FakeBackend
+from tests.support import fake_services
+
+
+def load(tmp_path: Path, **options: Any) -> EchoModel:
+    backend = EchoBackend()
+    spec = LoadSpec("echo", "1", str(tmp_path), backend.validate_options(options), "cpu")
+    return backend.load(spec)
+
+
+def params(max_tokens: int, *stop: str) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, stop=stop)
+
+
+class Probe:
+    """A generation row that records what it streamed and how often it finished."""
+
+    def __init__(self, prompt: str, max_tokens: int, *stop: str) -> None:
+        self.pieces: list[str] = []
+        self.done = 0
+        self.row = GenerationRow(
+            list(prompt.encode()),
+            params(max_tokens, *stop),
+            self.pieces.append,
+            Cancellation(),
+            self._on_done,
+        )
+
+    def _on_done(self, row: GenerationRow) -> None:
+        self.done += 1
+
+
+# -- options and footprint -----------------------------------------------------------
+
+
+def test_registered_as_a_builtin_kind() -> None:
+    assert "echo" in BUILTIN_BACKENDS
+    assert BackendRegistry().get("echo").kind == "echo"
+
+
+def test_options_are_validated_and_defaulted() -> None:
+    backend = EchoBackend()
+    defaults = backend.validate_options({})
+    assert defaults == {
+        "task": "generate",
+        "context": 4096,
+        "latency_ms": 0.0,
+        "fail_rate": 0.0,
+        "seed": 0,
+        "bytes": 1024 * 1024,
+    }
+    assert backend.validate_options(defaults) == defaults  # normalized options stay valid
+    assert backend.validate_options({"latency_ms": 2, "task": "embed"})["latency_ms"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("latency_ms", -1),
+        ("latency_ms", "5"),
+        ("latency_ms", math.inf),
+        ("fail_rate", 1.5),
+        ("fail_rate", -0.1),
+        ("task", "classify"),
+        ("context", 0),
+        ("context", True),
+        ("seed", 1.5),
+        ("bytes", -1),
+        ("dtype", "float32"),  # unknown key
+    ],
+)
+def test_bad_options_name_the_key(key: str, value: Any) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        EchoBackend().validate_options({key: value})
+    assert caught.value.param == key
+    assert key in str(caught.value)
+
+
+def test_footprint_is_the_bytes_option_and_needs_a_folder(tmp_path: Path) -> None:
+    backend = EchoBackend()
+    spec = LoadSpec("echo", "1", str(tmp_path), {"bytes": 4096}, "cpu")
+    assert backend.estimate_footprint(spec).total == 4096
+    model = backend.load(spec)
+    model.warm_up()
+    assert model.measure_footprint().total == 4096
+    missing = LoadSpec("echo", "1", str(tmp_path / "nope"), {}, "cpu")
+    with pytest.raises(BackendError, match="not a directory"):
+        backend.estimate_footprint(missing)
+    with pytest.raises(BackendError):
+        backend.load(missing)
+
+
+def test_info_and_tokenizer(tmp_path: Path) -> None:
+    model = load(tmp_path, context=128)
+    assert model.info.task is Task.GENERATE
+    assert model.info.context_length == 128
+    assert model.info.vocab_size == 256
+    assert model.encode_prompt("hé") == [104, 0xC3, 0xA9]
+    assert model.count_tokens("hé") == 3
+    chat = model.encode_chat(
+        [{"role": "system", "content": "be"}, {"role": "user", "content": "x"}]
+    )
+    assert bytes(chat).decode() == "system: be\nuser: x\n"
+
+
+# -- generation -----------------------------------------------------------------------
+
+
+def test_generate_echoes_the_prompt_up_to_max_tokens(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    result = model.generate(model.encode_prompt("abc"), params(7), None, Cancellation())
+    assert (result.text, result.finish_reason) == ("abcabca", "length")
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 7)
+    short = model.generate(model.encode_prompt("abcdef"), params(2), None, Cancellation())
+    assert short.text == "ab"
+    empty = model.generate([], params(5), None, Cancellation())
+    assert (empty.text, empty.finish_reason, empty.completion_tokens) == ("", "stop", 0)
+
+
+def test_multibyte_characters_are_echoed_whole(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    prompt = model.encode_prompt("hé€")
+    pieces: list[str] = []
+    result = model.generate(prompt, params(8), pieces.append, Cancellation())
+    assert (result.text, result.completion_tokens) == ("hé€h\ufffd", 8)  # cut mid-character
+    assert pieces == ["h", "é", "€", "h", "\ufffd"]
+
+
+def test_generate_streams_one_piece_per_token(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    pieces: list[str] = []
+    result = model.generate(model.encode_prompt("hey"), params(5), pieces.append, Cancellation())
+    assert pieces == ["h", "e", "y", "h", "e"]
+    assert "".join(pieces) == result.text
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    pieces: list[str] = []
+    prompt = model.encode_prompt("hello world")
+    result = model.generate(prompt, params(50, "o w", "zz"), pieces.append, Cancellation())
+    assert (result.text, result.finish_reason) == ("hell", "stop")
+    assert result.completion_tokens == 7  # up to the token that completed "o w"
+    assert "".join(pieces) == "hell"
+    # a held-back start of a stop string that never completes is sent at the end
+    pieces.clear()
+    result = model.generate(
+        model.encode_prompt("abc"), params(3, "cx"), pieces.append, Cancellation()
+    )
+    assert (result.text, result.finish_reason) == ("abc", "length")
+    assert "".join(pieces) == "abc"
+
+
+def test_cancellation_stops_between_tokens(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    cancellation = Cancellation()
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancellation.cancel()
+
+    result = model.generate(model.encode_prompt("abcdef"), params(100), on_text, cancellation)
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("abc", "cancelled", 3)
+    early = Cancellation()
+    early.cancel()
+    result = model.generate(model.encode_prompt("abc"), params(10), None, early)
+    assert (result.text, result.finish_reason) == ("", "cancelled")
+
+
+def test_generate_batch_admits_rows_between_steps(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    first = [Probe("aaaa", 4), Probe("ab", 6, "ba")]
+    late = [Probe("xyz", 2), Probe("q", 3)]
+    offers: list[int] = []
+
+    def admit(free: int) -> list[GenerationRow]:
+        offers.append(free)
+        if len(offers) == 2:
+            return [p.row for p in late[:1]]
+        if len(offers) == 3:
+            return [p.row for p in late[1:]]
+        return []
+
+    model.generate_batch([p.row for p in first], admit, max_rows=3)
+    everyone = first + late
+    assert [p.done for p in everyone] == [1, 1, 1, 1]
+    assert all(p.row.error is None and p.row.result is not None for p in everyone)
+    texts = [p.row.result.text for p in everyone if p.row.result is not None]
+    assert texts == ["aaaa", "a", "xy", "qqq"]
+    assert [p.row.result.finish_reason for p in everyone if p.row.result] == [
+        "length",
+        "stop",
+        "length",
+        "length",
+    ]
+    assert all("".join(p.pieces) == p.row.result.text for p in everyone if p.row.result)
+    assert offers[0] == 1 and offers[1] == 1 and offers[2] <= 2  # max_rows bounds the offer
+
+
+def test_a_bad_row_fails_alone(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    good = Probe("ok", 3)
+    bad = Probe("x", 3)
+    bad.row.prompt_ids = [1, 999]
+
+    def broken(piece: str) -> None:
+        raise RuntimeError("client went away badly")
+
+    sink = Probe("zz", 3)
+    sink.row.on_text = broken
+    model.generate_batch([bad.row, good.row, sink.row], None)
+    assert [p.done for p in (bad, good, sink)] == [1, 1, 1]
+    assert isinstance(bad.row.error, InvalidRequest) and bad.row.result is None
+    assert isinstance(sink.row.error, RuntimeError) and sink.row.result is None
+    assert good.row.result is not None and good.row.result.text == "oko"
+
+
+def test_wrong_task_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest):
+        load(tmp_path, task="embed").generate([97], params(2), None, Cancellation())
+    with pytest.raises(InvalidRequest):
+        load(tmp_path).embed([[97]])
+
+
+# -- embeddings -----------------------------------------------------------------------
+
+
+def test_embeddings_are_normalized_and_deterministic(tmp_path: Path) -> None:
+    model = load(tmp_path, task="embed")
+    assert model.info.task is Task.EMBED
+    model.warm_up()
+    inputs = [[97, 98], [99], []]
+    first = model.embed(inputs)
+    again = load(tmp_path, task="embed").embed(inputs)
+    assert first == again
+    assert len(first) == 3 and all(len(v) == 16 for v in first)
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1.0) < 1e-9 for v in first)
+    assert first[0] != first[1]
+    assert model.embed([[99]]) == [first[1]]
+
+
+# -- faults and latency ---------------------------------------------------------------
+
+
+def test_fail_rate_one_always_fails_and_zero_never(tmp_path: Path) -> None:
+    failing = load(tmp_path, fail_rate=1.0)
+    for _ in range(20):
+        with pytest.raises(BackendError, match="injected failure"):
+            failing.generate([97], params(2), None, Cancellation())
+    rows = [Probe("a", 2), Probe("b", 2)]
+    failing.generate_batch([p.row for p in rows], None)
+    assert all(p.done == 1 and isinstance(p.row.error, BackendError) for p in rows)
+    with pytest.raises(BackendError, match="injected failure"):
+        load(tmp_path, fail_rate=1.0, task="embed").embed([[1]])
+    healthy = load(tmp_path, fail_rate=0.0)
+    for _ in range(200):
+        assert healthy.generate([97], params(2), None, Cancellation()).text == "aa"
+    embedder = load(tmp_path, fail_rate=0, task="embed")
+    for _ in range(50):
+        embedder.embed([[1]])
+
+
+def test_fail_rate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
+    def outcomes(seed: int) -> list[bool]:
+        model = load(tmp_path, fail_rate=0.5, seed=seed)
+        failed = []
+        for _ in range(64):
+            try:
+                model.generate([97], params(1), None, Cancellation())
+                failed.append(False)
+            except BackendError:
+                failed.append(True)
+        return failed
+
+    assert outcomes(7) == outcomes(7)
+    assert 10 < sum(outcomes(7)) < 54
+    assert outcomes(7) != outcomes(8)
+
+
+def test_latency_ms_is_slept_per_request(tmp_path: Path) -> None:
+    model = load(tmp_path, latency_ms=30)
+    started = time.perf_counter()
+    model.generate([97], params(2), None, Cancellation())
+    assert time.perf_counter() - started >= 0.03
+    embedder = load(tmp_path, latency_ms=20, task="embed")
+    started = time.perf_counter()
+    embedder.embed([[1]])
+    assert time.perf_counter() - started >= 0.02
+
+
+# -- end to end through the real app -------------------------------------------------
+
+
+def echo_spec(tmp: Path, name: str, **options: Any) -> VersionSpec:
+    folder = tmp / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return VersionSpec(name=name, version="1", backend="echo", path=str(folder), options=options)
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    models = [
+        echo_spec(tmp_path, "echo-lm", context=256),
+        echo_spec(tmp_path, "echo-embed", task="embed"),
+        echo_spec(tmp_path, "echo-broken", fail_rate=1.0),
+    ]
+    services = fake_services(tmp_path, FakeBackend(), models, backends=BackendRegistry())
+    async with TestClient(TestServer(build_app(services))) as test_client:
+        yield test_client
+
+
+async def sse_events(response: Any) -> list[dict[str, Any]]:
+    text = await response.text()
+    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def test_completions_through_the_app(client: TestClient[Any, Any]) -> None:
+    response = await client.post(
+        "/v1/completions", json={"model": "echo-lm", "prompt": "ping", "max_tokens": 6}
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert response.headers["x-routerd-model"] == "echo-lm@1"
+    assert body["choices"][0]["text"] == "pingpi"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+    response = await client.post(
+        "/v1/completions",
+        json={"model": "echo-lm", "prompt": "abc", "max_tokens": 5, "stream": True, "stop": "ca"},
+    )
+    assert response.status == 200
+    events = await sse_events(response)
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "ab"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_chat_through_the_app(client: TestClient[Any, Any]) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "echo-lm", "messages": messages, "max_tokens": 8}
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["choices"][0]["message"]["content"] == "user: hi"
+    assert body["usage"]["prompt_tokens"] == len("user: hi\n")
+
+    response = await client.post(
+        "/v1/chat/completions",
+        json={"model": "echo-lm", "messages": messages, "max_tokens": 4, "stream": True},
+    )
+    assert response.status == 200
+    events = await sse_events(response)
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("content") or "" for d in deltas) == "user"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_embeddings_and_failures_through_the_app(client: TestClient[Any, Any]) -> None:
+    response = await client.post(
+        "/v1/embeddings", json={"model": "echo-embed", "input": ["a", "b"]}
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert [len(d["embedding"]) for d in body["data"]] == [16, 16]
+
+    response = await client.post(
+        "/v1/completions", json={"model": "echo-broken", "prompt": "x", "max_tokens": 2}
+    )
+    body = await response.json()
+    assert response.status >= 500
+    assert "injected failure" in body["error"]["message"]
+    again = await client.post(
+        "/v1/completions", json={"model": "echo-lm", "prompt": "x", "max_tokens": 2}
+    )
+    assert again.status == 200  # a failing model disturbs no other
