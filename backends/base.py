@@ -210,7 +210,9 @@ class LoadedModel(Protocol):
         ``GenerationResult.text``.
         """
 
-    def generate_batch(self, rows: Sequence[GenerationRow], admit: RowSource | None) -> None:
+    def generate_batch(
+        self, rows: Sequence[GenerationRow], admit: RowSource | None, max_rows: int | None = None
+    ) -> None:
         """Decode ``rows`` together until every row has finished.
 
         Each row keeps its own max_tokens, stop strings, temperature, top_p and seed,
@@ -219,6 +221,7 @@ class LoadedModel(Protocol):
         ``generate`` alone. Between steps, ``admit`` (if given) is asked for rows to
         join the running batch; a backend that cannot join rows mid-decode calls it
         only when the batch is empty and returns when admit has nothing more.
+        ``max_rows`` caps the batch: admit is offered ``max_rows`` minus the rows running.
         """
 
     def count_tokens(self, text: str) -> int:

@@ -31,6 +31,11 @@ class Queued:
 class BatchingPolicy(Protocol):
     name: str
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows a batch may hold; read by the batcher once per batch."""
+        ...
+
     def admit(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         """How many of ``queued`` (in order) start now; ``running`` holds the token
         budgets of the rows already decoding (empty when the instance is idle)."""
@@ -50,6 +55,10 @@ class NoBatching:
     """
 
     name: str = "none"
+
+    @property
+    def max_rows(self) -> int:
+        return 1
 
     def admit(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         return 0 if running or not queued else 1
@@ -84,6 +93,10 @@ class DynamicBatching:
             raise ValueError("max_wait_ms must not be negative")
         if self.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
+
+    @property
+    def max_rows(self) -> int:
+        return self.max_batch_size
 
     def _fitting(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         rows = len(running)

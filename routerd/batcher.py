@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -125,9 +126,11 @@ class Batcher:
             with self._lock:
                 if not self._queue:
                     return
-                started = self._take(running=[], limit=len(self._queue))
+                started = self._take(running=[], limit=self.policy.max_rows)
             if not started:
-                await self._pause(self.policy.wait_s(self._views()))
+                with self._lock:
+                    views = self._views(self.policy.max_rows)
+                await self._pause(self.policy.wait_s(views))
                 continue
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(started))
@@ -137,7 +140,10 @@ class Batcher:
                 else:
                     rows = [e.work for e in started if isinstance(e.work, GenerationRow)]
                     await self._instance.run(
-                        self._instance.model.generate_batch, rows, self._admit_more
+                        self._instance.model.generate_batch,
+                        rows,
+                        self._admit_more,
+                        self.policy.max_rows,
                     )
             except Exception as exc:  # the backend broke the whole batch: fail its rows
                 log.exception("batch on %s failed", self._instance.model_id)
@@ -160,27 +166,41 @@ class Batcher:
 
     # -- admission (under the lock; also from the instance thread) ------------------
 
-    def _views(self) -> list[Queued]:
+    def _views(self, limit: int) -> list[Queued]:
+        """The first ``limit`` + 1 queued requests as the policy sees them.
+
+        Admission takes requests in order, so the policy never needs more than one
+        beyond what could be admitted (that one tells it more are waiting); building
+        views of a long queue at every decode step would cost more than the step.
+        """
         now = time.monotonic()
-        return [Queued(tokens=e.tokens, waited_s=now - e.queued_at) for e in self._queue]
+        return [
+            Queued(tokens=e.tokens, waited_s=now - e.queued_at)
+            for e in itertools.islice(self._queue, limit + 1)
+        ]
 
     def _take(self, running: list[int], limit: int) -> list[_Entry]:
-        """Pop what the policy admits now (at most ``limit``); drop rows whose client left."""
-        self._drop_cancelled()
-        count = min(self.policy.admit(self._views(), running), limit, len(self._queue))
-        taken = [self._queue.popleft() for _ in range(count)]
-        for entry in taken:
-            if isinstance(entry.work, GenerationRow):
-                self._running_tokens[entry.work] = entry.tokens
+        """Pop what the policy admits now (at most ``limit``); rows whose client left are
+        finished as cancelled instead of started."""
+        taken: list[_Entry] = []
+        while self._queue and len(taken) < limit:
+            count = min(self.policy.admit(self._views(limit - len(taken)), running), limit)
+            if count <= 0:
+                break
+            for _ in range(min(count, len(self._queue))):
+                entry = self._queue.popleft()
+                work = entry.work
+                if isinstance(work, GenerationRow) and work.cancellation.cancelled:
+                    work.result = GenerationResult("", len(work.prompt_ids), 0, "cancelled")
+                    work.on_done(work)
+                    continue
+                if isinstance(work, GenerationRow):
+                    self._running_tokens[work] = entry.tokens
+                    running = [*running, entry.tokens]
+                taken.append(entry)
+            if not any(isinstance(e.work, GenerationRow) for e in taken) and taken:
+                break  # embedding jobs: one admission per batch
         return taken
-
-    def _drop_cancelled(self) -> None:
-        for entry in list(self._queue):
-            work = entry.work
-            if isinstance(work, GenerationRow) and work.cancellation.cancelled:
-                self._queue.remove(entry)
-                work.result = GenerationResult("", len(work.prompt_ids), 0, "cancelled")
-                work.on_done(work)
 
     def _admit_more(self, free_slots: int) -> list[GenerationRow]:
         """Called by the backend between decode steps, on the instance thread."""
