@@ -10,7 +10,6 @@ with leases, loading and placement. Both run only on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -155,7 +154,7 @@ class ResidencyCore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
         self._leaks: list[Leak] = []
-        self._change = asyncio.Event()
+        self._change_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
         self.load_count = 0
@@ -397,15 +396,29 @@ class ResidencyCore:
 
     def _changed(self) -> None:
         """Wake everything waiting for room or for the reaper's next look."""
-        change, self._change = self._change, asyncio.Event()
-        change.set()
+        waiters, self._change_waiters = self._change_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._on_change is not None:
             self._on_change(self)
 
     async def _wait_for_change(self, timeout: float) -> None:
-        change = self._change
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(change.wait(), timeout)
+        """Sleep until the next ``_changed`` or ``timeout``, whichever comes first.
+
+        A bare future and a timer rather than ``asyncio.wait_for``: this runs after
+        every lease, and wait_for would create a task each time.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._change_waiters.append(waiter)
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._change_waiters:  # timed out: do not keep it until a change
+                self._change_waiters.remove(waiter)
 
     def _spawn(self, coro: Any, *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -420,3 +433,8 @@ class ResidencyCore:
 
     def _record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
         self._store.record_event(kind, record.name, record.version, **fields)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
