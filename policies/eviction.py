@@ -68,12 +68,3 @@ class LeastRecentlyUsed:
 
 
 EVICTION_POLICIES: dict[str, type[LeastRecentlyUsed]] = {"lru": LeastRecentlyUsed}
-
-
-def eviction_policy(name: str) -> EvictionPolicy:
-    """The eviction policy called ``name``; ValueError listing the known ones."""
-    if name not in EVICTION_POLICIES:
-        raise ValueError(
-            f"unknown eviction policy {name!r} (known: {', '.join(sorted(EVICTION_POLICIES))})"
-        )
-    return EVICTION_POLICIES[name]()

@@ -157,7 +157,6 @@ class ResidencyCore:
         self._change_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
-        self.load_count = 0
 
     # -- snapshots --------------------------------------------------------------
 

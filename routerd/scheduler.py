@@ -474,7 +474,6 @@ class Scheduler(ResidencyCore):
             replica=replica,
         )
         self._instances[instance.key] = instance
-        self.load_count += 1
         reason = "oom-retry" if retried else self._placement.eviction.name
         for victim_id in plan.evict:
             victim = self._instances[victim_id]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policies.eviction import LeastRecentlyUsed, eviction_policy
+from policies import registry
+from policies.eviction import LeastRecentlyUsed
 from policies.placement import expand_tiers, is_device_preference, placement_policy
 from policies.types import DeviceRoom, LoadRequest, Plan, Refusal, Resident
 
@@ -132,7 +133,7 @@ def test_unknown_policies_list_the_known_ones():
     with pytest.raises(ValueError, match="best-fit"):
         placement_policy("worst-fit", LeastRecentlyUsed())
     with pytest.raises(ValueError, match="lru"):
-        eviction_policy("random")
+        registry.check("eviction", "random")
 
 
 def test_preferences_are_checked_before_registration():

@@ -23,7 +23,6 @@ from routerd.api.errors import as_routerd_error, error_body, read_json_object
 from routerd.api.generation import (
     Finished,
     PreparedPrompt,
-    check_token_ids,
     fit_to_context,
     generate,
     stream,
@@ -322,7 +321,6 @@ async def embeddings(request: web.Request) -> web.Response:
         for i, item in enumerate(req.inputs):
             param = "input" if len(req.inputs) == 1 else f"input[{i}]"
             ids = await tokenize(lease.instance, item, param=param)
-            check_token_ids(info, ids, param=param)
             if len(ids) > info.context_length:
                 raise BadRequest(
                     f"{param} has {len(ids)} tokens; this model's maximum context length is "
