@@ -27,9 +27,8 @@ Who calls what, and when:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -88,6 +87,11 @@ class ModelInfo:
     dtype: str
     has_chat_template: bool = False
     vocab_size: int = 0  # token ids in prompts must be below this; 0 when unknown
+    # True when every request-path call (encode_prompt, encode_chat, generate_batch,
+    # embed) returns in microseconds without blocking or computing: routerd then makes
+    # them on the event loop instead of the instance thread, which saves two thread
+    # hops per request. Loading, warm-up, measuring and unloading always use the thread.
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,16 +117,17 @@ class GenerationResult:
 
 @dataclass(eq=False)  # compared and hashed by identity: instances track live ones in sets
 class Cancellation:
-    """Set from the event loop when a client goes away; polled between steps."""
+    """Set from the event loop when a client goes away; polled between steps.
 
-    event: threading.Event = field(default_factory=threading.Event)
+    A plain flag: assigning an attribute is atomic, and the executor thread only
+    polls it, never waits on it (a ``threading.Event`` would cost a lock and a
+    condition per request for nothing).
+    """
+
+    cancelled: bool = False
 
     def cancel(self) -> None:
-        self.event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.event.is_set()
+        self.cancelled = True
 
 
 TextSink = Callable[[str], None]

@@ -31,6 +31,10 @@ Options (all optional):
 ``seed``        seed of the random draws deciding those failures (default 0), so
                 a run can be reproduced.
 ``bytes``       the footprint both estimated and measured (default 1 MiB).
+``inline``      whether routerd may call the model on its event loop (default true;
+                see ``ModelInfo.inline``). Ignored, as if false, when ``latency_ms``
+                is set, since sleeping blocks. False puts every call on the instance
+                thread, as with a compute backend.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ DEFAULTS: Mapping[str, Any] = {
     "fail_rate": 0.0,
     "seed": 0,
     "bytes": 1024 * 1024,
+    "inline": True,
 }
 _NO_LIMIT = 1 << 30  # free slots offered to ``admit`` when the batch has no maximum
 
@@ -119,6 +124,8 @@ class EchoBackend:
             raise _invalid("fail_rate", fail_rate, "a number from 0 to 1")
         if not _is_int(values["seed"]):
             raise _invalid("seed", values["seed"], "an integer")
+        if not isinstance(values["inline"], bool):
+            raise _invalid("inline", values["inline"], "true or false")
         size = values["bytes"]
         if not _is_int(size) or size < 0:
             raise _invalid("bytes", size, "an integer >= 0")
@@ -152,6 +159,8 @@ class EchoModel:
             dtype="uint8",
             has_chat_template=True,
             vocab_size=VOCAB_SIZE,
+            # With no latency to inject nothing blocks, so no thread is needed.
+            inline=bool(options["inline"]) and float(options["latency_ms"]) == 0.0,
         )
         self._latency_s = float(options["latency_ms"]) / 1000.0
         self._fail_rate = float(options["fail_rate"])
@@ -222,6 +231,9 @@ class EchoModel:
         Each row ends with ``result`` or ``error`` set and ``on_done`` called once, also
         when something outside a row (``admit`` itself) fails.
         """
+        if admit is None and len(rows) == 1 and rows[0].on_text is None and not rows[0].params.stop:
+            self._generate_alone(rows[0])
+            return
         live: list[tuple[GenerationRow, _Sequence]] = []
         incoming = list(rows)
         try:
@@ -229,19 +241,18 @@ class EchoModel:
                 if incoming:
                     live.extend(self._join(incoming))
                     incoming = []
-                for entry in list(live):
+                still_live = []
+                for entry in live:
                     row, seq = entry
                     try:
-                        finished = seq.step()
+                        if not seq.step():
+                            still_live.append(entry)
+                            continue
+                        row.result = seq.result()
                     except Exception as exc:  # e.g. a client's broken on_text
                         row.result, row.error = None, exc
-                        finished = True
-                    else:
-                        if finished:
-                            row.result = seq.result()
-                    if finished:
-                        live.remove(entry)
-                        _done(row)
+                    _done(row)
+                live = still_live
                 if admit is not None:
                     limit = _NO_LIMIT if max_rows is None else max_rows
                     free = limit - len(live)
@@ -255,6 +266,16 @@ class EchoModel:
                     row.error = exc if isinstance(exc, Exception) else BackendError(str(exc))
                     _done(row)
             raise
+
+    def _generate_alone(self, row: GenerationRow) -> None:
+        """A lone row nobody watches token by token (no stream, no stop strings, nothing
+        can join): the same text in one go instead of one Python step per token."""
+        for _, seq in self._join([row]):
+            try:
+                row.result = seq.run_to_end()
+            except Exception as exc:
+                row.result, row.error = None, exc
+            _done(row)
 
     def _join(self, rows: Sequence[GenerationRow]) -> list[tuple[GenerationRow, _Sequence]]:
         """Start ``rows`` (one shared latency); rows that cannot start are finished here."""
@@ -335,15 +356,16 @@ class _Sequence:
         on_text: TextSink | None,
         cancellation: Cancellation | None,
     ) -> None:
-        if any(not 0 <= i < VOCAB_SIZE for i in prompt_ids):
+        try:
+            self.source = bytes(prompt_ids)  # refuses ids outside 0..255 itself
+        except (ValueError, TypeError):
             raise InvalidRequest(
                 f"token ids must be in 0..{VOCAB_SIZE - 1} for the echo backend", param="prompt"
-            )
-        self.source = bytes(prompt_ids)
+            ) from None
         self.params = params
         self.on_text = on_text
         self.cancellation = cancellation
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.decoder: codecs.IncrementalDecoder | None = None  # made at the first non-ASCII byte
         self.pending = 0  # bytes fed to the decoder that it has not turned into text yet
         self.stops = [s for s in params.stop if s]
         self.longest_stop = max((len(s) for s in self.stops), default=0)
@@ -368,24 +390,41 @@ class _Sequence:
         if byte < 0x80 and not self.pending:  # ASCII with nothing half-decoded: itself
             piece = chr(byte)
         else:
+            if self.decoder is None:
+                self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
             piece = self.decoder.decode(bytes((byte,)), final=last)
             self.pending = 0 if piece else self.pending + 1
         if piece:
             before = len(self.text)
             self.text += piece
-            hit = self._find_stop(before)
-            if hit is not None:
-                self.text = self.text[:hit]
-                return self._end("stop")
+            if self.stops:
+                hit = self._find_stop(before)
+                if hit is not None:
+                    self.text = self.text[:hit]
+                    return self._end("stop")
         if last:
             return self._end("length")
-        self._send(len(self.text) - self._held_back())
+        if self.on_text is not None:  # streaming: pass on what can no longer become a stop
+            self._send(len(self.text) - self._held_back())
         return False
+
+    def run_to_end(self) -> GenerationResult:
+        """What stepping to the end gives for a row without stop strings or a sink."""
+        assert not self.stops and self.on_text is None and self.produced == 0
+        if self.cancellation is not None and self.cancellation.cancelled:
+            self.finish = "cancelled"
+        elif not self.source:
+            self.finish = "stop"
+        else:
+            count = self.params.max_tokens
+            repeats = -(-count // len(self.source))
+            self.text = (self.source * repeats)[:count].decode("utf-8", "replace")
+            self.produced = count
+            self.finish = "length"
+        return self.result()
 
     def _find_stop(self, before: int) -> int | None:
         """Earliest stop string in the text; only ones ending in the new piece are new."""
-        if not self.stops:
-            return None
         start = max(0, before - self.longest_stop + 1)
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         return min(found) if found else None

@@ -7,7 +7,11 @@ Two servers run as subprocesses on loopback ports:
   ``backends/echo.py``) on a temporary folder; batching ``none`` by default, so the
   figures show the cost of routerd's path (HTTP, validation, routing, lease, the
   instance queue and thread hops, response building), not a batching wait
-  (``--batching dynamic`` measures the daemon's default policy instead).
+  (``--batching dynamic`` measures the daemon's default policy instead). The echo
+  model at zero latency says its calls never block (``ModelInfo.inline``), so
+  routerd calls it on the event loop; ``--threaded`` sets its ``inline`` option to
+  false, which puts it on its instance thread as a compute backend would be, and
+  shows what the two thread hops per request cost.
 - **bare** — a minimal aiohttp app on the same event loop kind (uvloop when
   installed) that parses the JSON body of ``POST /v1/completions`` and answers with
   the very bytes routerd answered (captured once, headers ``x-routerd-*`` included),
@@ -19,8 +23,8 @@ per concurrent worker) sends the same request body to each, at concurrency 1 and
 out). Targets are measured alternately, and with ``--rounds`` > 1 the best round of
 each target is kept.
 
-Usage: python bench/router_overhead.py [--requests 2000] [--duration 60] [--rounds 3]
-       [--batching none|dynamic] [--profile FILE]  (cProfile of routerd's main thread)
+Usage: python bench/router_overhead.py [--requests 5000] [--duration 60] [--rounds 4]
+       [--batching none|dynamic] [--threaded] [--profile FILE]  (cProfile of routerd's main thread)
 
 Prints a table, then as its last line one JSON object: ``rps_ratio`` (routerd ÷ bare
 requests per second at concurrency 64), ``added_p50_ms`` and ``added_p99_ms``
@@ -53,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "echo"
 REQUEST = {"model": MODEL, "prompt": "Say hello to routerd, please.", "max_tokens": 16}
 CONCURRENCIES = (1, 64)
+# routerd then calls the echo model on its instance thread, like a compute backend.
+THREADED_OPTION = "inline = false"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
@@ -150,7 +156,7 @@ class Server:
         self._log.close()
 
 
-def routerd_config(work: Path, port: int, batching: str) -> Path:
+def routerd_config(work: Path, port: int, batching: str, threaded: bool) -> Path:
     folder = work / "echo-model"
     folder.mkdir()
     config = work / "routerd.toml"
@@ -171,6 +177,7 @@ path = "{folder}"
 
 [models.options]
 batching = "{batching}"
+{THREADED_OPTION if threaded else ""}
 """
     )
     return config
@@ -270,7 +277,7 @@ def better(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
 async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> dict[str, Any]:
     body = json.dumps(REQUEST).encode()
     routerd_port, bare_port = free_port(), free_port()
-    config = routerd_config(work, routerd_port, args.batching)
+    config = routerd_config(work, routerd_port, args.batching, args.threaded)
     argv = [sys.executable]
     if args.profile:
         argv += ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
@@ -337,6 +344,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> dict[str, Any]:
         requests=args.requests,
         rounds=args.rounds,
         batching=args.batching,
+        threaded=args.threaded,
         response_bytes=outcome["response_bytes"],
         cpus=os.cpu_count(),
         python=platform.python_version(),
@@ -346,10 +354,13 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="per target and concurrency")
+    parser.add_argument("--requests", type=int, default=5000, help="per target and concurrency")
     parser.add_argument("--duration", type=float, default=60.0, help="cap in seconds per run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternate rounds; best kept")
+    parser.add_argument("--rounds", type=int, default=4, help="alternate rounds; best kept")
     parser.add_argument("--batching", choices=["none", "dynamic"], default="none")
+    parser.add_argument(
+        "--threaded", action="store_true", help="echo model on its instance thread (blocking)"
+    )
     parser.add_argument("--profile", help="write a cProfile of routerd's main thread here")
     parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--body", type=Path, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from backends.base import (
     Cancellation,
     GenerationResult,
     GenerationRow,
+    LoadedModel,
     SamplingParams,
     Task,
     TextSink,
@@ -37,10 +38,24 @@ from routerd.instance import Instance
 log = logging.getLogger("routerd.batcher")
 
 
+PrepareInputs = Callable[[LoadedModel], list[list[int]]]
+"""Turns one embedding request's inputs into checked token ids; runs on the instance
+thread as part of the batch (so tokenizing costs no thread hop of its own) and raises
+to fail that request alone."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One embedding request's outcome: its token ids and one vector per input."""
+
+    token_ids: list[list[int]]
+    vectors: list[list[float]]
+
+
 @dataclass(eq=False)
 class _EmbedJob:
-    inputs: list[list[int]]
-    future: asyncio.Future[list[list[float]]]
+    prepare: PrepareInputs
+    future: asyncio.Future[Embedded]
     tokens: int
 
 
@@ -62,6 +77,7 @@ class Batcher:
         self._queue: deque[_Entry] = deque()
         self._lock = threading.RLock()  # on_done may run while admission holds it
         self._arrived = asyncio.Event()
+        self._loop_thread = threading.get_ident()  # made on the event loop
         self._runner: asyncio.Task[None] | None = None
         self._running_tokens: dict[GenerationRow, int] = {}
         self.batches = 0  # batches started (a running batch that grows counts once)
@@ -80,26 +96,47 @@ class Batcher:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
+        tokens = len(prompt_ids) + params.max_tokens
+        if self._starts_inline_now(tokens):
+            return self._generate_inline(
+                GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
+            )
         loop = asyncio.get_running_loop()
         done: asyncio.Future[GenerationRow] = loop.create_future()
 
         def on_done(row: GenerationRow) -> None:  # instance thread or event loop
             with self._lock:
                 self._running_tokens.pop(row, None)
-            loop.call_soon_threadsafe(_resolve, done, row)
+            if threading.get_ident() == self._loop_thread:  # inline model: no wake-up needed
+                _resolve(done, row)
+            else:
+                loop.call_soon_threadsafe(_resolve, done, row)
 
         row = GenerationRow(list(prompt_ids), params, on_text, cancellation, on_done)
-        self._submit(_Entry(row, len(prompt_ids) + params.max_tokens))
-        finished = await done
-        if finished.error is not None:
-            raise finished.error
-        assert finished.result is not None
-        return finished.result
+        self._submit(_Entry(row, tokens))
+        return _outcome(await done)
 
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
-        tokens = sum(len(ids) for ids in inputs)
-        self._submit(_Entry(_EmbedJob(inputs, future, tokens), tokens))
+    def _starts_inline_now(self, tokens: int) -> bool:
+        """Whether a row may run right here: an inline model, nothing queued ahead of it
+        (so the runner is not mid-batch — an inline batch never yields the loop), and a
+        policy that would start it at once. Such a row skips the queue, its future and
+        the runner's wake-up; anything else goes through the queue as usual."""
+        return (
+            self._instance.model.info.inline
+            and not self._queue
+            and self.policy.admit([Queued(tokens=tokens, waited_s=0.0)], []) > 0
+        )
+
+    def _generate_inline(self, row: GenerationRow) -> GenerationResult:
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, 1)
+        self._instance.model.generate_batch([row], None, self.policy.max_rows)
+        return _outcome(row)
+
+    async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedded:
+        """Embed what ``prepare`` yields; ``tokens`` estimates its size for admission."""
+        future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
+        self._submit(_Entry(_EmbedJob(prepare, future, tokens), tokens))
         return await future
 
     def _submit(self, entry: _Entry) -> None:
@@ -139,7 +176,7 @@ class Batcher:
                     await self._embed([e.work for e in started if isinstance(e.work, _EmbedJob)])
                 else:
                     rows = [e.work for e in started if isinstance(e.work, GenerationRow)]
-                    await self._instance.run(
+                    await self._instance.call(
                         self._instance.model.generate_batch,
                         rows,
                         self._admit_more,
@@ -155,14 +192,14 @@ class Batcher:
             await asyncio.wait_for(self._arrived.wait(), max(seconds, 0.0005))
 
     async def _embed(self, jobs: list[_EmbedJob]) -> None:
-        inputs = [ids for job in jobs for ids in job.inputs]
-        vectors = await self._instance.run(self._instance.model.embed, inputs)
-        start = 0
-        for job in jobs:
-            count = len(job.inputs)
-            if not job.future.done():
-                job.future.set_result(vectors[start : start + count])
-            start += count
+        outcomes = await self._instance.call(_embed_batch, self._instance.model, jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
 
     # -- admission (under the lock; also from the instance thread) ------------------
 
@@ -213,6 +250,41 @@ class Batcher:
         if rows:
             self.largest_batch = max(self.largest_batch, len(running) + len(rows))
         return rows
+
+
+def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedded | Exception]:
+    """Prepare every job (a bad one fails alone), then one forward pass for the rest."""
+    prepared: list[list[list[int]] | Exception] = []
+    for job in jobs:
+        try:
+            prepared.append(job.prepare(model))
+        except Exception as exc:
+            prepared.append(exc)
+    inputs = [
+        ids for ids_or_error in prepared if isinstance(ids_or_error, list) for ids in ids_or_error
+    ]
+    vectors = model.embed(inputs) if inputs else []
+    outcomes: list[Embedded | Exception] = []
+    start = 0
+    for ids_or_error in prepared:
+        if isinstance(ids_or_error, Exception):
+            outcomes.append(ids_or_error)
+            continue
+        count = len(ids_or_error)
+        outcomes.append(Embedded(ids_or_error, vectors[start : start + count]))
+        start += count
+    return outcomes
+
+
+def _no_callback(row: GenerationRow) -> None:
+    """``on_done`` of a row run inline: the caller reads the row when the call returns."""
+
+
+def _outcome(row: GenerationRow) -> GenerationResult:
+    if row.error is not None:
+        raise row.error
+    assert row.result is not None  # generate_batch finishes every row it is given
+    return row.result
 
 
 def _resolve(future: asyncio.Future[GenerationRow], row: GenerationRow) -> None:

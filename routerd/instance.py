@@ -134,6 +134,17 @@ class Instance:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    async def call(self, fn: Callable[..., T], /, *args: object) -> T:
+        """Make a request-path call to the loaded model (encode, generate, embed).
+
+        On the instance thread, unless the model says its calls never block
+        (``ModelInfo.inline``): then on the loop, where a thread hop would cost more
+        than the call itself.
+        """
+        if self.model.info.inline:
+            return fn(*args)
+        return await self.run(fn, *args)
+
     def acquire(self, now: float) -> None:
         self.in_flight += 1
         self.touched = now

@@ -155,6 +155,8 @@ class ResidencyCore:
         self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
         self._leaks: list[Leak] = []
         self._change_waiters: list[asyncio.Future[None]] = []
+        self._reaper_waiters: list[asyncio.Future[None]] = []
+        self._reaper_looks_at = math.inf  # scheduler clock: the reaper's next own look
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
 
@@ -380,7 +382,8 @@ class ResidencyCore:
                     )
                 else:
                     wake = min(wake, remaining)
-            await self._wait_for_change(max(wake, 0.01))
+            self._reaper_looks_at = now + max(wake, 0.01)
+            await self._wait_for_change(max(wake, 0.01), reaper=True)
 
     async def _poll_devices(self) -> None:
         """Refresh the device readings that status pages show, every poll_interval."""
@@ -393,31 +396,44 @@ class ResidencyCore:
 
     # -- plumbing ---------------------------------------------------------------
 
-    def _changed(self) -> None:
-        """Wake everything waiting for room or for the reaper's next look."""
+    def _expires_before_reaper_looks(self, instance: Instance) -> bool:
+        """Whether an instance that just went idle runs out before the reaper's next look.
+
+        Only then must a released lease wake the reaper; otherwise its own timer is
+        soon enough, and a busy server does not pay a scan of every instance per request.
+        """
+        limit, _ = self._idle_limit(instance)
+        return instance.touched + limit < self._reaper_looks_at
+
+    def _changed(self, *, wake_reaper: bool = True) -> None:
+        """Wake everything waiting for room, and the reaper unless told it need not look."""
         waiters, self._change_waiters = self._change_waiters, []
+        if wake_reaper:
+            waiters += self._reaper_waiters
+            self._reaper_waiters = []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
         if self._on_change is not None:
             self._on_change(self)
 
-    async def _wait_for_change(self, timeout: float) -> None:
+    async def _wait_for_change(self, timeout: float, *, reaper: bool = False) -> None:
         """Sleep until the next ``_changed`` or ``timeout``, whichever comes first.
 
-        A bare future and a timer rather than ``asyncio.wait_for``: this runs after
-        every lease, and wait_for would create a task each time.
+        A bare future and a timer rather than ``asyncio.wait_for``: this runs often,
+        and wait_for would create a task each time.
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._change_waiters.append(waiter)
+        waiters = self._reaper_waiters if reaper else self._change_waiters
+        waiters.append(waiter)
         timer = loop.call_later(timeout, _wake, waiter)
         try:
             await waiter
         finally:
             timer.cancel()
-            if waiter in self._change_waiters:  # timed out: do not keep it until a change
-                self._change_waiters.remove(waiter)
+            if waiter in waiters:  # timed out: do not keep it until a change
+                waiters.remove(waiter)
 
     def _spawn(self, coro: Any, *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)

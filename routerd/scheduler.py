@@ -148,7 +148,9 @@ class Scheduler(ResidencyCore):
             if keep_alive is not None:
                 instance.keep_alive = keep_alive
             instance.release(self._clock())
-            self._changed()
+            self._changed(
+                wake_reaper=not instance.in_flight and self._expires_before_reaper_looks(instance)
+            )
 
     async def _ready_instance(
         self, record: VersionRecord, *, device: str | None, why: str

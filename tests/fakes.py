@@ -42,6 +42,7 @@ FAKE_OPTIONS = {
     "estimate",  # the estimated footprint (default: the same as bytes)
     "oom_loads",  # this many loads fail with OutOfMemory first
     "leak",  # unloading does not give the GPU memory back
+    "inline",  # ModelInfo.inline: request-path calls are made on the event loop
 }
 
 
@@ -58,6 +59,7 @@ class FakeModel:
             dtype="float32",
             has_chat_template=True,
             vocab_size=256,
+            inline=bool(spec.options.get("inline", False)),
         )
         self.unloaded = False
         self.warmed = False
@@ -89,6 +91,7 @@ class FakeModel:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
+        self.backend.generate_threads.append(threading.current_thread().name)
         self.backend.generate_gate.wait()
         source = bytes(reversed(list(prompt_ids))).decode("utf-8", "replace") or "x"
         text = ""
@@ -171,6 +174,7 @@ class FakeBackend:
         self.generate_gate.set()
         self.generated = 0
         self.load_threads: list[str] = []
+        self.generate_threads: list[str] = []
         self.load_devices: list[str] = []
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -206,6 +206,20 @@ async def test_embeddings_float_and_base64_agree(client):
         assert decoded == pytest.approx(as_float["embedding"], abs=1e-6)
 
 
+async def test_embedding_input_too_long_or_outside_the_vocabulary_is_400(client):
+    long = "x" * 100  # the fake embedder's context is 64 tokens
+    response = await client.post(
+        "/v1/embeddings", json={"model": "embedder", "input": ["ok", long]}
+    )
+    assert response.status == 400
+    assert_openai_error(await response.json(), param="input[1]", code="context_length_exceeded")
+    response = await client.post("/v1/embeddings", json={"model": "embedder", "input": [[999]]})
+    assert response.status == 400
+    assert_openai_error(await response.json(), param="input")
+    response = await client.post("/v1/embeddings", json={"model": "embedder", "input": "ok"})
+    assert response.status == 200, "a bad request leaves the model serving"
+
+
 async def test_endpoint_and_model_task_must_match(client):
     response = await client.post("/v1/embeddings", json={"model": "echo", "input": "x"})
     assert response.status == 400

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from backends.base import Cancellation, SamplingParams
+from backends.base import Cancellation, LoadedModel, SamplingParams
+from routerd.batcher import PrepareInputs
+from routerd.errors import BadRequest
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
 
@@ -63,10 +66,45 @@ async def test_embedding_requests_merge_into_one_forward_pass(tmp_path, backend)
     try:
         instance = await ready_instance(services, "e")
         inputs = [[[1, 2]], [[3], [4, 5, 6]], [[7]]]
-        results = await asyncio.gather(*(instance.batcher.embed(i) for i in inputs))
-        assert [len(r) for r in results] == [1, 2, 1]
+        main = threading.current_thread()
+        prepared_on: list[threading.Thread] = []
+
+        def prepare(ids: list[list[int]]) -> PrepareInputs:
+            def run(model: LoadedModel) -> list[list[int]]:
+                prepared_on.append(threading.current_thread())
+                return ids
+
+            return run
+
+        results = await asyncio.gather(
+            *(instance.batcher.embed(prepare(i), sum(map(len, i))) for i in inputs)
+        )
+        assert [len(r.vectors) for r in results] == [1, 2, 1]
+        assert [r.token_ids for r in results] == inputs
         alone = instance.model.embed([[3], [4, 5, 6]])
-        assert results[1] == alone
+        assert results[1].vectors == alone
+        assert instance.batcher.batches == 1
+        assert len(prepared_on) == 3 and main not in prepared_on, "tokenized in the batch"
+    finally:
+        services.store.close()
+
+
+async def test_a_bad_embedding_request_fails_alone_in_its_batch(tmp_path, backend):
+    models = [fake_spec(tmp_path, "e", task="embed", max_wait_ms=50)]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "e")
+
+        def bad(model: LoadedModel) -> list[list[int]]:
+            raise BadRequest("input is too long", param="input")
+
+        good, failed = await asyncio.gather(
+            instance.batcher.embed(lambda model: [[1, 2]], 2),
+            instance.batcher.embed(bad, 1),
+            return_exceptions=True,
+        )
+        assert isinstance(failed, BadRequest) and failed.param == "input"
+        assert good.vectors == instance.model.embed([[1, 2]])
         assert instance.batcher.batches == 1
     finally:
         services.store.close()

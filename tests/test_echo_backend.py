@@ -75,6 +75,7 @@ def test_options_are_validated_and_defaulted() -> None:
         "fail_rate": 0.0,
         "seed": 0,
         "bytes": 1024 * 1024,
+        "inline": True,
     }
     assert backend.validate_options(defaults) == defaults  # normalized options stay valid
     assert backend.validate_options({"latency_ms": 2, "task": "embed"})["latency_ms"] == 2.0
@@ -93,6 +94,7 @@ def test_options_are_validated_and_defaulted() -> None:
         ("context", True),
         ("seed", 1.5),
         ("bytes", -1),
+        ("inline", "yes"),
         ("dtype", "float32"),  # unknown key
     ],
 )
@@ -101,6 +103,12 @@ def test_bad_options_name_the_key(key: str, value: Any) -> None:
         EchoBackend().validate_options({key: value})
     assert caught.value.param == key
     assert key in str(caught.value)
+
+
+def test_inline_unless_asked_not_to_or_given_latency(tmp_path: Path) -> None:
+    assert load(tmp_path).info.inline
+    assert not load(tmp_path, inline=False).info.inline
+    assert not load(tmp_path, latency_ms=1).info.inline, "sleeping blocks the loop"
 
 
 def test_footprint_is_the_bytes_option_and_needs_a_folder(tmp_path: Path) -> None:
@@ -151,6 +159,19 @@ def test_multibyte_characters_are_echoed_whole(tmp_path: Path) -> None:
     result = model.generate(prompt, params(8), pieces.append, Cancellation())
     assert (result.text, result.completion_tokens) == ("hé€h\ufffd", 8)  # cut mid-character
     assert pieces == ["h", "é", "€", "h", "\ufffd"]
+
+
+@pytest.mark.parametrize("prompt", ["abc", "hé€", "€", "", "a\u00ff"])
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 8, 16])
+def test_a_lone_row_in_one_go_matches_stepping(
+    tmp_path: Path, prompt: str, max_tokens: int
+) -> None:
+    model = load(tmp_path)
+    ids = model.encode_prompt(prompt)
+    alone = model.generate(ids, params(max_tokens), None, Cancellation())  # the one-go path
+    row = GenerationRow(list(ids), params(max_tokens), None, Cancellation(), lambda _: None)
+    model.generate_batch([row], lambda free: [])  # may admit: steps token by token
+    assert alone == row.result
 
 
 def test_generate_streams_one_piece_per_token(tmp_path: Path) -> None:

@@ -93,6 +93,9 @@ async def test_extra_replicas_scale_down_when_idle(tmp_path, backend):
         await wait_until(lambda: ready_replicas(services, "m@1") == [0, 1])
         clock.advance(31)
         await wait_until(lambda: ready_replicas(services, "m@1") == [0])
+        # the replica leaves the ready list when it starts draining; the event follows
+        # once it has unloaded
+        await wait_until(lambda: len(services.scheduler.instances()) == 1)
         reasons = [e.reason for e in services.store.events() if e.kind == "evict"]
         assert reasons == ["scale-down"]
     finally:

@@ -184,6 +184,24 @@ async def test_keep_alive_expiry_and_per_request_override(tmp_path, backend):
         services.store.close()
 
 
+async def test_a_release_due_before_the_reapers_next_look_wakes_it(tmp_path, backend):
+    """The reaper sleeps up to a second between looks; keep_alive 0 must not wait for it."""
+    clock = FakeClock()
+    models = [fake_spec(tmp_path, "long", keep_alive="30s"), fake_spec(tmp_path, "now")]
+    services = cpu_services(tmp_path, backend, models, budget=10_000, clock=clock)
+    await services.scheduler.start(services.router.table.versions.get)
+    try:
+        await request(services, "long")
+        await request(services, "now", keep_alive=float("inf"))
+        await asyncio.sleep(0.05)  # the reaper has looked and sleeps until its next look
+        await request(services, "now", keep_alive=0.0)
+        await wait_until(lambda: services.scheduler.instance("now@1") is None, timeout=0.5)
+        assert services.scheduler.instance("long@1") is not None
+    finally:
+        await services.scheduler.close()
+        services.store.close()
+
+
 async def test_pinned_instance_is_never_evicted_and_blocks_clearly(tmp_path, backend):
     models = [fake_spec(tmp_path, "p", bytes=70), fake_spec(tmp_path, "q", bytes=50)]
     services = cpu_services(tmp_path, backend, models, budget=100)

@@ -139,6 +139,26 @@ async def test_each_instance_loads_on_its_own_thread(services, backend):
     assert len(set(backend.load_threads)) == 2
 
 
+async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(tmp_path, backend):
+    from routerd.api.generation import PreparedPrompt, generate, tokenize
+
+    models = [fake_spec(tmp_path, "threaded"), fake_spec(tmp_path, "inline", inline=True)]
+    services = fake_services(tmp_path, backend, models)
+    main = threading.current_thread().name
+    try:
+        for name in ("threaded", "inline"):
+            async with services.scheduler.lease(services.router.resolve(name)) as lease:
+                ids = await tokenize(lease.instance, "ab", param="prompt")
+                prompt = PreparedPrompt(ids, SamplingParams(max_tokens=2))
+                assert (await generate(lease.instance, prompt)).text == "ba"
+        threaded_thread, inline_thread = backend.generate_threads
+        assert threaded_thread != main and threaded_thread.startswith("routerd-threaded@1")
+        assert inline_thread == main
+        assert main not in backend.load_threads, "loading always uses the instance thread"
+    finally:
+        services.store.close()
+
+
 async def test_eviction_waits_for_live_leases_streaming_included(services, backend):
     held = await HeldLease(services, "a").started()
     eviction = asyncio.create_task(services.scheduler.evict("a@1", reason="test"))

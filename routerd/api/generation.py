@@ -13,7 +13,13 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from backends.base import Cancellation, GenerationResult, ModelInfo, SamplingParams
+from backends.base import (
+    Cancellation,
+    GenerationResult,
+    LoadedModel,
+    ModelInfo,
+    SamplingParams,
+)
 from routerd.api.schemas import Prompt, SamplingFields
 from routerd.errors import BadRequest, Unavailable
 from routerd.instance import Instance
@@ -32,9 +38,40 @@ async def tokenize(instance: Instance, prompt: Prompt, *, param: str) -> list[in
     two threads at once, and the instance thread also decodes during generation.
     """
     if isinstance(prompt, str):
-        return await instance.run(instance.model.encode_prompt, prompt)
+        return await instance.call(instance.model.encode_prompt, prompt)
     check_token_ids(instance.model.info, prompt, param=param)
     return prompt
+
+
+def embedding_inputs(inputs: Sequence[Prompt], model: LoadedModel) -> list[list[int]]:
+    """Token ids of an embedding request's inputs, each checked against the context.
+
+    Runs on the instance thread inside the embedding batch (``Batcher.embed``), so a
+    request costs no thread hop of its own for tokenizing.
+    """
+    batch: list[list[int]] = []
+    for i, item in enumerate(inputs):
+        param = "input" if len(inputs) == 1 else f"input[{i}]"
+        if isinstance(item, str):
+            ids = model.encode_prompt(item)
+        else:
+            check_token_ids(model.info, item, param=param)
+            ids = item
+        if len(ids) > model.info.context_length:
+            raise BadRequest(
+                f"{param} has {len(ids)} tokens; this model's maximum context length is "
+                f"{model.info.context_length} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        batch.append(ids)
+    return batch
+
+
+def estimate_tokens(inputs: Sequence[Prompt]) -> int:
+    """Tokens of inputs not tokenized yet, for admission: UTF-8 bytes for text (a token
+    covers at least one byte in byte-level and byte-fallback vocabularies), exact for ids."""
+    return sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs)
 
 
 def check_token_ids(info: ModelInfo, token_ids: Sequence[int], *, param: str) -> None:

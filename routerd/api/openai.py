@@ -8,6 +8,7 @@ response (streaming included), run the work on the instance's thread.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import struct
 import time
@@ -23,6 +24,8 @@ from routerd.api.errors import as_routerd_error, error_body, read_json_object
 from routerd.api.generation import (
     Finished,
     PreparedPrompt,
+    embedding_inputs,
+    estimate_tokens,
     fit_to_context,
     generate,
     stream,
@@ -173,7 +176,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
         model = lease.instance.model
-        token_ids = await lease.instance.run(model.encode_chat, req.messages)
+        token_ids = await lease.instance.call(model.encode_chat, req.messages)
         params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
         prompt = PreparedPrompt(token_ids, params)
         if req.stream:
@@ -316,21 +319,11 @@ async def embeddings(request: web.Request) -> web.Response:
     record = services.router.resolve(req.model)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
-        info = lease.instance.model.info
-        batch: list[list[int]] = []
-        for i, item in enumerate(req.inputs):
-            param = "input" if len(req.inputs) == 1 else f"input[{i}]"
-            ids = await tokenize(lease.instance, item, param=param)
-            if len(ids) > info.context_length:
-                raise BadRequest(
-                    f"{param} has {len(ids)} tokens; this model's maximum context length is "
-                    f"{info.context_length} tokens",
-                    param=param,
-                    code="context_length_exceeded",
-                )
-            batch.append(ids)
-        vectors = await lease.instance.batcher.embed(batch)
-    tokens = sum(len(ids) for ids in batch)
+        embedded = await lease.instance.batcher.embed(
+            functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
+        )
+    vectors = embedded.vectors
+    tokens = sum(len(ids) for ids in embedded.token_ids)
     return web.json_response(
         {
             "object": "list",
