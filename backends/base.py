@@ -67,14 +67,45 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class LoadProgress:
+    """Where a load stands, for operators watching it (``routerctl load``, SSE comments).
+
+    ``phase`` is one of ``PHASES``; ``done_bytes`` of ``total_bytes`` of it are done
+    (both 0 when the phase has no byte count).
+    """
+
+    phase: str
+    done_bytes: int = 0
+    total_bytes: int = 0
+
+
+READING_WEIGHTS = "reading weights"
+MOVING_TO_DEVICE = "moving to device"
+WARMING_UP = "warm-up"
+PHASES = (READING_WEIGHTS, MOVING_TO_DEVICE, WARMING_UP)
+
+ProgressSink = Callable[[LoadProgress], None]
+"""Receives load progress on the instance thread; must return at once."""
+
+
+@dataclass(frozen=True)
 class LoadSpec:
-    """Everything a backend needs to load one version; built from the registry."""
+    """Everything a backend needs to load one version; built from the registry.
+
+    ``progress``, when given, is told each phase of ``load`` as it goes (optional:
+    a backend that never calls it is still correct; the scheduler reports warm-up).
+    """
 
     name: str
     version: str
     path: str
     options: Mapping[str, Any]
     device: str  # "cpu" or "cuda:N", already resolved by placement
+    progress: ProgressSink | None = None
+
+    def report(self, phase: str, done_bytes: int = 0, total_bytes: int = 0) -> None:
+        if self.progress is not None:
+            self.progress(LoadProgress(phase, done_bytes, total_bytes))
 
 
 @dataclass(frozen=True)

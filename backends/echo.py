@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import (
+    MOVING_TO_DEVICE,
+    READING_WEIGHTS,
     BackendError,
     Cancellation,
     Footprint,
@@ -139,8 +141,14 @@ class EchoBackend:
         return Footprint(weights=int(self.validate_options(spec.options)["bytes"]))
 
     def load(self, spec: LoadSpec) -> EchoModel:
+        """Tells the load phases with the ``bytes`` option as their size (nothing is read)."""
         _require_folder(spec.path)
-        return EchoModel(spec, self.validate_options(spec.options))
+        options = self.validate_options(spec.options)
+        size = int(options["bytes"])
+        spec.report(READING_WEIGHTS, 0, size)
+        spec.report(READING_WEIGHTS, size, size)
+        spec.report(MOVING_TO_DEVICE, size, size)
+        return EchoModel(spec, options)
 
 
 def _require_folder(path: str) -> None:

@@ -35,6 +35,8 @@ import torch
 
 from backends import footprint, hf_batch, hf_measure
 from backends.base import (
+    MOVING_TO_DEVICE,
+    READING_WEIGHTS,
     BackendError,
     Cancellation,
     Footprint,
@@ -173,13 +175,16 @@ class TransformersBackend:
 
         auto_class: Any = AutoModelForCausalLM if task is Task.GENERATE else AutoModel
         model: Any = None
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         try:
+            spec.report(READING_WEIGHTS, 0, weights)
             with _PROGRESS_BARS.hidden():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
                 model = auto_class.from_pretrained(
                     str(folder), local_files_only=True, use_safetensors=True, dtype=dtype
                 )
-            model.to(device)
+            spec.report(READING_WEIGHTS, weights, weights)
+            _move_to(model, device, spec)
         except Exception as exc:  # whatever failed, the caller needs one clear BackendError
             # A failed load must give back what it took (e.g. half-copied weights
             # after a CUDA OOM): the traceback's frames still hold the model.
@@ -241,6 +246,23 @@ class _Plan:
     dtype: torch.dtype
     context_length: int
     max_concurrency: int
+
+
+def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:
+    """``model.to(device)``, one top-level module at a time so progress can be told in bytes."""
+    def size(module: Any) -> int:
+        tensors = [*module.parameters(), *module.buffers()]
+        return sum(hf_measure.tensor_storages(tensors).values())
+
+    total = size(model)
+    done = 0
+    spec.report(MOVING_TO_DEVICE, 0, total)
+    for child in model.children():
+        child.to(device)
+        done = min(done + size(child), total)
+        spec.report(MOVING_TO_DEVICE, done, total)
+    model.to(device)  # whatever the root module holds itself
+    spec.report(MOVING_TO_DEVICE, total, total)
 
 
 def _release_memory(device: torch.device) -> None:

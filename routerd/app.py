@@ -16,7 +16,8 @@ from aiohttp import web
 
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
-from routerd.api import admin, health, openai
+from routerd import metrics
+from routerd.api import admin, health, openai, openapi
 from routerd.api.errors import error_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
@@ -111,6 +112,8 @@ def build_app(services: Services) -> web.Application:
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(health.routes)
+    metrics.install(app)
+    app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)
     return app

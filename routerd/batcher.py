@@ -71,9 +71,15 @@ class _Entry:
 class Batcher:
     """Serves one instance's requests in batches chosen by ``policy``."""
 
-    def __init__(self, instance: Instance, policy: BatchingPolicy) -> None:
+    def __init__(
+        self,
+        instance: Instance,
+        policy: BatchingPolicy,
+        on_batch: Callable[[Instance, int], None] | None = None,
+    ) -> None:
         self._instance = instance
         self.policy = policy
+        self._on_batch = on_batch  # told each batch's size when it starts (metrics)
         self._queue: deque[_Entry] = deque()
         self._lock = threading.RLock()  # on_done may run while admission holds it
         self._arrived = asyncio.Event()
@@ -130,6 +136,8 @@ class Batcher:
     def _generate_inline(self, row: GenerationRow) -> GenerationResult:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
+        if self._on_batch is not None:
+            self._on_batch(self._instance, 1)
         self._instance.model.generate_batch([row], None, self.policy.max_rows)
         return _outcome(row)
 
@@ -171,6 +179,8 @@ class Batcher:
                 continue
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(started))
+            if self._on_batch is not None:
+                self._on_batch(self._instance, len(started))
             try:
                 if self._instance.model.info.task is Task.EMBED:
                     await self._embed([e.work for e in started if isinstance(e.work, _EmbedJob)])

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
-from routerd import __version__
+from routerd import __version__, logs, systemd
 from routerd.app import build_app, build_services
-from routerd.config import Config, ConfigError, load_config
+from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
+from routerd.reload import ConfigLoader, reload_config
+from routerd.services import SERVICES
 
 log = logging.getLogger("routerd")
 
@@ -32,31 +37,37 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text (key=value, the default) or json"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        config = load_config(args.config).with_overrides(
+
+    def load() -> Config:
+        """The file (read again on each reload) with the flags over it."""
+        return load_config(args.config).with_overrides(
             host=args.host,
             port=args.port,
             state_dir=args.state_dir,
             log_level=args.log_level,
+            log_format=args.log_format,
             demo=args.demo or None,
         )
+
+    try:
+        config = load()
     except ConfigError as exc:
         print(f"routerd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return serve(config)
+    logs.configure(config.log_level, config.log_format)
+    return serve(config, load)
 
 
-def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; aiohttp drains in-flight requests before cleanup."""
+def serve(config: Config, load: ConfigLoader | None = None) -> int:
+    """Run until SIGTERM/SIGINT (SIGHUP reloads with ``load``); in-flight requests finish."""
     try:
         services = build_services(config)
     except Exception as exc:
@@ -64,27 +75,55 @@ def serve(config: Config) -> int:
         return 1
     app = build_app(services)
     loop = _new_event_loop()
-    log.info(
-        "routerd %s serving on http://%s:%d (state in %s)",
-        __version__,
-        config.server.host,
-        config.server.port,
-        config.state_dir,
-    )
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            shutdown_timeout=config.server.shutdown_timeout,
-            access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
-            print=None,
-            loop=loop,
-        )
+        return loop.run_until_complete(_run(app, config, load))
+    finally:
+        loop.close()
+
+
+async def _run(app: web.Application, config: Config, load: ConfigLoader | None) -> int:
+    """Serve; tell systemd READY=1 once listening, STOPPING=1 when the drain begins."""
+    access_log = logging.getLogger("aiohttp.access") if config.log_level == "debug" else None
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout,
+        access_log=access_log,
+    )  # fmt: skip
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", config.server.host, config.server.port, exc)
+        await runner.cleanup()
         return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(app, load))
+    interval = systemd.watchdog_interval()
+    pinger = asyncio.create_task(systemd.watchdog(interval)) if interval else None
+    where = f"http://{config.server.host}:{config.server.port}"
+    log.info("routerd %s serving on %s (state in %s)", __version__, where, config.state_dir)
+    systemd.notify(f"READY=1\nSTATUS=serving on {where}")
+    await stop.wait()
+    systemd.notify("STOPPING=1\nSTATUS=draining")
+    try:
+        await runner.cleanup()  # stop accepting, let requests finish, unload, close
+    finally:
+        if pinger is not None:  # pinged through the drain, which may outlast WatchdogSec
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
     return 0
+
+
+def _reload(app: web.Application, load: ConfigLoader) -> None:
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        reload_config(app[SERVICES], load)
+    finally:
+        systemd.notify("READY=1")
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

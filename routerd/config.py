@@ -105,6 +105,7 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     max_body_bytes: int = 16 * 1024 * 1024
     shutdown_timeout: float = 30.0
+    stream_heartbeat: float = 1.0  # a stream waiting for a load gets an SSE comment this often
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class SchedulerConfig:
     placement: str = "best-fit"
     eviction: str = "lru"
     routing: str = "least-outstanding"  # among a version's replicas
+    max_queue: int = 256  # requests waiting per version (load or batch queue); 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Config:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
+    log_format: str = "text"  # "text" (key=value) or "json"
     demo: bool = False
     models: tuple[VersionSpec, ...] = ()
     pinned: frozenset[str] = frozenset()  # model ids declared ``pinned = true``
@@ -162,6 +165,7 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def load_config(path: Path | None) -> Config:
@@ -182,7 +186,9 @@ def load_config(path: Path | None) -> Config:
 
 def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     _reject_unknown(
-        raw, {"server", "scheduler", "devices", "state", "log_level", "models"}, where=""
+        raw,
+        {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"},
+        where="",
     )
     server = _server(_table(raw, "server"))
     scheduler = _scheduler(_table(raw, "scheduler"))
@@ -197,6 +203,11 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     log_level = _str(raw.get("log_level", "info"), "log_level").lower()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+    log_format = _str(raw.get("log_format", "text"), "log_format").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(
+            f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
+        )
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise ConfigError("models: expected an array of tables ([[models]])")
@@ -214,13 +225,18 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         devices=devices,
         state_dir=state_dir,
         log_level=log_level,
+        log_format=log_format,
         models=models,
         pinned=frozenset(f"{spec.name}@{spec.version}" for spec, pinned in entries if pinned),
     )
 
 
 def _server(raw: Mapping[str, Any]) -> ServerConfig:
-    _reject_unknown(raw, {"host", "port", "max_body_bytes", "shutdown_timeout"}, where="server.")
+    _reject_unknown(
+        raw,
+        {"host", "port", "max_body_bytes", "shutdown_timeout", "stream_heartbeat"},
+        where="server.",
+    )
     defaults = ServerConfig()
     port = _int(raw.get("port", defaults.port), "server.port")
     if not 0 <= port <= 65535:
@@ -235,14 +251,24 @@ def _server(raw: Mapping[str, Any]) -> ServerConfig:
         shutdown_timeout=parse_duration(
             raw.get("shutdown_timeout", defaults.shutdown_timeout), key="server.shutdown_timeout"
         ),
+        stream_heartbeat=_positive_duration(raw, "stream_heartbeat", defaults.stream_heartbeat),
     )
+
+
+def _positive_duration(raw: Mapping[str, Any], key: str, default: float) -> float:
+    seconds = parse_duration(raw.get(key, default), key=f"server.{key}")
+    if seconds <= 0:
+        raise ConfigError(f"server.{key}: must be positive")
+    return seconds
 
 
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     defaults = SchedulerConfig()
     durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
     _reject_unknown(
-        raw, {*durations, "keep_alive", "placement", "eviction", "routing"}, where="scheduler."
+        raw,
+        {*durations, "keep_alive", "placement", "eviction", "routing", "max_queue"},
+        where="scheduler.",
     )
     values: dict[str, Any] = {}
     for key in durations:
@@ -255,6 +281,9 @@ def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     )
     for kind in ("placement", "eviction", "routing"):
         values[kind] = _policy(raw.get(kind, getattr(defaults, kind)), kind)
+    values["max_queue"] = _int(raw.get("max_queue", defaults.max_queue), "scheduler.max_queue")
+    if values["max_queue"] < 0:
+        raise ConfigError("scheduler.max_queue: must be 0 (no limit) or more")
     return SchedulerConfig(**values)
 
 

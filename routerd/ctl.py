@@ -12,13 +12,17 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
+
+from routerd.completion import completion_script
+from routerd.ctl_display import format_ps, load_progress
 
 DEFAULT_URL = "http://127.0.0.1:8400"
 
@@ -86,6 +90,17 @@ def human_until(timestamp: float, now: float | None = None) -> str:
     if seconds < 3600:
         return f"in {seconds / 60:.0f}m"
     return f"in {seconds / 3600:.1f}h"
+
+
+def human_duration(seconds: float) -> str:
+    """``850 ms``, ``12.3 s``, ``4m 10s``, ``2h 5m``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60)}s"
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60)}m"
 
 
 def _bytes_or_dash(n: int | None) -> str:
@@ -207,6 +222,49 @@ def _event_bytes(event: dict[str, Any]) -> int | None:
 # -- commands ---------------------------------------------------------------------
 
 
+def load_with_progress(url: str, body: dict[str, Any], out: TextIO) -> Any:
+    """POST /admin/load (which answers once ready), drawing progress on ``out`` meanwhile.
+
+    The progress is read from ``/admin/status`` a few times a second. On a terminal the
+    line is redrawn in place; elsewhere each new phase gets a line of its own.
+    """
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = request(url, "POST", "/admin/load", body)
+        except CtlError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=call, name="routerctl load", daemon=True)
+    worker.start()
+    tty = out.isatty()
+    shown, phase = "", ""
+    while worker.is_alive():
+        worker.join(0.2)
+        if not worker.is_alive():
+            break
+        try:
+            status = request(url, "GET", "/admin/status", timeout=5)
+        except CtlError:
+            continue
+        found = load_progress(status.get("instances", []), body["model"])
+        if found is None or found[1] == shown:
+            continue
+        if tty:
+            out.write("\r\033[K" + found[1])
+        elif found[0] != phase:  # a log, not a screen: one line per phase
+            out.write(found[1] + "\n")
+        out.flush()
+        phase, shown = found
+    if tty and shown:
+        out.write("\r\033[K")
+        out.flush()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -237,14 +295,19 @@ def run(args: argparse.Namespace) -> str:
         }
         result = request(url, "POST", "/admin/models", body)
         return json.dumps(result, indent=2) if as_json else f"registered {result['id']}"
+    if args.command == "ps":
+        result = request(url, "GET", "/admin/status")
+        return json.dumps(result["instances"], indent=2) if as_json else format_ps(result)
+    if args.command == "completion":
+        return completion_script(args.shell, _parser())
     if args.command == "load":
         body = {"model": args.model}
         if args.device is not None:
             body["device"] = args.device
-        result = request(url, "POST", "/admin/load", body)
         if as_json:
-            return json.dumps(result, indent=2)
-        took = f" in {result['load_ms'] / 1000:.1f}s" if result.get("load_ms") else ""
+            return json.dumps(request(url, "POST", "/admin/load", body), indent=2)
+        result = load_with_progress(url, body, sys.stderr)
+        took = f" in {human_duration(result['load_ms'] / 1000)}" if result.get("load_ms") else ""
         return (
             f"loaded {result['model']}@{result['version']} on {result['device']} "
             f"({human_bytes(result['bytes'])}){took}"
@@ -277,7 +340,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _OneLineErrors(add_help=False)
     common.add_argument(
         "--url",
         default=argparse.SUPPRESS,
@@ -286,12 +349,21 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
     )
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="routerctl", parents=[common], description="Operate a running routerd."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", parents=[common], help="devices and loaded instances")
     commands.add_parser("models", parents=[common], help="registered model versions")
+    commands.add_parser(
+        "ps", parents=[common], help="loaded models: size, device, state, requests, until when"
+    )
+    completion = commands.add_parser(
+        "completion",
+        parents=[common],
+        help="print a shell completion script: source <(routerctl completion bash)",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
     register = commands.add_parser("register", parents=[common], help="register a model version")
     register.add_argument("name")
     register.add_argument("--version", default="1")
@@ -327,6 +399,13 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--model", metavar="NAME[@VERSION]", help="only this model's events")
     events.add_argument("--limit", type=_positive_int, default=50, help="how many (default 50)")
     return parser
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes print one line (not the usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:

@@ -80,3 +80,11 @@ class GatewayTimeout(RouterdError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class QueueFull(RouterdError):
+    """Too many requests already wait for this model version: retry after ``retry_after``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"

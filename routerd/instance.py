@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
-from backends.base import Cancellation, Footprint, LoadedModel
+from backends.base import (
+    MOVING_TO_DEVICE,
+    READING_WEIGHTS,
+    WARMING_UP,
+    Cancellation,
+    Footprint,
+    LoadedModel,
+    LoadProgress,
+)
 from state import VersionRecord
 
 if TYPE_CHECKING:
@@ -40,6 +48,11 @@ class InstanceState(StrEnum):
     @property
     def allocating(self) -> bool:
         return self in (InstanceState.LOADING, InstanceState.WARMING)
+
+    @property
+    def loading(self) -> bool:
+        """Not ready yet: placed, loading or warming up."""
+        return self in (InstanceState.WAITING, InstanceState.LOADING, InstanceState.WARMING)
 
 
 class Instance:
@@ -72,6 +85,8 @@ class Instance:
         self.last_used = time.time()  # wall clock, for people
         self.victim_of: str | None = None  # the load this instance makes room for
         self.revoked: str | None = None  # why live leases were ended (forced eviction)
+        # Set from the instance thread while loading (one atomic assignment), read on the loop.
+        self.progress: LoadProgress | None = None
         self._cancellations: set[Cancellation] = set()
         self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
@@ -145,6 +160,10 @@ class Instance:
             return fn(*args)
         return await self.run(fn, *args)
 
+    def report_progress(self, progress: LoadProgress) -> None:
+        """A backend's ``LoadSpec.progress``: remember the latest phase of the load."""
+        self.progress = progress
+
     def acquire(self, now: float) -> None:
         self.in_flight += 1
         self.touched = now
@@ -195,6 +214,9 @@ class InstanceSnapshot:
     last_used: float
     load_ms: float | None
     expires_at: float | None  # wall clock; None while busy, pinned or kept forever
+    queued: int = 0  # requests in its batch queue, not yet running
+    progress: LoadProgress | None = None  # while loading: the backend's latest phase
+    load_percent: int | None = None  # while loading: an overall estimate, 0..99
 
     @classmethod
     def of(cls, instance: Instance, *, pinned: bool = False, now: float = 0.0) -> InstanceSnapshot:
@@ -222,4 +244,27 @@ class InstanceSnapshot:
             last_used=instance.last_used,
             load_ms=instance.load_ms,
             expires_at=expires_at,
+            queued=instance.queued,
+            progress=instance.progress if instance.state.loading else None,
+            load_percent=load_percent(instance) if instance.state.loading else None,
         )
+
+
+# Share of a whole load each phase accounts for, by where it starts and ends (percent).
+_PHASE_SPAN = {READING_WEIGHTS: (0, 60), MOVING_TO_DEVICE: (60, 90), WARMING_UP: (90, 99)}
+
+
+def load_percent(instance: Instance) -> int:
+    """How far a load has come, 0..99: the phase's span, scaled by its bytes done."""
+    if instance.state is InstanceState.WAITING:
+        return 0
+    if instance.state is InstanceState.WARMING:
+        return _PHASE_SPAN[WARMING_UP][0]
+    progress = instance.progress
+    if progress is None or progress.phase not in _PHASE_SPAN:
+        return 0
+    start, end = _PHASE_SPAN[progress.phase]
+    if progress.total_bytes <= 0:
+        return start
+    share = min(progress.done_bytes / progress.total_bytes, 1.0)
+    return int(start + (end - start) * share)

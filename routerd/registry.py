@@ -26,7 +26,14 @@ from state import Store, SyncResult, VersionRecord, VersionSpec
 
 # Options the scheduler reads itself; everything else belongs to the backend.
 REPLICA_OPTIONS = ("replicas", "max_replicas", "scale_up_queue", "scale_down_idle", "routing")
-SCHEDULER_OPTIONS = ("device", "devices", "keep_alive", *BATCHING_OPTIONS, *REPLICA_OPTIONS)
+SCHEDULER_OPTIONS = (
+    "device",
+    "devices",
+    "keep_alive",
+    "max_queue",
+    *BATCHING_OPTIONS,
+    *REPLICA_OPTIONS,
+)
 
 
 class Registry:
@@ -122,6 +129,13 @@ def _check_scheduler_options(options: dict[str, Any]) -> None:
         raise InvalidRequest(
             "option max_replicas must be at least replicas", param="options.max_replicas"
         )
+    if "max_queue" in options:
+        value = options["max_queue"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(
+                f"option max_queue must be an integer >= 0 (0: no limit), got {value!r}",
+                param="options.max_queue",
+            )
     if "scale_down_idle" in options:
         try:
             options["scale_down_idle"] = parse_duration(

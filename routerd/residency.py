@@ -64,6 +64,14 @@ class ResidencyStore(Protocol):
     ) -> None: ...
 
 
+class SchedulerObserver(Protocol):
+    """Watches the scheduler from outside (metrics): its event log and its batches."""
+
+    def event(self, kind: str, record: VersionRecord, fields: Mapping[str, Any]) -> None: ...
+
+    def batch(self, record: VersionRecord, rows: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     load_timeout: float = 600.0
@@ -73,6 +81,7 @@ class SchedulerSettings:
     release_timeout: float = 10.0
     scale_down_idle: float = 30.0  # extra replicas leave after this long idle
     routing: str = "least-outstanding"
+    max_queue: int = 256  # requests waiting per version before 429; 0 = no limit
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
 
@@ -85,6 +94,7 @@ class SchedulerSettings:
             keep_alive=scheduler.keep_alive,
             release_timeout=scheduler.release_timeout,
             routing=scheduler.routing,
+            max_queue=scheduler.max_queue,
             poll_interval=devices.poll_interval,
             headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
         )
@@ -146,10 +156,13 @@ class ResidencyCore:
         self.settings = settings or SchedulerSettings()
         self._clock = clock
         self._on_change = on_change  # e.g. metrics, or a test asserting the ledger
+        self.observer: SchedulerObserver | None = None  # sees events and batches (metrics)
         self._pid = os.getpid() if our_pid is None else our_pid
         self._instances: dict[str, Instance] = {}
         self._loads: dict[str, asyncio.Task[Instance]] = {}
         self._waiting: dict[str, int] = {}  # model id → requests waiting for it
+        self._service_s: dict[str, float] = {}  # model id → moving average of lease time
+        self._load_s: dict[str, float] = {}  # model id → how long its last load took
         self._routing_policies: dict[str, Any] = {}  # by name; some keep counters
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
@@ -285,6 +298,15 @@ class ResidencyCore:
             f", for {trigger}" if trigger else "",
             resident_s,
             freed,
+            extra={
+                "event": "evict",
+                "model": instance.model_id,
+                "device": instance.device,
+                "reason": reason,
+                "trigger": trigger,
+                "bytes": freed,
+                "resident_s": round(resident_s, 1),
+            },
         )
         if leaked:
             self._leaks.append(Leak(instance.model_id, instance.device, freed))
@@ -448,6 +470,12 @@ class ResidencyCore:
 
     def _record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
         self._store.record_event(kind, record.name, record.version, **fields)
+        if self.observer is not None:
+            self.observer.event(kind, record, fields)
+
+    def _observe_batch(self, instance: Instance, rows: int) -> None:
+        if self.observer is not None:
+            self.observer.batch(instance.record, rows)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

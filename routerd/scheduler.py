@@ -34,14 +34,25 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
-from backends.base import Backend, BackendError, Footprint, LoadSpec, OutOfMemory
+from backends.base import (
+    WARMING_UP,
+    Backend,
+    BackendError,
+    Footprint,
+    LoadProgress,
+    LoadSpec,
+    OutOfMemory,
+)
+from policies.placement import PlacementPolicy
 from policies.registry import create as create_policy
 from policies.routing import Candidate, RouteRequest, RoutingPolicy
 from policies.types import LoadRequest, Plan
+from routerd.admission import QueueState, moving_average, retry_after
 from routerd.batcher import Batcher, batching_policy
 from routerd.config import parse_keep_alive
-from routerd.errors import Draining, LoadFailed, NotFound, Unavailable
+from routerd.errors import Draining, LoadFailed, NotFound, QueueFull, Unavailable
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
 from routerd.registry import SCHEDULER_OPTIONS
 from routerd.residency import (
@@ -136,21 +147,59 @@ class Scheduler(ResidencyCore):
     ) -> AsyncIterator[Lease]:
         """Hold a READY instance of ``record`` for the whole ``async with`` body.
 
-        ``keep_alive`` (a request's own) replaces the instance's from now on.
+        ``keep_alive`` (a request's own) replaces the instance's from now on. When
+        ``max_queue`` requests already wait for the version, 429 (``QueueFull``).
         """
+        self._admit(record)
         started = self._clock()
         instance, waited = await self._ready_instance(record, device=None, why="request")
-        instance.acquire(self._clock())
-        cold_start_ms = (self._clock() - started) * 1000 if waited else None
+        acquired = self._clock()
+        instance.acquire(acquired)
+        cold_start_ms = (acquired - started) * 1000 if waited else None
         try:
             yield Lease(instance=instance, cold_start_ms=cold_start_ms)
         finally:
             if keep_alive is not None:
                 instance.keep_alive = keep_alive
-            instance.release(self._clock())
+            released = self._clock()
+            key = record.model_id
+            self._service_s[key] = moving_average(self._service_s.get(key), released - acquired)
+            instance.release(released)
             self._changed(
                 wake_reaper=not instance.in_flight and self._expires_before_reaper_looks(instance)
             )
+
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting per version: for a lease (a load) or in a batch queue."""
+        depths = dict(self._waiting)
+        for instance in self._instances.values():
+            if instance.queued:
+                key = instance.model_id
+                depths[key] = depths.get(key, 0) + instance.queued
+        return depths
+
+    def _admit(self, record: VersionRecord) -> None:
+        """Refuse a request (429) when ``max_queue`` requests already wait for its version."""
+        limit = int(record.options.get("max_queue", self.settings.max_queue))
+        if limit <= 0:
+            return
+        key = record.model_id
+        replicas = self._replicas(key)
+        waiting = self._waiting.get(key, 0) + sum(i.queued for i in replicas)
+        if waiting < limit:
+            return
+        loading = [i for i in replicas if i.state.loading]
+        state = QueueState(
+            waiting=waiting,
+            service_s=self._service_s.get(key),
+            concurrent=sum(i.in_flight for i in replicas if i.state is InstanceState.READY),
+            load_s=self._load_s.get(key),
+            loading_for_s=(self._clock() - loading[0].placed_at) if loading else None,
+        )
+        raise QueueFull(
+            f"{key} already has {waiting} requests waiting (max_queue {limit}); retry later",
+            retry_after=retry_after(state),
+        )
 
     async def _ready_instance(
         self, record: VersionRecord, *, device: str | None, why: str
@@ -326,6 +375,16 @@ class Scheduler(ResidencyCore):
             return snapshot
         await self._evict_instance(instance, reason=reason, trigger=None, force=force)
         return snapshot
+
+    def evict_later(self, model_id: str, *, reason: str) -> None:
+        """Drain and unload ``model_id`` in the background (e.g. a reload changed it)."""
+        self._spawn(self.evict(model_id, reason=reason), name=f"evict {model_id}")
+
+    def reconfigure(self, settings: SchedulerSettings, placement: PlacementPolicy) -> None:
+        """New settings and placement take effect from the next decision (reload)."""
+        self.settings = settings
+        self._placement = placement
+        self._changed()
 
     def pin(self, record: VersionRecord) -> None:
         """Never evict this version (operators may still evict it by hand)."""
@@ -514,12 +573,13 @@ class Scheduler(ResidencyCore):
             await self._wait_for_change(0.1)
         instance.state = InstanceState.LOADING
         self._changed()
-        log.info("loading %s on %s", record.model_id, instance.device)
-        spec = self._spec(record, instance.device)
+        log.debug("loading %s on %s", record.model_id, instance.device)
+        spec = replace(self._spec(record, instance.device), progress=instance.report_progress)
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
             instance.state = InstanceState.WARMING
+            instance.progress = LoadProgress(WARMING_UP)
             await instance.run(model.warm_up)
             measured: Footprint = await instance.run(model.measure_footprint)
         except OutOfMemory as exc:
@@ -531,7 +591,13 @@ class Scheduler(ResidencyCore):
             await self._discard(instance)
             reason = str(exc) or type(exc).__name__
             self._record("load_failed", record, device=instance.device, reason=reason)
-            log.warning("loading %s on %s failed: %s", record.model_id, instance.device, reason)
+            log.warning(
+                "loading %s on %s failed: %s",
+                record.model_id,
+                instance.device,
+                reason,
+                extra={"event": "load_failed", "model": record.model_id, "device": instance.device},
+            )
             if isinstance(exc, Exception):
                 raise LoadFailed(f"loading {record.model_id} failed: {reason}") from exc
             raise
@@ -558,8 +624,11 @@ class Scheduler(ResidencyCore):
                 f"measured {measured.total} bytes, more than the {instance.reserved_bytes} "
                 f"planned, and {instance.device} has no room for the difference",
             )
-        instance.attach_batcher(Batcher(instance, batching_policy(record.options, instance.device)))
+        policy = batching_policy(record.options, instance.device)
+        instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
         instance.load_ms = (self._clock() - instance.placed_at) * 1000
+        self._load_s[record.model_id] = instance.load_ms / 1000
+        instance.progress = None
         instance.loaded_at = instance.touched = self._clock()
         instance.state = InstanceState.READY
         self._record(
@@ -583,6 +652,15 @@ class Scheduler(ResidencyCore):
             measured.total,
             instance.estimated_bytes,
             instance.load_ms,
+            extra={
+                "event": "load",
+                "model": record.model_id,
+                "device": instance.device,
+                "reason": why,
+                "bytes": measured.total,
+                "estimated_bytes": instance.estimated_bytes,
+                "duration_ms": round(instance.load_ms, 1),
+            },
         )
         self._changed()
         return instance

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import (
+    MOVING_TO_DEVICE,
+    READING_WEIGHTS,
     BackendError,
     Cancellation,
     Footprint,
@@ -200,7 +202,10 @@ class FakeBackend:
         self.load_threads.append(threading.current_thread().name)
         if not Path(spec.path).is_dir():
             raise BackendError(f"{spec.path} is not a directory")
+        size = int(spec.options.get("bytes", 1000))
+        spec.report(READING_WEIGHTS, size // 2, size)  # half read while the gate holds it
         self.load_gate.wait()
+        spec.report(MOVING_TO_DEVICE, size, size)
         if spec.options.get("fail_load"):
             raise BackendError(str(spec.options["fail_load"]))
         if self.loads.count(model_id) <= int(spec.options.get("oom_loads", 0)):

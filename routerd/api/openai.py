@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from backends.base import GenerationResult, Task
+from routerd.api.coldstart import ColdStream
 from routerd.api.errors import as_routerd_error, error_body, read_json_object
 from routerd.api.generation import (
     Finished,
@@ -39,6 +40,7 @@ from routerd.api.schemas import (
     parse_embedding,
 )
 from routerd.errors import BadRequest, ModelNotFound
+from routerd.metrics import note_first_token, note_usage
 from routerd.scheduler import Lease
 from routerd.services import SERVICES, Services
 from state import VersionRecord
@@ -104,12 +106,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
     record = services.router.resolve(req.model)
-    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
-        _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
-        prompts = [await _prepare(lease, req, prompt, param="prompt") for prompt in req.prompts]
-        if req.stream:
-            return await _stream_completion(request, req, record, lease, prompts)
-        results = [await generate(lease.instance, p) for p in prompts]
+    cold = _cold_stream(request, services, record, stream=req.stream)
+    try:
+        async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
+            _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
+            prompts = [await _prepare(lease, req, p, param="prompt") for p in req.prompts]
+            if req.stream:
+                return await _stream_completion(request, req, record, lease, prompts, cold.response)
+            results = [await generate(lease.instance, p) for p in prompts]
+    except Exception as exc:
+        if cold.response is None:
+            raise
+        return await cold.fail(exc)
     return web.json_response(
         {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -131,6 +139,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _cold_stream(
+    request: web.Request, services: Services, record: VersionRecord, *, stream: bool
+) -> ColdStream:
+    heartbeat = services.config.server.stream_heartbeat
+    return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
+
+
 async def _prepare(
     lease: Lease, req: CompletionRequest, prompt: str | list[int], *, param: str
 ) -> PreparedPrompt:
@@ -147,6 +162,7 @@ async def _stream_completion(
     record: VersionRecord,
     lease: Lease,
     prompts: list[PreparedPrompt],
+    begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -161,7 +177,14 @@ async def _stream_completion(
         }
 
     return await _write_sse(
-        request, req.include_usage, record, lease, prompts, chunk, usage_chunk=chunk(0, "", None)
+        request,
+        req.include_usage,
+        record,
+        lease,
+        prompts,
+        chunk,
+        usage_chunk=chunk(0, "", None),
+        begun=begun,
     )
 
 
@@ -173,15 +196,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
     record = services.router.resolve(req.model)
-    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
-        _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
-        model = lease.instance.model
-        token_ids = await lease.instance.call(model.encode_chat, req.messages)
-        params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
-        prompt = PreparedPrompt(token_ids, params)
-        if req.stream:
-            return await _stream_chat(request, req, record, lease, prompt)
-        result = await generate(lease.instance, prompt)
+    cold = _cold_stream(request, services, record, stream=req.stream)
+    try:
+        async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
+            _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
+            model = lease.instance.model
+            token_ids = await lease.instance.call(model.encode_chat, req.messages)
+            params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+            prompt = PreparedPrompt(token_ids, params)
+            if req.stream:
+                return await _stream_chat(request, req, record, lease, prompt, cold.response)
+            result = await generate(lease.instance, prompt)
+    except Exception as exc:
+        if cold.response is None:
+            raise
+        return await cold.fail(exc)
     return web.json_response(
         {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -208,6 +237,7 @@ async def _stream_chat(
     record: VersionRecord,
     lease: Lease,
     prompt: PreparedPrompt,
+    begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -237,7 +267,14 @@ async def _stream_chat(
         "choices": [],
     }
     return await _write_sse(
-        request, req.include_usage, record, lease, [prompt], chunk, usage_chunk=usage_chunk
+        request,
+        req.include_usage,
+        record,
+        lease,
+        [prompt],
+        chunk,
+        usage_chunk=usage_chunk,
+        begun=begun,
     )
 
 
@@ -255,20 +292,24 @@ async def _write_sse(
     chunk: ChunkMaker,
     *,
     usage_chunk: dict[str, Any],
+    begun: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Server-sent events: a chunk per text piece, a finish chunk per prompt, [DONE].
 
     An error after the stream began cannot change the status any more; it is sent
-    as an ``error`` event in the OpenAI shape, followed by ``[DONE]``.
+    as an ``error`` event in the OpenAI shape, followed by ``[DONE]``. ``begun``: the
+    response already sent while waiting for the load (see ``routerd.api.coldstart``).
     """
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            **_served_headers(record, lease),
-        }
-    )
-    await response.prepare(request)
+    response = begun
+    if response is None:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **_served_headers(record, lease),
+            }
+        )
+        await response.prepare(request)
     results: list[GenerationResult] = []
     try:
         for index, prompt in enumerate(prompts):
@@ -278,7 +319,9 @@ async def _write_sse(
                         results.append(item.result)
                         await _send(response, chunk(index, "", _finish(item.result)))
                     elif item:
+                        note_first_token()
                         await _send(response, chunk(index, item, None))
+        note_usage(*_token_counts(results))
         if include_usage:
             await _send(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
     except (ConnectionResetError, ConnectionError):
@@ -299,9 +342,13 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def _token_counts(results: list[GenerationResult]) -> tuple[int, int]:
+    return sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+
+
 def _usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
+    prompt, completion = _token_counts(results)
+    note_usage(prompt, completion)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -324,6 +371,7 @@ async def embeddings(request: web.Request) -> web.Response:
         )
     vectors = embedded.vectors
     tokens = sum(len(ids) for ids in embedded.token_ids)
+    note_usage(tokens, 0)
     return web.json_response(
         {
             "object": "list",

@@ -1,0 +1,109 @@
+"""Streams that must wait for a load: keep the connection alive with SSE comments.
+
+A proxy in front of routerd (or the client itself) may drop a connection that stays
+silent for long, and loading a large model can take minutes. So a streaming request
+whose lease has not come after ``server.stream_heartbeat`` starts its event stream
+early and sends a comment line — ignored by SSE clients — at that interval until the
+model is ready::
+
+    : loading demo-large@1 40%
+
+Its status and headers are then sent before the instance is known, so the device and
+the cold start travel as one more comment (``: served by demo-large@1 on cpu after
+12345 ms``), and an error from then on (the load failed, the prompt is too long) is
+an ``error`` event followed by ``[DONE]``, as for errors in mid-stream. Requests
+served without waiting that long are answered exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from aiohttp import web
+
+from routerd.api.errors import as_routerd_error, error_body
+from routerd.metrics import note_cold_start
+from routerd.scheduler import Lease, Scheduler
+from state import VersionRecord
+
+
+class ColdStream:
+    """One request's lease, taken with comments on the wire while it is slow to come."""
+
+    def __init__(
+        self, request: web.Request, record: VersionRecord, *, stream: bool, heartbeat: float
+    ) -> None:
+        self._request = request
+        self._record = record
+        self._stream = stream
+        self._heartbeat = heartbeat
+        self.response: web.StreamResponse | None = None  # set once comments began
+
+    @asynccontextmanager
+    async def lease(
+        self, scheduler: Scheduler, *, keep_alive: float | None
+    ) -> AsyncIterator[Lease]:
+        context = scheduler.lease(self._record, keep_alive=keep_alive)
+        if not self._stream:
+            async with context as lease:
+                yield lease
+            return
+        stack = AsyncExitStack()
+        entering = asyncio.ensure_future(stack.enter_async_context(context))
+        try:
+            while not entering.done():
+                await asyncio.wait([entering], timeout=self._heartbeat)
+                if not entering.done():
+                    await self._comment(
+                        f"loading {self._record.model_id} {_percent(scheduler, self._record)}%"
+                    )
+        except BaseException:  # client gone or cancelled: give up the wait (or the lease)
+            entering.cancel()
+            await asyncio.wait([entering])
+            await stack.aclose()
+            raise
+        async with stack:
+            lease = entering.result()  # a failed load raises here
+            if self.response is not None:
+                cold = lease.cold_start_ms or 0.0
+                note_cold_start(cold)
+                await self._comment(
+                    f"served by {self._record.model_id} on {lease.instance.device} "
+                    f"after {cold:.0f} ms"
+                )
+            yield lease
+
+    async def _comment(self, text: str) -> None:
+        if self.response is None:
+            self.response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "x-routerd-model": self._record.model_id,
+                }
+            )
+            await self.response.prepare(self._request)
+        await self.response.write(f": {text}\n\n".encode())
+
+    async def fail(self, exc: Exception) -> web.StreamResponse:
+        """End a stream already begun with ``exc`` as an error event, then ``[DONE]``."""
+        assert self.response is not None
+        error = as_routerd_error(exc)
+        body = error_body(error.message, type=error.type, param=error.param, code=error.code)
+        try:
+            await self.response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+            await self.response.write(b"data: [DONE]\n\n")
+            await self.response.write_eof()
+        except ConnectionError:
+            pass  # the client left meanwhile
+        return self.response
+
+
+def _percent(scheduler: Scheduler, record: VersionRecord) -> int:
+    snapshot = scheduler.instance(record.model_id)
+    if snapshot is None or snapshot.load_percent is None:
+        return 0
+    return snapshot.load_percent

@@ -1,0 +1,399 @@
+"""The HTTP API described as OpenAPI 3.1, served at ``GET /openapi.json``.
+
+Written by hand next to the handlers' own validation (``routerd.api.schemas``), and
+kept true by a test that compares its paths and methods with the app's router: a
+route added without a description here fails the suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from routerd import __version__
+
+routes = web.RouteTableDef()
+
+_STRING: Final = {"type": "string"}
+_INT: Final = {"type": "integer"}
+_TOKENS: Final = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_PROMPT: Final = {"oneOf": [_STRING, _TOKENS]}
+_KEEP_ALIVE: Final = {
+    "description": "How long the model stays loaded when idle after this request: a duration "
+    '("5m"), 0 (unload when idle) or -1 (never).',
+    "oneOf": [_STRING, {"type": "number"}],
+}
+_SAMPLING: Final = {
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "seed": _INT,
+    "stop": {"oneOf": [_STRING, {"type": "array", "items": _STRING, "maxItems": 4}]},
+    "stream": {"type": "boolean"},
+    "stream_options": {
+        "type": "object",
+        "properties": {"include_usage": {"type": "boolean"}},
+    },
+    "user": _STRING,
+    "keep_alive": _KEEP_ALIVE,
+}
+_MODEL_ID: Final = {
+    "type": "string",
+    "description": "NAME (routed to a version) or NAME@VERSION (that version).",
+}
+
+SCHEMAS: Final[dict[str, Any]] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": _STRING,
+                    "type": _STRING,
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "Model": {
+        "type": "object",
+        "properties": {
+            "id": _STRING,
+            "object": {"const": "model"},
+            "created": _INT,
+            "owned_by": _STRING,
+            "root": _STRING,
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+        },
+    },
+    "CompletionRequest": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            "model": _MODEL_ID,
+            "prompt": {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]},
+            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            **_SAMPLING,
+        },
+    },
+    "ChatRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": _MODEL_ID,
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": _STRING, "content": {"type": ["string", "array"]}},
+                },
+            },
+            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            **_SAMPLING,
+        },
+    },
+    "EmbeddingRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": _MODEL_ID,
+            "input": {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]},
+            "encoding_format": {"enum": ["float", "base64"]},
+            "user": _STRING,
+            "keep_alive": _KEEP_ALIVE,
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
+    },
+    "Completion": {
+        "type": "object",
+        "description": "A text_completion or chat.completion object; with stream=true, "
+        "server-sent events of chunks ending with `data: [DONE]`. A stream that waits for "
+        "a load first receives comment lines (`: loading NAME@VERSION 40%`).",
+        "properties": {
+            "id": _STRING,
+            "object": _STRING,
+            "created": _INT,
+            "model": _STRING,
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": {"$ref": "#/components/schemas/Usage"},
+        },
+    },
+    "EmbeddingList": {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "model": _STRING,
+            "usage": {"$ref": "#/components/schemas/Usage"},
+        },
+    },
+    "Instance": {
+        "type": "object",
+        "description": "A resident (or loading) instance, as routerctl shows it.",
+        "properties": {
+            "model": _STRING,
+            "version": _STRING,
+            "replica": _INT,
+            "backend": _STRING,
+            "device": _STRING,
+            "state": {"enum": ["waiting", "loading", "warming", "ready", "draining", "unloading"]},
+            "bytes": _INT,
+            "estimated_bytes": _INT,
+            "measured_bytes": {"type": ["integer", "null"]},
+            "in_flight": _INT,
+            "queued": _INT,
+            "pinned": {"type": "boolean"},
+            "last_used": {"type": "number"},
+            "load_ms": {"type": ["number", "null"]},
+            "expires_at": {"type": ["number", "null"]},
+            "progress": {
+                "type": ["object", "null"],
+                "properties": {
+                    "phase": {"enum": ["reading weights", "moving to device", "warm-up"]},
+                    "done_bytes": _INT,
+                    "total_bytes": _INT,
+                },
+            },
+            "load_percent": {"type": ["integer", "null"]},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "properties": {
+            "devices": {"type": "array", "items": {"type": "object"}},
+            "instances": {"type": "array", "items": {"$ref": "#/components/schemas/Instance"}},
+            "leaked": {"type": "array", "items": {"type": "object"}},
+            "models": _INT,
+            "accepting": {"type": "boolean"},
+        },
+    },
+    "Version": {
+        "type": "object",
+        "properties": {
+            "id": _STRING,
+            "name": _STRING,
+            "version": _STRING,
+            "backend": _STRING,
+            "path": _STRING,
+            "options": {"type": "object"},
+            "source": _STRING,
+            "created_at": {"type": "number"},
+            "state": _STRING,
+            "device": {"type": ["string", "null"]},
+            "pinned": {"type": "boolean"},
+        },
+    },
+    "RegisterRequest": {
+        "type": "object",
+        "required": ["name", "path"],
+        "properties": {
+            "name": _STRING,
+            "version": {"type": "string", "default": "1"},
+            "backend": {"type": "string", "default": "transformers"},
+            "path": {"type": "string", "description": "an absolute folder path"},
+            "options": {"type": "object"},
+        },
+    },
+    "ModelRequest": {
+        "type": "object",
+        "required": ["model"],
+        "properties": {
+            "model": _MODEL_ID,
+            "device": {"type": "string", "description": "load only: cpu, cuda or cuda:N"},
+            "force": {"type": "boolean", "description": "evict only: end live requests"},
+        },
+    },
+}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    meanings = {
+        400: "invalid request (param named)",
+        404: "unknown model or not loaded",
+        413: "body too large",
+        429: "queue full; see Retry-After",
+        503: "no capacity, load failed or shutting down; may carry Retry-After",
+    }
+    return {str(s): _json("Error", meanings[s]) for s in statuses}
+
+
+def _op(
+    summary: str,
+    tag: str,
+    response: dict[str, Any],
+    *,
+    body: str | None = None,
+    errors: tuple[int, ...] = (),
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": {"200": response}}
+    op["responses"].update(_errors(*errors))
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if parameters:
+        op["parameters"] = parameters
+    return op
+
+
+_PATH_MODEL: Final = [{"name": "model_id", "in": "path", "required": True, "schema": _STRING}]
+_SERVED: Final = (
+    "Headers: x-routerd-model (NAME@VERSION), x-routerd-device, and "
+    "x-routerd-cold-start-ms when the request waited for a load."
+)
+_INFERENCE_ERRORS: Final = (400, 404, 413, 429, 503)
+
+PATHS: Final[dict[str, dict[str, Any]]] = {
+    "/v1/models": {"get": _op("List models and versions", "openai", _json("ModelList"))},
+    "/v1/models/{model_id}": {
+        "get": _op("One model", "openai", _json("Model"), errors=(404,), parameters=_PATH_MODEL)
+    },
+    "/v1/completions": {
+        "post": _op(
+            "Text completion (stream with stream=true)",
+            "openai",
+            _json("Completion", _SERVED),
+            body="CompletionRequest",
+            errors=_INFERENCE_ERRORS,
+        )
+    },
+    "/v1/chat/completions": {
+        "post": _op(
+            "Chat completion (stream with stream=true)",
+            "openai",
+            _json("Completion", _SERVED),
+            body="ChatRequest",
+            errors=_INFERENCE_ERRORS,
+        )
+    },
+    "/v1/embeddings": {
+        "post": _op(
+            "Embeddings",
+            "openai",
+            _json("EmbeddingList", _SERVED),
+            body="EmbeddingRequest",
+            errors=_INFERENCE_ERRORS,
+        )
+    },
+    "/health": {
+        "get": _op("Liveness: the process and its loop run", "operations", {"description": "OK"})
+    },
+    "/ready": {
+        "get": _op(
+            "Readiness: store open, scheduler running, not shutting down",
+            "operations",
+            {"description": "ready (503 when not)"},
+        )
+    },
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics",
+            "operations",
+            {"description": "text exposition", "content": {"text/plain": {"schema": _STRING}}},
+        )
+    },
+    "/openapi.json": {"get": _op("This document", "operations", {"description": "OpenAPI 3.1"})},
+    "/admin/status": {"get": _op("Devices and instances", "admin", _json("Status"))},
+    "/admin/models": {
+        "get": _op("Registered versions", "admin", {"description": "{models: [Version]}"}),
+        "post": _op(
+            "Register a version",
+            "admin",
+            _json("Version", "registered (201)"),
+            body="RegisterRequest",
+            errors=(400,),
+        ),
+    },
+    "/admin/load": {
+        "post": _op(
+            "Load and warm up a version now; answers when it is ready. Its progress shows "
+            "in /admin/status (instances[].progress, load_percent) meanwhile.",
+            "admin",
+            _json("Instance"),
+            body="ModelRequest",
+            errors=(400, 404, 503),
+        )
+    },
+    "/admin/evict": {
+        "post": _op(
+            "Drain and unload a version (or every version of NAME)",
+            "admin",
+            {"description": "{evicted: [Instance]}"},
+            body="ModelRequest",
+            errors=(400, 404),
+        )
+    },
+    "/admin/pin": {
+        "post": _op("Pin a version", "admin", _json("Version"), body="ModelRequest", errors=(404,))
+    },
+    "/admin/unpin": {
+        "post": _op(
+            "Unpin a version", "admin", _json("Version"), body="ModelRequest", errors=(404,)
+        )
+    },
+    "/admin/events": {
+        "get": _op(
+            "Recent loads, evictions and failures, newest first",
+            "admin",
+            {"description": "{events: [...]}"},
+            errors=(400,),
+            parameters=[
+                {"name": "model", "in": "query", "schema": _MODEL_ID},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+            ],
+        )
+    },
+    "/admin/why/{model_id}": {
+        "get": _op(
+            "Why a version was last loaded or evicted",
+            "admin",
+            {"description": "{model, explanation}"},
+            errors=(404,),
+            parameters=_PATH_MODEL,
+        )
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "routerd",
+            "version": __version__,
+            "description": "OpenAI-compatible serving of many models from one host, and its "
+            "admin API (used by routerctl). Errors use the OpenAI shape.",
+        },
+        "paths": PATHS,
+        "components": {"schemas": SCHEMAS},
+    }
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
