@@ -24,9 +24,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def value(scraped: dict, name: str, **labels: str) -> float:
     """The one sample named ``name`` whose labels include ``labels`` (0 if none)."""
-    matching = [
-        v for (n, ls), v in scraped.items() if n == name and set(labels.items()) <= set(ls)
-    ]
+    matching = [v for (n, ls), v in scraped.items() if n == name and set(labels.items()) <= set(ls)]
     assert len(matching) <= 1, f"{name} {labels} matches {len(matching)} samples"
     return matching[0] if matching else 0.0
 
