@@ -198,6 +198,20 @@ def test_routerctl_status_json_and_evict(daemon: Daemon, sdk: openai.OpenAI) -> 
     assert missing.stderr.strip().count("\n") == 0 and "not loaded" in missing.stderr
 
 
+def test_operations_endpoints_and_routerctl_ps(daemon: Daemon, sdk: openai.OpenAI) -> None:
+    sdk.completions.create(model="demo-small", prompt="x", max_tokens=2)
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'routerd_loads_total{model="demo-small",result="ok",version="1"}' in metrics
+    assert 'routerd_device_memory_bytes{device="cpu",kind="ours"}' in metrics
+    with urllib.request.urlopen(daemon.url + "/openapi.json", timeout=10) as response:
+        assert "/v1/chat/completions" in json.loads(response.read())["paths"]
+    ps = daemon.routerctl("ps")
+    assert ps.returncode == 0, ps.stderr
+    assert ps.stdout.splitlines()[0].split()[:3] == ["NAME", "DEVICE", "SIZE"]
+    assert any(line.startswith("demo-small@1") for line in ps.stdout.splitlines())
+
+
 def test_sigterm_shuts_down_cleanly(daemon: Daemon) -> None:
     """Runs last in this module: the fixture's daemon is stopped here."""
     daemon.process.send_signal(signal.SIGTERM)
