@@ -184,8 +184,13 @@ class Scheduler(ResidencyCore):
         if limit <= 0:
             return
         key = record.model_id
-        replicas = self._replicas(key)
-        waiting = self._waiting.get(key, 0) + sum(i.queued for i in replicas)
+        waiting = self._waiting.get(key, 0)
+        first = self._instances.get(key)
+        if first is not None and not {"replicas", "max_replicas"} & record.options.keys():
+            replicas = [first]  # the common case: one instance, no scan of all of them
+        else:
+            replicas = self._replicas(key)
+        waiting += sum(i.queued for i in replicas)
         if waiting < limit:
             return
         loading = [i for i in replicas if i.state.loading]
