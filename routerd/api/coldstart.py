@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
@@ -42,15 +42,19 @@ class ColdStream:
         self._heartbeat = heartbeat
         self.response: web.StreamResponse | None = None  # set once comments began
 
-    @asynccontextmanager
-    async def lease(
+    def lease(
         self, scheduler: Scheduler, *, keep_alive: float | None
-    ) -> AsyncIterator[Lease]:
+    ) -> AbstractAsyncContextManager[Lease]:
+        """The scheduler's lease; for a stream, one that sends comments while it waits."""
         context = scheduler.lease(self._record, keep_alive=keep_alive)
         if not self._stream:
-            async with context as lease:
-                yield lease
-            return
+            return context  # nothing to keep alive: no extra layer on the common path
+        return self._with_heartbeat(scheduler, context)
+
+    @asynccontextmanager
+    async def _with_heartbeat(
+        self, scheduler: Scheduler, context: AbstractAsyncContextManager[Lease]
+    ) -> AsyncIterator[Lease]:
         stack = AsyncExitStack()
         entering = asyncio.ensure_future(stack.enter_async_context(context))
         try:
