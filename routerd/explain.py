@@ -26,6 +26,7 @@ _EVICT_BECAUSE = {
     "admin": "because an operator asked for it (routerctl evict)",
     "pressure": "because the device was running short of memory",
     "shutdown": "because routerd was shutting down",
+    "reload": "because a config reload changed or removed it",
     "oom-retry": ("because a load ran out of device memory and routerd freed room to try it again"),
 }
 

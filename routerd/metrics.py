@@ -49,6 +49,7 @@ class _Observed:
     first_token: float | None = None
     usage: tuple[int, int] | None = None
     cold_start_ms: float | None = None  # when it could not travel as a header
+    model_id: str | None = None  # the version the request was routed to, even if it failed
 
 
 # The request being served by this task: set by the middleware, read by the notes below
@@ -74,6 +75,13 @@ def note_first_token() -> None:
     observed = _CURRENT.get()
     if observed is not None and observed.first_token is None:
         observed.first_token = time.monotonic()
+
+
+def note_model(model_id: str) -> None:
+    """Called once a handler resolved its model: failures (429, 503) count against it."""
+    observed = _CURRENT.get()
+    if observed is not None:
+        observed.model_id = model_id
 
 
 def note_cold_start(milliseconds: float) -> None:
@@ -255,6 +263,7 @@ class Metrics:
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         served = response.headers.get("x-routerd-model", "") if response is not None else ""
+        served = served or observed.model_id or ""
         name, version = split_model_id(served)
         self._child(self.requests, name, version, endpoint, str(status)).inc()
         self._child(self.request_duration, name, endpoint).observe(seconds)

@@ -96,7 +96,7 @@ ones the rest of the code knows how to describe:
   instance held as free again; ``bytes`` is what it held, ``reason`` says more.
 """
 
-EVICT_REASONS: Final = ("lru", "ttl", "manual", "pressure", "shutdown", "oom-retry")
+EVICT_REASONS: Final = ("lru", "ttl", "manual", "pressure", "shutdown", "oom-retry", "reload")
 """Why an instance is evicted (``Event.reason`` of an ``evict`` event)."""
 
 FOOTPRINT_PARTS: Final = ("weights", "runtime", "working")

@@ -90,6 +90,8 @@ async def test_failed_loads_and_queue_depth(tmp_path: Path) -> None:
     async with TestClient(TestServer(app)) as client:
         response = await client.post("/v1/completions", json={"model": "bad", "prompt": "x"})
         assert response.status == 503
+        scraped = await scrape(client)
+        assert value(scraped, "routerd_requests_total", model="bad", status="503") == 1
         backend.load_gate.clear()
         body = {"model": "slow", "prompt": "x"}
         tasks = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(3)]

@@ -51,6 +51,8 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
         assert status["instances"][0]["bytes"] == 2000, "loaded again with the new options"
         events = await (await client.get("/admin/events", params={"model": "b"})).json()
         assert events["events"][0]["reason"] == "reload"
+        why = await (await client.get("/admin/why/b@1")).json()
+        assert "config reload changed or removed it" in why["explanation"]
 
 
 async def test_an_invalid_config_is_rejected_and_the_old_one_kept(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from routerd.api.schemas import (
     parse_embedding,
 )
 from routerd.errors import BadRequest, ModelNotFound
-from routerd.metrics import note_first_token, note_usage
+from routerd.metrics import note_first_token, note_model, note_usage
 from routerd.scheduler import Lease
 from routerd.services import SERVICES, Services
 from state import VersionRecord
@@ -106,6 +106,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
     record = services.router.resolve(req.model)
+    note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
@@ -196,6 +197,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
     record = services.router.resolve(req.model)
+    note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
@@ -364,6 +366,7 @@ async def embeddings(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     req = parse_embedding(await read_json_object(request))
     record = services.router.resolve(req.model)
+    note_model(record.model_id)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.instance.batcher.embed(
