@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from routerd.app import build_app
@@ -13,6 +16,16 @@ from routerd.config import Config, ConfigError, SchedulerConfig
 from routerd.reload import reload_config
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """A reload reconfigures logging; give the test process its own back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
