@@ -180,3 +180,28 @@ async def test_a_quick_load_answers_as_before(tmp_path: Path) -> None:
         body = {"model": "a", "prompt": "abc", "stream": True}
         response = await client.post("/v1/completions", json=body)
         assert response.status == 503, "failed before the first heartbeat: a plain error"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_routerctl_load_redraws_one_line_on_a_terminal(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a", bytes=1 << 20)]))
+    async with TestClient(TestServer(app)) as client:
+        backend.load_gate.clear()
+        url = str(client.make_url("")).rstrip("/")
+        screen = _Terminal()
+        loading = asyncio.ensure_future(
+            asyncio.to_thread(ctl.load_with_progress, url, {"model": "a@1"}, screen)
+        )
+        await _until_loading(client)
+        await asyncio.sleep(0.5)
+        backend.load_gate.set()
+        await loading
+    drawn = screen.getvalue()
+    assert "\n" not in drawn, "redrawn in place"
+    assert drawn.startswith("\r\033[Kloading a@1 on cpu: reading weights 512.0 KiB / 1.0 MiB")
+    assert drawn.endswith("\r\033[K"), "the progress line is cleared before the result"

@@ -85,3 +85,27 @@ async def test_an_invalid_config_is_rejected_and_the_old_one_kept(tmp_path: Path
         assert services.config is old
         assert (await client.post("/v1/completions", json={"model": "a", "prompt": "x"})).ok
         assert (await client.get("/v1/models/z")).status == 404
+
+
+async def test_a_request_in_flight_survives_a_reload_that_changes_its_model(
+    tmp_path: Path,
+) -> None:
+    backend = FakeBackend()
+    slow = fake_spec(tmp_path, "a", token_delay=0.01, context=4096)
+    services = fake_services(tmp_path, backend, [slow])
+    async with TestClient(TestServer(build_app(services))) as client:
+        body = {"model": "a", "prompt": "abc", "max_tokens": 40, "stream": True}
+        response = await client.post("/v1/completions", json=body)
+        assert response.status == 200
+        await response.content.readline()  # streaming has begun
+        changed = replace(slow, options={**slow.options, "bytes": 3000})
+        outcome = reload_config(services, lambda: replace(services.config, models=(changed,)))
+        assert outcome.updated == ["a@1"]
+        text = (await response.read()).decode()
+        assert text.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason": "length"' in text, "the stream ran to its end"
+        for _ in range(200):
+            if backend.unloads:
+                break
+            await asyncio.sleep(0.01)
+        assert backend.unloads == ["a@1"], "unloaded once its request had finished"

@@ -174,3 +174,26 @@ def test_daemon_under_a_service_manager(
     failed = next(line for line in lines if line.get("event") == "reload_failed")
     assert "not_a_key" in failed["msg"] or "scheduler" in failed["msg"]
     assert lines[-1]["msg"] == "stopped"
+
+
+async def test_watchdog_pings_come_from_the_event_loop(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocked loop sends nothing, which is what lets systemd restart a stuck daemon."""
+    import asyncio
+
+    sock, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    pinger = asyncio.create_task(systemd.watchdog(0.02))
+    await asyncio.sleep(0.1)
+    time.sleep(0.3)  # the loop is stuck: no ping may leave meanwhile
+    sock.settimeout(0)
+    queued = []
+    while True:
+        try:
+            queued.append(sock.recv(64))
+        except BlockingIOError:
+            break
+    pinger.cancel()
+    assert 2 <= len(queued) <= 8, queued  # ~5 from the 0.1 s of a free loop, none from 0.3 s
+    assert set(queued) == {b"WATCHDOG=1"}
