@@ -16,15 +16,19 @@ from aiohttp import web
 
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
-from routerd.api import admin, health, openai
+from routerd.api import admin, health, openai, traffic_admin
 from routerd.api.errors import error_middleware
+from routerd.api.traffic import traffic_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
 from routerd.residency import ResidencyCore
+from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
 from routerd.services import SERVICES, Services
+from routerd.traffic import RouteManager, ShadowRunner
+from routerd.version_stats import VersionStats
 from state import Store, VersionSpec
 
 log = logging.getLogger("routerd")
@@ -37,8 +41,13 @@ def build_services(
     devices: DeviceInventory | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_change: Callable[[ResidencyCore], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Services:
-    """Open the store and build every part; the store is closed again on failure."""
+    """Open the store and build every part; the store is closed again on failure.
+
+    ``clock`` drives the scheduler (monotonic); ``wall_clock`` the per-version
+    statistics and rollout steps, whose times are stored and outlive the process.
+    """
     store = Store.open(config.database_path)
     try:
         backends = backends or BackendRegistry()
@@ -75,6 +84,9 @@ def build_services(
             clock=clock,
             on_change=on_change,
         )
+        stats = VersionStats(wall_clock)
+        routes = RouteManager(store, registry, router, scheduler)
+        rollouts = RolloutController(store, router, routes, scheduler, stats, clock=wall_clock)
     except BaseException:
         store.close()
         raise
@@ -86,6 +98,10 @@ def build_services(
         router=router,
         registry=registry,
         scheduler=scheduler,
+        stats=stats,
+        routes=routes,
+        shadows=ShadowRunner(stats),
+        rollouts=rollouts,
     )
 
 
@@ -105,11 +121,13 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 def build_app(services: Services) -> web.Application:
     app = web.Application(
-        client_max_size=services.config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=services.config.server.max_body_bytes,
+        middlewares=[traffic_middleware, error_middleware],
     )
     app[SERVICES] = services
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
+    app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)
@@ -124,9 +142,13 @@ async def _stop_accepting(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.scheduler.start(services.router.table.versions.get)
+    services.rollouts.start()
     yield
     services.accepting = False
     try:
+        await services.rollouts.close()
+        await services.shadows.close()
+        await services.routes.close()
         await services.scheduler.close()
     finally:
         services.store.close()

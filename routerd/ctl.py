@@ -221,6 +221,10 @@ def run(args: argparse.Namespace) -> str:
     """Execute one command; return what to print."""
     url = args.url
     as_json = args.json
+    if args.command in ("route", "rollout"):
+        from routerd import ctl_traffic
+
+        return ctl_traffic.run(args)
     if args.command == "status":
         result = request(url, "GET", "/admin/status")
         return json.dumps(result, indent=2) if as_json else _format_status(result)
@@ -326,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     events.add_argument("--model", metavar="NAME[@VERSION]", help="only this model's events")
     events.add_argument("--limit", type=_positive_int, default=50, help="how many (default 50)")
+    from routerd import ctl_traffic
+
+    ctl_traffic.add_commands(commands, common)
     return parser
 
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API: models, completions, chat completions, embeddings.
 
 Each handler follows the request path of DESIGN.md: parse and validate the body,
-resolve the model id through the router, hold a scheduler lease for the whole
-response (streaming included), run the work on the instance's thread.
+route the model id to a version (``routerd.api.traffic``: weighted sticky split,
+shadow copy), hold a scheduler lease for the whole response (streaming included),
+run the work on the instance's thread.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from routerd.api.generation import (
 from routerd.api.schemas import (
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     parse_chat,
     parse_completion,
     parse_embedding,
 )
+from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import BadRequest, ModelNotFound
 from routerd.scheduler import Lease
 from routerd.services import SERVICES, Services
@@ -103,7 +106,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_completion, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
         prompts = [await _prepare(lease, req, prompt, param="prompt") for prompt in req.prompts]
@@ -129,6 +133,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         },
         headers=_served_headers(record, lease),
     )
+
+
+async def _shadow_completion(
+    services: Services, req: CompletionRequest, record: VersionRecord
+) -> None:
+    """The same completion on a shadow version; the result is discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, record.model_id, "/v1/completions")
+        for prompt in req.prompts:
+            await generate(lease.instance, await _prepare(lease, req, prompt, param="prompt"))
 
 
 async def _prepare(
@@ -172,13 +186,11 @@ async def _stream_completion(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_chat, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
-        model = lease.instance.model
-        token_ids = await lease.instance.call(model.encode_chat, req.messages)
-        params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
-        prompt = PreparedPrompt(token_ids, params)
+        prompt = await _prepare_chat(lease, req)
         if req.stream:
             return await _stream_chat(request, req, record, lease, prompt)
         result = await generate(lease.instance, prompt)
@@ -200,6 +212,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         },
         headers=_served_headers(record, lease),
     )
+
+
+async def _prepare_chat(lease: Lease, req: ChatRequest) -> PreparedPrompt:
+    model = lease.instance.model
+    token_ids = await lease.instance.call(model.encode_chat, req.messages)
+    params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+    return PreparedPrompt(token_ids, params)
+
+
+async def _shadow_chat(services: Services, req: ChatRequest, record: VersionRecord) -> None:
+    """The same chat completion on a shadow version; the result is discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, record.model_id, "/v1/chat/completions")
+        await generate(lease.instance, await _prepare_chat(lease, req))
 
 
 async def _stream_chat(
@@ -284,6 +310,7 @@ async def _write_sse(
     except (ConnectionResetError, ConnectionError):
         return response  # the client left; leaving the generator cancelled the work
     except Exception as exc:
+        mark_stream_failed(request)
         error = as_routerd_error(exc)
         await _send(response, error_body(error.message, type=error.type, code=error.code))
     await response.write(b"data: [DONE]\n\n")
@@ -316,7 +343,8 @@ def _usage(results: list[GenerationResult]) -> dict[str, int]:
 async def embeddings(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     req = parse_embedding(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_embeddings, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.instance.batcher.embed(
@@ -336,6 +364,17 @@ async def embeddings(request: web.Request) -> web.Response:
         },
         headers=_served_headers(record, lease),
     )
+
+
+async def _shadow_embeddings(
+    services: Services, req: EmbeddingRequest, record: VersionRecord
+) -> None:
+    """The same embeddings on a shadow version; the vectors are discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.EMBED, record.model_id, "/v1/embeddings")
+        await lease.instance.batcher.embed(
+            functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
+        )
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
