@@ -161,9 +161,8 @@ def decide(plan: RolloutPlan, seen: Observation) -> Decision:
             f"waiting for traffic: {candidate.requests} of {plan.min_requests} requests "
             "needed to judge this step"
         )
-    health = (
-        f"{candidate.requests} requests, error rate {candidate.error_rate:.1%}"
-        + (f", p95 {candidate.p95_ms:.1f} ms" if candidate.p95_ms is not None else "")
+    health = f"{candidate.requests} requests, error rate {candidate.error_rate:.1%}" + (
+        f", p95 {candidate.p95_ms:.1f} ms" if candidate.p95_ms is not None else ""
     )
     if seen.step + 1 >= len(plan.steps):
         return Promote(f"healthy at 100%: {health}")
