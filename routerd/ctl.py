@@ -120,9 +120,12 @@ def _format_status(status: dict[str, Any]) -> str:
         ],
     )
     instances = status["instances"]
+    from routerd import ctl_traffic
+
+    traffic = ctl_traffic.format_traffic(status.get("traffic") or [])
     if not instances:
-        return devices + "\n\nno models loaded"
-    return devices + "\n\n" + _format_instances(instances)
+        return devices + "\n\nno models loaded" + traffic
+    return devices + "\n\n" + _format_instances(instances) + traffic
 
 
 def _format_instances(instances: Sequence[dict[str, Any]]) -> str:

@@ -174,6 +174,31 @@ def _format_history(history: list[dict[str, Any]]) -> str:
     )
 
 
+def format_traffic(versions: list[dict[str, Any]]) -> str:
+    """Per-version traffic for ``routerctl status``: a blank line and a table, or nothing."""
+    rows = []
+    for entry in versions:
+        for kind in ("primary", "shadow"):
+            stats = entry.get(kind)
+            if not stats:
+                continue
+            p95 = stats.get("window_p95_ms")
+            rows.append(
+                [
+                    entry["model"],
+                    kind,
+                    str(stats["requests"]),
+                    str(stats["errors"]),
+                    f"{stats['window_error_rate']:.1%}",
+                    "-" if p95 is None else f"{p95:.1f} ms",
+                ]
+            )
+    if not rows:
+        return ""
+    headers = ["MODEL", "TRAFFIC", "REQUESTS", "ERRORS", "ERROR RATE", "P95"]
+    return "\n\n" + table(headers, rows)
+
+
 # -- rollout ---------------------------------------------------------------------------
 
 

@@ -98,7 +98,7 @@ class RouteManager:
 
     async def clear_route(self, name: str, *, reason: str = "manual") -> RouteRecord:
         """Serve ``name`` by its newest version again (loaded first, like any change)."""
-        self.current(name)
+        before = self.current(name)
         newest = max(
             (r for r in self._router.table.versions.values() if r.name == name),
             key=lambda r: r.created_at,
@@ -106,6 +106,9 @@ class RouteManager:
         await self._scheduler.load(newest, why="route")
         self._store.clear_route(name, reason=reason)
         self._registry.refresh()
+        for version, weight in before.weights.items():
+            if weight > 0 and version != newest.version:
+                self.drain_and_evict(self.record(name, version))
         return self._store.route(name)
 
     def set_shadow(
