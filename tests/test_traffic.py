@@ -183,6 +183,10 @@ async def test_route_change_loads_the_new_version_first_and_drains_the_old(
         assert services.scheduler.instance("m@1") is None
         evictions = [e for e in services.store.events(model="m") if e.kind == "evict"]
         assert [(e.version, e.reason) for e in evictions] == [("1", "retired")]
+        why = await (await client.get("/admin/why/m@1")).json()
+        assert "lost its traffic" in why["explanation"]
+        why = await (await client.get("/admin/why/m@2")).json()
+        assert "route change was about to send it traffic" in why["explanation"]
         assert {r.version: r.state for r in services.registry.versions()} == {
             "1": "retired",
             "2": "active",
@@ -437,3 +441,39 @@ async def test_a_rollout_survives_a_restart(tmp_path: Path, clock: FakeClock) ->
         assert m["status"] == "promoted"
         p = await (await client.get("/admin/rollouts/p")).json()
         assert p["status"] == "paused"
+
+
+async def test_shadow_copies_chat_and_embeddings_and_stream_errors_count(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    specs = [
+        echo(tmp_path, "1"),
+        echo(tmp_path, "2", fail_rate=1.0),
+        echo(tmp_path, "1", name="e", task="embed"),
+        echo(tmp_path, "2", name="e", task="embed"),
+    ]
+    services = build(tmp_path, specs, clock)
+    async for client in serve(services):
+        for name in ("m", "e"):
+            await client.put(f"/admin/routes/{name}", json={"weights": {"1": 100}})
+            await client.put(f"/admin/routes/{name}/shadow", json={"version": "2", "percent": 100})
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        response = await client.post("/v1/chat/completions", json=chat)
+        assert response.status == 200 and response.headers["x-routerd-model"] == "m@1"
+        response = await client.post("/v1/embeddings", json={"model": "e", "input": ["a", "b"]})
+        assert response.status == 200 and response.headers["x-routerd-model"] == "e@1"
+        # A stream already answered 200 that ends with an error event is a failed request.
+        response = await client.post(
+            "/v1/completions",
+            json={"model": "m@2", "prompt": "hi", "max_tokens": 3, "stream": True},
+        )
+        assert response.status == 200
+        assert '"error"' in await response.text()
+        await services.shadows.wait_idle()
+        shadow = services.stats.window("m@2", since=0, kind="shadow")
+        assert (shadow.requests, shadow.errors) == (1, 1)
+        shadow = services.stats.window("e@2", since=0, kind="shadow")
+        assert (shadow.requests, shadow.errors) == (1, 0)
+        primary = services.stats.window("m@2", since=0)
+        assert (primary.requests, primary.errors) == (1, 1)
+        assert services.stats.window("m@1", since=0).errors == 0
