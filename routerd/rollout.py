@@ -75,6 +75,7 @@ class RolloutController:
     def start(self) -> None:
         """Resume running rollouts (candidate loaded again) and start ticking."""
         for rollout in self._store.rollouts(live=True):
+            self._stats.keep_at_least(float(rollout.plan.get("interval_s", 0)) + 60)
             if rollout.status == "running":
                 log.info(
                     "resuming rollout of %s to %s at step %d",
@@ -144,6 +145,7 @@ class RolloutController:
             raise Conflict(f"{name}@{to_version} already takes all the traffic", param="to")
         if self._store.rollouts(name=name, live=True):
             raise Conflict(f"a rollout of {name} is already in progress", param="model")
+        self._stats.keep_at_least(plan.interval_s + 60)
         try:
             await self._scheduler.load(candidate, why="rollout")
         except RouterdError as exc:

@@ -62,6 +62,10 @@ class VersionStats:
         while series.samples and series.samples[0][0] < horizon:
             series.samples.popleft()
 
+    def keep_at_least(self, seconds: float) -> None:
+        """Widen the window so that a step of ``seconds`` (a rollout's interval) fits in it."""
+        self.window_s = max(self.window_s, seconds)
+
     def window(self, model_id: str, *, since: float, kind: str = PRIMARY) -> WindowStats:
         """Requests of ``model_id`` finished at or after ``since`` (the stats' clock)."""
         series = self._series.get((model_id, kind))

@@ -48,3 +48,15 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([], 0.95) is None
     assert percentile([3.0], 0.95) == 3.0
     assert percentile([float(i) for i in range(1, 21)], 0.95) == 19.0
+
+
+def test_the_window_widens_for_long_rollout_steps() -> None:
+    clock = FakeClock()
+    stats = VersionStats(clock, window_s=60)
+    stats.keep_at_least(3600)
+    stats.keep_at_least(10)
+    stats.record("m@1", latency_ms=1.0, ok=True)
+    clock.advance(1800)
+    stats.record("m@1", latency_ms=1.0, ok=True)
+    assert stats.window_s == 3600
+    assert stats.window("m@1", since=0).requests == 2
