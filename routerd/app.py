@@ -1,9 +1,11 @@
 """Wiring: build every part from a Config, attach the HTTP routes, own the lifecycle.
 
 Start-up order: open the store (migrations run), sync config (and demo) models into
-the registry, build router and scheduler. Shutdown runs in reverse: aiohttp stops
-accepting and lets in-flight requests finish (``server.shutdown_timeout``), then
-the cleanup context unloads every instance and closes the store.
+the registry, build router and scheduler, then the traffic parts (per-version stats,
+route manager, shadow runner, rollout controller, which resumes running rollouts).
+Shutdown runs in reverse: aiohttp stops accepting and lets in-flight requests finish
+(``server.shutdown_timeout``), then the cleanup context stops the rollout controller
+and the shadow copies, unloads every instance and closes the store.
 """
 
 from __future__ import annotations
