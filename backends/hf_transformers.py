@@ -250,6 +250,7 @@ class _Plan:
 
 def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:
     """``model.to(device)``, one top-level module at a time so progress can be told in bytes."""
+
     def size(module: Any) -> int:
         tensors = [*module.parameters(), *module.buffers()]
         return sum(hf_measure.tensor_storages(tensors).values())

@@ -1,9 +1,11 @@
 """Wiring: build every part from a Config, attach the HTTP routes, own the lifecycle.
 
 Start-up order: open the store (migrations run), sync config (and demo) models into
-the registry, build router and scheduler. Shutdown runs in reverse: aiohttp stops
-accepting and lets in-flight requests finish (``server.shutdown_timeout``), then
-the cleanup context unloads every instance and closes the store.
+the registry, build router and scheduler, then the traffic parts (per-version stats,
+route manager, shadow runner, rollout controller, which resumes running rollouts).
+Shutdown runs in reverse: aiohttp stops accepting and lets in-flight requests finish
+(``server.shutdown_timeout``), then the cleanup context stops the rollout controller
+and the shadow copies, unloads every instance and closes the store.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from aiohttp import web
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd import metrics
-from routerd.api import admin, health, openai, openapi
+from routerd.api import admin, health, openai, openapi, traffic_admin
 from routerd.api.errors import error_middleware
+from routerd.api.traffic import traffic_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
 from routerd.residency import ResidencyCore
+from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
 from routerd.services import SERVICES, Services
+from routerd.traffic import RouteManager, ShadowRunner
+from routerd.version_stats import VersionStats
 from state import Store, VersionSpec
 
 log = logging.getLogger("routerd")
@@ -38,8 +44,13 @@ def build_services(
     devices: DeviceInventory | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_change: Callable[[ResidencyCore], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Services:
-    """Open the store and build every part; the store is closed again on failure."""
+    """Open the store and build every part; the store is closed again on failure.
+
+    ``clock`` drives the scheduler (monotonic); ``wall_clock`` the per-version
+    statistics and rollout steps, whose times are stored and outlive the process.
+    """
     store = Store.open(config.database_path)
     try:
         backends = backends or BackendRegistry()
@@ -76,6 +87,9 @@ def build_services(
             clock=clock,
             on_change=on_change,
         )
+        stats = VersionStats(wall_clock)
+        routes = RouteManager(store, registry, router, scheduler)
+        rollouts = RolloutController(store, router, routes, scheduler, stats, clock=wall_clock)
     except BaseException:
         store.close()
         raise
@@ -87,6 +101,10 @@ def build_services(
         router=router,
         registry=registry,
         scheduler=scheduler,
+        stats=stats,
+        routes=routes,
+        shadows=ShadowRunner(stats),
+        rollouts=rollouts,
     )
 
 
@@ -106,11 +124,13 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 def build_app(services: Services) -> web.Application:
     app = web.Application(
-        client_max_size=services.config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=services.config.server.max_body_bytes,
+        middlewares=[traffic_middleware, error_middleware],
     )
     app[SERVICES] = services
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
+    app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
     metrics.install(app)
     app.add_routes(openapi.routes)
@@ -127,9 +147,13 @@ async def _stop_accepting(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.scheduler.start(services.router.table.versions.get)
+    services.rollouts.start()
     yield
     services.accepting = False
     try:
+        await services.rollouts.close()
+        await services.shadows.close()
+        await services.routes.close()
         await services.scheduler.close()
     finally:
         services.store.close()

@@ -135,9 +135,12 @@ def _format_status(status: dict[str, Any]) -> str:
         ],
     )
     instances = status["instances"]
+    from routerd import ctl_traffic
+
+    traffic = ctl_traffic.format_traffic(status.get("traffic") or [])
     if not instances:
-        return devices + "\n\nno models loaded"
-    return devices + "\n\n" + _format_instances(instances)
+        return devices + "\n\nno models loaded" + traffic
+    return devices + "\n\n" + _format_instances(instances) + traffic
 
 
 def _format_instances(instances: Sequence[dict[str, Any]]) -> str:
@@ -279,6 +282,10 @@ def run(args: argparse.Namespace) -> str:
     """Execute one command; return what to print."""
     url = args.url
     as_json = args.json
+    if args.command in ("route", "rollout"):
+        from routerd import ctl_traffic
+
+        return ctl_traffic.run(args)
     if args.command == "status":
         result = request(url, "GET", "/admin/status")
         return json.dumps(result, indent=2) if as_json else _format_status(result)
@@ -398,6 +405,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     events.add_argument("--model", metavar="NAME[@VERSION]", help="only this model's events")
     events.add_argument("--limit", type=_positive_int, default=50, help="how many (default 50)")
+    from routerd import ctl_traffic
+
+    ctl_traffic.add_commands(commands, common)
     return parser
 
 

@@ -28,6 +28,7 @@ _EVICT_BECAUSE = {
     "shutdown": "because routerd was shutting down",
     "reload": "because a config reload changed or removed it",
     "oom-retry": ("because a load ran out of device memory and routerd freed room to try it again"),
+    "retired": "because it lost its traffic (a route change or a finished rollout) and drained",
 }
 
 _LOAD_BECAUSE = {
@@ -36,6 +37,8 @@ _LOAD_BECAUSE = {
     "admin": "because an operator asked for it (routerctl load)",
     "restore": "to restore what was resident before routerd restarted",
     "pin": "because it is pinned",
+    "route": "because a route change was about to send it traffic",
+    "rollout": "because a rollout was about to send it traffic",
 }
 
 

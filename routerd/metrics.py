@@ -40,7 +40,6 @@ log = logging.getLogger("routerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-
 @dataclass
 class _Observed:
     """What a handler tells the middleware about the request it is serving."""

@@ -88,7 +88,8 @@ class Registry:
         return self._store.list_versions()
 
     def refresh(self) -> None:
-        self._router.replace(self._store.list_versions())
+        """Rebuild the routing table from the store's versions and routes, and swap it in."""
+        self._router.replace(self._store.list_versions(), self._store.routes())
 
 
 def _check_scheduler_options(options: dict[str, Any]) -> None:

@@ -15,8 +15,11 @@ from backends.registry import BackendRegistry
 from routerd.config import Config
 from routerd.devices import DeviceInventory
 from routerd.registry import Registry
+from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler
+from routerd.traffic import RouteManager, ShadowRunner
+from routerd.version_stats import VersionStats
 from state import Store
 
 
@@ -29,6 +32,10 @@ class Services:
     router: Router
     registry: Registry
     scheduler: Scheduler
+    stats: VersionStats  # per-version requests, errors, latency (rollouts, status)
+    routes: RouteManager  # route and shadow changes, as rolling updates
+    shadows: ShadowRunner  # shadow copies of requests, in the background
+    rollouts: RolloutController
     accepting: bool = True  # False once shutdown began: /ready answers 503
 
 

@@ -1,5 +1,5 @@
 """routerd's persistent state: the registry of model versions, pins, measured
-footprints and the event log.
+footprints, the event log, and routes, shadows and rollouts (``state.routes``).
 
 One SQLite file (through sqlite-utils) holds what must outlive the process: which
 models and versions exist and where they came from, which versions are pinned, what
@@ -18,6 +18,7 @@ from state.records import (
     NAME_MAX_LEN,
     SOURCES,
     VERSION_MAX_LEN,
+    VERSION_STATES,
     Event,
     FootprintRecord,
     StoreError,
@@ -25,17 +26,34 @@ from state.records import (
     VersionRecord,
     VersionSpec,
 )
+from state.routes import (
+    LIVE_ROLLOUT_STATUSES,
+    ROLLOUT_STATUSES,
+    RolloutRecord,
+    RolloutStep,
+    RouteChange,
+    RouteRecord,
+    Shadow,
+)
 from state.store import Store
 
 __all__ = [
     "EVENT_KINDS",
     "EVICT_REASONS",
     "FOOTPRINT_PARTS",
+    "LIVE_ROLLOUT_STATUSES",
     "NAME_MAX_LEN",
+    "ROLLOUT_STATUSES",
     "SOURCES",
     "VERSION_MAX_LEN",
+    "VERSION_STATES",
     "Event",
     "FootprintRecord",
+    "RolloutRecord",
+    "RolloutStep",
+    "RouteChange",
+    "RouteRecord",
+    "Shadow",
     "Store",
     "StoreError",
     "SyncResult",

@@ -119,9 +119,79 @@ _PINS_FOOTPRINTS_EVENT_DETAILS = (
     'ALTER TABLE events ADD COLUMN "trigger" TEXT',
 )
 
+# Versions gain a lifecycle state; existing rows were all serving, so they start
+# ``active``. Routes, shadows and rollouts hang off versions (a deleted version leaves
+# every route and shadow it was in); their history and the rollout log do not, so
+# deleting a version never rewrites what happened. One live rollout per model name is
+# enforced by a partial unique index, so two operators cannot start two at once.
+_ROUTES_ROLLOUTS = (
+    """
+    ALTER TABLE versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active'
+        CHECK (state IN ('staged', 'active', 'retired'))
+    """,
+    """
+    CREATE TABLE routes (
+        name    TEXT NOT NULL,
+        version TEXT NOT NULL,
+        weight  INTEGER NOT NULL CHECK (weight >= 0),
+        PRIMARY KEY (name, version),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
+    )
+    """,
+    """
+    CREATE TABLE shadows (
+        name    TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        percent REAL NOT NULL CHECK (percent > 0 AND percent <= 100),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
+    )
+    """,
+    """
+    CREATE TABLE route_history (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts      REAL NOT NULL,
+        name    TEXT NOT NULL,
+        weights TEXT NOT NULL CHECK (json_valid(weights)),
+        shadow  TEXT CHECK (shadow IS NULL OR json_valid(shadow)),
+        reason  TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX route_history_name_ts ON route_history (name, ts)",
+    """
+    CREATE TABLE rollouts (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        name            TEXT NOT NULL,
+        from_version    TEXT NOT NULL,
+        to_version      TEXT NOT NULL,
+        plan            TEXT NOT NULL CHECK (json_valid(plan)),
+        status          TEXT NOT NULL,
+        step            INTEGER NOT NULL DEFAULT 0 CHECK (step >= 0),
+        step_started_at REAL NOT NULL,
+        reason          TEXT,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX rollouts_one_live ON rollouts (name) "
+    "WHERE status IN ('running', 'paused')",
+    """
+    CREATE TABLE rollout_steps (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+        ts         REAL NOT NULL,
+        action     TEXT NOT NULL,
+        step       INTEGER NOT NULL,
+        weight     INTEGER NOT NULL,
+        detail     TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
+    )
+    """,
+    "CREATE INDEX rollout_steps_rollout ON rollout_steps (rollout_id, id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", _run(_INITIAL)),
     Migration(2, "pins_footprints_event_details", _run(_PINS_FOOTPRINTS_EVENT_DETAILS)),
+    Migration(3, "routes_rollouts", _run(_ROUTES_ROLLOUTS)),
 )
 """Every migration, in order, numbered 1, 2, 3, … without gaps."""
 

@@ -63,10 +63,18 @@ class VersionRecord:
     source: str
     created_at: float
     updated_at: float
+    state: str = "active"  # one of VERSION_STATES (schema 3)
 
     @property
     def model_id(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+VERSION_STATES: Final = ("staged", "active", "retired")
+"""A version's place in its model's life: ``staged`` (registered while the model has a
+route, so it gets no traffic until a route or rollout gives it some), ``active`` (has
+weight in the route, or is served by name without one), ``retired`` (lost its weight:
+replaced by a rollout or a route change, or rolled back)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,16 @@ ones the rest of the code knows how to describe:
   instance held as free again; ``bytes`` is what it held, ``reason`` says more.
 """
 
-EVICT_REASONS: Final = ("lru", "ttl", "manual", "pressure", "shutdown", "oom-retry", "reload")
+EVICT_REASONS: Final = (
+    "lru",
+    "ttl",
+    "manual",
+    "pressure",
+    "shutdown",
+    "oom-retry",
+    "reload",
+    "retired",
+)
 """Why an instance is evicted (``Event.reason`` of an ``evict`` event)."""
 
 FOOTPRINT_PARTS: Final = ("weights", "runtime", "working")

@@ -47,14 +47,17 @@ from state.records import (
     dump_json_object,
     load_json_object,
 )
+from state.routes import RoutesMixin, initial_state
 
 _VERSION_ORDER = "name, created_at, rowid"  # rowid: insertion order, for equal timestamps
 _EVENT_KIND_MAX_LEN = 64
 _DEVICE_KIND_MAX_LEN = 32
 
 
-class Store:
-    """Models, versions, pins, footprints and events over SQLite. Create with ``Store.open``."""
+class Store(RoutesMixin):
+    """Models, versions, pins, footprints and events over SQLite. Create with ``Store.open``.
+
+    Routes, shadows and rollouts come from ``RoutesMixin`` (``state.routes``)."""
 
     def __init__(
         self, db: Database, path: Path, clock: Callable[[], float], busy_timeout: float, schema: int
@@ -160,13 +163,15 @@ class Store:
             existing = _fetch_version(db, spec.name, spec.version)
             if existing is None:
                 _ensure_model(db, spec.name, now)
-                row.update(created_at=now, updated_at=now)
+                row.update(created_at=now, updated_at=now, state=initial_state(db, spec.name))
                 db.table("versions").insert(row)
             else:
                 if _describes_other_files(existing, row):
                     _forget_footprints(db, spec.name, spec.version)
                 db.table("versions").update((spec.name, spec.version), _changes(row, now))
-                row.update(created_at=existing["created_at"], updated_at=now)
+                row.update(
+                    created_at=existing["created_at"], updated_at=now, state=existing["state"]
+                )
         return _record(row)
 
     def get_version(self, name: str, version: str) -> VersionRecord | None:
@@ -227,7 +232,10 @@ class Store:
                 model_id = f"{key[0]}@{key[1]}"
                 if old is None:
                     _ensure_model(db, key[0], now)
-                    db.table("versions").insert({**row, "created_at": now, "updated_at": now})
+                    state = initial_state(db, key[0])
+                    db.table("versions").insert(
+                        {**row, "created_at": now, "updated_at": now, "state": state}
+                    )
                     added.append(model_id)
                 elif any(old[column] != row[column] for column in _SPEC_COLUMNS):
                     if _describes_other_files(old, row):
@@ -508,6 +516,7 @@ def _record(row: Mapping[str, Any]) -> VersionRecord:
         source=row["source"],
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
+        state=row.get("state") or "active",
     )
 
 

@@ -38,6 +38,7 @@ def fake_services(
     pinned: Sequence[str] = (),
     clock: Callable[[], float] = time.monotonic,
     on_change: Callable[[ResidencyCore], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
     **config: Any,
 ) -> Services:
     """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
@@ -57,6 +58,7 @@ def fake_services(
         devices=devices or cpu_only_inventory(tmp),
         clock=clock,
         on_change=on_change,
+        wall_clock=wall_clock,
     )
 
 

@@ -3,6 +3,7 @@ footprints, events, errors."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,15 @@ from typing import Any
 import pytest
 
 import state.migrations as migrations
-from state import Event, FootprintRecord, Store, StoreError, SyncResult, VersionSpec
+from state import (
+    Event,
+    FootprintRecord,
+    Store,
+    StoreError,
+    SyncResult,
+    VersionRecord,
+    VersionSpec,
+)
 
 
 class FakeClock:
@@ -77,7 +86,7 @@ def model_rows(path: Path) -> list[str]:
 def test_open_creates_dir_wal_and_foreign_keys(store: Store, db_path: Path) -> None:
     assert store.is_open
     assert db_path.is_file()
-    assert store.schema_version == migrations.latest_version() == 2
+    assert store.schema_version == migrations.latest_version() == 3
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
@@ -109,14 +118,18 @@ def test_reopen_keeps_data_and_applies_nothing_twice(db_path: Path, clock: FakeC
     clock.advance()
     again = Store.open(db_path, clock=clock)
     try:
-        assert again.schema_version == 2
+        assert again.schema_version == 3
         assert [r.model_id for r in again.list_versions()] == ["llama@1"]
         assert [e.kind for e in again.events()] == ["load"]
     finally:
         again.close()
     with sqlite3.connect(db_path) as conn:
         applied = conn.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    assert applied == [(1, "initial", 1_000.0), (2, "pins_footprints_event_details", 1_000.0)]
+    assert applied == [
+        (1, "initial", 1_000.0),
+        (2, "pins_footprints_event_details", 1_000.0),
+        (3, "routes_rollouts", 1_000.0),
+    ]
 
 
 def test_pending_migration_applied_on_reopen_and_failure_rolls_back(
@@ -136,9 +149,11 @@ def test_pending_migration_applied_on_reopen_and_failure_rolls_back(
         assert "half_done" not in tables
         assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (newest,)
 
-    good = migrations._run(["CREATE TABLE routes (name TEXT PRIMARY KEY)"])
+    good = migrations._run(["CREATE TABLE later_feature (name TEXT PRIMARY KEY)"])
     monkeypatch.setattr(
-        migrations, "MIGRATIONS", (*released, migrations.Migration(newest + 1, "routes", good))
+        migrations,
+        "MIGRATIONS",
+        (*released, migrations.Migration(newest + 1, "later_feature", good)),
     )
     upgraded = Store.open(db_path, clock=clock)
     assert upgraded.schema_version == newest + 1
@@ -148,19 +163,40 @@ def test_pending_migration_applied_on_reopen_and_failure_rolls_back(
 def test_upgrade_from_schema_1_keeps_every_row(
     db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A file as routerd at schema 1 left it: its registry written through the store
-    # (the versions table is unchanged since), its events as that code wrote them.
+    # A file as routerd at schema 1 left it: its registry and events as that code wrote them.
     with monkeypatch.context() as patch:
         patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
         old = Store.open(db_path, clock=clock)
         assert old.schema_version == 1
-        old.upsert_version(spec("llama", "1", options={"dtype": "bf16"}), source="config")
-        old.upsert_version(spec("llama", "2"), source="api")
-        old.upsert_version(spec("embed", "1"), source="demo")
-        versions_before = old.list_versions()
         old.close()
+    versions_before = [
+        VersionRecord("llama", "1", "transformers", "/m/l1", {"dtype": "bf16"}, "config", 1.0, 1.0),
+        VersionRecord("llama", "2", "transformers", "/m/l2", {}, "api", 2.0, 2.0),
+        VersionRecord("embed", "1", "transformers", "/m/e1", {}, "demo", 3.0, 3.0),
+    ]
     with sqlite3.connect(db_path) as conn:
         assert "trigger" not in [row[1] for row in conn.execute("PRAGMA table_info(events)")]
+        conn.executemany(
+            "INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)",
+            [(r.name, r.created_at) for r in versions_before],
+        )
+        conn.executemany(
+            "INSERT INTO versions (name, version, backend, path, options, source, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.name,
+                    r.version,
+                    r.backend,
+                    r.path,
+                    json.dumps(r.options),
+                    r.source,
+                    r.created_at,
+                    r.updated_at,
+                )
+                for r in versions_before
+            ],
+        )
         conn.executemany(
             "INSERT INTO events (ts, kind, model, version, device, reason, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -174,8 +210,9 @@ def test_upgrade_from_schema_1_keeps_every_row(
     clock.advance(61)
     new = Store.open(db_path, clock=clock)
     try:
-        assert new.schema_version == 2
-        assert new.list_versions() == versions_before
+        assert new.schema_version == migrations.latest_version()
+        assert new.list_versions() == sorted(versions_before, key=lambda r: r.name)
+        assert {r.state for r in new.list_versions()} == {"active"}
         assert [(e.id, e.kind, e.model_id, e.device, e.reason, e.detail) for e in new.events()] == [
             (3, "load_failed", "embed@1", None, "no such file", {}),
             (2, "evict", "llama@1", "cuda:0", "admin", {}),
@@ -204,14 +241,14 @@ def test_upgrade_from_schema_1_keeps_every_row(
         new.close()
     with sqlite3.connect(db_path) as conn:
         applied = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
-    assert applied == [(1, 1_000.0), (2, 1_061.0)]
+    assert applied == [(1, 1_000.0), (2, 1_061.0), (3, 1_061.0)]
 
 
 def test_newer_schema_is_refused(db_path: Path, clock: FakeClock) -> None:
     Store.open(db_path, clock=clock).close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', 0)")
-    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(2\)"):
+    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(3\)"):
         Store.open(db_path, clock=clock)
 
 

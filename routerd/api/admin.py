@@ -66,6 +66,7 @@ async def status(request: web.Request) -> web.Response:
             "instances": [_instance_json(i) for i in services.scheduler.instances()],
             "leaked": [dataclasses.asdict(leak) for leak in services.scheduler.leaks()],
             "models": len(services.router.table.versions),
+            "traffic": services.stats.snapshot(),
             "accepting": services.accepting,
         }
     )

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API: models, completions, chat completions, embeddings.
 
 Each handler follows the request path of DESIGN.md: parse and validate the body,
-resolve the model id through the router, hold a scheduler lease for the whole
-response (streaming included), run the work on the instance's thread.
+route the model id to a version (``routerd.api.traffic``: weighted sticky split,
+shadow copy), hold a scheduler lease for the whole response (streaming included),
+run the work on the instance's thread.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from routerd.api.generation import (
 from routerd.api.schemas import (
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     parse_chat,
     parse_completion,
     parse_embedding,
 )
+from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import BadRequest, ModelNotFound
 from routerd.metrics import note_first_token, note_model, note_usage
 from routerd.scheduler import Lease
@@ -105,7 +108,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_completion, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
@@ -118,6 +122,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         if cold.response is None:
             raise
+        mark_stream_failed(request)
         return await cold.fail(exc)
     return web.json_response(
         {
@@ -145,6 +150,16 @@ def _cold_stream(
 ) -> ColdStream:
     heartbeat = services.config.server.stream_heartbeat
     return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
+
+
+async def _shadow_completion(
+    services: Services, req: CompletionRequest, record: VersionRecord
+) -> None:
+    """The same completion on a shadow version; the result is discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, record.model_id, "/v1/completions")
+        for prompt in req.prompts:
+            await generate(lease.instance, await _prepare(lease, req, prompt, param="prompt"))
 
 
 async def _prepare(
@@ -196,22 +211,21 @@ async def _stream_completion(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_chat, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
             _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
-            model = lease.instance.model
-            token_ids = await lease.instance.call(model.encode_chat, req.messages)
-            params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
-            prompt = PreparedPrompt(token_ids, params)
+            prompt = await _prepare_chat(lease, req)
             if req.stream:
                 return await _stream_chat(request, req, record, lease, prompt, cold.response)
             result = await generate(lease.instance, prompt)
     except Exception as exc:
         if cold.response is None:
             raise
+        mark_stream_failed(request)
         return await cold.fail(exc)
     return web.json_response(
         {
@@ -231,6 +245,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         },
         headers=_served_headers(record, lease),
     )
+
+
+async def _prepare_chat(lease: Lease, req: ChatRequest) -> PreparedPrompt:
+    model = lease.instance.model
+    token_ids = await lease.instance.call(model.encode_chat, req.messages)
+    params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+    return PreparedPrompt(token_ids, params)
+
+
+async def _shadow_chat(services: Services, req: ChatRequest, record: VersionRecord) -> None:
+    """The same chat completion on a shadow version; the result is discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.GENERATE, record.model_id, "/v1/chat/completions")
+        await generate(lease.instance, await _prepare_chat(lease, req))
 
 
 async def _stream_chat(
@@ -329,6 +357,7 @@ async def _write_sse(
     except (ConnectionResetError, ConnectionError):
         return response  # the client left; leaving the generator cancelled the work
     except Exception as exc:
+        mark_stream_failed(request)
         error = as_routerd_error(exc)
         await _send(response, error_body(error.message, type=error.type, code=error.code))
     await response.write(b"data: [DONE]\n\n")
@@ -365,7 +394,8 @@ def _usage(results: list[GenerationResult]) -> dict[str, int]:
 async def embeddings(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     req = parse_embedding(await read_json_object(request))
-    record = services.router.resolve(req.model)
+    shadow = functools.partial(_shadow_embeddings, services, req)
+    record = route_request(request, req.model, req.user, shadow)
     note_model(record.model_id)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
@@ -387,6 +417,17 @@ async def embeddings(request: web.Request) -> web.Response:
         },
         headers=_served_headers(record, lease),
     )
+
+
+async def _shadow_embeddings(
+    services: Services, req: EmbeddingRequest, record: VersionRecord
+) -> None:
+    """The same embeddings on a shadow version; the vectors are discarded."""
+    async with services.scheduler.lease(record) as lease:
+        _require_task(lease, Task.EMBED, record.model_id, "/v1/embeddings")
+        await lease.instance.batcher.embed(
+            functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
+        )
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:

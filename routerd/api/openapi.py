@@ -233,6 +233,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     meanings = {
         400: "invalid request (param named)",
         404: "unknown model or not loaded",
+        409: "conflicts with the current state (e.g. a rollout in progress)",
         413: "body too large",
         429: "queue full; see Retry-After",
         503: "no capacity, load failed or shutting down; may carry Retry-After",
@@ -378,6 +379,138 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
         )
     },
 }
+
+_PATH_NAME: Final = [{"name": "name", "in": "path", "required": True, "schema": _STRING}]
+_WEIGHTS_BODY = {
+    "type": "object",
+    "required": ["weights"],
+    "properties": {
+        "weights": {
+            "type": "object",
+            "description": 'version → integer weight ≥ 0, e.g. {"1": 90, "2": 10}',
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
+        "reason": _STRING,
+    },
+}
+_SHADOW_BODY = {
+    "type": "object",
+    "required": ["version"],
+    "properties": {
+        "version": _STRING,
+        "percent": {"type": "number", "minimum": 0, "maximum": 100, "default": 100},
+        "reason": _STRING,
+    },
+}
+_ROLLOUT_BODY = {
+    "type": "object",
+    "required": ["model", "to"],
+    "properties": {
+        "model": {"type": "string", "description": "the model NAME (no @version)"},
+        "to": {"oneOf": [_STRING, _INT]},
+        "steps": {"type": "array", "items": {"type": "number"}},
+        "interval_s": {"type": "number"},
+        "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_p95_ratio": {"type": "number"},
+        "min_requests": {"type": "integer"},
+    },
+}
+
+
+def _with_body(op: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return op
+
+
+_ROUTE: Final = {"description": "{name, explicit, primary, versions, shadow}"}
+_ROLLOUT: Final = {"description": "the rollout: {id, name, from, to, status, step, ...}"}
+PATHS.update(
+    {
+        "/admin/routes": {
+            "get": _op("Every model's route", "traffic", {"description": "{routes}"})
+        },
+        "/admin/routes/{name}": {
+            "get": _op("A model's route and its history", "traffic", _ROUTE, parameters=_PATH_NAME),
+            "put": _with_body(
+                _op(
+                    "Set weights (a rolling update: new versions load before traffic moves)",
+                    "traffic",
+                    _ROUTE,
+                    errors=(400, 404, 409, 503),
+                    parameters=_PATH_NAME,
+                ),
+                _WEIGHTS_BODY,
+            ),
+            "delete": _op(
+                "Clear the route (the newest version serves)",
+                "traffic",
+                _ROUTE,
+                errors=(404, 409),
+                parameters=_PATH_NAME,
+            ),
+        },
+        "/admin/routes/{name}/shadow": {
+            "put": _with_body(
+                _op(
+                    "Mirror a share of requests to a version",
+                    "traffic",
+                    _ROUTE,
+                    errors=(400, 404),
+                    parameters=_PATH_NAME,
+                ),
+                _SHADOW_BODY,
+            ),
+            "delete": _op(
+                "Stop mirroring", "traffic", _ROUTE, errors=(404,), parameters=_PATH_NAME
+            ),
+        },
+        "/admin/traffic": {
+            "get": _op(
+                "Per-version requests, errors and latency (primary and shadow)",
+                "traffic",
+                {"description": "{versions, shadow_in_flight, shadow_dropped}"},
+            )
+        },
+        "/admin/rollouts": {
+            "get": _op("Rollouts, newest first", "traffic", {"description": "{rollouts}"}),
+            "post": _with_body(
+                _op(
+                    "Start a canary rollout (201)",
+                    "traffic",
+                    _ROLLOUT,
+                    errors=(400, 404, 409, 503),
+                ),
+                _ROLLOUT_BODY,
+            ),
+        },
+        "/admin/rollouts/{name}": {
+            "get": _op(
+                "A model's latest rollout",
+                "traffic",
+                _ROLLOUT,
+                errors=(404,),
+                parameters=_PATH_NAME,
+            )
+        },
+        "/admin/rollouts/{name}/{action}": {
+            "post": _op(
+                "pause, resume or abort a rollout",
+                "traffic",
+                _ROLLOUT,
+                errors=(404, 409),
+                parameters=[
+                    *_PATH_NAME,
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["pause", "resume", "abort"]},
+                    },
+                ],
+            )
+        },
+    }
+)
 
 
 def document() -> dict[str, Any]:

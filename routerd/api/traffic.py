@@ -1,0 +1,63 @@
+"""Client requests meet routes: choose the version, start the shadow copy, measure.
+
+Each OpenAI handler calls ``route_request`` where it used to resolve the model id:
+it picks the version by the route's sticky split (key: the ``x-routerd-sticky-key``
+header, else the request's ``user`` field, else none: random by weight), starts
+the shadow copy in the background if the route mirrors this request, and notes the
+version on the request. ``traffic_middleware`` then records, per served version,
+whether the request failed and how long it took (streams: until the last byte),
+which is what rollouts judge and ``routerctl status`` shows.
+
+A request counts as failed when it ends with a 5xx or an error event inside a
+stream. 4xx answers are the client's doing and count as served.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from routerd.services import SERVICES
+from routerd.traffic import ShadowWork
+from state import VersionRecord
+
+STICKY_HEADER: Final = "x-routerd-sticky-key"
+
+SERVED = web.RequestKey("routerd_served", VersionRecord)
+STREAM_FAILED = web.RequestKey("routerd_stream_failed", bool)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def route_request(
+    request: web.Request, model_id: str, user: str | None, shadow: ShadowWork
+) -> VersionRecord:
+    """The version that serves this request; mirrors it to the shadow version if routed so."""
+    services = request.app[SERVICES]
+    sticky_key = request.headers.get(STICKY_HEADER) or user or None
+    routed = services.router.route(model_id, sticky_key)
+    request[SERVED] = routed.record
+    if routed.shadow is not None:
+        services.shadows.mirror(routed.shadow, shadow)
+    return routed.record
+
+
+def mark_stream_failed(request: web.Request) -> None:
+    """A stream already answered 200 ended with an error event: count it as failed."""
+    request[STREAM_FAILED] = True
+
+
+@web.middleware
+async def traffic_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    served = request.get(SERVED)
+    if served is not None:
+        ok = response.status < 500 and not request.get(STREAM_FAILED, False)
+        request.app[SERVICES].stats.record(
+            served.model_id, latency_ms=(time.perf_counter() - started) * 1000, ok=ok
+        )
+    return response
