@@ -118,6 +118,20 @@ class RolloutController:
 
     # -- operators -------------------------------------------------------------------
 
+    def _previous_version(self, name: str, newest: str) -> str:
+        """The newest version of ``name`` other than ``newest`` that is not retired."""
+        others = [
+            record
+            for record in self._router.table.versions.values()
+            if record.name == name and record.version != newest and record.state != "retired"
+        ]
+        if not others:
+            raise Conflict(
+                f"{name}@{newest} is the only version of {name}: there is nothing to roll out from",
+                param="to",
+            )
+        return max(others, key=lambda record: record.created_at).version
+
     async def begin(self, name: str, to_version: str, plan: RolloutPlan) -> RolloutRecord:
         """Start moving ``name`` to ``to_version``; the candidate is loaded first."""
         route = self._routes.current(name)
@@ -135,12 +149,10 @@ class RolloutController:
         else:
             from_version = self._router.resolve(name).version
             if from_version == to_version:
-                raise Conflict(
-                    f"{name} has no route and its newest version is {to_version} itself; set the "
-                    f"route to the version serving now first (routerctl route set {name} "
-                    "VERSION=100), then start the rollout",
-                    param="model",
-                )
+                # The usual order: register the new version, then roll out to it. With no
+                # route the newest version takes the traffic, so the rollout starts from
+                # the version that served before it was registered.
+                from_version = self._previous_version(name, to_version)
         if from_version == to_version:
             raise Conflict(f"{name}@{to_version} already takes all the traffic", param="to")
         if self._store.rollouts(name=name, live=True):

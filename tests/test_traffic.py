@@ -335,13 +335,29 @@ async def test_rollout_fails_early_when_the_candidate_cannot_fit(
         assert await complete(client) == (200, "m@1")
 
 
+async def test_rolling_out_the_newest_version_starts_from_the_one_before(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    specs = [echo(tmp_path, "1"), echo(tmp_path, "2"), echo(tmp_path, "1", name="solo")]
+    services = build(tmp_path, specs, clock)
+    async for client in serve(services):
+        # No route: the newest version (2) serves; a rollout to it starts from 1.
+        response = await client.post(
+            "/admin/rollouts", json={"model": "m", "to": "2", "steps": [10, 100]}
+        )
+        assert response.status == 201, await response.text()
+        started = await response.json()
+        assert (started["from"], started["to"], started["weight"]) == ("1", "2", 10)
+        assert services.store.route("m").weights == {"1": 90, "2": 10}
+        # A model with one version has nothing to roll out from.
+        response = await client.post("/admin/rollouts", json={"model": "solo", "to": "1"})
+        assert response.status == 409
+        assert "nothing to roll out from" in (await response.json())["error"]["message"]
+
+
 async def test_rollout_refusals(tmp_path: Path, clock: FakeClock) -> None:
     services = build(tmp_path, [echo(tmp_path, "1"), echo(tmp_path, "2")], clock)
     async for client in serve(services):
-        # No route and 2 is the newest: there is no "current" version to start from.
-        response = await client.post("/admin/rollouts", json={"model": "m", "to": "2"})
-        assert response.status == 409
-        assert "set the route" in (await response.json())["error"]["message"]
         await client.put("/admin/routes/m", json={"weights": {"1": 100}})
         for body, status, param in (
             ({"model": "m", "to": "9"}, 404, "version"),
