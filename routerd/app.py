@@ -17,7 +17,9 @@ from aiohttp import web
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd.api import admin, health, openai
+from routerd.api.auth import auth_middleware
 from routerd.api.errors import error_middleware
+from routerd.api.limits import STREAM_SLOTS, StreamSlots, limits_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
@@ -53,7 +55,7 @@ def build_services(
             eviction=policy_registry.create("eviction", config.scheduler.eviction),
         )
         router = Router()
-        registry = Registry(store, backends, router)
+        registry = Registry(store, backends, router, model_roots=config.allowed_model_roots)
         synced = registry.sync(config.models, source="config")
         registry.sync(_demo_specs(config), source="demo")
         if synced.added or synced.updated or synced.removed:
@@ -105,9 +107,11 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 def build_app(services: Services) -> web.Application:
     app = web.Application(
-        client_max_size=services.config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=services.config.server.max_body_bytes,
+        middlewares=[error_middleware, auth_middleware, limits_middleware],
     )
     app[SERVICES] = services
+    app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(health.routes)

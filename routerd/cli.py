@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from routerd import __version__
+from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
 from routerd.app import build_app, build_services
 from routerd.config import Config, ConfigError, load_config
 
@@ -62,20 +63,30 @@ def serve(config: Config) -> int:
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 1
+    try:
+        admin_sock = bind_admin_socket(config.socket_path)
+    except OSError as exc:
+        services.store.close()
+        log.error("cannot start: %s", exc)
+        return 1
+    inode = socket_inode(config.socket_path)
     app = build_app(services)
     loop = _new_event_loop()
     log.info(
-        "routerd %s serving on http://%s:%d (state in %s)",
+        "routerd %s serving on http://%s:%d, admin on %s (state in %s)",
         __version__,
         config.server.host,
         config.server.port,
+        config.socket_path,
         config.state_dir,
     )
+    _warn_if_exposed(config)
     try:
         web.run_app(
             app,
             host=config.server.host,
             port=config.server.port,
+            sock=admin_sock,
             shutdown_timeout=config.server.shutdown_timeout,
             access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
             print=None,
@@ -84,7 +95,22 @@ def serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", config.server.host, config.server.port, exc)
         return 1
+    finally:
+        remove_admin_socket(config.socket_path, inode)
     return 0
+
+
+def _warn_if_exposed(config: Config) -> None:
+    """Binding beyond loopback is allowed when asked for; say what guards it."""
+    if config.server.host in ("127.0.0.1", "::1", "localhost"):
+        return
+    if not config.server.api_keys:
+        log.warning(
+            "serving on %s with no server.api_keys: anyone who can reach it may use the models",
+            config.server.host,
+        )
+    if config.server.admin_token is None:
+        log.info("admin API over TCP is off (no server.admin_token); use the unix socket")
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

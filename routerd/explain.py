@@ -27,6 +27,10 @@ _EVICT_BECAUSE = {
     "pressure": "because the device was running short of memory",
     "shutdown": "because routerd was shutting down",
     "oom-retry": ("because a load ran out of device memory and routerd freed room to try it again"),
+    "failed": (
+        "because it failed (its backend kept erroring, hung or crashed); "
+        "the next request loads it afresh"
+    ),
 }
 
 _LOAD_BECAUSE = {

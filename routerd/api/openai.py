@@ -28,9 +28,11 @@ from routerd.api.generation import (
     estimate_tokens,
     fit_to_context,
     generate,
+    max_tokens_cap,
     stream,
     tokenize,
 )
+from routerd.api.limits import claim_stream, streaming
 from routerd.api.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -103,6 +105,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
+    if req.stream:
+        claim_stream()
     record = services.router.resolve(req.model)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
@@ -136,9 +140,10 @@ async def _prepare(
 ) -> PreparedPrompt:
     token_ids = await tokenize(lease.instance, prompt, param=param)
     info = lease.instance.model.info
-    return PreparedPrompt(
-        token_ids, fit_to_context(info, len(token_ids), req.sampling, param=param)
+    params = fit_to_context(
+        info, len(token_ids), req.sampling, param=param, cap=max_tokens_cap(lease.instance)
     )
+    return PreparedPrompt(token_ids, params)
 
 
 async def _stream_completion(
@@ -172,12 +177,20 @@ async def _stream_completion(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
+    if req.stream:
+        claim_stream()
     record = services.router.resolve(req.model)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
         model = lease.instance.model
         token_ids = await lease.instance.call(model.encode_chat, req.messages)
-        params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+        params = fit_to_context(
+            model.info,
+            len(token_ids),
+            req.sampling,
+            param="messages",
+            cap=max_tokens_cap(lease.instance),
+        )
         prompt = PreparedPrompt(token_ids, params)
         if req.stream:
             return await _stream_chat(request, req, record, lease, prompt)
@@ -269,6 +282,7 @@ async def _write_sse(
         }
     )
     await response.prepare(request)
+    streaming(response)
     results: list[GenerationResult] = []
     try:
         for index, prompt in enumerate(prompts):
