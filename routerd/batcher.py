@@ -235,6 +235,20 @@ class Batcher:
                 log.exception("batch on %s failed", self._instance.model_id)
                 for entry in started:
                     _fail(entry, exc)
+                self._fail_joined(exc)
+
+    def _fail_joined(self, exc: Exception) -> None:
+        """Fail rows that joined the broken batch mid-way and were left unfinished.
+
+        A backend should finish every row it was given, but one that raised past its
+        rows must not leave their requests waiting for ever.
+        """
+        with self._lock:
+            orphans = [row for row in self._running_tokens if row.result is None]
+        for row in orphans:
+            if row.error is None:
+                row.error = exc
+                row.on_done(row)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
