@@ -21,7 +21,6 @@ from routerd.services import SERVICES, Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
 
-
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 """Tests talk to the admin API over TCP with this token (fake_services configures it)."""

@@ -57,10 +57,12 @@ async def test_admin_over_tcp_is_off_without_a_token_but_served_on_the_socket(tm
         assert "unix socket" in body["error"]["message"]
         # unknown admin paths are refused before routing, too
         assert (await client.post("/admin/evict", json={"model": "a"})).status == 403
-        async with _unix_session(client) as session:
-            async with session.get("http://localhost/admin/status") as over_socket:
-                assert over_socket.status == 200
-                assert "instances" in await over_socket.json()
+        async with (
+            _unix_session(client) as session,
+            session.get("http://localhost/admin/status") as over_socket,
+        ):
+            assert over_socket.status == 200
+            assert "instances" in await over_socket.json()
         # the OpenAI API stays open over TCP when no keys are configured
         assert (await client.get("/v1/models")).status == 200
     finally:
@@ -168,9 +170,11 @@ async def test_api_keys_guard_the_openai_api_over_tcp(tmp_path):
         )
         assert ok.status == 200
         assert (await client.get("/health")).status == 200, "health needs no key"
-        async with _unix_session(client) as session:
-            async with session.get("http://localhost/v1/models") as over_socket:
-                assert over_socket.status == 200
+        async with (
+            _unix_session(client) as session,
+            session.get("http://localhost/v1/models") as over_socket,
+        ):
+            assert over_socket.status == 200
     finally:
         await client.close()
 
@@ -300,4 +304,3 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_kept(tmp_path):
         bind_admin_socket(path)
     with pytest.raises(AdminSocketError, match="longer than"):
         bind_admin_socket(tmp_path / ("d" * 120) / "routerd.sock")
-
