@@ -41,7 +41,7 @@ def build_services(
     on_change: Callable[[ResidencyCore], None] | None = None,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure."""
-    store = Store.open(config.database_path)
+    store = Store.open(config.database_path, busy_timeout=config.busy_timeout)
     try:
         backends = backends or BackendRegistry()
         devices = devices or DeviceInventory(

@@ -152,6 +152,7 @@ class Config:
     models: tuple[VersionSpec, ...] = ()
     pinned: frozenset[str] = frozenset()  # model ids declared ``pinned = true``
     source_file: Path | None = None
+    busy_timeout: float = 5.0  # how long a write waits for another process's database lock
 
     @property
     def database_path(self) -> Path:
@@ -212,7 +213,10 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     scheduler = _scheduler(_table(raw, "scheduler"))
     devices = _devices(_table(raw, "devices"))
     state = _table(raw, "state")
-    _reject_unknown(state, {"dir"}, where="state.")
+    _reject_unknown(state, {"dir", "busy_timeout"}, where="state.")
+    busy_timeout = parse_duration(state.get("busy_timeout", 5.0), key="state.busy_timeout")
+    if busy_timeout < 0:
+        raise ConfigError("state.busy_timeout: must not be negative")
     state_dir = (
         _resolve(Path(_str(state["dir"], "state.dir")), base_dir)
         if "dir" in state
@@ -237,6 +241,7 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         scheduler=scheduler,
         devices=devices,
         state_dir=state_dir,
+        busy_timeout=busy_timeout,
         log_level=log_level,
         models=models,
         pinned=frozenset(f"{spec.name}@{spec.version}" for spec, pinned in entries if pinned),
