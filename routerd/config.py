@@ -38,6 +38,8 @@ def parse_duration(value: str | int | float, *, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
         return float(value)
     match = _DURATION.match(value)
     if match is None:
