@@ -2,7 +2,8 @@
 
 It serves two tasks: text generation (``*ForCausalLM`` checkpoints) and
 embeddings (encoders such as BERT). It reads local folders only — never the
-network — and only safetensors weights, so loading cannot run pickled code.
+network — and only safetensors weights, so loading cannot run pickled code, unless a
+model's options say ``allow_pickle = true`` and its folder has no safetensors.
 
 Generation is a hand-written decode loop over the model's forward pass with its
 KV cache rather than ``model.generate``: routerd needs to check cancellation,
@@ -57,7 +58,8 @@ _DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
 }
 _TASKS = ("auto", "generate", "embed")
-_OPTION_KEYS = ("dtype", "task", "max_context", "max_concurrency")
+_OPTION_KEYS = ("dtype", "task", "max_context", "max_concurrency", "allow_pickle")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 class _ProgressBars:
@@ -125,6 +127,11 @@ class TransformersBackend:
         if task not in _TASKS:
             raise _options_error("task", task, ", ".join(_TASKS))
         normalized: dict[str, Any] = {"dtype": dtype, "task": task}
+        allow_pickle = options.get("allow_pickle", False)
+        if not isinstance(allow_pickle, bool):
+            raise _options_error("allow_pickle", allow_pickle, "true or false")
+        if allow_pickle:
+            normalized["allow_pickle"] = True
         for key in ("max_context", "max_concurrency"):
             if key in options:
                 value = options[key]
@@ -144,6 +151,9 @@ class TransformersBackend:
         multiplied by ``max_concurrency``, as an instance runs one pass at a time.
         """
         plan = self._plan(spec)
+        if plan.pickled:
+            # No headers to read: the files' size stands in until warm-up measures.
+            return Footprint(weights=sum(p.stat().st_size for p in _pickle_files(plan.folder)))
         tensors = footprint.read_checkpoint(plan.folder)
         if plan.task is Task.EMBED and plan.causal:
             # AutoModel loads the base model of a *ForCausalLM checkpoint, without its head.
@@ -177,7 +187,10 @@ class TransformersBackend:
             with _PROGRESS_BARS.hidden():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
                 model = auto_class.from_pretrained(
-                    str(folder), local_files_only=True, use_safetensors=True, dtype=dtype
+                    str(folder),
+                    local_files_only=True,
+                    use_safetensors=not plan.pickled,
+                    dtype=dtype,
                 )
             model.to(device)
         except Exception as exc:  # whatever failed, the caller needs one clear BackendError
@@ -212,7 +225,7 @@ class TransformersBackend:
         device_type = _parse_device(spec.device)[0]
         folder = Path(spec.path)
         raw_config = _read_config(folder)
-        _check_weights(folder)
+        pickled = _check_weights(folder, allow_pickle=bool(options.get("allow_pickle")))
         from transformers import AutoConfig
 
         try:
@@ -229,6 +242,7 @@ class TransformersBackend:
                 config, footprint.tokenizer_max_length(folder), options.get("max_context")
             ),
             max_concurrency=int(options.get("max_concurrency", 1)),
+            pickled=pickled,
         )
 
 
@@ -241,6 +255,7 @@ class _Plan:
     dtype: torch.dtype
     context_length: int
     max_concurrency: int
+    pickled: bool = False  # weights in pickle files (``allow_pickle``), not safetensors
 
 
 def _release_memory(device: torch.device) -> None:
@@ -290,11 +305,27 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_weights(folder: Path) -> None:
+def _pickle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+
+
+def _check_weights(folder: Path, *, allow_pickle: bool) -> bool:
+    """Whether the folder's weights are pickled (allowed by the model's options).
+
+    Safetensors are always preferred; pickled checkpoints can run code when read, so
+    they are loaded only when ``allow_pickle`` says so and no safetensors exist.
+    """
     if any(folder.glob("*.safetensors")):
-        return
-    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = f" (found {', '.join(others)}; only safetensors are loaded)" if others else ""
+        return False
+    others = [p.name for p in _pickle_files(folder)]
+    if others and allow_pickle:
+        return True
+    hint = (
+        f" (found {', '.join(others)}: pickled weights can run code when loaded; "
+        "set the model option allow_pickle = true only for a checkpoint you trust)"
+        if others
+        else ""
+    )
     raise BackendError(f"model folder {folder} has no safetensors weights{hint}")
 
 
