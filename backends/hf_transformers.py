@@ -179,7 +179,7 @@ class TransformersBackend:
         device = _resolve_device(spec.device)
         task, dtype, folder = plan.task, plan.dtype, plan.folder
 
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        AutoModel, AutoModelForCausalLM, AutoTokenizer = _auto_classes()[1:]
 
         auto_class: Any = AutoModelForCausalLM if task is Task.GENERATE else AutoModel
         model: Any = None
@@ -226,7 +226,7 @@ class TransformersBackend:
         folder = Path(spec.path)
         raw_config = _read_config(folder)
         pickled = _check_weights(folder, allow_pickle=bool(options.get("allow_pickle")))
-        from transformers import AutoConfig
+        AutoConfig = _auto_classes()[0]
 
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -303,6 +303,22 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise BackendError(f"{path} does not hold a JSON object")
     return config
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _auto_classes() -> tuple[Any, Any, Any, Any]:
+    """transformers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer.
+
+    transformers resolves these names lazily on first access, and two threads doing
+    that at once (two models' first loads) can fail with an ImportError; the first
+    access is therefore made under a lock.
+    """
+    with _IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    return AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 
 def _pickle_files(folder: Path) -> list[Path]:

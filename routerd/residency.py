@@ -139,6 +139,7 @@ class DeviceSnapshot:
     headroom_bytes: int
     capacity_bytes: int
     free_for_planning_bytes: int
+    over_budget_bytes: int  # used (ours + loads allocating) beyond capacity; should stay 0
 
 
 class ResidencyCore:
@@ -232,6 +233,7 @@ class ResidencyCore:
                 headroom_bytes=row.headroom,
                 capacity_bytes=row.capacity,
                 free_for_planning_bytes=row.free,
+                over_budget_bytes=row.over_budget,
             )
             for row in self.ledger(fresh=False)
         ]
