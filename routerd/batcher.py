@@ -294,6 +294,8 @@ class Batcher:
                     work.result = GenerationResult("", len(work.prompt_ids), 0, "cancelled")
                     work.on_done(work)
                     continue
+                if isinstance(work, _EmbedJob) and work.future.done():
+                    continue  # its request was cancelled (deadline, shutdown) while queued
                 if isinstance(work, GenerationRow):
                     self._running_tokens[work] = entry.tokens
                     running = [*running, entry.tokens]

@@ -304,3 +304,35 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_kept(tmp_path):
         bind_admin_socket(path)
     with pytest.raises(AdminSocketError, match="longer than"):
         bind_admin_socket(tmp_path / ("d" * 120) / "routerd.sock")
+
+
+async def test_no_spelling_of_an_admin_path_gets_past_the_check(tmp_path):
+    client = await _client(tmp_path, ServerConfig())
+    tricky = [
+        "/admin/status",
+        "//admin/status",
+        "/v1/../admin/status",
+        "/v1/%2e%2e/admin/status",
+        "/admin%2Fstatus",
+        "/admin/./status",
+        "/./admin/status",
+        "/admin/status/",
+        "/admin/status?x=1",
+    ]
+    try:
+        for path in tricky:
+            status, body = await _raw_get(client.port, path)
+            assert status in (400, 403, 404), (path, status)
+            assert b"devices" not in body
+    finally:
+        await client.close()
+
+
+async def _raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` byte for byte as written (a client library would normalize it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return int(answer.split(b" ", 2)[1]), answer
