@@ -129,7 +129,7 @@ class SchedulerConfig:
     eviction: str = "lru"
     routing: str = "least-outstanding"  # among a version's replicas
     max_failures: int = 3  # backend failures in a row before an instance is failed
-    stop_timeout: float = 5.0  # cancelled work must stop this soon, or the instance is hung
+    stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class Instance:
         self.victim_of: str | None = None  # the load this instance makes room for
         self.revoked: str | None = None  # why live leases were ended (forced eviction)
         self._cancellations: set[Cancellation] = set()
-        self.stop_timeout = 5.0  # cancelled work must stop this soon, or the instance is hung
+        self.stop_timeout = 30.0  # cancelled work must stop this soon, or the instance is hung
         self.max_failures = 3  # consecutive backend failures before the instance is failed
         self.failures = 0  # consecutive backend failures so far
         self.on_failed: Callable[[Instance, str], None] | None = None  # set by the scheduler

@@ -75,7 +75,7 @@ class SchedulerSettings:
     scale_down_idle: float = 30.0  # extra replicas leave after this long idle
     routing: str = "least-outstanding"
     max_failures: int = 3  # backend failures in a row before an instance is failed
-    stop_timeout: float = 5.0  # cancelled work must stop this soon, or the instance is hung
+    stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
 

@@ -21,16 +21,28 @@ def backend() -> FakeBackend:
     return FakeBackend()
 
 
-@pytest.fixture
-async def client(tmp_path: Path, backend: FakeBackend):
+def _app(tmp_path: Path, backend: FakeBackend, request_timeout: float):
     models = [
         fake_spec(tmp_path, "slow", token_delay=0.01, context=8192),
         fake_spec(tmp_path, "capped", context=4096, max_tokens=4),
         fake_spec(tmp_path, "quick"),
     ]
-    server = ServerConfig(admin_token=ADMIN_TOKEN, request_timeout=0.4, max_streams=1)
-    services = fake_services(tmp_path, backend, models, server=server)
-    async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as test_client:
+    server = ServerConfig(admin_token=ADMIN_TOKEN, request_timeout=request_timeout, max_streams=1)
+    return build_app(fake_services(tmp_path, backend, models, server=server))
+
+
+@pytest.fixture
+async def client(tmp_path: Path, backend: FakeBackend):
+    """Requests have 0.4 s: enough for the fake models, not for 5000 slow tokens."""
+    app = _app(tmp_path, backend, request_timeout=0.4)
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def patient_client(tmp_path: Path, backend: FakeBackend):
+    app = _app(tmp_path, backend, request_timeout=30)
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as test_client:
         yield test_client
 
 
@@ -74,10 +86,11 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_event(client, backe
     assert backend.generated == 1
 
 
-async def test_streams_over_the_cap_get_429_with_retry_after(client):
+async def test_streams_over_the_cap_get_429_with_retry_after(patient_client):
+    client = patient_client
     first = await client.post(
         "/v1/completions",
-        json={"model": "slow", "prompt": "abc", "max_tokens": 20, "stream": True},
+        json={"model": "slow", "prompt": "abc", "max_tokens": 150, "stream": True},
     )
     assert first.status == 200
     await first.content.readline()  # the first stream is open

@@ -196,3 +196,18 @@ async def test_out_of_memory_at_load_is_retried_once_then_reported(client, backe
     status = await _status(client)
     assert sorted(i["model"] for i in status["instances"]) == ["oom-once"]
     assert _cpu(status)["routerd_bytes"] == 2000 and _cpu(status)["reserved_bytes"] == 0
+
+
+def test_failure_settings_come_from_the_config(tmp_path):
+    from routerd.config import ConfigError, load_config
+    from routerd.residency import SchedulerSettings
+
+    path = tmp_path / "routerd.toml"
+    path.write_text('[scheduler]\nmax_failures = 5\nstop_timeout = "2s"\n')
+    config = load_config(path)
+    settings = SchedulerSettings.from_config(config.scheduler, config.devices)
+    assert (settings.max_failures, settings.stop_timeout) == (5, 2.0)
+    for bad, message in [("max_failures = 0", "at least 1"), ('stop_timeout = "0s"', "positive")]:
+        path.write_text(f"[scheduler]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
