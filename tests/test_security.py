@@ -336,3 +336,20 @@ async def _raw_get(port: int, path: str) -> tuple[int, bytes]:
     answer = await reader.read()
     writer.close()
     return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_listening_beyond_loopback_without_keys_is_warned_about(caplog):
+    from routerd.cli import _warn_if_exposed
+
+    with caplog.at_level("INFO", logger="routerd"):
+        _warn_if_exposed(Config())
+        assert caplog.records == [], "loopback: nothing to say"
+        _warn_if_exposed(Config(server=ServerConfig(host="0.0.0.0")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no server.api_keys" in m for m in messages)
+    assert any("admin API over TCP is off" in m for m in messages)
+    caplog.clear()
+    guarded = ServerConfig(host="0.0.0.0", api_keys=(API_KEY,), admin_token=ADMIN_TOKEN)
+    with caplog.at_level("INFO", logger="routerd"):
+        _warn_if_exposed(Config(server=guarded))
+    assert caplog.records == []
