@@ -148,6 +148,8 @@ class FakeModel:
                 raise self.backend.batch_errors.pop(0)
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        self.backend.embed_calls += 1
+        self.backend.embed_gate.wait()
         vectors = []
         for ids in inputs:
             raw = [float(len(ids)), float(sum(ids) % 97) + 1.0, 1.0]
@@ -177,6 +179,9 @@ class FakeBackend:
         self.generate_gate = threading.Event()
         self.generate_gate.set()
         self.generated = 0
+        self.embed_gate = threading.Event()  # cleared: embed calls wait (a busy thread)
+        self.embed_gate.set()
+        self.embed_calls = 0
         self.generate_errors: list[Exception] = []  # raised by the next generate calls
         self.batch_errors: list[Exception] = []  # raised by generate_batch once rows joined
         self.load_threads: list[str] = []

@@ -26,6 +26,7 @@ def _app(tmp_path: Path, backend: FakeBackend, request_timeout: float):
         fake_spec(tmp_path, "slow", token_delay=0.01, context=8192),
         fake_spec(tmp_path, "capped", context=4096, max_tokens=4),
         fake_spec(tmp_path, "quick"),
+        fake_spec(tmp_path, "embedder", task="embed"),
     ]
     server = ServerConfig(admin_token=ADMIN_TOKEN, request_timeout=request_timeout, max_streams=1)
     return build_app(fake_services(tmp_path, backend, models, server=server))
@@ -141,3 +142,23 @@ async def test_max_tokens_option_is_checked_at_registration(client, tmp_path):
     )
     assert response.status == 400
     assert (await response.json())["error"]["param"] == "options.max_tokens"
+
+
+async def test_an_embedding_whose_deadline_passed_in_the_queue_is_not_computed(client, backend):
+    warm = await client.post("/v1/embeddings", json={"model": "embedder", "input": "a"})
+    assert warm.status == 200
+    backend.embed_gate.clear()
+    backend.embed_calls = 0
+    try:
+        first = asyncio.create_task(
+            client.post("/v1/embeddings", json={"model": "embedder", "input": "first"})
+        )
+        await _until(lambda: backend.embed_calls == 1)  # computing, held at the gate
+        queued = await client.post("/v1/embeddings", json={"model": "embedder", "input": "x"})
+        assert queued.status == 504
+        assert (await first).status == 504
+    finally:
+        backend.embed_gate.set()
+    ok = await client.post("/v1/embeddings", json={"model": "embedder", "input": "after"})
+    assert ok.status == 200
+    assert backend.embed_calls == 2, "the first batch and the last; never the timed-out queued one"
