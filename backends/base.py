@@ -55,6 +55,14 @@ class OutOfMemory(BackendError):
     """
 
 
+class ModelCrashed(BackendError):
+    """The loaded model can no longer serve at all (device lost, runtime broken).
+
+    Unlike other errors, one is enough: the scheduler marks the instance failed,
+    unloads it, and loads it afresh for the next request.
+    """
+
+
 class InvalidRequest(ValueError):
     """The request cannot be served by this model (e.g. no chat template).
 

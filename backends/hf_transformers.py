@@ -2,7 +2,8 @@
 
 It serves two tasks: text generation (``*ForCausalLM`` checkpoints) and
 embeddings (encoders such as BERT). It reads local folders only — never the
-network — and only safetensors weights, so loading cannot run pickled code.
+network — and only safetensors weights, so loading cannot run pickled code, unless a
+model's options say ``allow_pickle = true`` and its folder has no safetensors.
 
 Generation is a hand-written decode loop over the model's forward pass with its
 KV cache rather than ``model.generate``: routerd needs to check cancellation,
@@ -59,7 +60,8 @@ _DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
 }
 _TASKS = ("auto", "generate", "embed")
-_OPTION_KEYS = ("dtype", "task", "max_context", "max_concurrency")
+_OPTION_KEYS = ("dtype", "task", "max_context", "max_concurrency", "allow_pickle")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 class _ProgressBars:
@@ -127,6 +129,11 @@ class TransformersBackend:
         if task not in _TASKS:
             raise _options_error("task", task, ", ".join(_TASKS))
         normalized: dict[str, Any] = {"dtype": dtype, "task": task}
+        allow_pickle = options.get("allow_pickle", False)
+        if not isinstance(allow_pickle, bool):
+            raise _options_error("allow_pickle", allow_pickle, "true or false")
+        if allow_pickle:
+            normalized["allow_pickle"] = True
         for key in ("max_context", "max_concurrency"):
             if key in options:
                 value = options[key]
@@ -146,6 +153,9 @@ class TransformersBackend:
         multiplied by ``max_concurrency``, as an instance runs one pass at a time.
         """
         plan = self._plan(spec)
+        if plan.pickled:
+            # No headers to read: the files' size stands in until warm-up measures.
+            return Footprint(weights=sum(p.stat().st_size for p in _pickle_files(plan.folder)))
         tensors = footprint.read_checkpoint(plan.folder)
         if plan.task is Task.EMBED and plan.causal:
             # AutoModel loads the base model of a *ForCausalLM checkpoint, without its head.
@@ -171,7 +181,7 @@ class TransformersBackend:
         device = _resolve_device(spec.device)
         task, dtype, folder = plan.task, plan.dtype, plan.folder
 
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        AutoModel, AutoModelForCausalLM, AutoTokenizer = _auto_classes()[1:]
 
         auto_class: Any = AutoModelForCausalLM if task is Task.GENERATE else AutoModel
         model: Any = None
@@ -181,7 +191,10 @@ class TransformersBackend:
             with _PROGRESS_BARS.hidden():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
                 model = auto_class.from_pretrained(
-                    str(folder), local_files_only=True, use_safetensors=True, dtype=dtype
+                    str(folder),
+                    local_files_only=True,
+                    use_safetensors=not plan.pickled,
+                    dtype=dtype,
                 )
             spec.report(READING_WEIGHTS, weights, weights)
             _move_to(model, device, spec)
@@ -217,8 +230,8 @@ class TransformersBackend:
         device_type = _parse_device(spec.device)[0]
         folder = Path(spec.path)
         raw_config = _read_config(folder)
-        _check_weights(folder)
-        from transformers import AutoConfig
+        pickled = _check_weights(folder, allow_pickle=bool(options.get("allow_pickle")))
+        AutoConfig = _auto_classes()[0]
 
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -234,6 +247,7 @@ class TransformersBackend:
                 config, footprint.tokenizer_max_length(folder), options.get("max_context")
             ),
             max_concurrency=int(options.get("max_concurrency", 1)),
+            pickled=pickled,
         )
 
 
@@ -246,6 +260,7 @@ class _Plan:
     dtype: torch.dtype
     context_length: int
     max_concurrency: int
+    pickled: bool = False  # weights in pickle files (``allow_pickle``), not safetensors
 
 
 def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:
@@ -313,11 +328,43 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_weights(folder: Path) -> None:
+_IMPORT_LOCK = threading.Lock()
+
+
+def _auto_classes() -> tuple[Any, Any, Any, Any]:
+    """transformers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer.
+
+    transformers resolves these names lazily on first access, and two threads doing
+    that at once (two models' first loads) can fail with an ImportError; the first
+    access is therefore made under a lock.
+    """
+    with _IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    return AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+
+def _pickle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+
+
+def _check_weights(folder: Path, *, allow_pickle: bool) -> bool:
+    """Whether the folder's weights are pickled (allowed by the model's options).
+
+    Safetensors are always preferred; pickled checkpoints can run code when read, so
+    they are loaded only when ``allow_pickle`` says so and no safetensors exist.
+    """
     if any(folder.glob("*.safetensors")):
-        return
-    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = f" (found {', '.join(others)}; only safetensors are loaded)" if others else ""
+        return False
+    others = [p.name for p in _pickle_files(folder)]
+    if others and allow_pickle:
+        return True
+    hint = (
+        f" (found {', '.join(others)}: pickled weights can run code when loaded; "
+        "set the model option allow_pickle = true only for a checkpoint you trust)"
+        if others
+        else ""
+    )
     raise BackendError(f"model folder {folder} has no safetensors weights{hint}")
 
 

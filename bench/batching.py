@@ -30,7 +30,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routerd.app import build_app, build_services
-from routerd.config import Config, SchedulerConfig
+from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.demo import ensure_demo_models
 from state import VersionSpec
 
@@ -98,6 +98,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         state_dir=work / "state",
         models=tuple(models),
         scheduler=SchedulerConfig(min_residency=0.0),
+        server=ServerConfig(model_roots=(work,)),
     )
     services = build_services(config)
     runner = web.AppRunner(build_app(services))

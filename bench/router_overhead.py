@@ -166,6 +166,7 @@ def routerd_config(work: Path, port: int, batching: str, threaded: bool) -> Path
 [server]
 host = "127.0.0.1"
 port = {port}
+model_roots = ["{work}"]
 
 [scheduler]
 keep_alive = -1

@@ -20,7 +20,9 @@ from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd import metrics
 from routerd.api import admin, health, openai, openapi, traffic_admin
+from routerd.api.auth import auth_middleware
 from routerd.api.errors import error_middleware
+from routerd.api.limits import STREAM_SLOTS, StreamSlots, limits_middleware
 from routerd.api.traffic import traffic_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
@@ -51,7 +53,7 @@ def build_services(
     ``clock`` drives the scheduler (monotonic); ``wall_clock`` the per-version
     statistics and rollout steps, whose times are stored and outlive the process.
     """
-    store = Store.open(config.database_path)
+    store = Store.open(config.database_path, busy_timeout=config.busy_timeout)
     try:
         backends = backends or BackendRegistry()
         devices = devices or DeviceInventory(
@@ -65,7 +67,7 @@ def build_services(
             eviction=policy_registry.create("eviction", config.scheduler.eviction),
         )
         router = Router()
-        registry = Registry(store, backends, router)
+        registry = Registry(store, backends, router, model_roots=config.allowed_model_roots)
         synced = registry.sync(config.models, source="config")
         registry.sync(_demo_specs(config), source="demo")
         if synced.added or synced.updated or synced.removed:
@@ -125,9 +127,10 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 def build_app(services: Services) -> web.Application:
     app = web.Application(
         client_max_size=services.config.server.max_body_bytes,
-        middlewares=[traffic_middleware, error_middleware],
+        middlewares=[traffic_middleware, error_middleware, auth_middleware, limits_middleware],
     )
     app[SERVICES] = services
+    app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(traffic_admin.routes)

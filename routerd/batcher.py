@@ -26,13 +26,16 @@ from backends.base import (
     Cancellation,
     GenerationResult,
     GenerationRow,
+    InvalidRequest,
     LoadedModel,
+    ModelCrashed,
     SamplingParams,
     Task,
     TextSink,
 )
 from policies import registry as policy_registry
 from policies.batching import DEFAULT_BATCHING, BatchingPolicy, Queued
+from routerd.errors import RouterdError, Unavailable
 from routerd.instance import Instance
 
 log = logging.getLogger("routerd.batcher")
@@ -86,6 +89,7 @@ class Batcher:
         self._loop_thread = threading.get_ident()  # made on the event loop
         self._runner: asyncio.Task[None] | None = None
         self._running_tokens: dict[GenerationRow, int] = {}
+        self._counted: BaseException | None = None  # the last failure reported
         self.batches = 0  # batches started (a running batch that grows counts once)
         self.largest_batch = 0
 
@@ -104,9 +108,21 @@ class Batcher:
     ) -> GenerationResult:
         tokens = len(prompt_ids) + params.max_tokens
         if self._starts_inline_now(tokens):
-            return self._generate_inline(
-                GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
-            )
+            row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
+            self._generate_inline(row)
+        else:
+            row = await self._queued_generation(prompt_ids, params, on_text, cancellation, tokens)
+        self._observe(row.error)
+        return _outcome(row)
+
+    async def _queued_generation(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: TextSink | None,
+        cancellation: Cancellation,
+        tokens: int,
+    ) -> GenerationRow:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[GenerationRow] = loop.create_future()
 
@@ -120,7 +136,24 @@ class Batcher:
 
         row = GenerationRow(list(prompt_ids), params, on_text, cancellation, on_done)
         self._submit(_Entry(row, tokens))
-        return _outcome(await done)
+        return await done
+
+    def _observe(self, error: BaseException | None) -> None:
+        """Tell the instance how its backend did; the instance counts failures in a row.
+
+        Client mistakes and routerd's own refusals are not the backend's fault. One
+        exception that failed a whole batch counts once, not once per row.
+        """
+        if error is None:
+            self._instance.report_success()
+            return
+        if isinstance(error, InvalidRequest | RouterdError) or error is self._counted:
+            return
+        self._counted = error
+        self._instance.report_failure(
+            f"backend error: {error}" if str(error) else type(error).__name__,
+            fatal=isinstance(error, ModelCrashed),
+        )
 
     def _starts_inline_now(self, tokens: int) -> bool:
         """Whether a row may run right here: an inline model, nothing queued ahead of it
@@ -133,19 +166,28 @@ class Batcher:
             and self.policy.admit([Queued(tokens=tokens, waited_s=0.0)], []) > 0
         )
 
-    def _generate_inline(self, row: GenerationRow) -> GenerationResult:
+    def _generate_inline(self, row: GenerationRow) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
         if self._on_batch is not None:
             self._on_batch(self._instance, 1)
-        self._instance.model.generate_batch([row], None, self.policy.max_rows)
-        return _outcome(row)
+        try:
+            self._instance.model.generate_batch([row], None, self.policy.max_rows)
+        except Exception as exc:  # the model broke; the row carries the error
+            if row.result is None and row.error is None:
+                row.error = exc
 
     async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedded:
         """Embed what ``prepare`` yields; ``tokens`` estimates its size for admission."""
         future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
         self._submit(_Entry(_EmbedJob(prepare, future, tokens), tokens))
-        return await future
+        try:
+            embedded = await future
+        except Exception as exc:
+            self._observe(exc)
+            raise
+        self._observe(None)
+        return embedded
 
     def _submit(self, entry: _Entry) -> None:
         with self._lock:
@@ -157,10 +199,17 @@ class Batcher:
             )
 
     async def close(self) -> None:
+        """Stop the loop; work still queued fails with a clear 503 instead of waiting."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        with self._lock:
+            queued = list(self._queue)
+            self._queue.clear()
+        stopped = Unavailable(f"{self._instance.model_id} stopped serving", retry_after=1)
+        for entry in queued:
+            _fail(entry, stopped)
 
     # -- the loop (event loop) ------------------------------------------------------
 
@@ -196,6 +245,20 @@ class Batcher:
                 log.exception("batch on %s failed", self._instance.model_id)
                 for entry in started:
                     _fail(entry, exc)
+                self._fail_joined(exc)
+
+    def _fail_joined(self, exc: Exception) -> None:
+        """Fail rows that joined the broken batch mid-way and were left unfinished.
+
+        A backend should finish every row it was given, but one that raised past its
+        rows must not leave their requests waiting for ever.
+        """
+        with self._lock:
+            orphans = [row for row in self._running_tokens if row.result is None]
+        for row in orphans:
+            if row.error is None:
+                row.error = exc
+                row.on_done(row)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -241,6 +304,8 @@ class Batcher:
                     work.result = GenerationResult("", len(work.prompt_ids), 0, "cancelled")
                     work.on_done(work)
                     continue
+                if isinstance(work, _EmbedJob) and work.future.done():
+                    continue  # its request was cancelled (deadline, shutdown) while queued
                 if isinstance(work, GenerationRow):
                     self._running_tokens[work] = entry.tokens
                     running = [*running, entry.tokens]

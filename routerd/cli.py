@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from routerd import __version__, logs, systemd
+from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
 from routerd.app import build_app, build_services
 from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
 from routerd.reload import ConfigLoader, reload_config
@@ -73,15 +75,25 @@ def serve(config: Config, load: ConfigLoader | None = None) -> int:
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 1
+    try:
+        admin_sock = bind_admin_socket(config.socket_path)
+    except OSError as exc:
+        services.store.close()
+        log.error("cannot start: %s", exc)
+        return 1
+    inode = socket_inode(config.socket_path)
     app = build_app(services)
     loop = _new_event_loop()
     try:
-        return loop.run_until_complete(_run(app, config, load))
+        return loop.run_until_complete(_run(app, config, load, admin_sock))
     finally:
+        remove_admin_socket(config.socket_path, inode)
         loop.close()
 
 
-async def _run(app: web.Application, config: Config, load: ConfigLoader | None) -> int:
+async def _run(
+    app: web.Application, config: Config, load: ConfigLoader | None, admin_sock: socket.socket
+) -> int:
     """Serve; tell systemd READY=1 once listening, STOPPING=1 when the drain begins."""
     access_log = logging.getLogger("aiohttp.access") if config.log_level == "debug" else None
     runner = web.AppRunner(
@@ -91,6 +103,7 @@ async def _run(app: web.Application, config: Config, load: ConfigLoader | None) 
     await runner.setup()
     try:
         await web.TCPSite(runner, config.server.host, config.server.port).start()
+        await web.SockSite(runner, admin_sock).start()
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", config.server.host, config.server.port, exc)
         await runner.cleanup()
@@ -104,7 +117,14 @@ async def _run(app: web.Application, config: Config, load: ConfigLoader | None) 
     interval = systemd.watchdog_interval()
     pinger = asyncio.create_task(systemd.watchdog(interval)) if interval else None
     where = f"http://{config.server.host}:{config.server.port}"
-    log.info("routerd %s serving on %s (state in %s)", __version__, where, config.state_dir)
+    log.info(
+        "routerd %s serving on %s, admin on %s (state in %s)",
+        __version__,
+        where,
+        config.socket_path,
+        config.state_dir,
+    )
+    _warn_if_exposed(config)
     systemd.notify(f"READY=1\nSTATUS=serving on {where}")
     await stop.wait()
     systemd.notify("STOPPING=1\nSTATUS=draining")
@@ -124,6 +144,19 @@ def _reload(app: web.Application, load: ConfigLoader) -> None:
         reload_config(app[SERVICES], load)
     finally:
         systemd.notify("READY=1")
+
+
+def _warn_if_exposed(config: Config) -> None:
+    """Binding beyond loopback is allowed when asked for; say what guards it."""
+    if config.server.host in ("127.0.0.1", "::1", "localhost"):
+        return
+    if not config.server.api_keys:
+        log.warning(
+            "serving on %s with no server.api_keys: anyone who can reach it may use the models",
+            config.server.host,
+        )
+    if config.server.admin_token is None:
+        log.info("admin API over TCP is off (no server.admin_token); use the unix socket")
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

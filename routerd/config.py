@@ -22,6 +22,7 @@ from state import VersionSpec
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8400
+SOCKET_NAME = "routerd.sock"
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,8 @@ def parse_duration(value: str | int | float, *, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
         return float(value)
     match = _DURATION.match(value)
     if match is None:
@@ -106,6 +109,14 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     shutdown_timeout: float = 30.0
     stream_heartbeat: float = 1.0  # a stream waiting for a load gets an SSE comment this often
+    # Admin over TCP needs this token; without one, the admin API is on the unix socket only.
+    admin_token: str | None = field(default=None, repr=False)
+    # Bearer keys the OpenAI API accepts over TCP; empty: no key needed.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Folders models may be registered from; None: ``<state_dir>/models``.
+    model_roots: tuple[Path, ...] | None = None
+    request_timeout: float = 600.0  # a request still unanswered after this gets 504
+    max_streams: int = 256  # streaming responses open at once; more get 429
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,8 @@ class SchedulerConfig:
     eviction: str = "lru"
     routing: str = "least-outstanding"  # among a version's replicas
     max_queue: int = 256  # requests waiting per version (load or batch queue); 0 = no limit
+    max_failures: int = 3  # backend failures in a row before an instance is failed
+    stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,7 @@ class Config:
     models: tuple[VersionSpec, ...] = ()
     pinned: frozenset[str] = frozenset()  # model ids declared ``pinned = true``
     source_file: Path | None = None
+    busy_timeout: float = 5.0  # how long a write waits for another process's database lock
 
     @property
     def database_path(self) -> Path:
@@ -152,6 +166,19 @@ class Config:
     @property
     def demo_dir(self) -> Path:
         return self.state_dir / "demo"
+
+    @property
+    def socket_path(self) -> Path:
+        """The admin unix socket (mode 0600): ``routerctl`` talks to it without a token."""
+        return self.state_dir / SOCKET_NAME
+
+    @property
+    def allowed_model_roots(self) -> tuple[Path, ...]:
+        """Where model folders may live: ``server.model_roots`` (default
+        ``<state_dir>/models``), plus the demo folder when ``--demo`` builds it."""
+        roots = self.server.model_roots
+        chosen = (self.state_dir / "models",) if roots is None else roots
+        return (*chosen, self.demo_dir) if self.demo else chosen
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with top-level or ``server.*`` fields replaced (flags win over the file)."""
@@ -190,11 +217,14 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"},
         where="",
     )
-    server = _server(_table(raw, "server"))
+    server = _server(_table(raw, "server"), base_dir)
     scheduler = _scheduler(_table(raw, "scheduler"))
     devices = _devices(_table(raw, "devices"))
     state = _table(raw, "state")
-    _reject_unknown(state, {"dir"}, where="state.")
+    _reject_unknown(state, {"dir", "busy_timeout"}, where="state.")
+    busy_timeout = parse_duration(state.get("busy_timeout", 5.0), key="state.busy_timeout")
+    if busy_timeout < 0:
+        raise ConfigError("state.busy_timeout: must not be negative")
     state_dir = (
         _resolve(Path(_str(state["dir"], "state.dir")), base_dir)
         if "dir" in state
@@ -224,6 +254,7 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         scheduler=scheduler,
         devices=devices,
         state_dir=state_dir,
+        busy_timeout=busy_timeout,
         log_level=log_level,
         log_format=log_format,
         models=models,
@@ -231,12 +262,24 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     )
 
 
-def _server(raw: Mapping[str, Any]) -> ServerConfig:
-    _reject_unknown(
-        raw,
-        {"host", "port", "max_body_bytes", "shutdown_timeout", "stream_heartbeat"},
-        where="server.",
-    )
+_SERVER_KEYS = {
+    "host",
+    "port",
+    "max_body_bytes",
+    "shutdown_timeout",
+    "stream_heartbeat",
+    "admin_token",
+    "admin_token_file",
+    "api_keys",
+    "api_keys_file",
+    "model_roots",
+    "request_timeout",
+    "max_streams",
+}
+
+
+def _server(raw: Mapping[str, Any], base_dir: Path) -> ServerConfig:
+    _reject_unknown(raw, _SERVER_KEYS, where="server.")
     defaults = ServerConfig()
     port = _int(raw.get("port", defaults.port), "server.port")
     if not 0 <= port <= 65535:
@@ -244,6 +287,22 @@ def _server(raw: Mapping[str, Any]) -> ServerConfig:
     max_body = _int(raw.get("max_body_bytes", defaults.max_body_bytes), "server.max_body_bytes")
     if max_body < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    request_timeout = parse_duration(
+        raw.get("request_timeout", defaults.request_timeout), key="server.request_timeout"
+    )
+    if request_timeout <= 0:
+        raise ConfigError("server.request_timeout: must be positive")
+    max_streams = _int(raw.get("max_streams", defaults.max_streams), "server.max_streams")
+    if max_streams < 1:
+        raise ConfigError("server.max_streams: must be at least 1")
+    roots = None
+    if "model_roots" in raw:
+        listed = raw["model_roots"]
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError("server.model_roots: expected a non-empty list of folders")
+        roots = tuple(
+            _resolve(Path(_str(r, "server.model_roots")).expanduser(), base_dir) for r in listed
+        )
     return ServerConfig(
         host=_str(raw.get("host", defaults.host), "server.host"),
         port=port,
@@ -252,6 +311,11 @@ def _server(raw: Mapping[str, Any]) -> ServerConfig:
             raw.get("shutdown_timeout", defaults.shutdown_timeout), key="server.shutdown_timeout"
         ),
         stream_heartbeat=_positive_duration(raw, "stream_heartbeat", defaults.stream_heartbeat),
+        admin_token=_admin_token(raw, base_dir),
+        api_keys=_api_keys(raw, base_dir),
+        model_roots=roots,
+        request_timeout=request_timeout,
+        max_streams=max_streams,
     )
 
 
@@ -262,20 +326,77 @@ def _positive_duration(raw: Mapping[str, Any], key: str, default: float) -> floa
     return seconds
 
 
+MIN_SECRET_LEN = 16
+"""Tokens and keys shorter than this are refused: they could be guessed."""
+
+
+def _secret(value: str, key: str) -> str:
+    value = value.strip()
+    if len(value) < MIN_SECRET_LEN or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"{key}: a token must be at least {MIN_SECRET_LEN} characters without spaces"
+        )
+    return value
+
+
+def _read_secret_file(raw: Mapping[str, Any], key: str, base_dir: Path) -> list[str] | None:
+    """The non-empty, non-comment lines of the file ``raw[key]`` names (None: not set)."""
+    if key not in raw:
+        return None
+    path = _resolve(Path(_str(raw[key], f"server.{key}")).expanduser(), base_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"server.{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _admin_token(raw: Mapping[str, Any], base_dir: Path) -> str | None:
+    from_file = _read_secret_file(raw, "admin_token_file", base_dir)
+    if from_file is not None and "admin_token" in raw:
+        raise ConfigError("server: set admin_token or admin_token_file, not both")
+    if from_file is not None:
+        if len(from_file) != 1:
+            raise ConfigError("server.admin_token_file: expected exactly one token in the file")
+        return _secret(from_file[0], "server.admin_token_file")
+    if "admin_token" in raw:
+        return _secret(_str(raw["admin_token"], "server.admin_token"), "server.admin_token")
+    return None
+
+
+def _api_keys(raw: Mapping[str, Any], base_dir: Path) -> tuple[str, ...]:
+    keys: list[str] = []
+    listed = raw.get("api_keys", [])
+    if not isinstance(listed, list):
+        raise ConfigError("server.api_keys: expected a list of keys")
+    keys += [_secret(_str(k, "server.api_keys"), "server.api_keys") for k in listed]
+    from_file = _read_secret_file(raw, "api_keys_file", base_dir) or []
+    keys += [_secret(k, "server.api_keys_file") for k in from_file]
+    return tuple(dict.fromkeys(keys))
+
+
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     defaults = SchedulerConfig()
     durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
+    positive = ("load_timeout", "load_wait_timeout", "stop_timeout")
     _reject_unknown(
         raw,
-        {*durations, "keep_alive", "placement", "eviction", "routing", "max_queue"},
+        {*durations, "keep_alive", "placement", "eviction", "routing", "max_queue"}
+        | {"max_failures", "stop_timeout"},
         where="scheduler.",
     )
     values: dict[str, Any] = {}
-    for key in durations:
+    for key in (*durations, "stop_timeout"):
         seconds = parse_duration(raw.get(key, getattr(defaults, key)), key=f"scheduler.{key}")
-        if seconds < 0 or (seconds == 0 and key in ("load_timeout", "load_wait_timeout")):
+        if seconds < 0 or (seconds == 0 and key in positive):
             raise ConfigError(f"scheduler.{key}: must be positive")
         values[key] = seconds
+    values["max_failures"] = _int(
+        raw.get("max_failures", defaults.max_failures), "scheduler.max_failures"
+    )
+    if values["max_failures"] < 1:
+        raise ConfigError("scheduler.max_failures: must be at least 1")
     values["keep_alive"] = parse_keep_alive(
         raw.get("keep_alive", defaults.keep_alive), key="scheduler.keep_alive"
     )

@@ -1,23 +1,28 @@
 """``routerctl``: the operator's command line. It talks only to the admin HTTP API.
 
-Every command takes ``--url`` and ``--json``. Without ``--json`` it prints for people;
-with it, the API's JSON as is, for scripts. Any failure prints one line on stderr
-and exits non-zero. Only the standard library is used, so the command starts fast
-and works from a bare Python.
+By default it connects to the admin unix socket ``<state_dir>/routerd.sock`` (the
+state dir from ``--state-dir``, else ``$ROUTERD_STATE_DIR``, else routerd's default),
+which needs no token: only routerd's own user (and root) can open it. ``--url`` (or
+``$ROUTERD_URL``) talks over TCP instead, sending ``$ROUTERD_ADMIN_TOKEN`` as a bearer
+token — routerd refuses admin over TCP without one. Every command takes ``--json``:
+without it, it prints for people; with it, the API's JSON as is, for scripts. Any
+failure prints one line on stderr and exits non-zero. Only the standard library is
+used, so the command starts fast and works from a bare Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import socket
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -25,42 +30,129 @@ from routerd.completion import completion_script
 from routerd.ctl_display import format_ps, load_progress
 
 DEFAULT_URL = "http://127.0.0.1:8400"
+SOCKET_NAME = "routerd.sock"  # routerd.config.SOCKET_NAME; not imported, to start fast
 
 
 class CtlError(Exception):
     """One line for the operator."""
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where routerd's admin API is: a unix socket, or a URL with an optional token."""
+
+    socket_path: Path | None = None
+    url: str | None = None
+    token: str | None = None
+
+    def describe(self) -> str:
+        return f"unix socket {self.socket_path}" if self.socket_path else str(self.url)
+
+    def connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self.socket_path is not None:
+            return _UnixConnection(self.socket_path, timeout)
+        parts = urllib.parse.urlsplit(self.url or DEFAULT_URL)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CtlError(f"--url must look like http://HOST:PORT, got {self.url!r}")
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout)
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def base_path(self) -> str:
+        if self.socket_path is not None:
+            return ""
+        return urllib.parse.urlsplit(self.url or DEFAULT_URL).path.rstrip("/")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (``http.client`` speaks only TCP by itself)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._socket_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def request(
-    url: str, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 900.0
+    target: Target | str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 900.0,
 ) -> Any:
+    """Call the admin API; ``target`` may be a plain URL (TCP, no token)."""
+    if isinstance(target, str):
+        target = Target(url=target)
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"} if data is not None else {},
-    )
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    where = target.describe()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raise CtlError(_error_message(exc)) from None
-    except urllib.error.URLError as exc:
-        raise CtlError(f"cannot reach routerd at {url}: {exc.reason}") from None
-    except (TimeoutError, ConnectionError) as exc:
-        raise CtlError(f"cannot reach routerd at {url}: {exc}") from None
+        conn = target.connect(timeout)
+        try:
+            conn.request(method, target.base_path() + path, body=data, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+        finally:
+            conn.close()
+    except PermissionError:
+        raise CtlError(
+            f"permission denied on {where}: run routerctl as routerd's user (or root)"
+        ) from None
+    except FileNotFoundError:
+        raise CtlError(
+            f"cannot reach routerd at {where}: no such socket (is routerd running with this "
+            "state dir? set --state-dir or ROUTERD_STATE_DIR, or use --url)"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CtlError(f"cannot reach routerd at {where}: {exc}") from None
+    if response.status >= 400:
+        raise CtlError(_error_message(payload, response.status, response.reason))
+    try:
+        return json.loads(payload or b"null")
     except json.JSONDecodeError:
-        raise CtlError(f"routerd at {url} answered with something that is not JSON") from None
+        raise CtlError(f"routerd at {where} answered with something that is not JSON") from None
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
+def _error_message(payload: bytes, status: int, reason: str) -> str:
     try:
-        payload = json.loads(exc.read())
-        message = payload["error"]["message"]
+        message = json.loads(payload)["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        message = exc.reason
-    return f"{message} (HTTP {exc.code})"
+        message = reason
+    return f"{message} (HTTP {status})"
+
+
+def default_state_dir() -> Path:
+    """routerd's own default (``routerd.config.default_state_dir``), without importing it."""
+    if os.environ.get("ROUTERD_STATE_DIR"):
+        return Path(os.environ["ROUTERD_STATE_DIR"]).expanduser()
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path("~").expanduser() / ".local" / "state")
+    return Path(xdg).expanduser() / "routerd"
+
+
+def resolve_target(url: str | None, state_dir: str | None) -> Target:
+    """``--url`` (TCP), else ``--state-dir`` (socket), else ``$ROUTERD_URL``, else the
+    socket in the default state dir."""
+    token = os.environ.get("ROUTERD_ADMIN_TOKEN") or None
+    if url:
+        return Target(url=url, token=token)
+    if state_dir:
+        return Target(socket_path=Path(state_dir).expanduser() / SOCKET_NAME)
+    if os.environ.get("ROUTERD_URL"):
+        return Target(url=os.environ["ROUTERD_URL"], token=token)
+    return Target(socket_path=default_state_dir() / SOCKET_NAME)
 
 
 # -- formatting for people --------------------------------------------------------
@@ -138,9 +230,27 @@ def _format_status(status: dict[str, Any]) -> str:
     from routerd import ctl_traffic
 
     traffic = ctl_traffic.format_traffic(status.get("traffic") or [])
-    if not instances:
-        return devices + "\n\nno models loaded" + traffic
-    return devices + "\n\n" + _format_instances(instances) + traffic
+    text = devices + "\n\n" + (_format_instances(instances) if instances else "no models loaded")
+    return text + _format_failed(status.get("failed") or []) + traffic
+
+
+def _format_failed(failed: Sequence[dict[str, Any]]) -> str:
+    """Versions whose instance failed (restarted on their next request), if any."""
+    if not failed:
+        return ""
+    return "\n\nfailed instances (loaded again on the next request):\n" + table(
+        ["MODEL", "DEVICE", "WHEN", "TIMES", "REASON"],
+        [
+            [
+                f"{f['model']}@{f['version']}",
+                f["device"],
+                human_age(f["at"]),
+                str(f["times"]),
+                _clip(f["reason"]),
+            ]
+            for f in failed
+        ],
+    )
 
 
 def _format_instances(instances: Sequence[dict[str, Any]]) -> str:
@@ -225,7 +335,7 @@ def _event_bytes(event: dict[str, Any]) -> int | None:
 # -- commands ---------------------------------------------------------------------
 
 
-def load_with_progress(url: str, body: dict[str, Any], out: TextIO) -> Any:
+def load_with_progress(url: Target | str, body: dict[str, Any], out: TextIO) -> Any:
     """POST /admin/load (which answers once ready), drawing progress on ``out`` meanwhile.
 
     The progress is read from ``/admin/status`` a few times a second. On a terminal the
@@ -280,7 +390,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def run(args: argparse.Namespace) -> str:
     """Execute one command; return what to print."""
-    url = args.url
+    url = args.target
     as_json = args.json
     if args.command in ("route", "rollout"):
         from routerd import ctl_traffic
@@ -351,7 +461,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--url",
         default=argparse.SUPPRESS,
-        help=f"routerd address (default $ROUTERD_URL or {DEFAULT_URL})",
+        help="talk over TCP to this address, e.g. http://127.0.0.1:8400 (default: the unix "
+        "socket, or $ROUTERD_URL); sends $ROUTERD_ADMIN_TOKEN",
+    )
+    common.add_argument(
+        "--state-dir",
+        default=argparse.SUPPRESS,
+        help="routerd's state dir, where its admin socket is (default $ROUTERD_STATE_DIR)",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
@@ -430,9 +546,9 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    args.url = getattr(args, "url", None) or os.environ.get("ROUTERD_URL") or DEFAULT_URL
     args.json = getattr(args, "json", False)
     try:
+        args.target = resolve_target(getattr(args, "url", None), getattr(args, "state_dir", None))
         print(run(args))
     except CtlError as exc:
         print(f"routerctl: {exc}", file=sys.stderr)

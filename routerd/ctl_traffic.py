@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _route(args: argparse.Namespace) -> str:
-    url, as_json = args.url, args.json
+    url, as_json = args.target, args.json
     action = args.route_action or "show"
     if action == "show":
         name = getattr(args, "name", None)
@@ -203,7 +203,7 @@ def format_traffic(versions: list[dict[str, Any]]) -> str:
 
 
 def _rollout(args: argparse.Namespace) -> str:
-    url, as_json = args.url, args.json
+    url, as_json = args.target, args.json
     words = args.words
     if words[0] in ROLLOUT_ACTIONS and (len(words) == 2 or words == ["status"]):
         if len(words) == 1:

@@ -88,3 +88,31 @@ class QueueFull(RouterdError):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
+
+
+class Unauthorized(RouterdError):
+    """No valid ``Authorization: Bearer`` key (answered with ``WWW-Authenticate``)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(RouterdError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class TooManyStreams(RouterdError):
+    """``server.max_streams`` streaming responses are open; the client may retry soon."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_streams"
+
+
+class StoreUnavailable(Unavailable):
+    """The database cannot be written now (locked by another process, disk full…)."""
+
+    code = "store_unavailable"

@@ -29,6 +29,10 @@ _EVICT_BECAUSE = {
     "reload": "because a config reload changed or removed it",
     "oom-retry": ("because a load ran out of device memory and routerd freed room to try it again"),
     "retired": "because it lost its traffic (a route change or a finished rollout) and drained",
+    "failed": (
+        "because it failed (its backend kept erroring, hung or crashed); "
+        "the next request loads it afresh"
+    ),
 }
 
 _LOAD_BECAUSE = {

@@ -88,6 +88,10 @@ class Instance:
         # Set from the instance thread while loading (one atomic assignment), read on the loop.
         self.progress: LoadProgress | None = None
         self._cancellations: set[Cancellation] = set()
+        self.stop_timeout = 30.0  # cancelled work must stop this soon, or the instance is hung
+        self.max_failures = 3  # consecutive backend failures before the instance is failed
+        self.failures = 0  # consecutive backend failures so far
+        self.on_failed: Callable[[Instance, str], None] | None = None  # set by the scheduler
         self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
         self._executor = ThreadPoolExecutor(
@@ -190,6 +194,20 @@ class Instance:
         self.revoked = reason
         for cancellation in list(self._cancellations):
             cancellation.cancel()
+
+    def report_success(self) -> None:
+        """A request ended without a backend fault: the failure streak is over."""
+        self.failures = 0
+
+    def report_failure(self, reason: str, *, fatal: bool = False) -> None:
+        """A backend fault served a request (or the thread hung: ``fatal``).
+
+        After ``max_failures`` in a row, or at once when fatal, the scheduler is told
+        (``on_failed``); it alone decides what becomes of the instance (DESIGN.md rule 1).
+        """
+        self.failures += 1
+        if (fatal or self.failures >= self.max_failures) and self.on_failed is not None:
+            self.on_failed(self, reason)
 
     def close_executor(self) -> None:
         """Stop the thread once its queued work is done; never blocks the loop."""

@@ -21,11 +21,14 @@ from policies.placement import is_device_preference
 from policies.registry import check as check_policy
 from routerd.batcher import BATCHING_OPTIONS, batching_policy
 from routerd.config import ConfigError, parse_duration, parse_keep_alive
+from routerd.model_paths import check_model_folder
 from routerd.router import Router
 from state import Store, SyncResult, VersionRecord, VersionSpec
 
 # Options the scheduler reads itself; everything else belongs to the backend.
 REPLICA_OPTIONS = ("replicas", "max_replicas", "scale_up_queue", "scale_down_idle", "routing")
+# Options the API layer reads: ``max_tokens`` caps the completion tokens of one request.
+API_OPTIONS = ("max_tokens",)
 SCHEDULER_OPTIONS = (
     "device",
     "devices",
@@ -33,16 +36,25 @@ SCHEDULER_OPTIONS = (
     "max_queue",
     *BATCHING_OPTIONS,
     *REPLICA_OPTIONS,
+    *API_OPTIONS,
 )
 
 
 class Registry:
     """The registry service: validation in front of the store, router kept in step."""
 
-    def __init__(self, store: Store, backends: BackendRegistry, router: Router) -> None:
+    def __init__(
+        self,
+        store: Store,
+        backends: BackendRegistry,
+        router: Router,
+        *,
+        model_roots: Sequence[Path] | None = None,
+    ) -> None:
         self._store = store
         self._backends = backends
         self._router = router
+        self._model_roots = model_roots  # None: any folder (tests and tools only)
         self.refresh()
 
     def validate(self, spec: VersionSpec) -> VersionSpec:
@@ -50,6 +62,8 @@ class Registry:
         folder = Path(spec.path)
         if not folder.is_absolute():
             raise InvalidRequest(f"path must be absolute, got {spec.path!r}", param="path")
+        if self._model_roots is not None:
+            check_model_folder(spec.path, self._model_roots)
         if not folder.is_dir():
             raise InvalidRequest(f"path {spec.path} is not a directory", param="path")
         scheduler_options: dict[str, Any] = {}
@@ -120,7 +134,7 @@ def _check_scheduler_options(options: dict[str, Any]) -> None:
             raise InvalidRequest(str(exc), param="options.keep_alive") from None
         # Stored as JSON, which has no infinity: -1 means never, as in the config.
         options["keep_alive"] = -1 if math.isinf(seconds) else seconds
-    for key in ("replicas", "max_replicas", "scale_up_queue"):
+    for key in ("replicas", "max_replicas", "scale_up_queue", "max_tokens"):
         value = options.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(

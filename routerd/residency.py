@@ -10,6 +10,7 @@ with leases, loading and placement. Both run only on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from routerd.config import DevicesConfig, SchedulerConfig
 from routerd.devices import DeviceInventory
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
 from routerd.memory import Holding, LedgerRow, build_ledger
-from state import VersionRecord
+from state import StoreError, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
@@ -82,6 +83,8 @@ class SchedulerSettings:
     scale_down_idle: float = 30.0  # extra replicas leave after this long idle
     routing: str = "least-outstanding"
     max_queue: int = 256  # requests waiting per version before 429; 0 = no limit
+    max_failures: int = 3  # backend failures in a row before an instance is failed
+    stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
 
@@ -95,6 +98,8 @@ class SchedulerSettings:
             release_timeout=scheduler.release_timeout,
             routing=scheduler.routing,
             max_queue=scheduler.max_queue,
+            max_failures=scheduler.max_failures,
+            stop_timeout=scheduler.stop_timeout,
             poll_interval=devices.poll_interval,
             headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
         )
@@ -118,6 +123,18 @@ class Leak:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """The latest failure of a version's instance, for status pages."""
+
+    model: str
+    version: str
+    device: str
+    reason: str
+    at: float  # wall clock
+    times: int  # instances of this version failed since routerd started
+
+
+@dataclass(frozen=True)
 class DeviceSnapshot:
     id: str
     kind: str
@@ -132,6 +149,7 @@ class DeviceSnapshot:
     headroom_bytes: int
     capacity_bytes: int
     free_for_planning_bytes: int
+    over_budget_bytes: int  # used (ours + loads allocating) beyond capacity; should stay 0
 
 
 class ResidencyCore:
@@ -167,6 +185,9 @@ class ResidencyCore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinned: set[str] = {f"{n}@{v}" for n, v in store.pinned_versions()}
         self._leaks: list[Leak] = []
+        self._retiring: list[Instance] = []  # failed, no longer routed to, not yet unloaded
+        self._failures: dict[str, Failure] = {}  # by model id
+        self._unrecorded: list[tuple[str, VersionRecord, dict[str, Any]]] = []
         self._change_waiters: list[asyncio.Future[None]] = []
         self._reaper_waiters: list[asyncio.Future[None]] = []
         self._reaper_looks_at = math.inf  # scheduler clock: the reaper's next own look
@@ -193,6 +214,10 @@ class ResidencyCore:
 
     def leaks(self) -> list[Leak]:
         return list(self._leaks)
+
+    def failures(self) -> list[Failure]:
+        """The latest failure of every version that had one, newest first."""
+        return sorted(self._failures.values(), key=lambda f: f.at, reverse=True)
 
     def is_pinned(self, model_id: str) -> bool:
         return model_id in self._pinned
@@ -221,12 +246,14 @@ class ResidencyCore:
                 headroom_bytes=row.headroom,
                 capacity_bytes=row.capacity,
                 free_for_planning_bytes=row.free,
+                over_budget_bytes=row.over_budget,
             )
             for row in self.ledger(fresh=False)
         ]
 
     def _holdings(self) -> list[Holding]:
         holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self._leaks]
+        holdings += [Holding(i.device, i.bytes, "victim") for i in self._retiring]
         for i in self._instances.values():
             if i.state is InstanceState.WAITING:
                 kind = "waiting"
@@ -364,6 +391,96 @@ class ResidencyCore:
         instance.gone.set()
         self._changed()
 
+    # -- failed instances ---------------------------------------------------------
+
+    def _watch_health(self, instance: Instance) -> None:
+        """Have ``instance`` report repeated backend failures or a hang to us."""
+        instance.max_failures = self.settings.max_failures
+        instance.stop_timeout = self.settings.stop_timeout
+        instance.on_failed = self._instance_failed
+
+    def _instance_failed(self, instance: Instance, reason: str) -> None:
+        """Retire a failed instance: report it, stop routing to it, unload it.
+
+        It leaves the instance table at once, so the next request for the version
+        starts a fresh load (a pinned version is loaded again right away); its bytes
+        stay in the ledger until the unload has given them back.
+        """
+        if instance.state is not InstanceState.READY or (
+            self._instances.get(instance.key) is not instance
+        ):
+            return  # already leaving
+        record = instance.record
+        previous = self._failures.get(instance.model_id)
+        self._failures[instance.model_id] = Failure(
+            model=record.name,
+            version=record.version,
+            device=instance.device,
+            reason=reason,
+            at=time.time(),
+            times=1 + (previous.times if previous is not None else 0),
+        )
+        self._record(
+            "failed",
+            record,
+            device=instance.device,
+            reason=reason,
+            detail={"failures_in_a_row": instance.failures},
+        )
+        log.error("%s on %s failed: %s; unloading it", instance.key, instance.device, reason)
+        instance.state = InstanceState.DRAINING
+        instance.revoke(f"{instance.model_id} failed and is being restarted: {reason}")
+        del self._instances[instance.key]
+        self._retiring.append(instance)
+        self._spawn(self._retire(instance), name=f"retire {instance.key}")
+        self._changed()
+
+    async def _retire(self, instance: Instance) -> None:
+        """Unload a failed instance; a thread stuck in the model is given up on.
+
+        Live requests were told to stop; they get ``stop_timeout`` to do so. An unload
+        that does not finish within ``release_timeout`` (its thread is still stuck)
+        goes on in the background, and its bytes are reported as leaked until it does.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(instance.idle.wait(), self.settings.stop_timeout)
+        freed = instance.bytes
+        before = self._our_usage(instance.device)
+        unload = asyncio.ensure_future(self._unload(instance))
+        done, _ = await asyncio.wait([unload], timeout=self.settings.release_timeout)
+        leaked = not done
+        if done and unload.exception() is not None:
+            log.error("unloading failed %s: %s", instance.key, unload.exception())
+        elif done:
+            leaked = await self._verify_release(instance.device, before, freed)
+        self._retiring.remove(instance)
+        instance.gone.set()
+        self._record("evict", instance.record, device=instance.device, reason="failed", bytes=freed)
+        if leaked:
+            leak = Leak(instance.model_id, instance.device, freed)
+            self._leaks.append(leak)
+            self._record(
+                "leak",
+                instance.record,
+                device=instance.device,
+                reason="a failed instance did not unload in time",
+                bytes=freed,
+            )
+            if not done:
+                unload.add_done_callback(lambda _: self._unleak(leak))
+        self._changed()
+        if instance.model_id in self._pinned and not self._closing:
+            self._reload_pinned(instance.record)
+
+    def _unleak(self, leak: Leak) -> None:
+        """A stuck unload finished after all: its bytes are free again."""
+        if leak in self._leaks:
+            self._leaks.remove(leak)
+            self._changed()
+
+    def _reload_pinned(self, record: VersionRecord) -> None:
+        """Load a pinned version again after its instance failed (the scheduler does)."""
+
     # -- keep-alive -------------------------------------------------------------
 
     def _idle_limit(self, instance: Instance) -> tuple[float, str]:
@@ -414,6 +531,7 @@ class ResidencyCore:
                 await asyncio.to_thread(self._devices.readings)
             except Exception as exc:  # a flaky NVML read must not stop polling
                 log.warning("reading devices failed: %s", exc)
+            self._flush_events()  # events kept while the database was locked
             await asyncio.sleep(self.settings.poll_interval)
 
     # -- plumbing ---------------------------------------------------------------
@@ -469,9 +587,25 @@ class ResidencyCore:
         task.add_done_callback(done)
 
     def _record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
-        self._store.record_event(kind, record.name, record.version, **fields)
+        """Log an event; if the database cannot take it now (locked by another process),
+        keep it and write it with the next one, so no event is lost and no load fails
+        for want of its log line. Observers (metrics) see it at once."""
+        self._unrecorded.append((kind, record, fields))
+        self._flush_events()
         if self.observer is not None:
             self.observer.event(kind, record, fields)
+
+    def _flush_events(self) -> None:
+        while self._unrecorded:
+            kind, record, fields = self._unrecorded[0]
+            try:
+                self._store.record_event(kind, record.name, record.version, **fields)
+            except StoreError as exc:
+                log.warning(
+                    "event log not written yet (%d waiting): %s", len(self._unrecorded), exc
+                )
+                return
+            self._unrecorded.pop(0)
 
     def _observe_batch(self, instance: Instance, rows: int) -> None:
         if self.observer is not None:

@@ -63,7 +63,7 @@ from routerd.residency import (
     ResidencyStore,
     SchedulerSettings,
 )
-from state import VersionRecord
+from state import StoreError, VersionRecord
 
 __all__ = [
     "DeviceSnapshot",
@@ -107,6 +107,9 @@ class Scheduler(ResidencyCore):
             record = resolve(model_id)
             if record is not None:
                 self._spawn(self._restore(record), name=f"restore {model_id}")
+
+    def _reload_pinned(self, record: VersionRecord) -> None:
+        self._spawn(self._restore(record), name=f"restore {record.model_id}")
 
     async def _restore(self, record: VersionRecord) -> None:
         try:
@@ -607,18 +610,7 @@ class Scheduler(ResidencyCore):
                 raise LoadFailed(f"loading {record.model_id} failed: {reason}") from exc
             raise
         instance.measured = measured
-        kind = instance.device.split(":")[0]
-        self._store.record_footprint(
-            record.name,
-            record.version,
-            kind,
-            measured={
-                "weights": measured.weights,
-                "runtime": measured.runtime,
-                "working": measured.working,
-            },
-            estimated_bytes=instance.estimated_bytes,
-        )
+        self._remember_footprint(instance, measured)
         overrun = self._row(instance.device)
         over = overrun.over_budget if overrun is not None else 0
         if over > 0 and not await self._make_room(instance, over):
@@ -631,6 +623,7 @@ class Scheduler(ResidencyCore):
             )
         policy = batching_policy(record.options, instance.device)
         instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
+        self._watch_health(instance)
         instance.load_ms = (self._clock() - instance.placed_at) * 1000
         self._load_s[record.model_id] = instance.load_ms / 1000
         instance.progress = None
@@ -669,6 +662,25 @@ class Scheduler(ResidencyCore):
         )
         self._changed()
         return instance
+
+    def _remember_footprint(self, instance: Instance, measured: Footprint) -> None:
+        """Store the measurement for later placements; a database that cannot take it
+        now (locked) costs only the measurement, never the load."""
+        record = instance.record
+        try:
+            self._store.record_footprint(
+                record.name,
+                record.version,
+                instance.device.split(":")[0],
+                measured={
+                    "weights": measured.weights,
+                    "runtime": measured.runtime,
+                    "working": measured.working,
+                },
+                estimated_bytes=instance.estimated_bytes,
+            )
+        except StoreError as exc:
+            log.warning("%s: footprint not stored: %s", record.model_id, exc)
 
     def _grown(
         self, need: Mapping[str, int], device: str, factor: float, *, at_least: int = 0

@@ -90,7 +90,7 @@ class SyncResult:
         return bool(self.added or self.updated or self.removed)
 
 
-EVENT_KINDS: Final = ("load", "load_failed", "evict", "leak")
+EVENT_KINDS: Final = ("load", "load_failed", "evict", "leak", "failed")
 """The kinds of event routerd itself records. ``Store.record_event`` accepts any kind
 that is a valid identifier (so a newer routerd's rows still read back); these are the
 ones the rest of the code knows how to describe:
@@ -100,6 +100,8 @@ ones the rest of the code knows how to describe:
 - ``load_failed``: a load did not complete; ``reason`` is the backend's message.
 - ``evict``: a version was unloaded; ``reason`` is one of ``EVICT_REASONS``,
   ``bytes`` what it freed, ``trigger`` the model id of the load that needed the room.
+- ``failed``: a loaded instance failed (backend errors in a row, a hang, a crash);
+  ``reason`` says which. An ``evict`` event with reason ``failed`` follows.
 - ``leak``: after an eviction the device reading did not show the memory the
   instance held as free again; ``bytes`` is what it held, ``reason`` says more.
 """
@@ -113,6 +115,7 @@ EVICT_REASONS: Final = (
     "oom-retry",
     "reload",
     "retired",
+    "failed",
 )
 """Why an instance is evicted (``Event.reason`` of an ``evict`` event)."""
 

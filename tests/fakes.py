@@ -95,6 +95,8 @@ class FakeModel:
     ) -> GenerationResult:
         self.backend.generate_threads.append(threading.current_thread().name)
         self.backend.generate_gate.wait()
+        if self.backend.generate_errors:
+            raise self.backend.generate_errors.pop(0)
         source = bytes(reversed(list(prompt_ids))).decode("utf-8", "replace") or "x"
         text = ""
         finish = "length"
@@ -144,8 +146,12 @@ class FakeModel:
             queue = list(admit(1 << 30 if max_rows is None else max(0, max_rows)))
             if not queue:
                 return
+            if self.backend.batch_errors:  # raise with the joined rows left unfinished
+                raise self.backend.batch_errors.pop(0)
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        self.backend.embed_calls += 1
+        self.backend.embed_gate.wait()
         vectors = []
         for ids in inputs:
             raw = [float(len(ids)), float(sum(ids) % 97) + 1.0, 1.0]
@@ -175,6 +181,11 @@ class FakeBackend:
         self.generate_gate = threading.Event()
         self.generate_gate.set()
         self.generated = 0
+        self.embed_gate = threading.Event()  # cleared: embed calls wait (a busy thread)
+        self.embed_gate.set()
+        self.embed_calls = 0
+        self.generate_errors: list[Exception] = []  # raised by the next generate calls
+        self.batch_errors: list[Exception] = []  # raised by generate_batch once rows joined
         self.load_threads: list[str] = []
         self.generate_threads: list[str] = []
         self.load_devices: list[str] = []

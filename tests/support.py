@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
 from backends.registry import BackendRegistry
+from routerd.admin_socket import bind_admin_socket
 from routerd.app import build_services
-from routerd.config import Config, DevicesConfig, SchedulerConfig
+from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from routerd.residency import ResidencyCore
-from routerd.services import Services
+from routerd.services import SERVICES, Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+"""Tests talk to the admin API over TCP with this token (fake_services configures it)."""
+
+
+async def serve_admin_socket(client: TestClient) -> Path:
+    """Serve the client's app on its admin unix socket too, as ``routerd serve`` does;
+    returns the state dir, which is what ``routerctl --state-dir`` needs."""
+    config = client.server.app[SERVICES].config
+    assert client.server.runner is not None
+    await web.SockSite(client.server.runner, bind_admin_socket(config.socket_path)).start()
+    return config.state_dir
 
 
 def fake_spec(tmp: Path, name: str, version: str = "1", **options: Any) -> VersionSpec:
@@ -43,7 +61,11 @@ def fake_services(
 ) -> Services:
     """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
     scheduler_settings = {"load_timeout": load_timeout, "min_residency": 0.0, **(scheduler or {})}
+    server = config.pop("server", ServerConfig(admin_token=ADMIN_TOKEN))
+    if server.model_roots is None:  # models of these tests live under tmp
+        server = replace(server, model_roots=(tmp,))
     cfg = Config(
+        server=server,
         state_dir=tmp / "state",
         models=tuple(models),
         scheduler=SchedulerConfig(**scheduler_settings),

@@ -17,7 +17,7 @@ from routerd.app import build_app
 from routerd.devices import DeviceInventory
 from routerd.services import SERVICES, Services
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, fake_services, fake_spec, serve_admin_socket
 
 GIB = 1 << 30
 
@@ -30,7 +30,8 @@ def backend() -> FakeBackend:
 @pytest.fixture
 async def client(tmp_path: Path, backend: FakeBackend):
     app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")]))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as test_client:
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=ADMIN_AUTH) as test_client:
+        await serve_admin_socket(test_client)
         yield test_client
 
 
@@ -39,8 +40,9 @@ def services_of(client: TestClient) -> Services:
 
 
 async def routerctl(client: TestClient, capsys, *args: str) -> tuple[int, str, str]:
-    url = str(client.make_url("")).rstrip("/")
-    code = await asyncio.to_thread(ctl.main, ["--url", url, *args])
+    """routerctl as operators run it: over the admin unix socket in the state dir."""
+    state_dir = str(services_of(client).config.state_dir)
+    code = await asyncio.to_thread(ctl.main, ["--state-dir", state_dir, *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -329,7 +331,10 @@ async def gpu_client(tmp_path: Path):
     services = fake_services(
         tmp_path, backend, [fake_spec(tmp_path, "a", bytes=GIB)], devices=devices
     )
-    async with TestClient(TestServer(build_app(services), host="127.0.0.1")) as test_client:
+    async with TestClient(
+        TestServer(build_app(services), host="127.0.0.1"), headers=ADMIN_AUTH
+    ) as test_client:
+        await serve_admin_socket(test_client)
         yield test_client, backend
 
 

@@ -12,7 +12,7 @@ from routerd.admission import MAX_RETRY_S, MIN_RETRY_S, QueueState, moving_avera
 from routerd.app import build_app
 from routerd.config import ConfigError, _scheduler
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
 
 def test_retry_after_adds_the_rest_of_the_load_and_the_queue_ahead() -> None:
@@ -43,7 +43,7 @@ async def test_full_queue_is_429_with_retry_after_and_loses_nothing(tmp_path: Pa
     backend = FakeBackend()
     spec = fake_spec(tmp_path, "a", max_queue=2)
     app = build_app(fake_services(tmp_path, backend, [spec]))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         waiting = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in "12"]
@@ -68,7 +68,7 @@ async def test_scheduler_max_queue_setting_and_option_validation(tmp_path: Path)
     backend = FakeBackend()
     app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")],
                                   scheduler={"max_queue": 1}))  # fmt: skip
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         first = asyncio.ensure_future(client.post("/v1/completions", json=body))

@@ -15,14 +15,20 @@ from routerd import ctl
 from routerd.app import build_app
 from routerd.completion import commands_of, completion_script
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """routerctl --url sends $ROUTERD_ADMIN_TOKEN; the test apps accept ADMIN_TOKEN."""
+    monkeypatch.setenv("ROUTERD_ADMIN_TOKEN", ADMIN_TOKEN)
 
 
 async def test_ps_lists_loaded_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     app = build_app(
         fake_services(tmp_path, FakeBackend(), [fake_spec(tmp_path, "a", bytes=3 << 20)])
     )
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         url = str(client.make_url("")).rstrip("/")
         assert await asyncio.to_thread(ctl.main, ["--url", url, "ps"]) == 0
         assert capsys.readouterr().out.strip() == "no models loaded"
@@ -61,7 +67,7 @@ def test_completion_knows_every_command_and_flag() -> None:
     [
         (["routerctl", "e"], ["events", "evict"]),
         (["routerctl", "load", "--d"], ["--device"]),
-        (["routerctl", "completion", ""], ["--url", "--json", "bash", "zsh"]),
+        (["routerctl", "completion", ""], ["--url", "--state-dir", "--json", "bash", "zsh"]),
     ],
 )
 def test_bash_completion_completes(words: list[str], expected: list[str]) -> None:

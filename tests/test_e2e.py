@@ -38,7 +38,7 @@ class Daemon:
 
     def routerctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "routerd.ctl", "--url", self.url, *args],
+            [sys.executable, "-m", "routerd.ctl", "--state-dir", str(self.state_dir), *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from routerd.app import build_app
 from routerd.metrics import METRICS
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -40,7 +40,7 @@ async def test_requests_tokens_loads_and_evictions_are_counted(tmp_path: Path) -
     backend = FakeBackend()
     specs = [fake_spec(tmp_path, "a", bytes=5000), fake_spec(tmp_path, "e", task="embed")]
     app = build_app(fake_services(tmp_path, backend, specs))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         body = {"model": "a", "prompt": "abcd", "max_tokens": 3}
         first = await client.post("/v1/completions", json=body)
         assert first.status == 200 and "x-routerd-cold-start-ms" in first.headers
@@ -87,7 +87,7 @@ async def test_failed_loads_and_queue_depth(tmp_path: Path) -> None:
     backend = FakeBackend()
     specs = [fake_spec(tmp_path, "bad", fail_load="broken"), fake_spec(tmp_path, "slow")]
     app = build_app(fake_services(tmp_path, backend, specs))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         response = await client.post("/v1/completions", json={"model": "bad", "prompt": "x"})
         assert response.status == 503
         scraped = await scrape(client)
@@ -111,8 +111,8 @@ async def test_failed_loads_and_queue_depth(tmp_path: Path) -> None:
 async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
     (tmp_path / "1").mkdir()
     (tmp_path / "2").mkdir()
-    one = build_app(fake_services(tmp_path / "1", FakeBackend(), [fake_spec(tmp_path, "a")]))
-    two = build_app(fake_services(tmp_path / "2", FakeBackend(), [fake_spec(tmp_path, "a")]))
+    one = build_app(fake_services(tmp_path / "1", FakeBackend(), [fake_spec(tmp_path / "1", "a")]))
+    two = build_app(fake_services(tmp_path / "2", FakeBackend(), [fake_spec(tmp_path / "2", "a")]))
     assert one[METRICS].registry is not two[METRICS].registry
     async with TestClient(TestServer(one)) as c1, TestClient(TestServer(two)) as c2:
         assert (await c1.post("/v1/completions", json={"model": "a", "prompt": "x"})).status == 200

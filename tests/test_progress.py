@@ -17,7 +17,12 @@ from routerd.app import build_app
 from routerd.config import ServerConfig
 from routerd.ctl_display import format_ps, load_progress
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
+
+
+def admin(url: str) -> ctl.Target:
+    """The test app's admin API over TCP, with the token fake_services configures."""
+    return ctl.Target(url=url, token=ADMIN_TOKEN)
 
 
 async def _until_loading(client: TestClient) -> dict:
@@ -33,12 +38,12 @@ async def _until_loading(client: TestClient) -> dict:
 async def test_status_shows_the_phase_and_routerctl_load_draws_it(tmp_path: Path) -> None:
     backend = FakeBackend()
     app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a", bytes=4 << 20)]))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         url = str(client.make_url("")).rstrip("/")
         out = io.StringIO()
         loading = asyncio.ensure_future(
-            asyncio.to_thread(ctl.load_with_progress, url, {"model": "a"}, out)
+            asyncio.to_thread(ctl.load_with_progress, admin(url), {"model": "a"}, out)
         )
         instance = await _until_loading(client)
         assert instance["state"] == "loading"
@@ -132,7 +137,7 @@ def _heartbeat_services(tmp_path: Path, backend: FakeBackend, **options: object)
 async def test_waiting_stream_gets_loading_comments_then_its_chunks(tmp_path: Path) -> None:
     backend = FakeBackend()
     app = build_app(_heartbeat_services(tmp_path, backend))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "abc", "max_tokens": 3, "stream": True}
         response = await client.post("/v1/completions", json=body)
@@ -159,7 +164,7 @@ async def test_a_load_failing_after_comments_ends_the_stream_with_an_error(
 ) -> None:
     backend = FakeBackend()
     app = build_app(_heartbeat_services(tmp_path, backend, fail_load="disk on fire"))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "abc", "stream": True}
         response = await client.post("/v1/completions", json=body)
@@ -176,7 +181,7 @@ async def test_a_load_failing_after_comments_ends_the_stream_with_an_error(
 async def test_a_quick_load_answers_as_before(tmp_path: Path) -> None:
     backend = FakeBackend()
     app = build_app(_heartbeat_services(tmp_path, backend, fail_load="nope"))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         body = {"model": "a", "prompt": "abc", "stream": True}
         response = await client.post("/v1/completions", json=body)
         assert response.status == 503, "failed before the first heartbeat: a plain error"
@@ -190,12 +195,12 @@ class _Terminal(io.StringIO):
 async def test_routerctl_load_redraws_one_line_on_a_terminal(tmp_path: Path) -> None:
     backend = FakeBackend()
     app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a", bytes=1 << 20)]))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         url = str(client.make_url("")).rstrip("/")
         screen = _Terminal()
         loading = asyncio.ensure_future(
-            asyncio.to_thread(ctl.load_with_progress, url, {"model": "a@1"}, screen)
+            asyncio.to_thread(ctl.load_with_progress, admin(url), {"model": "a@1"}, screen)
         )
         await _until_loading(client)
         await asyncio.sleep(0.5)

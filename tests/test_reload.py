@@ -15,7 +15,7 @@ from routerd.app import build_app
 from routerd.config import Config, ConfigError, SchedulerConfig
 from routerd.reload import reload_config
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
     backend = FakeBackend()
     a, b = fake_spec(tmp_path, "a"), fake_spec(tmp_path, "b")
     services = fake_services(tmp_path, backend, [a, b])
-    async with TestClient(TestServer(build_app(services))) as client:
+    async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
         assert (await client.post("/v1/completions", json={"model": "a", "prompt": "x"})).ok
         assert (await client.post("/v1/completions", json={"model": "b", "prompt": "x"})).ok
         changed_a = replace(a, options={"bytes": 2000})
@@ -72,7 +72,7 @@ async def test_an_invalid_config_is_rejected_and_the_old_one_kept(tmp_path: Path
     backend = FakeBackend()
     services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")])
     old = services.config
-    async with TestClient(TestServer(build_app(services))) as client:
+    async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
 
         def broken() -> Config:
             raise ConfigError("routerd.toml: unknown key scheduler.colour")
@@ -93,7 +93,7 @@ async def test_a_request_in_flight_survives_a_reload_that_changes_its_model(
     backend = FakeBackend()
     slow = fake_spec(tmp_path, "a", token_delay=0.01, context=4096)
     services = fake_services(tmp_path, backend, [slow])
-    async with TestClient(TestServer(build_app(services))) as client:
+    async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
         body = {"model": "a", "prompt": "abc", "max_tokens": 40, "stream": True}
         response = await client.post("/v1/completions", json=body)
         assert response.status == 200

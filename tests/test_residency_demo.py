@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from routerd import ctl
 from routerd.app import build_app, build_services
-from routerd.config import Config, SchedulerConfig
+from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from state import VersionSpec
 from tests.fakes import MEMINFO
-from tests.support import LedgerWatch
+from tests.support import LedgerWatch, serve_admin_socket
 
 LMS = ("demo-small", "demo-medium", "demo-large")
 
@@ -29,7 +29,12 @@ def demo_config(state_dir: Path, demo_root: Path) -> Config:
         VersionSpec(name=n, version="1", backend="transformers", path=str(demo_root / n))
         for n in LMS
     )
-    return Config(state_dir=state_dir, models=models, scheduler=SchedulerConfig(min_residency=0.0))
+    return Config(
+        state_dir=state_dir,
+        models=models,
+        scheduler=SchedulerConfig(min_residency=0.0),
+        server=ServerConfig(model_roots=(demo_root,)),
+    )
 
 
 def inventory(tmp: Path, budget: int) -> DeviceInventory:
@@ -59,14 +64,14 @@ async def test_demo_models_evict_in_lru_order(demo_root, tmp_path):
     watch = LedgerWatch()
     services = build_services(config, devices=inventory(tmp_path, budget), on_change=watch)
     async with TestClient(TestServer(build_app(services), host="127.0.0.1")) as client:
+        await serve_admin_socket(client)
         for name in ("demo-small", "demo-medium", "demo-large", "demo-small"):
             response = await client.post(
                 "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2}
             )
             assert response.status == 200, await response.text()
-        url = str(client.make_url("")).rstrip("/")
-        status = json.loads(await asyncio.to_thread(_ctl_json, url, "status"))
-        events = json.loads(await asyncio.to_thread(_ctl_json, url, "events"))["events"]
+        status = json.loads(await asyncio.to_thread(_ctl_json, state_dir, "status"))
+        events = json.loads(await asyncio.to_thread(_ctl_json, state_dir, "events"))["events"]
     resident = sorted(i["model"] for i in status["instances"])
     assert resident == ["demo-large", "demo-small"]
     assert all(i["measured_bytes"] == measured[i["model"]] for i in status["instances"])
@@ -82,12 +87,12 @@ async def test_demo_models_evict_in_lru_order(demo_root, tmp_path):
     assert cpu["routerd_bytes"] == small + large <= cpu["budget_bytes"]
 
 
-def _ctl_json(url: str, command: str) -> str:
+def _ctl_json(state_dir: Path, command: str) -> str:
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = ctl.main(["--url", url, command, "--json"])
+        code = ctl.main(["--state-dir", str(state_dir), command, "--json"])
     assert code == 0
     return out.getvalue()

@@ -111,6 +111,7 @@ def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
 
 def _config(path: Path, models: list[str], folder: Path, *, broken: bool = False) -> None:
     text = 'log_level = "info"\n[scheduler]\nkeep_alive = "5m"\n'
+    text += f'[server]\nmodel_roots = ["{folder.parent}"]\n'
     for name in models:
         text += f'[[models]]\nname = "{name}"\nbackend = "echo"\npath = "{folder}"\n'
     if broken:

@@ -21,9 +21,15 @@ from routerd.app import build_app
 from routerd.services import Services
 from state import VersionSpec
 from tests.fakes import FakeBackend
-from tests.support import FakeClock, fake_services
+from tests.support import ADMIN_AUTH, ADMIN_TOKEN, FakeClock, fake_services
 
 GIB = 1 << 30
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """routerctl --url sends $ROUTERD_ADMIN_TOKEN; the test apps accept ADMIN_TOKEN."""
+    monkeypatch.setenv("ROUTERD_ADMIN_TOKEN", ADMIN_TOKEN)
 
 
 def echo(tmp: Path, version: str, name: str = "m", **options: Any) -> VersionSpec:
@@ -46,7 +52,7 @@ def clock() -> FakeClock:
 
 
 async def serve(services: Services) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(build_app(services))) as client:
+    async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
         yield client
 
 

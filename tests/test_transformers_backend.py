@@ -106,7 +106,7 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path, demo_root: Path) -> None:
     with pytest.raises(BackendError, match="no safetensors weights"):
         backend.load(spec(tmp_path))
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(BackendError, match=r"pytorch_model\.bin; only safetensors"):
+    with pytest.raises(BackendError, match=r"pytorch_model\.bin: pickled weights can run code"):
         backend.load(spec(tmp_path))
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_root / "demo-small" / file, tmp_path / file)
@@ -117,6 +117,38 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path, demo_root: Path) -> None:
         backend.load(spec(demo_root / "demo-small", dtype="int4"))
     with pytest.raises(BackendError, match="unknown device"):
         backend.load(spec(demo_root / "demo-small", device="tpu:0"))
+
+
+def test_pickled_weights_load_only_when_the_model_allows_them(
+    tmp_path: Path, demo_root: Path, small_model: LoadedModel
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(demo_root / "demo-small", folder)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    backend = TransformersBackend()
+    with pytest.raises(BackendError, match="allow_pickle"):
+        backend.estimate_footprint(spec(folder))
+    with pytest.raises(BackendError, match="allow_pickle"):
+        backend.load(spec(folder))
+    with pytest.raises(InvalidRequest, match="allow_pickle"):
+        backend.validate_options({"allow_pickle": "yes"})
+    allowed = spec(folder, allow_pickle=True)
+    estimate = backend.estimate_footprint(allowed)
+    assert estimate.weights == (folder / "pytorch_model.bin").stat().st_size
+    model = backend.load(allowed)
+    try:
+        assert run(model, greedy(4))[0].text == run(small_model, greedy(4))[0].text
+    finally:
+        model.unload()
+    # safetensors win when both are present: estimated from their headers, not the pickle
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle")
+    shutil.copy(demo_root / "demo-small" / "model.safetensors", folder / "model.safetensors")
+    both = backend.estimate_footprint(spec(folder, allow_pickle=True))
+    assert both == backend.estimate_footprint(spec(demo_root / "demo-small"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")

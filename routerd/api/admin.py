@@ -65,6 +65,7 @@ async def status(request: web.Request) -> web.Response:
             "devices": [dataclasses.asdict(d) for d in services.scheduler.devices()],
             "instances": [_instance_json(i) for i in services.scheduler.instances()],
             "leaked": [dataclasses.asdict(leak) for leak in services.scheduler.leaks()],
+            "failed": [dataclasses.asdict(f) for f in services.scheduler.failures()],
             "models": len(services.router.table.versions),
             "traffic": services.stats.snapshot(),
             "accepting": services.accepting,

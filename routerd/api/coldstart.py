@@ -25,6 +25,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from aiohttp import web
 
 from routerd.api.errors import as_routerd_error, error_body
+from routerd.api.limits import streaming
 from routerd.metrics import note_cold_start
 from routerd.scheduler import Lease, Scheduler
 from state import VersionRecord
@@ -90,6 +91,7 @@ class ColdStream:
                 }
             )
             await self.response.prepare(self._request)
+            streaming(self.response)  # from now on a timeout is an SSE error event
         await self.response.write(f": {text}\n\n".encode())
 
     async def fail(self, exc: Exception) -> web.StreamResponse:

@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from backends.base import BackendError, InvalidRequest
-from routerd.errors import BadRequest, PayloadTooLarge, RouterdError
+from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, StoreUnavailable
+from state import StoreError
 
 log = logging.getLogger("routerd.api")
 
@@ -34,6 +35,8 @@ def error_response(error: RouterdError) -> web.Response:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return web.json_response(
         error_body(error.message, type=error.type, param=error.param, code=error.code),
         status=error.status,
@@ -47,6 +50,8 @@ def as_routerd_error(exc: BaseException) -> RouterdError:
         return exc
     if isinstance(exc, InvalidRequest):
         return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, StoreError):  # e.g. the database locked by another process
+        return StoreUnavailable(str(exc), retry_after=1)
     if isinstance(exc, BackendError):
         return RouterdError(f"backend error: {exc}")
     return RouterdError("internal error; see the routerd log")
@@ -102,6 +107,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses per level of nesting
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body

@@ -83,9 +83,25 @@ def check_token_ids(info: ModelInfo, token_ids: Sequence[int], *, param: str) ->
 
 
 def fit_to_context(
-    info: ModelInfo, prompt_tokens: int, fields: SamplingFields, *, param: str
+    info: ModelInfo,
+    prompt_tokens: int,
+    fields: SamplingFields,
+    *,
+    param: str,
+    cap: int | None = None,
 ) -> SamplingParams:
-    """Sampling params whose max_tokens fits the context, or a 400 naming the overflow."""
+    """Sampling params whose max_tokens fits the context, or a 400 naming the overflow.
+
+    ``cap``: the model's ``max_tokens`` option; more is refused, and a request that
+    names no max_tokens gets at most that many.
+    """
+    if cap is not None and fields.max_tokens is not None and fields.max_tokens > cap:
+        raise BadRequest(
+            f"max_tokens is too large: {fields.max_tokens}. This model allows at most {cap} "
+            "completion tokens per request.",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
     room = info.context_length - prompt_tokens
     if room < 1 or (fields.max_tokens is not None and fields.max_tokens > room):
         asked = fields.max_tokens if fields.max_tokens is not None else 1
@@ -96,13 +112,20 @@ def fit_to_context(
             param=param,
             code="context_length_exceeded",
         )
+    max_tokens = fields.max_tokens if fields.max_tokens is not None else room
     return SamplingParams(
-        max_tokens=fields.max_tokens if fields.max_tokens is not None else room,
+        max_tokens=max_tokens if cap is None else min(max_tokens, cap),
         temperature=fields.temperature,
         top_p=fields.top_p,
         seed=fields.seed,
         stop=fields.stop,
     )
+
+
+def max_tokens_cap(instance: Instance) -> int | None:
+    """The version's ``max_tokens`` option (checked at registration), if set."""
+    cap = instance.record.options.get("max_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
 
 
 def check_not_revoked(instance: Instance) -> None:
@@ -114,14 +137,47 @@ def check_not_revoked(instance: Instance) -> None:
 async def generate(instance: Instance, prompt: PreparedPrompt) -> GenerationResult:
     cancellation = Cancellation()
     instance.track(cancellation)
+    work = asyncio.ensure_future(
+        instance.batcher.generate(prompt.token_ids, prompt.params, None, cancellation)
+    )
     try:
-        result = await instance.batcher.generate(
-            prompt.token_ids, prompt.params, None, cancellation
-        )
+        # shield: the request being cancelled (deadline, shutdown) must not abandon the
+        # row on the model's thread; it is told to stop and awaited below instead.
+        result = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await stop_work(instance, work, cancellation)
+        raise
     finally:
         instance.untrack(cancellation)
     check_not_revoked(instance)
     return result
+
+
+async def stop_work(
+    instance: Instance, work: asyncio.Future[GenerationResult], cancellation: Cancellation
+) -> None:
+    """Tell a row to stop and wait for it, so the lease outlives the thread's use of it.
+
+    A row that does not stop within the instance's ``stop_timeout`` means its thread is
+    stuck in the model: the instance is reported hung (the scheduler retires it) and
+    the wait ends, so the caller is answered and its lease released anyway.
+    """
+    cancellation.cancel()
+    if work.done():
+        return
+    done, _ = await asyncio.wait([work], timeout=instance.stop_timeout)
+    if not done:
+        instance.report_failure(
+            f"generation did not stop within {instance.stop_timeout:g}s of being cancelled",
+            fatal=True,
+        )
+        work.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[GenerationResult]) -> None:
+    """Read an abandoned row's outcome so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(frozen=True)
@@ -158,5 +214,4 @@ async def stream(
         yield Finished(result)
     finally:
         if not work.done():
-            cancellation.cancel()
-            await asyncio.wait([work])
+            await stop_work(instance, work, cancellation)

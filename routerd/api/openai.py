@@ -30,9 +30,11 @@ from routerd.api.generation import (
     estimate_tokens,
     fit_to_context,
     generate,
+    max_tokens_cap,
     stream,
     tokenize,
 )
+from routerd.api.limits import claim_stream, streaming
 from routerd.api.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -108,6 +110,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_completion(await read_json_object(request))
+    if req.stream:
+        claim_stream()
     shadow = functools.partial(_shadow_completion, services, req)
     record = route_request(request, req.model, req.user, shadow)
     note_model(record.model_id)
@@ -167,9 +171,10 @@ async def _prepare(
 ) -> PreparedPrompt:
     token_ids = await tokenize(lease.instance, prompt, param=param)
     info = lease.instance.model.info
-    return PreparedPrompt(
-        token_ids, fit_to_context(info, len(token_ids), req.sampling, param=param)
+    params = fit_to_context(
+        info, len(token_ids), req.sampling, param=param, cap=max_tokens_cap(lease.instance)
     )
+    return PreparedPrompt(token_ids, params)
 
 
 async def _stream_completion(
@@ -211,6 +216,8 @@ async def _stream_completion(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     req = parse_chat(await read_json_object(request))
+    if req.stream:
+        claim_stream()
     shadow = functools.partial(_shadow_chat, services, req)
     record = route_request(request, req.model, req.user, shadow)
     note_model(record.model_id)
@@ -250,7 +257,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _prepare_chat(lease: Lease, req: ChatRequest) -> PreparedPrompt:
     model = lease.instance.model
     token_ids = await lease.instance.call(model.encode_chat, req.messages)
-    params = fit_to_context(model.info, len(token_ids), req.sampling, param="messages")
+    params = fit_to_context(
+        model.info,
+        len(token_ids),
+        req.sampling,
+        param="messages",
+        cap=max_tokens_cap(lease.instance),
+    )
     return PreparedPrompt(token_ids, params)
 
 
@@ -340,6 +353,7 @@ async def _write_sse(
             }
         )
         await response.prepare(request)
+    streaming(response)
     results: list[GenerationResult] = []
     try:
         for index, prompt in enumerate(prompts):

@@ -8,6 +8,7 @@ client asking for ``logprobs`` must not believe it got them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -228,7 +229,7 @@ def _number(
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise BadRequest(f"{key} must be a number", param=key)
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
@@ -338,7 +339,11 @@ def _keep_alive(body: Mapping[str, Any]) -> float | None:
     value = body.get("keep_alive")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, str | int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise BadRequest('keep_alive must be a duration such as "5m", 0 or -1', param="keep_alive")
     try:
         return parse_keep_alive(value, key="keep_alive")
