@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import (
+    AsyncGenerating,
     Cancellation,
     GenerationResult,
     GenerationRow,
@@ -96,6 +97,9 @@ class Batcher:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
+        model = self._instance.model
+        if isinstance(model, AsyncGenerating):  # the engine batches continuously itself
+            return await model.generate_async(prompt_ids, params, on_text, cancellation)
         tokens = len(prompt_ids) + params.max_tokens
         if self._starts_inline_now(tokens):
             return self._generate_inline(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from backends.vllm import use_state_dir as use_vllm_state_dir
 from routerd import __version__
 from routerd.app import build_app, build_services
 from routerd.config import Config, ConfigError, load_config
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; aiohttp drains in-flight requests before cleanup."""
+    # vLLM engines keep their caches and sockets in the state dir, not ~/.cache or /tmp.
+    use_vllm_state_dir(Path(config.state_dir))
     try:
         services = build_services(config)
     except Exception as exc:

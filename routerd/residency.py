@@ -14,15 +14,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from policies.types import DeviceRoom, Resident
+from routerd import proctree
 from routerd.config import DevicesConfig, SchedulerConfig
-from routerd.devices import DeviceInventory
+from routerd.devices import DeviceInventory, DeviceReading
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
 from routerd.memory import Holding, LedgerRow, build_ledger
 from state import VersionRecord
@@ -188,8 +189,18 @@ class ResidencyCore:
         """The memory ledger now (``fresh``: read NVML and the kernel first)."""
         readings = self._devices.readings() if fresh else self._devices.last_readings()
         return build_ledger(
-            readings, self._holdings(), headroom=self.settings.headroom, our_pid=self._pid
+            readings,
+            self._holdings(),
+            headroom=self.settings.headroom,
+            our_pid=self._pid,
+            our_children=self._children(readings),
         )
+
+    def _children(self, readings: Sequence[DeviceReading]) -> set[int]:
+        """Our child processes, looked up only when a GPU reports per-process bytes."""
+        if self._pid != os.getpid() or not any(r.process_bytes for r in readings):
+            return set()
+        return proctree.descendants(self._pid)
 
     def devices(self) -> list[DeviceSnapshot]:
         names = {r.id: r for r in self._devices.last_readings()}
@@ -306,9 +317,11 @@ class ResidencyCore:
         """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
         if not device.startswith("cuda"):
             return None
-        for reading in self._devices.readings():
+        readings = self._devices.readings()
+        ours = {self._pid, *self._children(readings)}
+        for reading in readings:
             if reading.id == device:
-                return reading.process_bytes.get(self._pid, 0)
+                return sum(b for p, b in reading.process_bytes.items() if p in ours)
         return None
 
     async def _verify_release(self, device: str, before: int | None, freed: int) -> bool:

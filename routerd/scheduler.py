@@ -34,6 +34,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from backends.base import Backend, BackendError, Footprint, LoadSpec, OutOfMemory
 from policies.registry import create as create_policy
@@ -515,7 +516,7 @@ class Scheduler(ResidencyCore):
         instance.state = InstanceState.LOADING
         self._changed()
         log.info("loading %s on %s", record.model_id, instance.device)
-        spec = self._spec(record, instance.device)
+        spec = replace(self._spec(record, instance.device), grant_bytes=instance.reserved_bytes)
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
