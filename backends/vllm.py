@@ -302,6 +302,7 @@ def _visible_gpu(device: str) -> Iterator[None]:
 def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     deadline = time.monotonic() + timeout
     while True:
+        _reap(pids)
         living = {p for p in pids if proctree.alive(p)}
         if not living or time.monotonic() >= deadline:
             return living
@@ -471,6 +472,23 @@ class VllmModel:
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
         raise InvalidRequest(f"model {self._name} generates text; it has no embeddings")
+
+    # -- sleep (GPU, event loop) -----------------------------------------------------
+
+    @property
+    def can_sleep(self) -> bool:
+        """Whether the engine was started with sleep mode (GPU only)."""
+        return bool(self._plan.options["enable_sleep_mode"])
+
+    async def sleep(self) -> None:
+        """Level 1: weights to host RAM, KV cache dropped; the processes stay up."""
+        if not self.can_sleep:
+            raise BackendError(f"model {self._name} was not started with enable_sleep_mode")
+        await self._engine.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        """Weights back on the device and a fresh KV cache; requests may follow."""
+        await self._engine.wake_up()
 
     # -- lifecycle (instance thread) -------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import Cancellation, LoadedModel, SamplingParams
+from backends.base import BackendError, Cancellation, LoadedModel, LoadSpec, SamplingParams
 from backends.vllm import VllmBackend, VllmModel, use_state_dir
 from routerd import proctree
 from routerd.app import build_app, build_services
@@ -73,8 +74,6 @@ async def daemon(
     tmp = tmp_path_factory.mktemp("vllm")
     use_state_dir(tmp / "state")
     backend = VllmBackend()
-    from backends.base import LoadSpec
-
     estimates = [
         backend.estimate_footprint(
             LoadSpec(n, "1", str(demo_root / n), dict(OPTIONS), device="cpu")
@@ -237,3 +236,18 @@ async def test_a_third_engine_evicts_one_and_its_processes_are_gone(daemon: Daem
     assert any(e.kind == "evict" and e.model == "demo-small" for e in events)
     assert daemon.watch.worst_over == 0
     assert os.environ["VLLM_RPC_BASE_PATH"].startswith(str(daemon.services.config.state_dir))
+
+
+async def test_a_failed_start_leaves_no_process(demo_root: Path, tmp_path: Path) -> None:
+    # A config whose head size does not match the weights: the engine's worker fails
+    # while loading them, after both processes were spawned.
+    folder = tmp_path / "broken"
+    shutil.copytree(demo_root / "demo-small", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["head_dim"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = LoadSpec("broken", "1", str(folder), dict(OPTIONS), device="cpu")
+    before = proctree.own_children()
+    with pytest.raises(BackendError, match="vLLM could not start broken@1"):
+        await asyncio.to_thread(VllmBackend().load, spec)
+    assert not any(proctree.alive(p) for p in proctree.own_children() - before)
