@@ -268,6 +268,24 @@ class AsyncGenerating(Protocol):
     ) -> GenerationResult: ...
 
 
+@runtime_checkable
+class Sleepable(Protocol):
+    """A loaded model that can give its device memory back without shutting down.
+
+    ``sleep`` moves the weights to host RAM and drops the KV cache (vLLM's level 1);
+    ``wake_up`` brings them back, much faster than a load. Both run on the event loop.
+    While asleep, the scheduler counts ``Footprint.weights`` against the host (the CPU
+    device) and only ``Footprint.working`` against the device.
+    """
+
+    @property
+    def can_sleep(self) -> bool: ...
+
+    async def sleep(self) -> None: ...
+
+    async def wake_up(self) -> None: ...
+
+
 class Backend(Protocol):
     """A kind of model runtime (``transformers``, later ``vllm``, ``echo``…)."""
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,9 @@ def _start_engine(spec: LoadSpec, plan: _Plan, kv_bytes: int) -> tuple[Any, set[
         disable_log_stats=True,
         seed=0,
     )
+    # multiprocessing's resource tracker is started once per process, by whichever
+    # engine spawns first; started now, it is not mistaken for that engine's process.
+    resource_tracker.ensure_running()
     with _START_LOCK, _visible_gpu(spec.device):
         before = proctree.own_children()
         try:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backends.base import Sleepable
 from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from policies.types import DeviceRoom, Resident
@@ -226,6 +227,8 @@ class ResidencyCore:
     def _holdings(self) -> list[Holding]:
         holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self._leaks]
         for i in self._instances.values():
+            if i.host_bytes:
+                holdings.append(Holding("cpu", i.host_bytes, "resident"))
             if i.state is InstanceState.WAITING:
                 kind = "waiting"
             elif i.state.allocating:
@@ -234,7 +237,7 @@ class ResidencyCore:
                 kind = "victim"
             else:
                 kind = "resident"
-            holdings.append(Holding(i.device, i.bytes, kind))
+            holdings.append(Holding(i.device, i.device_bytes, kind))
         return holdings
 
     def _planning_view(self) -> tuple[list[DeviceRoom], list[Resident]]:
@@ -252,6 +255,7 @@ class ResidencyCore:
                 in_flight=i.in_flight + self._waiting.get(i.model_id, 0),
                 pinned=i.model_id in self._pinned,
                 ready=i.state is InstanceState.READY,
+                sleeps=self._may_sleep(i),
             )
             for i in self._instances.values()
         ]
@@ -270,8 +274,11 @@ class ResidencyCore:
             instance.revoke(f"{instance.model_id} was evicted by an operator")
         self._changed()
         await instance.idle.wait()
+        if trigger is not None and not force and self._may_sleep(instance):
+            await self._sleep(instance, reason=reason, trigger=trigger)
+            return
         resident_s = self._clock() - instance.loaded_at
-        freed = instance.bytes
+        freed = instance.device_bytes
         before = self._our_usage(instance.device)
         try:
             await self._unload(instance)
@@ -313,6 +320,50 @@ class ResidencyCore:
                 instance.device,
             )
 
+    # -- the sleep tier -----------------------------------------------------------
+
+    def _may_sleep(self, instance: Instance) -> bool:
+        """Whether evicting ``instance`` for room may put it to sleep instead: its model
+        can, it is measured, and the host (the CPU device) has room for its weights."""
+        model = instance.loaded_model
+        if not (
+            isinstance(model, Sleepable)
+            and model.can_sleep
+            and instance.measured is not None
+            and instance.state in (InstanceState.READY, InstanceState.DRAINING)
+        ):
+            return False
+        host = self._row("cpu")
+        return host is not None and host.free >= instance.measured.weights
+
+    async def _sleep(self, instance: Instance, *, reason: str, trigger: str) -> None:
+        """Put a victim to sleep; it stays an instance, its device bytes come back."""
+        model = instance.loaded_model
+        assert isinstance(model, Sleepable) and instance.measured is not None
+        started = self._clock()
+        try:
+            await model.sleep()
+        except Exception as exc:  # could not sleep: unload it as an ordinary victim
+            log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
+            await self._evict_instance(instance, reason=reason, trigger=None)
+            instance.vacated.set()
+            return
+        instance.host_bytes = instance.measured.weights
+        instance.state = InstanceState.SLEEPING
+        instance.victim_of = None
+        instance.vacated.set()
+        self._record(
+            "sleep",
+            instance.record,
+            device=instance.device,
+            reason=reason,
+            bytes=instance.bytes - instance.device_bytes,
+            trigger=trigger,
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
+        log.info("%s sleeps (weights in host RAM) to make room for %s", instance.model_id, trigger)
+        self._changed()
+
     def _our_usage(self, device: str) -> int | None:
         """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
         if not device.startswith("cuda"):
@@ -352,7 +403,9 @@ class ResidencyCore:
     def _forget(self, instance: Instance) -> None:
         if self._instances.get(instance.key) is instance:
             del self._instances[instance.key]
+        instance.host_bytes = 0
         instance.gone.set()
+        instance.vacated.set()
         self._changed()
 
     # -- keep-alive -------------------------------------------------------------
@@ -378,7 +431,7 @@ class ResidencyCore:
             for instance in list(self._instances.values()):
                 limit, reason = self._idle_limit(instance)
                 if (
-                    instance.state is not InstanceState.READY
+                    instance.state not in (InstanceState.READY, InstanceState.SLEEPING)
                     or instance.in_flight
                     or instance.queued
                     or instance.model_id in self._waiting

@@ -232,6 +232,11 @@ async def test_a_third_engine_evicts_one_and_its_processes_are_gone(daemon: Daem
     assert resident == ["demo-large", "demo-medium"]
     assert not any(proctree.alive(p) for p in small_pids)
     assert not small_pids & proctree.own_children()
+    # Only the engine's own processes went: multiprocessing's resource tracker lives on.
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker._pid
+    assert tracker is not None and tracker not in small_pids and proctree.alive(tracker)
     events = daemon.services.store.events(limit=20)
     assert any(e.kind == "evict" and e.model == "demo-small" for e in events)
     assert daemon.watch.worst_over == 0
