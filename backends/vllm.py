@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -274,6 +275,8 @@ def _start_engine(spec: LoadSpec, plan: _Plan, kv_bytes: int) -> tuple[Any, set[
             engine = AsyncLLM.from_engine_args(args)
         except BaseException as exc:
             _kill(proctree.own_children() - before)
+            # The half-built engine lives on in the traceback's frames until they go.
+            traceback.clear_frames(exc.__traceback__)
             raise BackendError(
                 f"vLLM could not start {spec.name}@{spec.version} on {spec.device}: {exc}"
             ) from exc

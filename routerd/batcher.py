@@ -7,6 +7,9 @@ and runs it on the instance's thread: generation rows through the backend's
 arriving mid-batch join the running batch — and embedding requests merged into one
 forward pass. Policies stay pure; the queue is the only shared state and is guarded
 by a lock because the instance thread reads it between decode steps.
+
+Models that batch continuously themselves (vLLM; ``backends.base.AsyncGenerating``)
+skip the queue: each request goes straight to their ``generate_async`` on the loop.
 """
 
 from __future__ import annotations
