@@ -602,7 +602,13 @@ class Scheduler(ResidencyCore):
             task = asyncio.create_task(self._wake(instance), name=f"wake {instance.key}")
             self._loads[instance.key] = task
             task.add_done_callback(self._load_done)
-        await asyncio.wait_for(asyncio.shield(task), self.settings.load_timeout)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settings.load_timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"{instance.model_id} is still waking after {self.settings.load_timeout:.0f}s",
+                retry_after=5,
+            ) from None
 
     async def _wake(self, instance: Instance) -> Instance:
         """Make room on its device (evicting by the policy, as a load does), then wake it."""

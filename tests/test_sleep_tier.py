@@ -179,3 +179,21 @@ def test_lru_prefers_victims_that_only_sleep() -> None:
     assert policy.victims(residents, need=100, free=0, now=10.0, min_residency=0.0) == ("sleepy",)
     plain = [resident("old", 1.0, False), resident("new", 5.0, False)]
     assert policy.victims(plain, need=100, free=0, now=10.0, min_residency=0.0) == ("old",)
+
+
+async def test_an_operator_eviction_unloads_a_sleeping_instance(tmp_path: Path) -> None:
+    watch = LedgerWatch()
+    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")
+        assert _state(services)["a"] == "sleeping"
+        await services.scheduler.evict("a@1")
+        assert _state(services) == {"b": "ready"}
+        assert backend.unloads == ["a@1"]
+        rows = {r.device: r for r in services.scheduler.ledger()}
+        assert rows["cpu"].ours == 0 and rows["cuda:0"].ours == MODEL
+        assert not services.scheduler.leaks()
+    finally:
+        await services.scheduler.close()
+        services.store.close()
