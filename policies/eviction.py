@@ -38,7 +38,8 @@ class LeastRecentlyUsed:
     Decision tree:
     1. ``need <= free`` → nothing to evict.
     2. Keep only instances evictable now (idle, unpinned, past min residency).
-    3. Take them oldest ``last_used`` first until ``free`` reaches ``need`` → those.
+    3. Take them — those that would only be put to sleep (cheap to restore) first,
+       then oldest ``last_used`` first — until ``free`` reaches ``need`` → those.
     4. Still short after all of them → None (the caller waits or refuses).
     """
 
@@ -58,7 +59,7 @@ class LeastRecentlyUsed:
         chosen: list[str] = []
         for resident in sorted(
             (r for r in residents if r.evictable(now, min_residency)),
-            key=lambda r: (r.last_used, r.model_id),
+            key=lambda r: (not r.sleeps, r.last_used, r.model_id),
         ):
             chosen.append(resident.model_id)
             free += resident.bytes

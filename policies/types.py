@@ -22,6 +22,8 @@ class Resident:
     in_flight: int
     pinned: bool
     ready: bool  # False while loading, draining or already chosen as a victim
+    # Eviction would only put it to sleep (weights to host RAM): far cheaper to restore.
+    sleeps: bool = False
 
     def evictable(self, now: float, min_residency: float) -> bool:
         """Idle, unpinned, serving, and resident long enough (anti-thrash)."""

@@ -7,6 +7,9 @@ and runs it on the instance's thread: generation rows through the backend's
 arriving mid-batch join the running batch — and embedding requests merged into one
 forward pass. Policies stay pure; the queue is the only shared state and is guarded
 by a lock because the instance thread reads it between decode steps.
+
+Models that batch continuously themselves (vLLM; ``backends.base.AsyncGenerating``)
+skip the queue: each request goes straight to their ``generate_async`` on the loop.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import (
+    AsyncGenerating,
     Cancellation,
     GenerationResult,
     GenerationRow,
@@ -106,6 +110,9 @@ class Batcher:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
+        model = self._instance.model
+        if isinstance(model, AsyncGenerating):  # the engine batches continuously itself
+            return await model.generate_async(prompt_ids, params, on_text, cancellation)
         tokens = len(prompt_ids) + params.max_tokens
         if self._starts_inline_now(tokens):
             row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)

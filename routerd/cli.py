@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from backends.vllm import use_state_dir as use_vllm_state_dir
 from routerd import __version__, logs, systemd
 from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
 from routerd.app import build_app, build_services
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(config: Config, load: ConfigLoader | None = None) -> int:
     """Run until SIGTERM/SIGINT (SIGHUP reloads with ``load``); in-flight requests finish."""
+    # vLLM engines keep their caches and sockets in the state dir, not ~/.cache or /tmp.
+    use_vllm_state_dir(Path(config.state_dir))
     try:
         services = build_services(config)
     except Exception as exc:

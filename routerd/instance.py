@@ -44,6 +44,7 @@ class InstanceState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
     UNLOADING = "unloading"
+    SLEEPING = "sleeping"  # weights in host RAM; woken by the next request
 
     @property
     def allocating(self) -> bool:
@@ -100,6 +101,20 @@ class Instance:
         self.idle = asyncio.Event()
         self.idle.set()
         self.gone = asyncio.Event()
+        # Set when the instance stops holding its device bytes: gone, or asleep.
+        self.vacated = asyncio.Event()
+        self.host_bytes = 0  # host RAM held while asleep
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes held on its device now: all of them, or what stays there while asleep."""
+        if (
+            self.host_bytes
+            and self.measured is not None
+            and self.state not in (InstanceState.WAITING, InstanceState.LOADING)  # waking
+        ):
+            return self.measured.working
+        return self.bytes
 
     @property
     def bytes(self) -> int:
@@ -121,6 +136,11 @@ class Instance:
     def model(self) -> LoadedModel:
         if self._model is None:
             raise RuntimeError(f"{self.model_id} has no loaded model (state {self.state})")
+        return self._model
+
+    @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The model if one is attached (no error when not)."""
         return self._model
 
     @property

@@ -24,7 +24,7 @@ Per device:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from routerd.devices import DeviceReading
@@ -82,16 +82,22 @@ def build_ledger(
     *,
     headroom: Mapping[str, int],
     our_pid: int | None = None,
+    our_children: Collection[int] = (),
 ) -> list[LedgerRow]:
-    """One row per device reading; ``headroom`` is keyed by device kind."""
+    """One row per device reading; ``headroom`` is keyed by device kind.
+
+    ``our_children``: processes our instances run in (vLLM's engine and workers); what
+    NVML shows for them is ours, already counted in the instances' bytes, not foreign.
+    """
     pid = os.getpid() if our_pid is None else our_pid
+    ours = {pid, *our_children}
     sums: dict[tuple[str, str], int] = {}
     for holding in holdings:
         key = (holding.device, holding.kind)
         sums[key] = sums.get(key, 0) + holding.bytes
     rows = []
     for r in readings:
-        foreign = sum(b for p, b in r.process_bytes.items() if p != pid)
+        foreign = sum(b for p, b in r.process_bytes.items() if p not in ours)
         budget = r.budget_bytes or r.total_bytes
         measured_free = r.free_bytes if r.kind == "cuda" else min(r.free_bytes, budget)
         rows.append(

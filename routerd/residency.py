@@ -15,15 +15,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backends.base import Sleepable
 from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from policies.types import DeviceRoom, Resident
+from routerd import proctree
 from routerd.config import DevicesConfig, SchedulerConfig
-from routerd.devices import DeviceInventory
+from routerd.devices import DeviceInventory, DeviceReading
 from routerd.instance import Instance, InstanceSnapshot, InstanceState
 from routerd.memory import Holding, LedgerRow, build_ledger
 from state import StoreError, VersionRecord
@@ -226,8 +228,18 @@ class ResidencyCore:
         """The memory ledger now (``fresh``: read NVML and the kernel first)."""
         readings = self._devices.readings() if fresh else self._devices.last_readings()
         return build_ledger(
-            readings, self._holdings(), headroom=self.settings.headroom, our_pid=self._pid
+            readings,
+            self._holdings(),
+            headroom=self.settings.headroom,
+            our_pid=self._pid,
+            our_children=self._children(readings),
         )
+
+    def _children(self, readings: Sequence[DeviceReading]) -> set[int]:
+        """Our child processes, looked up only when a GPU reports per-process bytes."""
+        if self._pid != os.getpid() or not any(r.process_bytes for r in readings):
+            return set()
+        return proctree.descendants(self._pid)
 
     def devices(self) -> list[DeviceSnapshot]:
         names = {r.id: r for r in self._devices.last_readings()}
@@ -255,6 +267,8 @@ class ResidencyCore:
         holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self._leaks]
         holdings += [Holding(i.device, i.bytes, "victim") for i in self._retiring]
         for i in self._instances.values():
+            if i.host_bytes:
+                holdings.append(Holding("cpu", i.host_bytes, "resident"))
             if i.state is InstanceState.WAITING:
                 kind = "waiting"
             elif i.state.allocating:
@@ -263,7 +277,7 @@ class ResidencyCore:
                 kind = "victim"
             else:
                 kind = "resident"
-            holdings.append(Holding(i.device, i.bytes, kind))
+            holdings.append(Holding(i.device, i.device_bytes, kind))
         return holdings
 
     def _planning_view(self) -> tuple[list[DeviceRoom], list[Resident]]:
@@ -281,6 +295,7 @@ class ResidencyCore:
                 in_flight=i.in_flight + self._waiting.get(i.model_id, 0),
                 pinned=i.model_id in self._pinned,
                 ready=i.state is InstanceState.READY,
+                sleeps=self._may_sleep(i),
             )
             for i in self._instances.values()
         ]
@@ -299,8 +314,11 @@ class ResidencyCore:
             instance.revoke(f"{instance.model_id} was evicted by an operator")
         self._changed()
         await instance.idle.wait()
+        if trigger is not None and not force and self._may_sleep(instance):
+            await self._sleep(instance, reason=reason, trigger=trigger)
+            return
         resident_s = self._clock() - instance.loaded_at
-        freed = instance.bytes
+        freed = instance.device_bytes
         before = self._our_usage(instance.device)
         try:
             await self._unload(instance)
@@ -351,13 +369,59 @@ class ResidencyCore:
                 instance.device,
             )
 
+    # -- the sleep tier -----------------------------------------------------------
+
+    def _may_sleep(self, instance: Instance) -> bool:
+        """Whether evicting ``instance`` for room may put it to sleep instead: its model
+        can, it is measured, and the host (the CPU device) has room for its weights."""
+        model = instance.loaded_model
+        if not (
+            isinstance(model, Sleepable)
+            and model.can_sleep
+            and instance.measured is not None
+            and instance.state in (InstanceState.READY, InstanceState.DRAINING)
+        ):
+            return False
+        host = self._row("cpu")
+        return host is not None and host.free >= instance.measured.weights
+
+    async def _sleep(self, instance: Instance, *, reason: str, trigger: str) -> None:
+        """Put a victim to sleep; it stays an instance, its device bytes come back."""
+        model = instance.loaded_model
+        assert isinstance(model, Sleepable) and instance.measured is not None
+        started = self._clock()
+        try:
+            await model.sleep()
+        except Exception as exc:  # could not sleep: unload it as an ordinary victim
+            log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
+            await self._evict_instance(instance, reason=reason, trigger=None)
+            instance.vacated.set()
+            return
+        instance.host_bytes = instance.measured.weights
+        instance.state = InstanceState.SLEEPING
+        instance.victim_of = None
+        instance.vacated.set()
+        self._record(
+            "sleep",
+            instance.record,
+            device=instance.device,
+            reason=reason,
+            bytes=instance.bytes - instance.device_bytes,
+            trigger=trigger,
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
+        log.info("%s sleeps (weights in host RAM) to make room for %s", instance.model_id, trigger)
+        self._changed()
+
     def _our_usage(self, device: str) -> int | None:
         """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
         if not device.startswith("cuda"):
             return None
-        for reading in self._devices.readings():
+        readings = self._devices.readings()
+        ours = {self._pid, *self._children(readings)}
+        for reading in readings:
             if reading.id == device:
-                return reading.process_bytes.get(self._pid, 0)
+                return sum(b for p, b in reading.process_bytes.items() if p in ours)
         return None
 
     async def _verify_release(self, device: str, before: int | None, freed: int) -> bool:
@@ -388,7 +452,9 @@ class ResidencyCore:
     def _forget(self, instance: Instance) -> None:
         if self._instances.get(instance.key) is instance:
             del self._instances[instance.key]
+        instance.host_bytes = 0
         instance.gone.set()
+        instance.vacated.set()
         self._changed()
 
     # -- failed instances ---------------------------------------------------------
@@ -504,7 +570,7 @@ class ResidencyCore:
             for instance in list(self._instances.values()):
                 limit, reason = self._idle_limit(instance)
                 if (
-                    instance.state is not InstanceState.READY
+                    instance.state not in (InstanceState.READY, InstanceState.SLEEPING)
                     or instance.in_flight
                     or instance.queued
                     or instance.model_id in self._waiting

@@ -44,6 +44,7 @@ from backends.base import (
     LoadProgress,
     LoadSpec,
     OutOfMemory,
+    Sleepable,
 )
 from policies.placement import PlacementPolicy
 from policies.registry import create as create_policy
@@ -247,7 +248,12 @@ class Scheduler(ResidencyCore):
                 InstanceState.DRAINING,
                 InstanceState.UNLOADING,
             ):
-                await instance.gone.wait()
+                await instance.vacated.wait()  # gone, or asleep (then woken below)
+                if instance.state is InstanceState.DRAINING and not instance.gone.is_set():
+                    await instance.gone.wait()
+                continue
+            if instance is not None and instance.state is InstanceState.SLEEPING:
+                await self._await_wake(instance)
                 continue
             await self._await_load(record, device, why)
 
@@ -376,7 +382,7 @@ class Scheduler(ResidencyCore):
             if self._instances.get(instance.key) is not instance:
                 return self._snapshot(instance)
         snapshot = self._snapshot(instance)
-        if instance.state is not InstanceState.READY:
+        if instance.state not in (InstanceState.READY, InstanceState.SLEEPING):
             if force:
                 instance.revoke(f"{instance.model_id} was evicted by an operator")
             await instance.gone.wait()
@@ -568,7 +574,7 @@ class Scheduler(ResidencyCore):
     ) -> Instance:
         record = instance.record
         victims = [i for i in self._instances.values() if i.victim_of == instance.key]
-        await asyncio.gather(*(v.gone.wait() for v in victims))
+        await asyncio.gather(*(v.vacated.wait() for v in victims))
         # Other loads' victims may still be leaving; a leak may have kept bytes. Start
         # allocating only once used + this reservation fits the capacity.
         deadline = self._clock() + self.settings.load_wait_timeout
@@ -582,7 +588,11 @@ class Scheduler(ResidencyCore):
         instance.state = InstanceState.LOADING
         self._changed()
         log.debug("loading %s on %s", record.model_id, instance.device)
-        spec = replace(self._spec(record, instance.device), progress=instance.report_progress)
+        spec = replace(
+            self._spec(record, instance.device),
+            progress=instance.report_progress,
+            grant_bytes=instance.reserved_bytes,
+        )
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
@@ -682,6 +692,91 @@ class Scheduler(ResidencyCore):
         except StoreError as exc:
             log.warning("%s: footprint not stored: %s", record.model_id, exc)
 
+    # -- waking a sleeping instance ----------------------------------------------------
+
+    async def _await_wake(self, instance: Instance) -> None:
+        """Join the wake-up in flight for ``instance``, or start it (single flight)."""
+        task = self._loads.get(instance.key)
+        if task is None:
+            task = asyncio.create_task(self._wake(instance), name=f"wake {instance.key}")
+            self._loads[instance.key] = task
+            task.add_done_callback(self._load_done)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settings.load_timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"{instance.model_id} is still waking after {self.settings.load_timeout:.0f}s",
+                retry_after=5,
+            ) from None
+
+    async def _wake(self, instance: Instance) -> Instance:
+        """Make room on its device (evicting by the policy, as a load does), then wake it."""
+        record = instance.record
+        need = instance.bytes - instance.device_bytes
+        request = LoadRequest(instance.key, [instance.device], {instance.device: need})
+        deadline = self._clock() + self.settings.load_wait_timeout
+        while True:
+            rooms, residents = self._planning_view()
+            decision = self._placement.place(
+                request,
+                rooms,
+                [r for r in residents if r.model_id != instance.key],
+                now=self._clock(),
+                min_residency=self.settings.min_residency,
+            )
+            if isinstance(decision, Plan):
+                break
+            if not decision.retry or self._clock() >= deadline:
+                raise Unavailable(
+                    f"{record.model_id} is asleep and {instance.device} has no room to wake it: "
+                    f"{decision.reason}",
+                    code="insufficient_memory",
+                    retry_after=max(self.settings.min_residency, 1.0),
+                )
+            await self._wait_for_change(0.25)
+        leaving = [self._instances[v] for v in decision.evict]
+        for victim in leaving:
+            victim.victim_of = instance.key
+            victim.state = InstanceState.DRAINING
+            self._spawn(
+                self._evict_instance(
+                    victim, reason=self._placement.eviction.name, trigger=instance.key
+                ),
+                name=f"evict {victim.key}",
+            )
+        # Claimed while its victims leave, reserved once they are gone (as a load is).
+        instance.state = InstanceState.WAITING
+        instance.vacated.clear()
+        self._changed()
+        await asyncio.gather(*(v.vacated.wait() for v in leaving))
+        instance.state = InstanceState.LOADING
+        self._changed()
+        model = instance.loaded_model
+        assert isinstance(model, Sleepable)
+        started = self._clock()
+        try:
+            await model.wake_up()
+        except BaseException as exc:
+            reason = str(exc) or type(exc).__name__
+            await self._discard(instance)
+            self._record("load_failed", record, device=instance.device, reason=reason)
+            if isinstance(exc, Exception):
+                raise LoadFailed(f"waking {record.model_id} failed: {reason}") from exc
+            raise
+        instance.host_bytes = 0
+        instance.state = InstanceState.READY
+        instance.loaded_at = instance.touched = self._clock()
+        self._record(
+            "wake",
+            record,
+            device=instance.device,
+            reason="request",
+            bytes=need,
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
+        self._changed()
+        return instance
+
     def _grown(
         self, need: Mapping[str, int], device: str, factor: float, *, at_least: int = 0
     ) -> dict[str, int]:
@@ -708,7 +803,7 @@ class Scheduler(ResidencyCore):
                 self._evict_instance(victim, reason="pressure", trigger=instance.key),
                 name=f"evict {victim.model_id}",
             )
-        await asyncio.gather(*(v.gone.wait() for v in leaving))
+        await asyncio.gather(*(v.vacated.wait() for v in leaving))
         return True
 
     async def _discard(self, instance: Instance) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.registry import BackendRegistry
 from routerd.config import (
     Config,
     ConfigError,
@@ -15,6 +16,7 @@ from routerd.config import (
     parse_duration,
     parse_size,
 )
+from routerd.registry import SCHEDULER_OPTIONS
 
 
 def test_defaults_need_no_file():
@@ -119,7 +121,11 @@ def test_shipped_configs_load():
     assert defaults.server == Config().server
     assert defaults.scheduler == Config().scheduler
     example = load_config(repo / "configs" / "example.toml")
-    assert [m.name for m in example.models] == ["my-llm"]
+    assert [m.name for m in example.models] == ["my-llm", "my-vllm-llm"]
+    vllm = example.models[1]
+    assert vllm.backend == "vllm"
+    backend_options = {k: v for k, v in vllm.options.items() if k not in SCHEDULER_OPTIONS}
+    assert BackendRegistry().validate_options(vllm.backend, backend_options)["enable_sleep_mode"]
 
 
 def test_devices_and_scheduler_sections(tmp_path):

@@ -1,0 +1,199 @@
+"""The sleep tier with fakes: eviction under pressure puts a sleep-capable instance to
+sleep (weights to host RAM) when the host has room, the ledger counts it against the
+host, the next request wakes it without a load, and the eviction policy prefers it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from backends.base import LoadSpec, Sleepable
+from policies.eviction import LeastRecentlyUsed
+from policies.types import Resident
+from routerd.devices import DeviceInventory
+from routerd.services import Services
+from tests.fakes import MEMINFO, FakeBackend, FakeGpus, FakeModel
+from tests.support import LedgerWatch, fake_services, fake_spec
+
+GPU = 10_000
+MODEL = 6_000  # two do not fit on the GPU
+WORKING = 500  # what stays on the GPU while asleep
+
+
+class SleepyModel(FakeModel):
+    """A FakeModel that can sleep: its weights leave the fake GPU, the rest stays."""
+
+    def __init__(self, spec: LoadSpec, backend: SleepyBackend) -> None:
+        super().__init__(spec, backend)
+        self.sleeps = 0
+        self.wakes = 0
+        self.fail_wake = False
+        self.asleep = False
+
+    @property
+    def can_sleep(self) -> bool:
+        return True
+
+    def measure_footprint(self):  # type: ignore[no-untyped-def]
+        from backends.base import Footprint
+
+        return Footprint(weights=MODEL - WORKING, working=WORKING)
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(0)
+        self.sleeps += 1
+        self.asleep = True
+        self.backend.on_gpu(self.spec, -(MODEL - WORKING))
+
+    async def wake_up(self) -> None:
+        await asyncio.sleep(0)
+        if self.fail_wake:
+            raise RuntimeError("wake failed")
+        self.wakes += 1
+        self.asleep = False
+        self.backend.on_gpu(self.spec, MODEL - WORKING)
+
+    def unload(self) -> None:
+        self.unloaded = True
+        self.backend.unloads.append(self.spec.name + "@" + self.spec.version)
+        self.backend.on_gpu(self.spec, -(WORKING if self.asleep else MODEL))
+
+
+class SleepyBackend(FakeBackend):
+    def load(self, spec: LoadSpec) -> SleepyModel:  # type: ignore[override]
+        self.loads.append(spec.name + "@" + spec.version)
+        model = SleepyModel(spec, self)
+        self.on_gpu(spec, MODEL)
+        self.models.append(model)
+        return model
+
+
+def _services(tmp: Path, cpu_budget: int, watch: LedgerWatch) -> tuple[Services, SleepyBackend]:
+    gpus = FakeGpus([GPU])
+    backend = SleepyBackend(gpus)
+    meminfo = tmp / "meminfo"
+    meminfo.write_text(MEMINFO)
+    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=cpu_budget)
+    specs = [fake_spec(tmp, n, bytes=MODEL, devices=["cuda"]) for n in ("a", "b")]
+    services = fake_services(
+        tmp, backend, specs, devices=devices, on_change=watch, devices_config={"gpu_headroom": 0}
+    )
+    return services, backend
+
+
+async def _ask(services: Services, name: str) -> None:
+    async with services.scheduler.lease(services.router.resolve(name)):
+        pass
+
+
+def _state(services: Services) -> dict[str, str]:
+    return {i.model: i.state for i in services.scheduler.instances()}
+
+
+async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) -> None:
+    watch = LedgerWatch()
+    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")  # no room for both: a sleeps instead of unloading
+        assert _state(services) == {"a": "sleeping", "b": "ready"}
+        assert backend.unloads == []
+        sleeper = backend.models[0]
+        assert isinstance(sleeper, SleepyModel) and isinstance(sleeper, Sleepable)
+        assert sleeper.sleeps == 1
+        rows = {r.device: r for r in services.scheduler.ledger()}
+        assert rows["cpu"].ours == MODEL - WORKING  # a's weights, in host RAM
+        assert rows["cuda:0"].ours == MODEL + WORKING  # b, and what a keeps there
+
+        await _ask(services, "a")  # wakes a (b goes to sleep for it), no second load
+        assert _state(services) == {"a": "ready", "b": "sleeping"}
+        assert sleeper.wakes == 1 and backend.loads == ["a@1", "b@1"]
+        kinds = [e.kind for e in reversed(services.store.events(limit=20))]
+        assert kinds.count("sleep") == 2 and kinds.count("wake") == 1
+        assert watch.worst_over == 0
+    finally:
+        await services.scheduler.close()
+        services.store.close()
+    assert sorted(backend.unloads) == ["a@1", "b@1"]
+    assert not services.scheduler.leaks()  # sleeping ones unload at shutdown
+
+
+async def test_without_host_room_the_victim_is_unloaded(tmp_path: Path) -> None:
+    watch = LedgerWatch()
+    services, backend = _services(tmp_path, cpu_budget=1_000, watch=watch)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")
+        assert _state(services) == {"b": "ready"}
+        assert backend.unloads == ["a@1"]
+        assert backend.models[0].sleeps == 0  # type: ignore[attr-defined]
+    finally:
+        await services.scheduler.close()
+        services.store.close()
+
+
+async def test_a_failed_wake_unloads_it_and_answers_clearly(tmp_path: Path) -> None:
+    watch = LedgerWatch()
+    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")
+        sleeper = backend.models[0]
+        assert isinstance(sleeper, SleepyModel)
+        sleeper.fail_wake = True
+        from routerd.errors import LoadFailed
+
+        try:
+            await _ask(services, "a")
+        except LoadFailed as exc:
+            assert "waking a@1 failed" in str(exc)
+        else:
+            raise AssertionError("waking should have failed")
+        assert _state(services) == {"b": "sleeping"}  # b made room for a's wake
+        assert "a@1" in backend.unloads
+        rows = {r.device: r for r in services.scheduler.ledger()}
+        assert rows["cpu"].ours == MODEL - WORKING  # b's weights only
+        assert rows["cuda:0"].ours == WORKING
+        assert not services.scheduler.leaks()
+    finally:
+        await services.scheduler.close()
+        services.store.close()
+
+
+def test_lru_prefers_victims_that_only_sleep() -> None:
+    def resident(name: str, last_used: float, sleeps: bool) -> Resident:
+        return Resident(
+            model_id=name,
+            device="cuda:0",
+            bytes=100,
+            last_used=last_used,
+            loaded_at=0.0,
+            in_flight=0,
+            pinned=False,
+            ready=True,
+            sleeps=sleeps,
+        )
+
+    residents = [resident("old", 1.0, False), resident("sleepy", 5.0, True)]
+    policy = LeastRecentlyUsed()
+    assert policy.victims(residents, need=100, free=0, now=10.0, min_residency=0.0) == ("sleepy",)
+    plain = [resident("old", 1.0, False), resident("new", 5.0, False)]
+    assert policy.victims(plain, need=100, free=0, now=10.0, min_residency=0.0) == ("old",)
+
+
+async def test_an_operator_eviction_unloads_a_sleeping_instance(tmp_path: Path) -> None:
+    watch = LedgerWatch()
+    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")
+        assert _state(services)["a"] == "sleeping"
+        await services.scheduler.evict("a@1")
+        assert _state(services) == {"b": "ready"}
+        assert backend.unloads == ["a@1"]
+        rows = {r.device: r for r in services.scheduler.ledger()}
+        assert rows["cpu"].ours == 0 and rows["cuda:0"].ours == MODEL
+        assert not services.scheduler.leaks()
+    finally:
+        await services.scheduler.close()
+        services.store.close()
