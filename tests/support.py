@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -13,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from backends.registry import BackendRegistry
 from routerd.admin_socket import bind_admin_socket
-from routerd.app import build_services
+from routerd.app import build_app, build_services
 from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from routerd.residency import ResidencyCore
@@ -108,3 +111,55 @@ class LedgerWatch:
         self.checks += 1
         for row in scheduler.ledger():
             self.worst_over = max(self.worst_over, row.over_budget)
+
+
+class ServedApp:
+    """The app on a loopback port, run by its own event loop on a thread, so that
+    hypothesis drives it with plain blocking requests."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        models = [
+            fake_spec(self.tmp, "a", context=64, inline=True),
+            fake_spec(self.tmp, "embedder", task="embed"),
+        ]
+        services = fake_services(self.tmp, FakeBackend(), models)
+        self._runner = web.AppRunner(build_app(services))
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def __enter__(self) -> ServedApp:
+        self._thread.start()
+        assert self._ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        self.loop.close()
+
+    def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()

@@ -9,17 +9,12 @@ a socket and sent generated bodies over HTTP. Examples are few and unhurried
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import json
 import math
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,10 +26,8 @@ from routerd.api.schemas import (
     parse_completion,
     parse_embedding,
 )
-from routerd.app import build_app
 from routerd.errors import BadRequest
-from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import ServedApp
 
 # -- generated JSON ---------------------------------------------------------------
 
@@ -201,61 +194,9 @@ def test_numbers_out_of_every_range_are_refused(field, value):
 # -- the real app over HTTP -----------------------------------------------------------
 
 
-class _Served:
-    """The app on a loopback port, run by its own event loop on a thread, so that
-    hypothesis drives it with plain blocking requests."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        models = [
-            fake_spec(self.tmp, "a", context=64, inline=True),
-            fake_spec(self.tmp, "embedder", task="embed"),
-        ]
-        services = fake_services(self.tmp, FakeBackend(), models)
-        self._runner = web.AppRunner(build_app(services))
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def __enter__(self) -> _Served:
-        self._thread.start()
-        assert self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(30)
-        self.loop.close()
-
-    def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Served]:
-    with _Served(tmp_path_factory.mktemp("fuzz")) as running:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    with ServedApp(tmp_path_factory.mktemp("fuzz")) as running:
         yield running
 
 

@@ -24,7 +24,7 @@ from backends.base import BackendError, Cancellation, LoadedModel, LoadSpec, Sam
 from backends.vllm import VllmBackend, VllmModel, use_state_dir
 from routerd import proctree
 from routerd.app import build_app, build_services
-from routerd.config import Config, SchedulerConfig
+from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from routerd.services import Services
 from state import VersionSpec
@@ -48,7 +48,12 @@ def _config(state_dir: Path, demo_root: Path) -> Config:
         )
         for n in LMS
     )
-    return Config(state_dir=state_dir, models=models, scheduler=SchedulerConfig(min_residency=0.0))
+    return Config(
+        state_dir=state_dir,
+        models=models,
+        scheduler=SchedulerConfig(min_residency=0.0),
+        server=ServerConfig(model_roots=(demo_root,)),  # the session's demo folder
+    )
 
 
 class Daemon:

@@ -26,6 +26,7 @@ from routerd.api.errors import read_json_object
 from routerd.errors import BadRequest, Conflict, NotFound
 from routerd.rollout import parse_plan
 from routerd.services import SERVICES, Services
+from state.records import check_name
 
 routes = web.RouteTableDef()
 
@@ -67,6 +68,15 @@ def route_json(services: Services, name: str) -> dict[str, Any]:
     }
 
 
+def _model_name(request: web.Request) -> str:
+    """The ``{name}`` of the path, or 404: no model can have a name that is not valid."""
+    name = request.match_info["name"]
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise NotFound(f"no model named {name!r}: {exc}", param="model") from None
+
+
 @routes.get("/admin/routes")
 async def list_routes(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
@@ -77,7 +87,7 @@ async def list_routes(request: web.Request) -> web.Response:
 @routes.get("/admin/routes/{name}")
 async def get_route(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name = request.match_info["name"]
+    name = _model_name(request)
     body = route_json(services, name)
     body["history"] = [
         dataclasses.asdict(change)
@@ -89,7 +99,7 @@ async def get_route(request: web.Request) -> web.Response:
 @routes.put("/admin/routes/{name}")
 async def set_route(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name = request.match_info["name"]
+    name = _model_name(request)
     body = await read_json_object(request)
     weights = body.get("weights")
     if not isinstance(weights, dict) or not weights:
@@ -113,7 +123,7 @@ async def set_route(request: web.Request) -> web.Response:
 @routes.delete("/admin/routes/{name}")
 async def clear_route(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name = request.match_info["name"]
+    name = _model_name(request)
     _no_live_rollout(services, name)
     await services.routes.clear_route(name)
     return web.json_response(route_json(services, name))
@@ -122,7 +132,7 @@ async def clear_route(request: web.Request) -> web.Response:
 @routes.put("/admin/routes/{name}/shadow")
 async def set_shadow(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name = request.match_info["name"]
+    name = _model_name(request)
     body = await read_json_object(request)
     version = body.get("version")
     if not isinstance(version, str) or not version:
@@ -138,7 +148,7 @@ async def set_shadow(request: web.Request) -> web.Response:
 @routes.delete("/admin/routes/{name}/shadow")
 async def clear_shadow(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name = request.match_info["name"]
+    name = _model_name(request)
     services.routes.clear_shadow(name)
     return web.json_response(route_json(services, name))
 
@@ -180,13 +190,13 @@ async def list_rollouts(request: web.Request) -> web.Response:
 @routes.get("/admin/rollouts/{name}")
 async def rollout_status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    return web.json_response(services.rollouts.status(request.match_info["name"]))
+    return web.json_response(services.rollouts.status(_model_name(request)))
 
 
 @routes.post("/admin/rollouts/{name}/{action}")
 async def rollout_action(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    name, action = request.match_info["name"], request.match_info["action"]
+    name, action = _model_name(request), request.match_info["action"]
     controller = services.rollouts
     if action == "pause":
         rollout = await controller.pause(name)
