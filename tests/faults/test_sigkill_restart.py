@@ -77,6 +77,19 @@ def test_sigkill_loses_nothing_that_was_acknowledged(tmp_path):
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
+        for version in ("1", "2"):  # a route and a paused rollout must survive too
+            done = routerctl(
+                state_dir, "register", "split", "--version", version,
+                "--path", str(models / "echo"), "--backend", "echo",
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+        for args in (
+            ("route", "set", "split", "1=100"),
+            ("rollout", "split", "--to", "2", "--steps", "50,100"),
+            ("rollout", "pause", "split"),
+        ):
+            done = routerctl(state_dir, *args)
+            assert done.returncode == 0, (args, done.stderr)
 
         acknowledged: list[str] = []
         target = ctl.Target(socket_path=state_dir / "routerd.sock")
@@ -118,6 +131,8 @@ def test_sigkill_loses_nothing_that_was_acknowledged(tmp_path):
             time.sleep(0.1)
         else:
             raise AssertionError(f"pinned model not restored:\n{log.read_text()}")
+        rollout = json.loads(routerctl(state_dir, "rollout", "status", "split").stdout)
+        assert (rollout["status"], rollout["weight"]) == ("paused", 50), rollout
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -126,4 +141,6 @@ def test_sigkill_loses_nothing_that_was_acknowledged(tmp_path):
     with sqlite3.connect(state_dir / "routerd.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         kinds = [row[0] for row in db.execute("SELECT kind FROM events WHERE model = 'kept'")]
+        route = dict(db.execute("SELECT version, weight FROM routes WHERE name = 'split'"))
+    assert route == {"1": 50, "2": 50}, "the paused rollout's step, as it was at the kill"
     assert kinds.count("load") == 2, "the load before the kill and the restore after it"
