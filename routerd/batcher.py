@@ -94,6 +94,10 @@ class Batcher:
         self._runner: asyncio.Task[None] | None = None
         self._running_tokens: dict[GenerationRow, int] = {}
         self._counted: BaseException | None = None  # the last failure reported
+        # Whether the model batches by itself, decided once: an isinstance check against
+        # a runtime protocol costs microseconds, too much for every request.
+        self._async_engine: AsyncGenerating | None = None
+        self._engine_known = False
         self.batches = 0  # batches started (a running batch that grows counts once)
         self.largest_batch = 0
 
@@ -110,17 +114,42 @@ class Batcher:
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult:
-        model = self._instance.model
-        if isinstance(model, AsyncGenerating):  # the engine batches continuously itself
-            return await model.generate_async(prompt_ids, params, on_text, cancellation)
+        engine = self._engine()
+        if engine is not None:  # the engine batches continuously itself
+            return await engine.generate_async(prompt_ids, params, on_text, cancellation)
+        result = self.generate_now(prompt_ids, params, on_text, cancellation)
+        if result is not None:
+            return result
         tokens = len(prompt_ids) + params.max_tokens
-        if self._starts_inline_now(tokens):
-            row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
-            self._generate_inline(row)
-        else:
-            row = await self._queued_generation(prompt_ids, params, on_text, cancellation, tokens)
+        row = await self._queued_generation(prompt_ids, params, on_text, cancellation, tokens)
         self._observe(row.error)
         return _outcome(row)
+
+    def generate_now(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: TextSink | None,
+        cancellation: Cancellation,
+    ) -> GenerationResult | None:
+        """The result at once when the row can run right here, without yielding the loop
+        (an inline model, nothing queued, a policy that starts it now); else None and the
+        caller goes through ``generate``. Callers skip a task per request this way."""
+        if self._engine() is not None:
+            return None
+        if not self._starts_inline_now(len(prompt_ids) + params.max_tokens):
+            return None
+        row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
+        self._generate_inline(row)
+        self._observe(row.error)
+        return _outcome(row)
+
+    def _engine(self) -> AsyncGenerating | None:
+        if not self._engine_known:
+            model = self._instance.model
+            self._async_engine = model if isinstance(model, AsyncGenerating) else None
+            self._engine_known = True
+        return self._async_engine
 
     async def _queued_generation(
         self,

@@ -136,6 +136,10 @@ def check_not_revoked(instance: Instance) -> None:
 
 async def generate(instance: Instance, prompt: PreparedPrompt) -> GenerationResult:
     cancellation = Cancellation()
+    result = instance.batcher.generate_now(prompt.token_ids, prompt.params, None, cancellation)
+    if result is not None:  # ran inline: nothing was left running that could need stopping
+        check_not_revoked(instance)
+        return result
     instance.track(cancellation)
     work = asyncio.ensure_future(
         instance.batcher.generate(prompt.token_ids, prompt.params, None, cancellation)
