@@ -15,7 +15,10 @@ Both are pure (no torch), so they are unit-tested on plain strings and ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from backends.base import InvalidRequest
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -117,3 +120,30 @@ class StopStringHoldback:
                     longest = n
                     break
         return longest
+
+
+def encode_chat(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, has_template: bool, name: str
+) -> list[int]:
+    """Token ids of ``messages`` rendered by a Hugging Face tokenizer's chat template.
+
+    Shared by the backends that tokenize with ``transformers`` (in process, and for
+    vLLM). A template's error is the input's fault (400); the template writes every
+    special token itself, so none is added when encoding.
+    """
+    if not has_template:
+        raise InvalidRequest(
+            f"model {name} has no chat template; use the completions endpoint",
+            param="messages",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # any error of a third-party template is the input's fault
+        raise InvalidRequest(
+            f"messages do not fit the chat template of {name}: {exc}", param="messages"
+        ) from exc
+    if not isinstance(text, str):
+        raise InvalidRequest("the chat template did not render to text", param="messages")
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from backends import footprint, hf_batch, hf_measure
+from backends import footprint, hf_batch, hf_measure, hf_text
 from backends.base import (
     MOVING_TO_DEVICE,
     READING_WEIGHTS,
@@ -428,24 +428,9 @@ class TransformersModel:
         return [int(i) for i in self._tokenizer.encode(text)]
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        if not self._info.has_chat_template:
-            raise InvalidRequest(
-                f"model {self._name} has no chat template; use the completions endpoint",
-                param="messages",
-            )
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # any error of a third-party template is the input's fault
-            raise InvalidRequest(
-                f"messages do not fit the chat template of {self._name}: {exc}",
-                param="messages",
-            ) from exc
-        if not isinstance(text, str):
-            raise InvalidRequest("the chat template did not render to text", param="messages")
-        # The template writes every special token itself, so add none here.
-        return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+        return hf_text.encode_chat(
+            self._tokenizer, messages, has_template=self._info.has_chat_template, name=self._name
+        )
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` itself, without the bos a prompt would get (usage counts)."""

@@ -34,7 +34,7 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
-from backends import footprint
+from backends import footprint, hf_text
 from backends.base import (
     BackendError,
     Cancellation,
@@ -375,21 +375,9 @@ class VllmModel:
         return [int(i) for i in self._tokenizer.encode(text)]
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        if not self._info.has_chat_template:
-            raise InvalidRequest(
-                f"model {self._name} has no chat template; use the completions endpoint",
-                param="messages",
-            )
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # a third-party template's error is the input's fault
-            raise InvalidRequest(
-                f"messages do not fit the chat template of {self._name}: {exc}",
-                param="messages",
-            ) from exc
-        return [int(i) for i in self._tokenizer.encode(str(text), add_special_tokens=False)]
+        return hf_text.encode_chat(
+            self._tokenizer, messages, has_template=self._info.has_chat_template, name=self._name
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
