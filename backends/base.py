@@ -22,6 +22,9 @@ Who calls what, and when:
   before generation, so prompt-length errors are answered before streaming starts.
 - ``generate`` / ``generate_batch`` / ``embed`` — the instance's batcher, for requests
   that hold a lease, in the instance executor.
+- ``generate_async`` / ``embed_async`` (``AsyncGenerating`` / ``AsyncEmbedding``, models
+  whose engine batches by itself) — the instance's batcher, on the event loop, instead
+  of ``generate_batch`` / ``embed``.
 - ``unload`` — the scheduler, in the instance executor, when the instance leaves.
 """
 
@@ -305,6 +308,20 @@ class AsyncGenerating(Protocol):
         on_text: TextSink | None,
         cancellation: Cancellation,
     ) -> GenerationResult: ...
+
+
+@runtime_checkable
+class AsyncEmbedding(Protocol):
+    """A loaded model whose engine batches embedding requests itself (vLLM's pooling runner).
+
+    ``Batcher.embed`` tokenizes a request's inputs on the instance thread as usual, then
+    awaits ``embed_async`` on the event loop instead of queueing a job for ``embed``:
+    concurrent requests meet in the engine's own batches, not in routerd's batch loop.
+    Returns one vector per input, as the model's pooler makes it (normalized for an
+    embedding pooler). Cancelling the awaiting task ends the requests at the engine.
+    """
+
+    async def embed_async(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]: ...
 
 
 @runtime_checkable

