@@ -121,11 +121,14 @@ def test_shipped_configs_load():
     assert defaults.server == Config().server
     assert defaults.scheduler == Config().scheduler
     example = load_config(repo / "configs" / "example.toml")
-    assert [m.name for m in example.models] == ["my-llm", "my-vllm-llm"]
+    assert [m.name for m in example.models] == ["my-llm", "my-vllm-llm", "my-vllm-embedder"]
     vllm = example.models[1]
     assert vllm.backend == "vllm"
     backend_options = {k: v for k, v in vllm.options.items() if k not in SCHEDULER_OPTIONS}
     assert BackendRegistry().validate_options(vllm.backend, backend_options)["enable_sleep_mode"]
+    embedder = example.models[2]
+    options = BackendRegistry().validate_options(embedder.backend, dict(embedder.options))
+    assert (options["task"], options["pooling"]) == ("embed", "mean")
 
 
 def test_devices_and_scheduler_sections(tmp_path):

@@ -157,6 +157,22 @@ async def test_chat_uses_the_models_template(daemon: Daemon) -> None:
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+async def test_a_generating_engine_refuses_embeddings_and_keeps_serving(daemon: Daemon) -> None:
+    response = await daemon.client.post(
+        "/v1/embeddings", json={"model": "demo-small", "input": ["a cat"]}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "model"
+    assert "/v1/embeddings" in error["message"]
+    text, _ = await _stream_text(
+        daemon.client, {"model": "demo-small", "prompt": "x", "max_tokens": 3, "temperature": 0}
+    )
+    assert text
+    instance = daemon.services.scheduler.instance("demo-small@1")
+    assert instance is not None and instance.state == "ready" and instance.in_flight == 0
+
+
 async def test_greedy_stream_equals_the_transformers_backend(
     daemon: Daemon, small_model: LoadedModel
 ) -> None:
