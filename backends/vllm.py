@@ -74,6 +74,9 @@ _OPTION_KEYS = (
 _RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling"}
 # ``pooling`` → vLLM's sequence pooling type; absent: the pooler's own default.
 _POOLING = {"mean": "MEAN", "cls": "CLS", "last": "LAST"}
+# Attention types vLLM keeps no KV cache for: their instances hold none, and their
+# measured footprint says so (the first estimate still reserves one).
+_NO_KV_CACHE = ("encoder_only", "attention_free")
 _DTYPES = {"auto": 0, "float32": 4, "bfloat16": 2, "float16": 2}
 # What an engine's processes hold beyond weights and KV cache: two Python processes
 # with torch and vLLM imported on the CPU (measured: 1.44 GiB for the two, demo-medium),
@@ -264,6 +267,8 @@ class VllmBackend:
         engine, pids = _start_engine(spec, plan, kv_bytes)
         # What vLLM made of the folder: with task "auto" only the engine knows.
         pooling = engine.model_config.runner_type == "pooling"
+        if getattr(engine.model_config, "attn_type", "decoder") in _NO_KV_CACHE:
+            kv_bytes = 0  # bidirectional (BERT-style) attention: vLLM allocates no KV cache
         info = ModelInfo(
             task=Task.EMBED if pooling else Task.GENERATE,
             context_length=plan.context_length,

@@ -160,3 +160,6 @@ async def test_text_requests_and_overlong_inputs_get_400(daemon: Daemon) -> None
     assert instance is not None and instance.state == "ready"
     stored = daemon.services.store.measured_footprint(NAME, "1", "cpu")
     assert stored is not None and stored.measured_bytes > 200 << 20
+    # An encoder has no KV cache in vLLM: none is counted once the engine runs.
+    model = await daemon.model()
+    assert model.kv_bytes == 0 and model.measure_footprint().runtime == 0
