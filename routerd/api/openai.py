@@ -63,11 +63,14 @@ def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
     return headers
 
 
+_TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
+
+
 def _require_task(lease: Lease, task: Task, model_id: str, endpoint: str) -> None:
     if lease.instance.model.info.task is not task:
         raise BadRequest(
-            f"model '{model_id}' is a {lease.instance.model.info.task} model and cannot serve "
-            f"{endpoint}",
+            f"model '{model_id}' {_TASK_WORDS[lease.instance.model.info.task]} and cannot "
+            f"serve {endpoint}",
             param="model",
         )
 
