@@ -8,7 +8,7 @@ Side by side over the same sticky keys, alternating rounds, best round kept:
   request with ``x-routerd-sticky-key`` pays now.
 
 Also measured: what the HTTP layer adds per request for traffic (``route_request``
-and ``traffic_middleware`` on a mocked request: sticky key, shadow check, per-version
+and ``record_served`` on a mocked request: sticky key, shadow check, per-version
 stats), against the bare ``Router.resolve`` handlers used before; and, on 10,000 keys,
 how far each version's share lands from its weight (points) and the share of keys
 that move when 90/10 becomes 75/25 (least possible: 15%).
@@ -40,20 +40,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.registry import BackendRegistry
 from policies.split import choose_version
-from routerd.api.traffic import route_request, traffic_middleware
+from routerd.api.traffic import record_served, route_request
 from routerd.app import build_app, build_services
-from routerd.config import Config
+from routerd.config import Config, ServerConfig
 from routerd.router import Router
 from state import RouteRecord, Shadow, VersionRecord, VersionSpec
 
 
 async def http_layer_us(requests: int, rounds: int) -> float:
-    """µs the traffic code adds to a request: routed handler + middleware vs bare resolve."""
+    """µs the traffic code adds to a request: routing + recording vs a bare resolve."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "m"
         folder.mkdir()
         config = Config(
             state_dir=Path(tmp) / "state",
+            server=ServerConfig(model_roots=(Path(tmp),)),
             models=(VersionSpec("m", "1", "echo", str(folder), {}),),
         )
         services = build_services(config, backends=BackendRegistry())
@@ -66,12 +67,11 @@ async def http_layer_us(requests: int, rounds: int) -> float:
                 services.router.resolve("m")
                 return response
 
-            async def routed(r: web.Request) -> web.Response:
-                route_request(r, "m", "user-1", _no_shadow)
-                return response
-
             async def with_middleware(r: web.Request) -> web.StreamResponse:
-                return await traffic_middleware(r, routed)
+                started = time.monotonic()
+                route_request(r, "m", "user-1", _no_shadow)
+                record_served(r, response, started)
+                return response
 
             best = {"bare": float("inf"), "routed": float("inf")}
             for _ in range(rounds):

@@ -20,10 +20,8 @@ from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd import metrics
 from routerd.api import admin, health, openai, openapi, traffic_admin
-from routerd.api.auth import auth_middleware
-from routerd.api.errors import error_middleware
-from routerd.api.limits import STREAM_SLOTS, StreamSlots, limits_middleware
-from routerd.api.traffic import traffic_middleware
+from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines, StreamSlots
+from routerd.api.middleware import request_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
@@ -125,17 +123,15 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 
 def build_app(services: Services) -> web.Application:
-    app = web.Application(
-        client_max_size=services.config.server.max_body_bytes,
-        middlewares=[traffic_middleware, error_middleware, auth_middleware, limits_middleware],
-    )
+    app = web.Application(client_max_size=services.config.server.max_body_bytes)
     app[SERVICES] = services
     app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
+    app[DEADLINES] = Deadlines()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
-    metrics.install(app)
+    app.middlewares.append(request_middleware(metrics.install(app)))
     app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)
@@ -159,5 +155,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.routes.close()
         await services.scheduler.close()
     finally:
+        app[DEADLINES].close()
         services.store.close()
         log.info("stopped")

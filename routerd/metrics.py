@@ -4,7 +4,8 @@ Metrics live in a registry of their own per app (not prometheus-client's global 
 so a test process can build several daemons side by side. They are fed from a few
 well-defined points and nowhere else:
 
-- the HTTP middleware (:meth:`Metrics.middleware`): every request's endpoint, status,
+- the request middleware, through :meth:`Metrics.begin` and :meth:`Metrics.finish`:
+  every request's endpoint, status,
   duration, the model that served it (read from ``x-routerd-model``), its cold start
   (``x-routerd-cold-start-ms``), and the tokens and first-token time the OpenAI
   handlers leave on the request (:func:`note_usage`, :func:`note_first_token`);
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,8 +37,6 @@ from routerd.services import SERVICES, Services
 from state import VersionRecord
 
 log = logging.getLogger("routerd.api")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -233,23 +232,26 @@ class Metrics:
 
     # -- observed from HTTP --------------------------------------------------------
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Count and time every request; one log line for each that ends in an error."""
+    def begin(self) -> tuple[_Observed, Token[_Observed | None]]:
+        """A request arrived: what the handler's notes will fill in, current from now on.
+
+        The request middleware (``routerd.api.middleware``) calls this first and
+        :meth:`finish` last, so the metrics see the final status of every request.
+        """
         observed = _Observed(started=time.monotonic())
-        token = _CURRENT.set(observed)
-        status = 500
-        response: web.StreamResponse | None = None
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            _CURRENT.reset(token)
-            self._observe(request, response, status, observed)
+        return observed, _CURRENT.set(observed)
+
+    def finish(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        status: int,
+        begun: tuple[_Observed, Token[_Observed | None]],
+    ) -> None:
+        """Count and time a finished request; one log line for each that ends in an error."""
+        observed, token = begun
+        _CURRENT.reset(token)
+        self._observe(request, response, status, observed)
 
     def _observe(
         self,
@@ -378,10 +380,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application) -> Metrics:
-    """Create the app's metrics, observe its services, serve ``/metrics``."""
+    """Create the app's metrics, observe its services, serve ``/metrics``.
+
+    The request middleware (``routerd.api.middleware``) finds them under ``METRICS``.
+    """
     found = Metrics()
     found.attach(app[SERVICES])
     app[METRICS] = found
-    app.middlewares.insert(0, found.middleware)  # outermost: sees the final status
     app.add_routes(routes)
     return found

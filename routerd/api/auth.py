@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from routerd.api.errors import Handler
 from routerd.errors import Forbidden, Unauthorized
 from routerd.services import SERVICES
 
@@ -53,12 +52,25 @@ def _is_under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if from_unix_socket(request):
-        return await handler(request)
-    server = request.app[SERVICES].config.server
-    if _is_under(request.path, ADMIN_PREFIX):
+def check_access(request: web.Request) -> None:
+    """Raise 401/403 unless the request may call its route; called for every request."""
+    path = request.path
+    if path.startswith(OPENAI_PREFIX):
+        # The common case first: with no API keys configured there is nothing to check.
+        server = request.app[SERVICES].config.server
+        if not server.api_keys or not _is_under(path, OPENAI_PREFIX):
+            return
+        if from_unix_socket(request):
+            return
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+            )
+        if not matches_any(token, server.api_keys):
+            raise Unauthorized("Incorrect API key provided.")
+    elif _is_under(path, ADMIN_PREFIX) and not from_unix_socket(request):
+        server = request.app[SERVICES].config.server
         if server.admin_token is None:
             raise Forbidden(
                 "the admin API is served only on the unix socket in the state directory; "
@@ -67,12 +79,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         token = bearer_token(request)
         if token is None or not matches_any(token, (server.admin_token,)):
             raise Unauthorized("a valid admin token is required (Authorization: Bearer …)")
-    elif _is_under(request.path, OPENAI_PREFIX) and server.api_keys:
-        token = bearer_token(request)
-        if token is None:
-            raise Unauthorized(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
-            )
-        if not matches_any(token, server.api_keys):
-            raise Unauthorized("Incorrect API key provided.")
-    return await handler(request)

@@ -1,13 +1,13 @@
 """Every failure leaves as an OpenAI-shaped error with the right status (DESIGN.md rule 7).
 
-One middleware does it for all routes, so a handler raises and never builds an
-error response itself, and aiohttp's own errors (unknown route, wrong method, body
-too large) come out in the same shape as ours.
+The request middleware (``routerd.api.middleware``) does it for all routes through
+:func:`response_for`, so a handler raises and never builds an error response itself,
+and aiohttp's own errors (unknown route, wrong method, body too large) come out in the
+same shape as ours.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -57,21 +57,18 @@ def as_routerd_error(exc: BaseException) -> RouterdError:
     return RouterdError("internal error; see the routerd log")
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+def response_for(exc: Exception, request: web.Request) -> web.Response:
+    """The OpenAI-shaped answer for what a handler raised (logged when it is our fault).
+
+    Called by the request middleware (``routerd.api.middleware``) for every exception
+    but cancellation and aiohttp's redirects, which it lets through.
+    """
+    if isinstance(exc, web.HTTPException):
         return _http_exception_response(exc)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        error = as_routerd_error(exc)
-        if error.status >= 500 and not isinstance(exc, RouterdError):
-            log.exception("%s %s failed", request.method, request.path)
-        return error_response(error)
+    error = as_routerd_error(exc)
+    if error.status >= 500 and not isinstance(exc, RouterdError):
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
+    return error_response(error)
 
 
 def _http_exception_response(exc: web.HTTPException) -> web.Response:

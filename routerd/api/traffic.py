@@ -4,7 +4,7 @@ Each OpenAI handler calls ``route_request`` where it used to resolve the model i
 it picks the version by the route's sticky split (key: the ``x-routerd-sticky-key``
 header, else the request's ``user`` field, else none: random by weight), starts
 the shadow copy in the background if the route mirrors this request, and notes the
-version on the request. ``traffic_middleware`` then records, per served version,
+version on the request. ``record_served`` then records, per served version,
 whether the request failed and how long it took (streams: until the last byte),
 which is what rollouts judge and ``routerctl status`` shows.
 
@@ -15,7 +15,6 @@ stream. 4xx answers are the client's doing and count as served.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
@@ -28,8 +27,6 @@ STICKY_HEADER: Final = "x-routerd-sticky-key"
 
 SERVED = web.RequestKey("routerd_served", VersionRecord)
 STREAM_FAILED = web.RequestKey("routerd_stream_failed", bool)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def route_request(
@@ -50,14 +47,16 @@ def mark_stream_failed(request: web.Request) -> None:
     request[STREAM_FAILED] = True
 
 
-@web.middleware
-async def traffic_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    response = await handler(request)
+def record_served(request: web.Request, response: web.StreamResponse, started: float) -> None:
+    """Count a finished request for the version that served it (if one was chosen).
+
+    Called by the request middleware (``routerd.api.middleware``) with the final
+    response, after errors were turned into responses; ``started`` is its
+    ``time.monotonic()`` when the request arrived.
+    """
     served = request.get(SERVED)
     if served is not None:
         ok = response.status < 500 and not request.get(STREAM_FAILED, False)
         request.app[SERVICES].stats.record(
-            served.model_id, latency_ms=(time.perf_counter() - started) * 1000, ok=ok
+            served.model_id, latency_ms=(time.monotonic() - started) * 1000, ok=ok
         )
-    return response
