@@ -34,6 +34,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from routerd.services import SERVICES, Services
+from routerd.tallies import HistogramTally, Tally, TallyCollector
 from state import VersionRecord
 
 log = logging.getLogger("routerd.api")
@@ -102,37 +103,32 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = Tally(
             "routerd_requests",
             "HTTP requests answered, by served model version, endpoint and status code.",
             ["model", "version", "endpoint", "status"],
-            registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HistogramTally(
             "routerd_request_duration_seconds",
             "Time from receiving a request to the end of its response (streams included).",
             ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = HistogramTally(
             "routerd_time_to_first_token_seconds",
             "Time from receiving a streaming request to sending its first text.",
             ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = Tally(
             "routerd_prompt_tokens",
             "Prompt tokens of answered requests.",
             ["model", "version"],
-            registry=r,
         )
-        self.generated_tokens = Counter(
+        self.generated_tokens = Tally(
             "routerd_generated_tokens",
             "Tokens generated for answered requests.",
             ["model", "version"],
-            registry=r,
         )
         self.cold_starts = Counter(
             "routerd_cold_starts",
@@ -147,12 +143,11 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = HistogramTally(
             "routerd_batch_size",
             "Rows (or embedding requests) in each batch when it starts.",
             ["model", "version"],
             buckets=BATCH_BUCKETS,
-            registry=r,
         )
         self.loads = Counter(
             "routerd_loads",
@@ -187,16 +182,19 @@ class Metrics:
             registry=r,
         )
 
-        # Children by (metric, label values): ``labels()`` validates and locks on every
-        # call, which costs more than the increment itself on the request path.
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        # Updated on every request, from the event loop only: lock-free tallies.
+        r.register(
+            TallyCollector(
+                [
+                    self.requests,
+                    self.request_duration,
+                    self.time_to_first_token,
+                    self.prompt_tokens,
+                    self.generated_tokens,
+                    self.batch_size,
+                ]
+            )
+        )
 
     def attach(self, services: Services) -> None:
         """Observe ``services``: scheduler events and batches, and its state at scrape time."""
@@ -228,7 +226,7 @@ class Metrics:
             self.leaks.labels(str(fields.get("device") or "")).inc()
 
     def batch(self, record: VersionRecord, rows: int) -> None:
-        self._child(self.batch_size, record.name, record.version).observe(rows)
+        self.batch_size.observe((record.name, record.version), rows)
 
     # -- observed from HTTP --------------------------------------------------------
 
@@ -266,16 +264,16 @@ class Metrics:
         served = response.headers.get("x-routerd-model", "") if response is not None else ""
         served = served or observed.model_id or ""
         name, version = split_model_id(served)
-        self._child(self.requests, name, version, endpoint, str(status)).inc()
-        self._child(self.request_duration, name, endpoint).observe(seconds)
+        self.requests.inc((name, version, endpoint, str(status)))
+        self.request_duration.observe((name, endpoint), seconds)
         if observed.first_token is not None:
-            self._child(self.time_to_first_token, name, endpoint).observe(
-                observed.first_token - observed.started
+            self.time_to_first_token.observe(
+                (name, endpoint), observed.first_token - observed.started
             )
         if observed.usage is not None and served:
             prompt, completion = observed.usage
-            self._child(self.prompt_tokens, name, version).inc(prompt)
-            self._child(self.generated_tokens, name, version).inc(completion)
+            self.prompt_tokens.inc((name, version), prompt)
+            self.generated_tokens.inc((name, version), completion)
         cold = response.headers.get("x-routerd-cold-start-ms") if response is not None else None
         cold_ms = float(cold) if cold is not None else observed.cold_start_ms
         if cold_ms is not None and served:

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from backends.base import (
@@ -145,33 +144,56 @@ class Scheduler(ResidencyCore):
 
     # -- requests ---------------------------------------------------------------
 
-    @asynccontextmanager
-    async def lease(
-        self, record: VersionRecord, *, keep_alive: float | None = None
-    ) -> AsyncIterator[Lease]:
+    def lease(self, record: VersionRecord, *, keep_alive: float | None = None) -> LeaseHold:
         """Hold a READY instance of ``record`` for the whole ``async with`` body.
 
         ``keep_alive`` (a request's own) replaces the instance's from now on. When
         ``max_queue`` requests already wait for the version, 429 (``QueueFull``).
         """
+        return LeaseHold(self, record, keep_alive)
+
+    async def _take_lease(self, record: VersionRecord) -> tuple[Lease, float]:
+        """Entering a lease (``LeaseHold``): the instance, and when it was acquired."""
         self._admit(record)
         started = self._clock()
-        instance, waited = await self._ready_instance(record, device=None, why="request")
+        instance = self._only_instance_ready(record)
+        if instance is not None:
+            waited = False  # the common case: nothing to wait for, no replicas to rank
+        else:
+            instance, waited = await self._ready_instance(record, device=None, why="request")
         acquired = self._clock()
         instance.acquire(acquired)
         cold_start_ms = (acquired - started) * 1000 if waited else None
-        try:
-            yield Lease(instance=instance, cold_start_ms=cold_start_ms)
-        finally:
-            if keep_alive is not None:
-                instance.keep_alive = keep_alive
-            released = self._clock()
-            key = record.model_id
-            self._service_s[key] = moving_average(self._service_s.get(key), released - acquired)
-            instance.release(released)
-            self._changed(
-                wake_reaper=not instance.in_flight and self._expires_before_reaper_looks(instance)
-            )
+        return Lease(instance=instance, cold_start_ms=cold_start_ms), acquired
+
+    def _only_instance_ready(self, record: VersionRecord) -> Instance | None:
+        """The version's instance when it is its only one, READY, and may not scale up.
+
+        What ``_ready_instance`` would return at once (one replica: nothing to rank or
+        scale), found without its bookkeeping for a wait that does not happen.
+        """
+        instance = self._instances.get(record.model_id)
+        if (
+            instance is None
+            or instance.state is not InstanceState.READY
+            or self._closing
+            or not _REPLICA_OPTIONS.isdisjoint(record.options)
+        ):
+            return None
+        return instance
+
+    def _give_back(self, lease: Lease, acquired: float, keep_alive: float | None) -> None:
+        """Leaving a lease (``LeaseHold``): release the instance, learn its service time."""
+        instance = lease.instance
+        if keep_alive is not None:
+            instance.keep_alive = keep_alive
+        released = self._clock()
+        key = instance.record.model_id
+        self._service_s[key] = moving_average(self._service_s.get(key), released - acquired)
+        instance.release(released)
+        self._changed(
+            wake_reaper=not instance.in_flight and self._expires_before_reaper_looks(instance)
+        )
 
     def queue_depths(self) -> dict[str, int]:
         """Requests waiting per version: for a lease (a load) or in a batch queue."""
@@ -190,7 +212,7 @@ class Scheduler(ResidencyCore):
         key = record.model_id
         waiting = self._waiting.get(key, 0)
         first = self._instances.get(key)
-        if first is not None and not {"replicas", "max_replicas"} & record.options.keys():
+        if first is not None and _REPLICA_OPTIONS.isdisjoint(record.options):
             replicas = [first]  # the common case: one instance, no scan of all of them
         else:
             replicas = self._replicas(key)
@@ -810,3 +832,35 @@ class Scheduler(ResidencyCore):
         """Remove an instance that never became ready, giving back what it took."""
         await self._unload(instance)
         self._forget(instance)
+
+
+# Options under which a version may run more than one instance.
+_REPLICA_OPTIONS = frozenset(("replicas", "max_replicas"))
+
+
+class LeaseHold:
+    """``Scheduler.lease`` as an ``async with``: a class rather than a generator-based
+    context manager, because every request enters one and a generator costs each of
+    them a frame, a generator object and two extra awaits."""
+
+    __slots__ = ("_acquired", "_keep_alive", "_lease", "_record", "_scheduler")
+
+    def __init__(
+        self, scheduler: Scheduler, record: VersionRecord, keep_alive: float | None
+    ) -> None:
+        self._scheduler = scheduler
+        self._record = record
+        self._keep_alive = keep_alive
+        self._lease: Lease | None = None
+        self._acquired = 0.0
+
+    async def __aenter__(self) -> Lease:
+        if self._lease is not None:
+            raise RuntimeError("a lease is entered once")
+        self._lease, self._acquired = await self._scheduler._take_lease(self._record)
+        return self._lease
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._scheduler._give_back(lease, self._acquired, self._keep_alive)

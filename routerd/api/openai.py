@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import struct
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
@@ -51,6 +51,11 @@ from routerd.services import SERVICES, Services
 from state import VersionRecord
 
 routes = web.RouteTableDef()
+
+
+def _response_id(prefix: str) -> str:
+    """A unique response id: 128 random bits, as a uuid4 has, without building a UUID."""
+    return f"{prefix}-{os.urandom(16).hex()}"
 
 
 def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
@@ -133,7 +138,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await cold.fail(exc)
     return web.json_response(
         {
-            "id": f"cmpl-{uuid.uuid4().hex}",
+            "id": _response_id("cmpl"),
             "object": "text_completion",
             "created": int(time.time()),
             "model": req.model,
@@ -188,7 +193,7 @@ async def _stream_completion(
     prompts: list[PreparedPrompt],
     begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    completion_id = _response_id("cmpl")
     created = int(time.time())
 
     def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
@@ -239,7 +244,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await cold.fail(exc)
     return web.json_response(
         {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": _response_id("chatcmpl"),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": req.model,
@@ -285,7 +290,7 @@ async def _stream_chat(
     prompt: PreparedPrompt,
     begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    completion_id = _response_id("chatcmpl")
     created = int(time.time())
     started = False
 
