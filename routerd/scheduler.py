@@ -216,7 +216,8 @@ class Scheduler(ResidencyCore):
             replicas = [first]  # the common case: one instance, no scan of all of them
         else:
             replicas = self._replicas(key)
-        waiting += sum(i.queued for i in replicas)
+        for replica in replicas:
+            waiting += replica.queued
         if waiting < limit:
             return
         loading = [i for i in replicas if i.state.loading]

@@ -37,6 +37,7 @@ def route_request(
     sticky_key = request.headers.get(STICKY_HEADER) or user or None
     routed = services.router.route(model_id, sticky_key)
     request[SERVED] = routed.record
+    request[STREAM_FAILED] = False  # set now: a missing key costs a KeyError to look up
     if routed.shadow is not None:
         services.shadows.mirror(routed.shadow, shadow)
     return routed.record
@@ -56,7 +57,7 @@ def record_served(request: web.Request, response: web.StreamResponse, started: f
     """
     served = request.get(SERVED)
     if served is not None:
-        ok = response.status < 500 and not request.get(STREAM_FAILED, False)
+        ok = response.status < 500 and not request[STREAM_FAILED]
         request.app[SERVICES].stats.record(
             served.model_id, latency_ms=(time.monotonic() - started) * 1000, ok=ok
         )
