@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -128,6 +129,10 @@ async def _run(
         config.state_dir,
     )
     _warn_if_exposed(config)
+    # Everything alive now (modules, config, routes) lives as long as the daemon: keep
+    # it out of the collector's full passes, which would otherwise walk it again and
+    # again while requests wait (the startup heap is large once torch is imported).
+    gc.freeze()
     systemd.notify(f"READY=1\nSTATUS=serving on {where}")
     await stop.wait()
     systemd.notify("STOPPING=1\nSTATUS=draining")
