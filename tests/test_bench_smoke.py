@@ -1,0 +1,62 @@
+"""The cheap benchmarks still run and end with their JSON line (tiny sizes: not timings).
+
+Benchmarks are not run by CI otherwise, so a change elsewhere (a new config rule, a
+renamed function) could break one unnoticed. These runs check only that each script
+works and reports every key its README promises, with sane values.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _last_json_line(*argv: str, timeout: float = 180) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines, "the benchmark printed nothing"
+    figures = json.loads(lines[-1])
+    assert isinstance(figures, dict)
+    return figures
+
+
+def test_request_path_reports_both_apps():
+    figures = _last_json_line("bench/request_path.py", "--requests", "200", "--rounds", "1")
+    assert {"routerd_us", "bare_us", "added_us", "app_ratio", "c64"} <= figures.keys()
+    assert figures["routerd_us"] > 0 and figures["bare_us"] > 0
+
+
+def test_version_split_reports_its_keys():
+    figures = _last_json_line("bench/version_split.py", "--routes", "2000", "--rounds", "1")
+    for key in ("us_per_split", "baseline_us_per_route", "ratio", "http_layer_us"):
+        assert figures[key] > 0, key
+    assert 0 <= figures["share_error_points"] < 5
+    assert 5 < figures["moved_pct"] < 30
+
+
+def test_routing_decision_reports_its_key():
+    figures = _last_json_line("bench/routing_decision.py", "--decisions", "2000", "--rounds", "1")
+    assert figures["us_per_decision"] > 0
+
+
+def test_router_overhead_serves_both_targets_without_errors():
+    figures = _last_json_line(
+        "bench/router_overhead.py", "--requests", "100", "--rounds", "1", timeout=240
+    )
+    assert {"rps_ratio", "added_p50_ms", "added_p99_ms", "c1", "c64"} <= figures.keys()
+    for concurrency in ("c1", "c64"):
+        for target in ("routerd", "bare"):
+            run = figures[concurrency][target]
+            assert run["errors"] == 0 and run["requests"] == 100, (concurrency, target)
