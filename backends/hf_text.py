@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from backends.base import InvalidRequest
+from backends.base import InvalidRequest, ModelInfo
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -147,3 +147,26 @@ def encode_chat(
     if not isinstance(text, str):
         raise InvalidRequest("the chat template did not render to text", param="messages")
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+class HfTokenizing:
+    """The tokenizing methods of ``backends.base.LoadedModel`` over a Hugging Face
+    tokenizer: one copy for the backends that tokenize with ``transformers`` (in
+    process, and for vLLM). A subclass sets ``_tokenizer``, ``_info`` and ``_name``."""
+
+    _tokenizer: Any
+    _info: ModelInfo
+    _name: str
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Tokenize with the tokenizer's own special tokens (e.g. a leading bos)."""
+        return [int(i) for i in self._tokenizer.encode(text)]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        return encode_chat(
+            self._tokenizer, messages, has_template=self._info.has_chat_template, name=self._name
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` itself, without the bos a prompt would get (usage counts)."""
+        return len(self._tokenizer.encode(text, add_special_tokens=False))

@@ -390,7 +390,7 @@ def _resolve_dtype(option: str, device_type: str) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16
 
 
-class TransformersModel:
+class TransformersModel(hf_text.HfTokenizing):
     """One loaded folder on one device; implements ``backends.base.LoadedModel``."""
 
     def __init__(
@@ -421,20 +421,7 @@ class TransformersModel:
     def info(self) -> ModelInfo:
         return self._info
 
-    # -- tokenizing -------------------------------------------------------------
-
-    def encode_prompt(self, text: str) -> list[int]:
-        """Tokenize with the tokenizer's own special tokens (e.g. a leading bos)."""
-        return [int(i) for i in self._tokenizer.encode(text)]
-
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        return hf_text.encode_chat(
-            self._tokenizer, messages, has_template=self._info.has_chat_template, name=self._name
-        )
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` itself, without the bos a prompt would get (usage counts)."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+    # -- tokenizing: encode_prompt, encode_chat, count_tokens (hf_text.HfTokenizing)
 
     def _decode(self, ids: Sequence[int]) -> str:
         text = self._tokenizer.decode(

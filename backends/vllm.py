@@ -387,7 +387,7 @@ def _reap(pids: set[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-class VllmModel:
+class VllmModel(hf_text.HfTokenizing):
     """One running engine; its request path is ``generate_async`` (or, for a pooling
     model, ``embed_async``) on the event loop."""
 
@@ -413,18 +413,7 @@ class VllmModel:
     def info(self) -> ModelInfo:
         return self._info
 
-    # -- tokenizing (instance thread) --------------------------------------------
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [int(i) for i in self._tokenizer.encode(text)]
-
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        return hf_text.encode_chat(
-            self._tokenizer, messages, has_template=self._info.has_chat_template, name=self._name
-        )
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+    # -- tokenizing: encode_prompt, encode_chat, count_tokens (hf_text.HfTokenizing)
 
     # -- generation (event loop) -------------------------------------------------
 
