@@ -156,31 +156,11 @@ class Scheduler(ResidencyCore):
         """Entering a lease (``LeaseHold``): the instance, and when it was acquired."""
         self._admit(record)
         started = self._clock()
-        instance = self._only_instance_ready(record)
-        if instance is not None:
-            waited = False  # the common case: nothing to wait for, no replicas to rank
-        else:
-            instance, waited = await self._ready_instance(record, device=None, why="request")
+        instance, waited = await self._ready_instance(record, device=None, why="request")
         acquired = self._clock()
         instance.acquire(acquired)
         cold_start_ms = (acquired - started) * 1000 if waited else None
         return Lease(instance=instance, cold_start_ms=cold_start_ms), acquired
-
-    def _only_instance_ready(self, record: VersionRecord) -> Instance | None:
-        """The version's instance when it is its only one, READY, and may not scale up.
-
-        What ``_ready_instance`` would return at once (one replica: nothing to rank or
-        scale), found without its bookkeeping for a wait that does not happen.
-        """
-        instance = self._instances.get(record.model_id)
-        if (
-            instance is None
-            or instance.state is not InstanceState.READY
-            or self._closing
-            or not _REPLICA_OPTIONS.isdisjoint(record.options)
-        ):
-            return None
-        return instance
 
     def _give_back(self, lease: Lease, acquired: float, keep_alive: float | None) -> None:
         """Leaving a lease (``LeaseHold``): release the instance, learn its service time."""
@@ -211,11 +191,7 @@ class Scheduler(ResidencyCore):
             return
         key = record.model_id
         waiting = self._waiting.get(key, 0)
-        first = self._instances.get(key)
-        if first is not None and _REPLICA_OPTIONS.isdisjoint(record.options):
-            replicas = [first]  # the common case: one instance, no scan of all of them
-        else:
-            replicas = self._replicas(key)
+        replicas = self._version_replicas(record)
         for replica in replicas:
             waiting += replica.queued
         if waiting < limit:
@@ -244,6 +220,9 @@ class Scheduler(ResidencyCore):
         loads competing for the same room evict each other's fresh instances before
         either serves anything.
         """
+        chosen = self._ready_now(record)
+        if chosen is not None:
+            return chosen, False  # the common case: no wait, so no demand to count
         key = record.model_id
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
@@ -253,20 +232,29 @@ class Scheduler(ResidencyCore):
             if not self._waiting[key]:
                 del self._waiting[key]
 
+    def _ready_now(self, record: VersionRecord) -> Instance | None:
+        """The READY replica the routing policy picks for ``record`` now, or None.
+
+        Picking one may start another replica when every one is busy
+        (``max_replicas``); a daemon shutting down answers 503 instead.
+        """
+        if self._closing:
+            raise Draining("routerd is shutting down", retry_after=5)
+        replicas = self._version_replicas(record)
+        chosen = self._route(record, replicas)
+        if chosen is not None:
+            self._scale_up_if_busy(record, replicas)
+        return chosen
+
     async def _wait_ready(
         self, record: VersionRecord, *, device: str | None, why: str
     ) -> tuple[Instance, bool]:
-        waited = False
+        """Wait until ``_ready_now`` has an instance: for a drain, a wake-up or a load."""
         while True:
-            if self._closing:
-                raise Draining("routerd is shutting down", retry_after=5)
-            replicas = self._replicas(record.model_id)
-            chosen = self._route(record, replicas)
+            chosen = self._ready_now(record)
             if chosen is not None:
-                self._scale_up_if_busy(record, replicas)
-                return chosen, waited
+                return chosen, True
             instance = self._instances.get(record.model_id)
-            waited = True
             if instance is not None and instance.state in (
                 InstanceState.DRAINING,
                 InstanceState.UNLOADING,
@@ -311,6 +299,14 @@ class Scheduler(ResidencyCore):
 
     def _replicas(self, model_id: str) -> list[Instance]:
         return [i for i in self._instances.values() if i.record.model_id == model_id]
+
+    def _version_replicas(self, record: VersionRecord) -> list[Instance]:
+        """``record``'s instances: one lookup, without scanning them all, when the
+        version may run only one (no ``replicas`` or ``max_replicas`` option)."""
+        first = self._instances.get(record.model_id)
+        if first is not None and _REPLICA_OPTIONS.isdisjoint(record.options):
+            return [first]
+        return self._replicas(record.model_id)
 
     def _route(self, record: VersionRecord, replicas: list[Instance]) -> Instance | None:
         """The READY replica the routing policy ranks first, or None if none is ready."""
