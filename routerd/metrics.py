@@ -49,6 +49,7 @@ class _Observed:
     usage: tuple[int, int] | None = None
     cold_start_ms: float | None = None  # when it could not travel as a header
     model_id: str | None = None  # the version the request was routed to, even if it failed
+    token: Token[_Observed | None] | None = None  # restores the previous current request
 
 
 # The request being served by this task: set by the middleware, read by the notes below
@@ -230,25 +231,26 @@ class Metrics:
 
     # -- observed from HTTP --------------------------------------------------------
 
-    def begin(self) -> tuple[_Observed, Token[_Observed | None]]:
+    def begin(self) -> _Observed:
         """A request arrived: what the handler's notes will fill in, current from now on.
 
         The request middleware (``routerd.api.middleware``) calls this first and
         :meth:`finish` last, so the metrics see the final status of every request.
         """
         observed = _Observed(started=time.monotonic())
-        return observed, _CURRENT.set(observed)
+        observed.token = _CURRENT.set(observed)
+        return observed
 
     def finish(
         self,
         request: web.Request,
         response: web.StreamResponse | None,
         status: int,
-        begun: tuple[_Observed, Token[_Observed | None]],
+        observed: _Observed,
     ) -> None:
         """Count and time a finished request; one log line for each that ends in an error."""
-        observed, token = begun
-        _CURRENT.reset(token)
+        if observed.token is not None:
+            _CURRENT.reset(observed.token)
         self._observe(request, response, status, observed)
 
     def _observe(

@@ -40,8 +40,7 @@ def request_middleware(metrics: Metrics) -> Middleware:
 
     @web.middleware
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
-        begun = metrics.begin()
-        started = begun[0].started
+        observed = metrics.begin()
         status = 500
         response: web.StreamResponse | None = None
         try:
@@ -58,9 +57,9 @@ def request_middleware(metrics: Metrics) -> Middleware:
             except Exception as exc:
                 response = response_for(exc, request)
             status = response.status
-            record_served(request, response, started)
+            record_served(request, response, observed.started)
             return response
         finally:
-            metrics.finish(request, response, status, begun)
+            metrics.finish(request, response, status, observed)
 
     return serve
