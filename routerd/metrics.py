@@ -251,15 +251,6 @@ class Metrics:
         """Count and time a finished request; one log line for each that ends in an error."""
         if observed.token is not None:
             _CURRENT.reset(observed.token)
-        self._observe(request, response, status, observed)
-
-    def _observe(
-        self,
-        request: web.Request,
-        response: web.StreamResponse | None,
-        status: int,
-        observed: _Observed,
-    ) -> None:
         seconds = time.monotonic() - observed.started
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
