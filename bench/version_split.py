@@ -8,10 +8,11 @@ Side by side over the same sticky keys, alternating rounds, best round kept:
   request with ``x-routerd-sticky-key`` pays now.
 
 Also measured: what the HTTP layer adds per request for traffic (``route_request``
-and ``record_served`` on a mocked request: sticky key, shadow check, per-version
-stats), against the bare ``Router.resolve`` handlers used before; and, on 10,000 keys,
-how far each version's share lands from its weight (points) and the share of keys
-that move when 90/10 becomes 75/25 (least possible: 15%).
+and ``record_served`` on a mocked request, with the request's context made as the
+middleware makes it: sticky key, shadow check, per-version stats), against the bare
+``Router.resolve`` handlers used before; and, on 10,000 keys, how far each version's
+share lands from its weight (points) and the share of keys that move when 90/10
+becomes 75/25 (least possible: 15%).
 
 Usage: python bench/version_split.py [--routes 200000] [--rounds 5]
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.registry import BackendRegistry
 from policies.split import choose_version
+from routerd.api.context import RequestContext, StreamSlots, enter, leave
 from routerd.api.traffic import record_served, route_request
 from routerd.app import build_app, build_services
 from routerd.config import Config, ServerConfig
@@ -67,10 +69,14 @@ async def http_layer_us(requests: int, rounds: int) -> float:
                 services.router.resolve("m")
                 return response
 
+            slots = StreamSlots(limit=1)
+
             async def with_middleware(r: web.Request) -> web.StreamResponse:
-                started = time.monotonic()
+                context = RequestContext(time.monotonic(), slots)
+                token = enter(context)
                 route_request(r, "m", "user-1", _no_shadow)
-                record_served(r, response, started)
+                record_served(services.stats, context, response.status)
+                leave(token)
                 return response
 
             best = {"bare": float("inf"), "routed": float("inf")}

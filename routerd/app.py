@@ -20,7 +20,8 @@ from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd import metrics
 from routerd.api import admin, health, openai, openapi, traffic_admin
-from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines, StreamSlots
+from routerd.api.context import StreamSlots
+from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
@@ -125,13 +126,13 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 def build_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=services.config.server.max_body_bytes)
     app[SERVICES] = services
-    app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
-    app[DEADLINES] = Deadlines()
+    slots = app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
+    deadlines = app[DEADLINES] = Deadlines()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
-    app.middlewares.append(request_middleware(metrics.install(app)))
+    app.middlewares.append(request_middleware(services, metrics.install(app), deadlines, slots))
     app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)

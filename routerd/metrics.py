@@ -4,11 +4,11 @@ Metrics live in a registry of their own per app (not prometheus-client's global 
 so a test process can build several daemons side by side. They are fed from a few
 well-defined points and nowhere else:
 
-- the request middleware, through :meth:`Metrics.begin` and :meth:`Metrics.finish`:
-  every request's endpoint, status,
-  duration, the model that served it (read from ``x-routerd-model``), its cold start
-  (``x-routerd-cold-start-ms``), and the tokens and first-token time the OpenAI
-  handlers leave on the request (:func:`note_usage`, :func:`note_first_token`);
+- the request middleware, through :meth:`Metrics.finish`: every request's
+  endpoint, status and duration, and what the OpenAI handlers left on its context
+  (``routerd.api.context``): the version that served it, its tokens
+  (:func:`note_usage`), first-token time (:func:`note_first_token`) and cold start
+  (:func:`note_cold_start`);
 - the scheduler's event log (:meth:`Metrics.event`): loads by result and duration,
   evictions by reason and age; and its batchers (:meth:`Metrics.batch`);
 - at scrape time, a collector that reads the scheduler's snapshots: queue depth,
@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -33,28 +31,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from routerd.api.context import RequestContext, current
 from routerd.services import SERVICES, Services
 from routerd.tallies import HistogramTally, Tally, TallyCollector
 from state import VersionRecord
 
 log = logging.getLogger("routerd.api")
 
-
-@dataclass
-class _Observed:
-    """What a handler tells the middleware about the request it is serving."""
-
-    started: float
-    first_token: float | None = None
-    usage: tuple[int, int] | None = None
-    cold_start_ms: float | None = None  # when it could not travel as a header
-    model_id: str | None = None  # the version the request was routed to, even if it failed
-    token: Token[_Observed | None] | None = None  # restores the previous current request
-
-
-# The request being served by this task: set by the middleware, read by the notes below
-# (a handler runs in the middleware's task, so it sees the middleware's value).
-_CURRENT: ContextVar[_Observed | None] = ContextVar("routerd_request", default=None)
 
 LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -72,30 +55,23 @@ def split_model_id(model_id: str) -> tuple[str, str]:
 
 def note_first_token() -> None:
     """Called by a streaming handler when its first piece of text goes out."""
-    observed = _CURRENT.get()
-    if observed is not None and observed.first_token is None:
-        observed.first_token = time.monotonic()
-
-
-def note_model(model_id: str) -> None:
-    """Called once a handler resolved its model: failures (429, 503) count against it."""
-    observed = _CURRENT.get()
-    if observed is not None:
-        observed.model_id = model_id
+    context = current()
+    if context is not None and context.first_token is None:
+        context.first_token = time.monotonic()
 
 
 def note_cold_start(milliseconds: float) -> None:
-    """Called when a cold start was told in the body (a stream begun before its lease)."""
-    observed = _CURRENT.get()
-    if observed is not None:
-        observed.cold_start_ms = milliseconds
+    """Called by a handler whose lease had to wait for a load (or a wake-up)."""
+    context = current()
+    if context is not None:
+        context.cold_start_ms = milliseconds
 
 
 def note_usage(prompt_tokens: int, completion_tokens: int) -> None:
     """Called by a handler with the tokens its response reports in ``usage``."""
-    observed = _CURRENT.get()
-    if observed is not None:
-        observed.usage = (prompt_tokens, completion_tokens)
+    context = current()
+    if context is not None:
+        context.usage = (prompt_tokens, completion_tokens)
 
 
 class Metrics:
@@ -231,47 +207,29 @@ class Metrics:
 
     # -- observed from HTTP --------------------------------------------------------
 
-    def begin(self) -> _Observed:
-        """A request arrived: what the handler's notes will fill in, current from now on.
+    def finish(self, request: web.Request, status: int, context: RequestContext) -> None:
+        """Count and time a finished request; one log line for each that ends in an error.
 
-        The request middleware (``routerd.api.middleware``) calls this first and
-        :meth:`finish` last, so the metrics see the final status of every request.
+        The request middleware (``routerd.api.middleware``) calls this last, so the
+        metrics see the final status of every request, errors included.
         """
-        observed = _Observed(started=time.monotonic())
-        observed.token = _CURRENT.set(observed)
-        return observed
-
-    def finish(
-        self,
-        request: web.Request,
-        response: web.StreamResponse | None,
-        status: int,
-        observed: _Observed,
-    ) -> None:
-        """Count and time a finished request; one log line for each that ends in an error."""
-        if observed.token is not None:
-            _CURRENT.reset(observed.token)
-        seconds = time.monotonic() - observed.started
+        seconds = time.monotonic() - context.started
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
-        served = response.headers.get("x-routerd-model", "") if response is not None else ""
-        served = served or observed.model_id or ""
-        name, version = split_model_id(served)
+        served = context.served
+        name, version = (served.name, served.version) if served is not None else ("", "")
         self.requests.inc((name, version, endpoint, str(status)))
         self.request_duration.observe((name, endpoint), seconds)
-        if observed.first_token is not None:
-            self.time_to_first_token.observe(
-                (name, endpoint), observed.first_token - observed.started
-            )
-        if observed.usage is not None and served:
-            prompt, completion = observed.usage
+        if context.first_token is not None:
+            first_token_s = context.first_token - context.started
+            self.time_to_first_token.observe((name, endpoint), first_token_s)
+        if context.usage is not None and served is not None:
+            prompt, completion = context.usage
             self.prompt_tokens.inc((name, version), prompt)
             self.generated_tokens.inc((name, version), completion)
-        cold = response.headers.get("x-routerd-cold-start-ms") if response is not None else None
-        cold_ms = float(cold) if cold is not None else observed.cold_start_ms
-        if cold_ms is not None and served:
+        if context.cold_start_ms is not None and served is not None:
             self.cold_starts.labels(name, version).inc()
-            self.cold_start_duration.labels(name).observe(cold_ms / 1000)
+            self.cold_start_duration.labels(name).observe(context.cold_start_ms / 1000)
         if status >= 400:
             log.info(
                 "request failed",
@@ -280,7 +238,7 @@ class Metrics:
                     "method": request.method,
                     "path": request.path,
                     "status": status,
-                    "model": served or None,
+                    "model": served.model_id if served is not None else None,
                     "duration_ms": round(seconds * 1000, 1),
                 },
             )

@@ -64,10 +64,12 @@ class VersionRecord:
     created_at: float
     updated_at: float
     state: str = "active"  # one of VERSION_STATES (schema 3)
+    # ``name@version``, made once: every request reads it several times (routing,
+    # leases, metrics, headers), and a record never changes.
+    model_id: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def model_id(self) -> str:
-        return f"{self.name}@{self.version}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_id", f"{self.name}@{self.version}")
 
 
 VERSION_STATES: Final = ("staged", "active", "retired")

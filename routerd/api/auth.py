@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from routerd.config import ServerConfig
 from routerd.errors import Forbidden, Unauthorized
-from routerd.services import SERVICES
 
 ADMIN_PREFIX = "/admin"
 OPENAI_PREFIX = "/v1"
@@ -52,12 +52,12 @@ def _is_under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
-def check_access(request: web.Request) -> None:
-    """Raise 401/403 unless the request may call its route; called for every request."""
+def check_access(request: web.Request, server: ServerConfig) -> None:
+    """Raise 401/403 unless the request may call its route; called for every request
+    with the running config's ``server`` section (its keys and admin token)."""
     path = request.path
     if path.startswith(OPENAI_PREFIX):
         # The common case first: with no API keys configured there is nothing to check.
-        server = request.app[SERVICES].config.server
         if not server.api_keys or not _is_under(path, OPENAI_PREFIX):
             return
         if from_unix_socket(request):
@@ -70,7 +70,6 @@ def check_access(request: web.Request) -> None:
         if not matches_any(token, server.api_keys):
             raise Unauthorized("Incorrect API key provided.")
     elif _is_under(path, ADMIN_PREFIX) and not from_unix_socket(request):
-        server = request.app[SERVICES].config.server
         if server.admin_token is None:
             raise Forbidden(
                 "the admin API is served only on the unix socket in the state directory; "

@@ -9,74 +9,46 @@
 - **Streams** (``server.max_streams``): a streaming request over the cap gets 429 with
   Retry-After before it takes a lease, so slow readers cannot hold every instance.
 
-The limits of one request live in a context variable set by :func:`within_limits`
-(called by the request middleware, ``routerd.api.middleware``): the handler runs in
-the same task, and nothing has to be stored on the request.
+The limits of one request live on its ``RequestContext`` (``routerd.api.context``),
+current while :func:`within_limits` (called by the request middleware,
+``routerd.api.middleware``) runs the handler in the same task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import math
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from routerd.api.context import RequestContext, StreamSlots, current
 from routerd.api.errors import Handler, error_body
 from routerd.errors import GatewayTimeout, TooManyStreams
-from routerd.services import SERVICES
-
-
-@dataclass
-class StreamSlots:
-    """Streaming responses open now, against ``server.max_streams``."""
-
-    limit: int
-    open: int = 0
-
 
 STREAM_SLOTS = web.AppKey("stream_slots", StreamSlots)
 
 
-@dataclass
-class _RequestLimits:
-    slots: StreamSlots
-    claimed: bool = False
-    stream: web.StreamResponse | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        if self.claimed:
-            self.claimed = False
-            self.slots.open -= 1
-
-
-_CURRENT: contextvars.ContextVar[_RequestLimits | None] = contextvars.ContextVar(
-    "routerd_request_limits", default=None
-)
-
-
 def claim_stream() -> None:
     """Take a stream slot for the current request, or raise 429 if none is free."""
-    limits = _CURRENT.get()
-    if limits is None or limits.claimed:
+    context = current()
+    if context is None or context.stream_claimed:
         return
-    if limits.slots.open >= limits.slots.limit:
+    slots = context.slots
+    if slots.open >= slots.limit:
         raise TooManyStreams(
-            f"{limits.slots.limit} streams are open, the most routerd serves at once; "
-            "retry shortly",
+            f"{slots.limit} streams are open, the most routerd serves at once; retry shortly",
             retry_after=1,
         )
-    limits.slots.open += 1
-    limits.claimed = True
+    slots.open += 1
+    context.stream_claimed = True
 
 
 def streaming(response: web.StreamResponse) -> None:
     """Note that the current request's stream has begun (its status is sent)."""
-    limits = _CURRENT.get()
-    if limits is not None:
-        limits.stream = response
+    context = current()
+    if context is not None:
+        context.stream = response
 
 
 class Deadlines:
@@ -146,17 +118,23 @@ class _Watch:
 DEADLINES = web.AppKey("deadlines", Deadlines)
 
 
-async def within_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Run an OpenAI POST under its deadline and stream cap (other requests: as they are)."""
+async def within_limits(
+    request: web.Request,
+    handler: Handler,
+    context: RequestContext,
+    *,
+    timeout: float,
+    deadlines: Deadlines,
+) -> web.StreamResponse:
+    """Run an OpenAI POST under its deadline and stream cap (other requests: as they are).
+
+    ``context`` is the request's (current while the handler runs); its stream slot,
+    if the handler took one, is given back when the handler ends.
+    """
     if request.method != "POST" or not request.path.startswith("/v1/"):
         return await handler(request)
-    app = request.app
-    timeout = app[SERVICES].config.server.request_timeout
     task = asyncio.current_task()
     assert task is not None  # aiohttp serves every request in a task of its own
-    limits = _RequestLimits(app[STREAM_SLOTS])
-    token = _CURRENT.set(limits)
-    deadlines = app[DEADLINES]
     watch = deadlines.watch(task, timeout)
     try:
         response = await handler(request)
@@ -167,13 +145,12 @@ async def within_limits(request: web.Request, handler: Handler) -> web.StreamRes
         if not watch.timed_out():
             raise  # the client left, or the daemon is stopping
         message = f"the request did not finish within {timeout:g}s"
-        if limits.stream is None:
+        if context.stream is None:
             raise GatewayTimeout(message) from None
-        return await _end_stream(limits.stream, message)
+        return await _end_stream(context.stream, message)
     finally:
         deadlines.forget(watch)
-        limits.release()
-        _CURRENT.reset(token)
+        context.release_stream()
 
 
 async def _end_stream(response: web.StreamResponse, message: str) -> web.StreamResponse:

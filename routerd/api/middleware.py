@@ -2,8 +2,8 @@
 
 Five concerns wrap each request, each kept in its own module as plain functions:
 
-1. metrics (``routerd.metrics``): begun first and finished last, so they see the
-   final status, errors included;
+1. metrics (``routerd.metrics``): finished last, so they see the final status,
+   errors included;
 2. per-version traffic statistics (``routerd.api.traffic.record_served``), which
    rollouts judge: recorded from the final response;
 3. the OpenAI error shape (``routerd.api.errors.response_for``): whatever a handler
@@ -11,6 +11,10 @@ Five concerns wrap each request, each kept in its own module as plain functions:
 4. access control (``routerd.api.auth.check_access``): 401/403 before any work;
 5. limits (``routerd.api.limits.within_limits``): the request's deadline and the
    cap on open streams, around the handler itself.
+
+What the handler learns about the request (the version it was routed to, its
+usage, its stream slot) lives on one ``RequestContext`` (``routerd.api.context``),
+made here and current while the handler runs.
 
 They run in that order inside one coroutine rather than as five aiohttp
 middlewares: every middleware layer costs each request a coroutine, a frame and a
@@ -24,29 +28,38 @@ untouched: there is no response to shape, and metrics count them as they end.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from routerd.api.auth import check_access
+from routerd.api.context import RequestContext, StreamSlots, enter, leave
 from routerd.api.errors import Handler, response_for
-from routerd.api.limits import within_limits
+from routerd.api.limits import Deadlines, within_limits
 from routerd.api.traffic import record_served
 from routerd.metrics import Metrics
+from routerd.services import Services
 
 
-def request_middleware(metrics: Metrics) -> Middleware:
-    """The app's only middleware, reporting to ``metrics``."""
+def request_middleware(
+    services: Services, metrics: Metrics, deadlines: Deadlines, slots: StreamSlots
+) -> Middleware:
+    """The app's only middleware: ``services`` as the app holds them, reporting to
+    ``metrics``; request deadlines watched by ``deadlines``; streams counted in ``slots``."""
 
     @web.middleware
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
-        observed = metrics.begin()
+        context = RequestContext(time.monotonic(), slots)
+        token = enter(context)
         status = 500
-        response: web.StreamResponse | None = None
         try:
+            server = services.config.server  # read per request: a reload replaces it
             try:
-                check_access(request)
-                response = await within_limits(request, handler)
+                check_access(request, server)
+                response = await within_limits(
+                    request, handler, context, timeout=server.request_timeout, deadlines=deadlines
+                )
             except web.HTTPException as exc:
                 if exc.status < 400:
                     status = exc.status
@@ -57,9 +70,10 @@ def request_middleware(metrics: Metrics) -> Middleware:
             except Exception as exc:
                 response = response_for(exc, request)
             status = response.status
-            record_served(request, response, observed.started)
+            record_served(services.stats, context, status)
             return response
         finally:
-            metrics.finish(request, response, status, observed)
+            leave(token)
+            metrics.finish(request, status, context)
 
     return serve

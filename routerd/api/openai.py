@@ -45,7 +45,7 @@ from routerd.api.schemas import (
 )
 from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import BadRequest, ModelNotFound
-from routerd.metrics import note_first_token, note_model, note_usage
+from routerd.metrics import note_cold_start, note_first_token, note_usage
 from routerd.scheduler import Lease
 from routerd.services import SERVICES, Services
 from state import VersionRecord
@@ -59,12 +59,15 @@ def _response_id(prefix: str) -> str:
 
 
 def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
+    """Which version and device served the request, and its cold start if it had one
+    (also noted for metrics)."""
     headers = {
         "x-routerd-model": record.model_id,
         "x-routerd-device": lease.instance.device,
     }
     if lease.cold_start_ms is not None:
         headers["x-routerd-cold-start-ms"] = f"{lease.cold_start_ms:.0f}"
+        note_cold_start(lease.cold_start_ms)
     return headers
 
 
@@ -122,7 +125,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
         claim_stream()
     shadow = functools.partial(_shadow_completion, services, req)
     record = route_request(request, req.model, req.user, shadow)
-    note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
@@ -134,7 +136,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         if cold.response is None:
             raise
-        mark_stream_failed(request)
+        mark_stream_failed()
         return await cold.fail(exc)
     return web.json_response(
         {
@@ -228,7 +230,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         claim_stream()
     shadow = functools.partial(_shadow_chat, services, req)
     record = route_request(request, req.model, req.user, shadow)
-    note_model(record.model_id)
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
@@ -240,7 +241,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         if cold.response is None:
             raise
-        mark_stream_failed(request)
+        mark_stream_failed()
         return await cold.fail(exc)
     return web.json_response(
         {
@@ -379,7 +380,7 @@ async def _write_sse(
     except (ConnectionResetError, ConnectionError):
         return response  # the client left; leaving the generator cancelled the work
     except Exception as exc:
-        mark_stream_failed(request)
+        mark_stream_failed()
         error = as_routerd_error(exc)
         await _send(response, error_body(error.message, type=error.type, code=error.code))
     await response.write(b"data: [DONE]\n\n")
@@ -418,7 +419,6 @@ async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await read_json_object(request))
     shadow = functools.partial(_shadow_embeddings, services, req)
     record = route_request(request, req.model, req.user, shadow)
-    note_model(record.model_id)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.instance.batcher.embed(

@@ -138,10 +138,12 @@ _MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _refuse_unsupported(body: Mapping[str, Any], fields: Mapping[str, tuple[Any, ...]]) -> None:
-    for key, neutral in fields.items():
-        if key in body and not any(_same(body[key], n) for n in neutral):
+    for key in body.keys() & fields.keys():  # usually none: one set operation in C
+        if not any(_same(body[key], n) for n in fields[key]):
             raise BadRequest(f"{key} is not supported by routerd yet", param=key)
-    n = body.get("n", 1)
+    if "n" not in body:
+        return
+    n = body["n"]
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise BadRequest(f"n must be a positive integer, got {n!r}", param="n")
     if n not in (None, 1):
@@ -208,6 +210,8 @@ def _sampling(
             raise BadRequest(f"{key} must be a positive integer, got {value!r}", param=key)
         max_tokens = value
         break
+    if not body.keys() & _SAMPLING_KEYS:  # the usual request: every default
+        return SamplingFields(max_tokens, 1.0, 1.0, None, ())
     return SamplingFields(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", default=1.0, low=0.0, high=2.0),
@@ -215,6 +219,9 @@ def _sampling(
         seed=_seed(body),
         stop=_stop(body.get("stop")),
     )
+
+
+_SAMPLING_KEYS = frozenset(("temperature", "top_p", "seed", "stop"))
 
 
 def _number(

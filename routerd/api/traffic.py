@@ -4,9 +4,10 @@ Each OpenAI handler calls ``route_request`` where it used to resolve the model i
 it picks the version by the route's sticky split (key: the ``x-routerd-sticky-key``
 header, else the request's ``user`` field, else none: random by weight), starts
 the shadow copy in the background if the route mirrors this request, and notes the
-version on the request. ``record_served`` then records, per served version,
-whether the request failed and how long it took (streams: until the last byte),
-which is what rollouts judge and ``routerctl status`` shows.
+version on the request's context (``routerd.api.context``). ``record_served`` then
+records, per served version, whether the request failed and how long it took
+(streams: until the last byte), which is what rollouts judge and ``routerctl
+status`` shows.
 
 A request counts as failed when it ends with a 5xx or an error event inside a
 stream. 4xx answers are the client's doing and count as served.
@@ -19,14 +20,13 @@ from typing import Final
 
 from aiohttp import web
 
+from routerd.api.context import RequestContext, current
 from routerd.services import SERVICES
 from routerd.traffic import ShadowWork
+from routerd.version_stats import VersionStats
 from state import VersionRecord
 
 STICKY_HEADER: Final = "x-routerd-sticky-key"
-
-SERVED = web.RequestKey("routerd_served", VersionRecord)
-STREAM_FAILED = web.RequestKey("routerd_stream_failed", bool)
 
 
 def route_request(
@@ -36,28 +36,31 @@ def route_request(
     services = request.app[SERVICES]
     sticky_key = request.headers.get(STICKY_HEADER) or user or None
     routed = services.router.route(model_id, sticky_key)
-    request[SERVED] = routed.record
-    request[STREAM_FAILED] = False  # set now: a missing key costs a KeyError to look up
+    context = current()
+    if context is not None:
+        context.served = routed.record
     if routed.shadow is not None:
         services.shadows.mirror(routed.shadow, shadow)
     return routed.record
 
 
-def mark_stream_failed(request: web.Request) -> None:
+def mark_stream_failed() -> None:
     """A stream already answered 200 ended with an error event: count it as failed."""
-    request[STREAM_FAILED] = True
+    context = current()
+    if context is not None:
+        context.stream_failed = True
 
 
-def record_served(request: web.Request, response: web.StreamResponse, started: float) -> None:
+def record_served(stats: VersionStats, context: RequestContext, status: int) -> None:
     """Count a finished request for the version that served it (if one was chosen).
 
     Called by the request middleware (``routerd.api.middleware``) with the final
-    response, after errors were turned into responses; ``started`` is its
-    ``time.monotonic()`` when the request arrived.
+    status, after errors were turned into responses.
     """
-    served = request.get(SERVED)
+    served = context.served
     if served is not None:
-        ok = response.status < 500 and not request[STREAM_FAILED]
-        request.app[SERVICES].stats.record(
-            served.model_id, latency_ms=(time.monotonic() - started) * 1000, ok=ok
+        stats.record(
+            served.model_id,
+            latency_ms=(time.monotonic() - context.started) * 1000,
+            ok=status < 500 and not context.stream_failed,
         )
