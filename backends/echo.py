@@ -277,13 +277,21 @@ class EchoModel:
 
     def _generate_alone(self, row: GenerationRow) -> None:
         """A lone row nobody watches token by token (no stream, no stop strings, nothing
-        can join): the same text in one go instead of one Python step per token."""
-        for _, seq in self._join([row]):
-            try:
-                row.result = seq.run_to_end()
-            except Exception as exc:
-                row.result, row.error = None, exc
-            _done(row)
+        can join): the same text in one go, without a decoding state stepped per token.
+
+        The router benchmarks (``bench/router_overhead.py``) run through here, so it
+        does only what the row needs: what ``_join`` checks, then the text itself.
+        """
+        try:
+            self._check_usable(Task.GENERATE)
+            if self._latency_s > 0:
+                time.sleep(self._latency_s)
+            if self._fail_rate > 0 and self._should_fail():
+                raise BackendError("injected failure")
+            row.result = _echo_alone(row.prompt_ids, row.params.max_tokens, row.cancellation)
+        except Exception as exc:
+            row.result, row.error = None, exc
+        _done(row)
 
     def _join(self, rows: Sequence[GenerationRow]) -> list[tuple[GenerationRow, _Sequence]]:
         """Start ``rows`` (one shared latency); rows that cannot start are finished here."""
@@ -344,6 +352,25 @@ class EchoModel:
 
     def unload(self) -> None:
         self._unloaded = True
+
+
+def _echo_alone(
+    prompt_ids: Sequence[int], max_tokens: int, cancellation: Cancellation | None
+) -> GenerationResult:
+    """What stepping a ``_Sequence`` without stop strings or a sink to its end gives."""
+    try:
+        source = bytes(prompt_ids)
+    except (ValueError, TypeError):
+        raise InvalidRequest(
+            f"token ids must be in 0..{VOCAB_SIZE - 1} for the echo backend", param="prompt"
+        ) from None
+    if cancellation is not None and cancellation.cancelled:
+        return GenerationResult("", len(source), 0, "cancelled")
+    if not source:
+        return GenerationResult("", 0, 0, "stop")
+    repeats = -(-max_tokens // len(source))
+    text = (source * repeats)[:max_tokens].decode("utf-8", "replace")
+    return GenerationResult(text, len(source), max_tokens, "length")
 
 
 def _done(row: GenerationRow) -> None:
@@ -415,21 +442,6 @@ class _Sequence:
         if self.on_text is not None:  # streaming: pass on what can no longer become a stop
             self._send(len(self.text) - self._held_back())
         return False
-
-    def run_to_end(self) -> GenerationResult:
-        """What stepping to the end gives for a row without stop strings or a sink."""
-        assert not self.stops and self.on_text is None and self.produced == 0
-        if self.cancellation is not None and self.cancellation.cancelled:
-            self.finish = "cancelled"
-        elif not self.source:
-            self.finish = "stop"
-        else:
-            count = self.params.max_tokens
-            repeats = -(-count // len(self.source))
-            self.text = (self.source * repeats)[:count].decode("utf-8", "replace")
-            self.produced = count
-            self.finish = "length"
-        return self.result()
 
     def _find_stop(self, before: int) -> int | None:
         """Earliest stop string in the text; only ones ending in the new piece are new."""

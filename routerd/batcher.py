@@ -104,6 +104,7 @@ class Batcher:
         self._engine_known = False
         self._async_embedder: AsyncEmbedding | None = None
         self._embedder_known = False
+        self._inline: bool | None = None  # whether rows may run on the loop (decided once)
         self.batches = 0  # batches started (a running batch that grows counts once)
         self.largest_batch = 0
 
@@ -141,14 +142,16 @@ class Batcher:
         """The result at once when the row can run right here, without yielding the loop
         (an inline model, nothing queued, a policy that starts it now); else None and the
         caller goes through ``generate``. Callers skip a task per request this way."""
-        if self._engine() is not None:
-            return None
         if not self._starts_inline_now(len(prompt_ids) + params.max_tokens):
             return None
         row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
         self._generate_inline(row)
-        self._observe(row.error)
-        return _outcome(row)
+        if row.error is not None:
+            self._observe(row.error)
+            raise row.error
+        self._instance.report_success()
+        assert row.result is not None  # generate_batch finishes every row it is given
+        return row.result
 
     def _engine(self) -> AsyncGenerating | None:
         if not self._engine_known:
@@ -198,23 +201,27 @@ class Batcher:
         )
 
     def _starts_inline_now(self, tokens: int) -> bool:
-        """Whether a row may run right here: an inline model, nothing queued ahead of it
-        (so the runner is not mid-batch — an inline batch never yields the loop), and a
-        policy that would start it at once. Such a row skips the queue, its future and
-        the runner's wake-up; anything else goes through the queue as usual."""
+        """Whether a row may run right here: an inline model (not an engine that batches
+        by itself), nothing queued ahead of it (so the runner is not mid-batch — an
+        inline batch never yields the loop), and a policy that would start it at once.
+        Such a row skips the queue, its future and the runner's wake-up; anything else
+        goes through the queue as usual."""
+        if self._inline is None:  # decided once, like ``_engine``
+            self._inline = self._instance.model.info.inline and self._engine() is None
         return (
-            self._instance.model.info.inline
+            self._inline
             and not self._queue
             and self.policy.admit([Queued(tokens=tokens, waited_s=0.0)], []) > 0
         )
 
     def _generate_inline(self, row: GenerationRow) -> None:
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, 1)
+        if not self.largest_batch:
+            self.largest_batch = 1
         if self._on_batch is not None:
             self._on_batch(self._instance, 1)
         try:
-            self._instance.model.generate_batch([row], None, self.policy.max_rows)
+            self._instance.model.generate_batch([row], None, 1)  # alone: nothing joins
         except Exception as exc:  # the model broke; the row carries the error
             if row.result is None and row.error is None:
                 row.error = exc

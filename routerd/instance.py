@@ -94,6 +94,7 @@ class Instance:
         self.failures = 0  # consecutive backend failures so far
         self.on_failed: Callable[[Instance, str], None] | None = None  # set by the scheduler
         self._model: LoadedModel | None = None
+        self._inline = False  # the attached model's ``info.inline``, read once per load
         self._batcher: Batcher | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"routerd-{record.model_id}-{replica}"
@@ -156,6 +157,7 @@ class Instance:
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
+        self._inline = model.info.inline
 
     def attach_batcher(self, batcher: Batcher) -> None:
         self._batcher = batcher
@@ -166,6 +168,7 @@ class Instance:
 
     def detach(self) -> LoadedModel | None:
         model, self._model = self._model, None
+        self._inline = False
         return model
 
     async def run(self, fn: Callable[..., T], /, *args: object) -> T:
@@ -180,7 +183,7 @@ class Instance:
         (``ModelInfo.inline``): then on the loop, where a thread hop would cost more
         than the call itself.
         """
-        if self.model.info.inline:
+        if self._inline:
             return fn(*args)
         return await self.run(fn, *args)
 

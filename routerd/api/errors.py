@@ -101,7 +101,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode())  # JSON between systems is UTF-8 (RFC 8259)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # the decoder recurses per level of nesting

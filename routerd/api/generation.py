@@ -25,7 +25,7 @@ from routerd.errors import BadRequest, Unavailable
 from routerd.instance import Instance
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per request, where frozen costs 4x
 class PreparedPrompt:
     token_ids: list[int]
     params: SamplingParams

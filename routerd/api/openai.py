@@ -71,6 +71,14 @@ def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
     return headers
 
 
+def _answer(payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    """A served request's JSON answer, encoded once straight to bytes (``json_response``
+    encodes to text, which the response then encodes again, and sets the content type
+    through a parser)."""
+    headers["Content-Type"] = "application/json"
+    return web.Response(body=json.dumps(payload).encode(), headers=headers)
+
+
 _TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
 
 
@@ -138,7 +146,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return web.json_response(
+    return _answer(
         {
             "id": _response_id("cmpl"),
             "object": "text_completion",
@@ -243,7 +251,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return web.json_response(
+    return _answer(
         {
             "id": _response_id("chatcmpl"),
             "object": "chat.completion",
@@ -397,7 +405,11 @@ def _finish(result: GenerationResult) -> str:
 
 
 def _token_counts(results: list[GenerationResult]) -> tuple[int, int]:
-    return sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    prompt = completion = 0
+    for result in results:
+        prompt += result.prompt_tokens
+        completion += result.completion_tokens
+    return prompt, completion
 
 
 def _usage(results: list[GenerationResult]) -> dict[str, int]:
@@ -427,7 +439,7 @@ async def embeddings(request: web.Request) -> web.Response:
     vectors = embedded.vectors
     tokens = sum(len(ids) for ids in embedded.token_ids)
     note_usage(tokens, 0)
-    return web.json_response(
+    return _answer(
         {
             "object": "list",
             "data": [
