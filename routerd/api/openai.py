@@ -71,12 +71,17 @@ def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
     return headers
 
 
+# Answers are built here from plain dicts, lists and scalars, never with a cycle: the
+# encoder need not track every container it enters to detect one.
+_ENCODER = json.JSONEncoder(check_circular=False)
+
+
 def _answer(payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
     """A served request's JSON answer, encoded once straight to bytes (``json_response``
     encodes to text, which the response then encodes again, and sets the content type
     through a parser)."""
     headers["Content-Type"] = "application/json"
-    return web.Response(body=json.dumps(payload).encode(), headers=headers)
+    return web.Response(body=_ENCODER.encode(payload).encode(), headers=headers)
 
 
 _TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
@@ -397,7 +402,7 @@ async def _write_sse(
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    await response.write(b"data: " + _ENCODER.encode(payload).encode() + b"\n\n")
 
 
 def _finish(result: GenerationResult) -> str:
