@@ -616,13 +616,13 @@ class ResidencyCore:
 
     def _changed(self, *, wake_reaper: bool = True) -> None:
         """Wake everything waiting for room, and the reaper unless told it need not look."""
-        waiters, self._change_waiters = self._change_waiters, []
-        if wake_reaper:
-            waiters += self._reaper_waiters
-            self._reaper_waiters = []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._change_waiters or (wake_reaper and self._reaper_waiters):  # else: no lists
+            waiters, self._change_waiters = self._change_waiters, []
+            if wake_reaper:
+                waiters += self._reaper_waiters
+                self._reaper_waiters = []
+            for waiter in waiters:
+                _wake(waiter)
         if self._on_change is not None:
             self._on_change(self)
 

@@ -344,6 +344,8 @@ class Scheduler(ResidencyCore):
         only where memory allows without evicting anything.
         """
         options = record.options
+        if _REPLICA_OPTIONS.isdisjoint(options) and replicas:
+            return  # the usual version: one instance, and it exists
         minimum = int(options.get("replicas", 1))
         maximum = max(int(options.get("max_replicas", minimum)), minimum)
         if len(replicas) >= maximum or any(i.state is not InstanceState.READY for i in replicas):
