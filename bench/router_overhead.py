@@ -20,17 +20,23 @@ Two servers run as subprocesses on loopback ports:
 The same client (one aiohttp ``ClientSession`` per run, keep-alive, one connection
 per concurrent worker) sends the same request body to each, at concurrency 1 and
 64: a warm-up, then ``--requests`` requests (or fewer if ``--duration`` seconds run
-out). Targets are measured alternately, and with ``--rounds`` > 1 the best round of
-each target is kept.
+out). Each of ``--rounds`` rounds measures the two targets back to back (which goes
+first alternates) and compares them with each other: the figures below are the
+median over rounds of these paired comparisons. On a shared machine a run can be
+slowed for a second by a neighbour; a pair measured within the same second shares
+that luck, where the best round of each target taken apart may pair a lucky second
+of one with an ordinary second of the other. The best rounds are printed too.
 
-Usage: python bench/router_overhead.py [--requests 5000] [--duration 60] [--rounds 4]
+Usage: python bench/router_overhead.py [--requests 5000] [--duration 60] [--rounds 5]
        [--batching none|dynamic] [--threaded] [--profile FILE]  (cProfile of routerd's main thread)
 
-Prints a table, then as its last line one JSON object: ``rps_ratio`` (routerd ÷ bare
-requests per second at concurrency 64), ``added_p50_ms`` and ``added_p99_ms``
-(routerd minus bare latency at concurrency 1), ``added_server_cpu_ms`` (routerd minus
-bare server CPU per request at concurrency 64, read from ``/proc``), and the raw
-figures per concurrency under ``c1`` and ``c64``.
+Prints a table of each target's best round, then as its last line one JSON object:
+``rps_ratio`` (routerd ÷ bare requests per second at concurrency 64),
+``added_p50_ms`` and ``added_p99_ms`` (routerd minus bare latency at concurrency 1),
+``added_server_cpu_ms`` (routerd minus bare server CPU per request at concurrency
+64, read from ``/proc``), each the median over rounds of the paired figures;
+``rps_ratios`` (each round's ratio), ``rps_ratio_best`` (best round ÷ best round),
+and each target's best round per concurrency under ``c1`` and ``c64``.
 Goal: rps_ratio ≥ 0.6 and added_p50_ms ≤ 0.5.
 """
 
@@ -43,10 +49,12 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,21 +306,26 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
     results: dict[int, dict[str, dict[str, Any] | None]] = {
         c: {"routerd": None, "bare": None} for c in CONCURRENCIES
     }
+    # each round's pair of runs, measured back to back: compared with each other only
+    paired: dict[int, list[dict[str, dict[str, Any]]]] = {c: [] for c in CONCURRENCIES}
     for round_ in range(args.rounds):
         for concurrency in CONCURRENCIES:
             # alternate which target goes first, so drift does not favour one side
             order = [routerd, bare] if round_ % 2 == 0 else [bare, routerd]
+            pair: dict[str, dict[str, Any]] = {}
             for server in order:
                 figures = await run_load(server, body, concurrency, args.requests, args.duration)
                 best = results[concurrency]
                 best[server.name] = better(best[server.name], figures)
+                pair[server.name] = figures
                 print(
                     f"  round {round_ + 1} c={concurrency:<3} {server.name:<8} "
                     f"{figures['rps']:>9.1f} req/s  p50 {figures['p50_ms']:.3f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
-    return {"results": results, "response_bytes": len(answer["body"])}
+            paired[concurrency].append(pair)
+    return {"results": results, "paired": paired, "response_bytes": len(answer["body"])}
 
 
 def report(args: argparse.Namespace, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -323,20 +336,31 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> dict[str, Any]:
         for name in ("routerd", "bare"):
             figures = results[concurrency][name]
             print(f"{name:<8} {concurrency:>4} " + " ".join(f"{figures[c]:>13}" for c in columns))
-    low, high = results[CONCURRENCIES[0]], results[CONCURRENCIES[-1]]
-    summary = {
-        "rps_ratio": round(high["routerd"]["rps"] / high["bare"]["rps"], 3),
-        "added_p50_ms": round(low["routerd"]["p50_ms"] - low["bare"]["p50_ms"], 3),
-        "added_p99_ms": round(low["routerd"]["p99_ms"] - low["bare"]["p99_ms"], 3),
-        "added_server_cpu_ms": round(
-            high["routerd"]["server_cpu_ms"] - high["bare"]["server_cpu_ms"], 3
+    low, high = CONCURRENCIES[0], CONCURRENCIES[-1]
+    paired = outcome["paired"]
+
+    def paired_median(
+        concurrency: int, of: Callable[[dict[str, Any], dict[str, Any]], float]
+    ) -> float:
+        return round(statistics.median(of(p["routerd"], p["bare"]) for p in paired[concurrency]), 3)
+
+    ratios = [round(p["routerd"]["rps"] / p["bare"]["rps"], 3) for p in paired[high]]
+    best_high = results[high]
+    summary: dict[str, Any] = {
+        "rps_ratio": paired_median(high, lambda r, b: r["rps"] / b["rps"]),
+        "added_p50_ms": paired_median(low, lambda r, b: r["p50_ms"] - b["p50_ms"]),
+        "added_p99_ms": paired_median(low, lambda r, b: r["p99_ms"] - b["p99_ms"]),
+        "added_server_cpu_ms": paired_median(
+            high, lambda r, b: r["server_cpu_ms"] - b["server_cpu_ms"]
         ),
+        "rps_ratios": ratios,
+        "rps_ratio_best": round(best_high["routerd"]["rps"] / best_high["bare"]["rps"], 3),
     }
     print(
-        f"\nrouterd ÷ bare at c={CONCURRENCIES[-1]}: {summary['rps_ratio']:.2f}× req/s "
-        f"(goal ≥ 0.6); added latency at c={CONCURRENCIES[0]}: "
+        f"\nrouterd ÷ bare at c={high}: {summary['rps_ratio']:.2f}× req/s "
+        f"(goal ≥ 0.6; median of the rounds' ratios {ratios}); added latency at c={low}: "
         f"p50 {summary['added_p50_ms']:.3f} ms (goal ≤ 0.5), p99 {summary['added_p99_ms']:.3f} ms; "
-        f"server CPU per request at c={CONCURRENCIES[-1]}: "
+        f"server CPU per request at c={high}: "
         f"+{summary['added_server_cpu_ms']:.3f} ms"
     )
     for concurrency in CONCURRENCIES:
@@ -357,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000, help="per target and concurrency")
     parser.add_argument("--duration", type=float, default=60.0, help="cap in seconds per run")
-    parser.add_argument("--rounds", type=int, default=4, help="alternate rounds; best kept")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of paired runs")
     parser.add_argument("--batching", choices=["none", "dynamic"], default="none")
     parser.add_argument(
         "--threaded", action="store_true", help="echo model on its instance thread (blocking)"
