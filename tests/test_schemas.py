@@ -71,6 +71,14 @@ def test_unsupported_values_are_refused(field, value):
     assert caught.value.param == field
 
 
+def test_of_several_unsupported_fields_the_same_one_is_named_whatever_their_order():
+    unsupported = {"suffix": "x", "echo": True, "best_of": 2, "logprobs": True}
+    for body in (unsupported, dict(reversed(unsupported.items()))):
+        with pytest.raises(BadRequest) as caught:
+            parse_completion({"model": "m", "prompt": "x", **body})
+        assert caught.value.param == "logprobs"  # the first of the fields routerd refuses
+
+
 def test_chat_prefers_max_completion_tokens_and_joins_text_parts():
     req = parse_chat(
         {

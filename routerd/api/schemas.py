@@ -143,9 +143,10 @@ _MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _refuse_unsupported(body: Mapping[str, Any], fields: Mapping[str, tuple[Any, ...]]) -> None:
-    for key in body.keys() & fields.keys():  # usually none: one set operation in C
-        if not any(_same(body[key], n) for n in fields[key]):
-            raise BadRequest(f"{key} is not supported by routerd yet", param=key)
+    if not fields.keys().isdisjoint(body):  # usually disjoint: one set operation in C
+        for key, neutral in fields.items():  # in this order: the same field named each time
+            if key in body and not any(_same(body[key], n) for n in neutral):
+                raise BadRequest(f"{key} is not supported by routerd yet", param=key)
     if "n" not in body:
         return
     n = body["n"]
@@ -215,18 +216,20 @@ def _sampling(
             raise BadRequest(f"{key} must be a positive integer, got {value!r}", param=key)
         max_tokens = value
         break
-    if not body.keys() & _SAMPLING_KEYS:  # the usual request: every default
-        return SamplingFields(max_tokens, 1.0, 1.0, None, ())
+    if _SAMPLING_KEYS.isdisjoint(body):  # the usual request: every default
+        return SamplingFields(max_tokens, _TEMPERATURE, _TOP_P, None, ())
     return SamplingFields(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", default=1.0, low=0.0, high=2.0),
-        top_p=_number(body, "top_p", default=1.0, low=0.0, high=1.0, low_open=True),
+        temperature=_number(body, "temperature", default=_TEMPERATURE, low=0.0, high=2.0),
+        top_p=_number(body, "top_p", default=_TOP_P, low=0.0, high=1.0, low_open=True),
         seed=_seed(body),
         stop=_stop(body.get("stop")),
     )
 
 
 _SAMPLING_KEYS = frozenset(("temperature", "top_p", "seed", "stop"))
+_TEMPERATURE = 1.0  # OpenAI's defaults
+_TOP_P = 1.0
 
 
 def _number(
