@@ -284,9 +284,8 @@ class EchoModel:
         """
         try:
             self._check_usable(Task.GENERATE)
-            if self._latency_s > 0:
-                time.sleep(self._latency_s)
-            if self._fail_rate > 0 and self._should_fail():
+            self._sleep()
+            if self._should_fail():
                 raise BackendError("injected failure")
             row.result = _echo_alone(row.prompt_ids, row.params.max_tokens, row.cancellation)
         except Exception as exc:
@@ -358,12 +357,7 @@ def _echo_alone(
     prompt_ids: Sequence[int], max_tokens: int, cancellation: Cancellation | None
 ) -> GenerationResult:
     """What stepping a ``_Sequence`` without stop strings or a sink to its end gives."""
-    try:
-        source = bytes(prompt_ids)
-    except (ValueError, TypeError):
-        raise InvalidRequest(
-            f"token ids must be in 0..{VOCAB_SIZE - 1} for the echo backend", param="prompt"
-        ) from None
+    source = _prompt_bytes(prompt_ids)
     if cancellation is not None and cancellation.cancelled:
         return GenerationResult("", len(source), 0, "cancelled")
     if not source:
@@ -371,6 +365,16 @@ def _echo_alone(
     repeats = -(-max_tokens // len(source))
     text = (source * repeats)[:max_tokens].decode("utf-8", "replace")
     return GenerationResult(text, len(source), max_tokens, "length")
+
+
+def _prompt_bytes(prompt_ids: Sequence[int]) -> bytes:
+    """The bytes a prompt's ids stand for (the echo vocabulary is the 256 byte values)."""
+    try:
+        return bytes(prompt_ids)  # refuses ids outside 0..255 itself
+    except (ValueError, TypeError):
+        raise InvalidRequest(
+            f"token ids must be in 0..{VOCAB_SIZE - 1} for the echo backend", param="prompt"
+        ) from None
 
 
 def _done(row: GenerationRow) -> None:
@@ -391,12 +395,7 @@ class _Sequence:
         on_text: TextSink | None,
         cancellation: Cancellation | None,
     ) -> None:
-        try:
-            self.source = bytes(prompt_ids)  # refuses ids outside 0..255 itself
-        except (ValueError, TypeError):
-            raise InvalidRequest(
-                f"token ids must be in 0..{VOCAB_SIZE - 1} for the echo backend", param="prompt"
-            ) from None
+        self.source = _prompt_bytes(prompt_ids)
         self.params = params
         self.on_text = on_text
         self.cancellation = cancellation

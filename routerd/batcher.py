@@ -146,12 +146,8 @@ class Batcher:
             return None
         row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
         self._generate_inline(row)
-        if row.error is not None:
-            self._observe(row.error)
-            raise row.error
-        self._instance.report_success()
-        assert row.result is not None  # generate_batch finishes every row it is given
-        return row.result
+        self._observe(row.error)
+        return _outcome(row)
 
     def _engine(self) -> AsyncGenerating | None:
         if not self._engine_known:
