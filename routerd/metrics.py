@@ -329,10 +329,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application) -> Metrics:
-    """Create the app's metrics, observe its services, serve ``/metrics``.
-
-    The request middleware (``routerd.api.middleware``) finds them under ``METRICS``.
-    """
+    """Create the app's metrics, observe its services, serve ``/metrics``; the app's
+    builder hands them to the request middleware (``routerd.api.middleware``)."""
     found = Metrics()
     found.attach(app[SERVICES])
     app[METRICS] = found
