@@ -43,6 +43,8 @@ from aiohttp.test_utils import make_mocked_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from servers import new_loop
+
 from routerd.app import build_app, build_services
 from routerd.config import Config, ServerConfig
 from state import VersionSpec
@@ -185,12 +187,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
+    loop = new_loop()
     best = loop.run_until_complete(measure(args.requests, args.rounds))
     loop.close()
     print(f"{'app':<8} {'seq µs':>10} {'c64 µs':>10}")

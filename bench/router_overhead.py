@@ -58,22 +58,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from servers import ServerProcess, free_port
+from servers import ServerProcess, free_port, new_loop
 
 MODEL = "echo"
 REQUEST = {"model": MODEL, "prompt": "Say hello to routerd, please.", "max_tokens": 16}
 CONCURRENCIES = (1, 64)
 # routerd then calls the echo model on its instance thread, like a compute backend.
 THREADED_OPTION = "inline = false"
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 # -- the bare server (run as ``--serve-bare PORT --body FILE`` in a subprocess) ---------

@@ -2,8 +2,9 @@
 
 Shared by ``router_overhead.py`` (routerd and a bare aiohttp server),
 ``vllm_overhead.py`` (routerd and ``vllm serve``) and ``soak.py`` (``routerd serve
---demo``, started twice). Each server writes its output to a log file, whose tail
-is shown when it exits early or never gets ready.
+--demo``, started twice). Each server writes its output to a log file, whose tail is
+shown when it exits early or never gets ready. ``new_loop`` is the event loop kind
+routerd serves on, for the benchmarks that serve or measure in process too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop of the kind routerd serves on: uvloop when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def free_port() -> int:
