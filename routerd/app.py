@@ -23,10 +23,10 @@ from routerd.api import admin, health, openai, openapi, traffic_admin
 from routerd.api.context import StreamSlots
 from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
+from routerd.clock import Clock
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
-from routerd.residency import ResidencyCore
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
@@ -43,14 +43,15 @@ def build_services(
     *,
     backends: BackendRegistry | None = None,
     devices: DeviceInventory | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    on_change: Callable[[ResidencyCore], None] | None = None,
+    clock: Clock | None = None,
+    on_change: Callable[[Scheduler], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure.
 
-    ``clock`` drives the scheduler (monotonic); ``wall_clock`` the per-version
-    statistics and rollout steps, whose times are stored and outlive the process.
+    ``clock`` drives the scheduler: its reads and every wait (real time when None).
+    ``wall_clock`` drives the per-version statistics and rollout steps, whose times
+    are stored and outlive the process.
     """
     store = Store.open(config.database_path, busy_timeout=config.busy_timeout)
     try:

@@ -4,8 +4,10 @@ Every instance gets its own single-thread executor (DESIGN.md rule 6): loading,
 warm-up, forward passes and unloading all run there, one at a time, so a model
 that is loading never blocks the event loop or another model's requests.
 
-Only the scheduler creates instances and changes their ``state``; handlers see
-them through a lease.
+Only the scheduler's lifecycle creates instances and moves their ``state``
+(``move_to``, checked against ``routerd.states.TRANSITIONS``); handlers see them
+through a lease. An instance reports failures and load progress as messages
+(``routerd.messages``) and never calls into the scheduler.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
 from backends.base import (
@@ -29,31 +30,14 @@ from backends.base import (
     LoadedModel,
     LoadProgress,
 )
+from routerd.messages import InstanceFailed, LoadProgressed, Post
+from routerd.states import INITIAL, InstanceState, check_transition
 from state import VersionRecord
 
 if TYPE_CHECKING:
     from routerd.batcher import Batcher
 
 T = TypeVar("T")
-
-
-class InstanceState(StrEnum):
-    WAITING = "waiting"  # placed; its victims are still leaving
-    LOADING = "loading"
-    WARMING = "warming"
-    READY = "ready"
-    DRAINING = "draining"
-    UNLOADING = "unloading"
-    SLEEPING = "sleeping"  # weights in host RAM; woken by the next request
-
-    @property
-    def allocating(self) -> bool:
-        return self in (InstanceState.LOADING, InstanceState.WARMING)
-
-    @property
-    def loading(self) -> bool:
-        """Not ready yet: placed, loading or warming up."""
-        return self in (InstanceState.WAITING, InstanceState.LOADING, InstanceState.WARMING)
 
 
 class Instance:
@@ -68,12 +52,14 @@ class Instance:
         estimated_bytes: int,
         keep_alive: float,
         now: float,
+        wall: Callable[[], float] = time.time,
         replica: int = 0,
     ) -> None:
         self.record = record
         self.replica = replica
         self.device = device
-        self.state = InstanceState.WAITING
+        self._state = INITIAL
+        self._wall = wall
         self.reserved_bytes = reserved_bytes  # what placement planned for it
         self.estimated_bytes = estimated_bytes  # the estimate from headers
         self.measured: Footprint | None = None
@@ -83,7 +69,7 @@ class Instance:
         self.loaded_at = now  # scheduler clock; reset when it becomes ready
         self.touched = now  # scheduler clock: last lease acquired or released
         self.load_ms: float | None = None
-        self.last_used = time.time()  # wall clock, for people
+        self.last_used = wall()  # wall clock, for people
         self.victim_of: str | None = None  # the load this instance makes room for
         self.revoked: str | None = None  # why live leases were ended (forced eviction)
         # Set from the instance thread while loading (one atomic assignment), read on the loop.
@@ -92,7 +78,7 @@ class Instance:
         self.stop_timeout = 30.0  # cancelled work must stop this soon, or the instance is hung
         self.max_failures = 3  # consecutive backend failures before the instance is failed
         self.failures = 0  # consecutive backend failures so far
-        self.on_failed: Callable[[Instance, str], None] | None = None  # set by the scheduler
+        self.post: Post | None = None  # where health and progress go (set by the scheduler)
         self._model: LoadedModel | None = None
         self._inline = False  # the attached model's ``info.inline``, read once per load
         self._batcher: Batcher | None = None
@@ -105,6 +91,15 @@ class Instance:
         # Set when the instance stops holding its device bytes: gone, or asleep.
         self.vacated = asyncio.Event()
         self.host_bytes = 0  # host RAM held while asleep
+
+    @property
+    def state(self) -> InstanceState:
+        return self._state
+
+    def move_to(self, target: InstanceState) -> None:
+        """Enter ``target``; only the scheduler's lifecycle calls this (rule 1)."""
+        check_transition(self.key, self._state, target)
+        self._state = target
 
     @property
     def device_bytes(self) -> int:
@@ -188,8 +183,9 @@ class Instance:
         return await self.run(fn, *args)
 
     def report_progress(self, progress: LoadProgress) -> None:
-        """A backend's ``LoadSpec.progress``: remember the latest phase of the load."""
-        self.progress = progress
+        """A backend's ``LoadSpec.progress`` (instance thread): post it to the scheduler."""
+        if self.post is not None:
+            self.post(LoadProgressed(self, progress))
 
     def acquire(self, now: float) -> None:
         self.in_flight += 1
@@ -199,7 +195,7 @@ class Instance:
     def release(self, now: float) -> None:
         self.in_flight -= 1
         self.touched = now
-        self.last_used = time.time()
+        self.last_used = self._wall()
         if self.in_flight == 0:
             self.idle.set()
 
@@ -226,11 +222,12 @@ class Instance:
         """A backend fault served a request (or the thread hung: ``fatal``).
 
         After ``max_failures`` in a row, or at once when fatal, the scheduler is told
-        (``on_failed``); it alone decides what becomes of the instance (DESIGN.md rule 1).
+        (an ``InstanceFailed`` message); it alone decides what becomes of the instance
+        (DESIGN.md rule 1).
         """
         self.failures += 1
-        if (fatal or self.failures >= self.max_failures) and self.on_failed is not None:
-            self.on_failed(self, reason)
+        if (fatal or self.failures >= self.max_failures) and self.post is not None:
+            self.post(InstanceFailed(self, reason))
 
     def close_executor(self) -> None:
         """Stop the thread once its queued work is done; never blocks the loop."""
@@ -260,7 +257,10 @@ class InstanceSnapshot:
     load_percent: int | None = None  # while loading: an overall estimate, 0..99
 
     @classmethod
-    def of(cls, instance: Instance, *, pinned: bool = False, now: float = 0.0) -> InstanceSnapshot:
+    def of(
+        cls, instance: Instance, *, pinned: bool = False, now: float = 0.0, wall: float = 0.0
+    ) -> InstanceSnapshot:
+        """``now`` on the scheduler's clock, ``wall`` the wall-clock time it stands for."""
         expires_at = None
         if (
             instance.state is InstanceState.READY
@@ -269,7 +269,7 @@ class InstanceSnapshot:
             and math.isfinite(instance.keep_alive)
         ):
             remaining = instance.touched + instance.keep_alive - now
-            expires_at = time.time() + max(remaining, 0.0)
+            expires_at = wall + max(remaining, 0.0)
         return cls(
             model=instance.record.name,
             version=instance.record.version,

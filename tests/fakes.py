@@ -8,6 +8,7 @@ cancellation. ``FakeGpus`` stands in for NVML.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import threading
@@ -161,7 +162,7 @@ class FakeModel:
 
     def unload(self) -> None:
         self.unloaded = True
-        self.backend.unloads.append(self.spec.name + "@" + self.spec.version)
+        self.backend.note(self.backend.unloads, self.spec.name + "@" + self.spec.version)
         if not self.spec.options.get("leak"):
             self.backend.on_gpu(self.spec, -self.measure_footprint().total)
 
@@ -178,6 +179,7 @@ class FakeBackend:
         self.models: list[FakeModel] = []
         self.load_gate = threading.Event()
         self.load_gate.set()
+        self._calls = threading.Condition()  # notified as loads and unloads begin
         self.generate_gate = threading.Event()
         self.generate_gate.set()
         self.generated = 0
@@ -206,9 +208,24 @@ class FakeBackend:
         if self.gpus is not None and spec.device.startswith("cuda:"):
             self.gpus.add(int(spec.device.split(":")[1]), os.getpid(), nbytes)
 
+    async def began(self, calls: list[str], count: int, limit: float = 5.0) -> None:
+        """Wait until ``calls`` (``loads`` or ``unloads``) holds ``count`` entries: they
+        are made on instance threads, so this waits on a condition, not on time."""
+
+        def wait() -> bool:
+            with self._calls:
+                return self._calls.wait_for(lambda: len(calls) >= count, limit)
+
+        assert await asyncio.to_thread(wait), f"only {calls} after {limit}s"
+
+    def note(self, calls: list[str], model_id: str) -> None:
+        with self._calls:
+            calls.append(model_id)
+            self._calls.notify_all()
+
     def load(self, spec: LoadSpec) -> FakeModel:
         model_id = spec.name + "@" + spec.version
-        self.loads.append(model_id)
+        self.note(self.loads, model_id)
         self.load_devices.append(spec.device)
         self.load_threads.append(threading.current_thread().name)
         if not Path(spec.path).is_dir():

@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestClient
 from backends.registry import BackendRegistry
 from routerd.admin_socket import bind_admin_socket
 from routerd.app import build_app, build_services
+from routerd.clock import Clock
 from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
-from routerd.residency import ResidencyCore
+from routerd.scheduler import Scheduler
 from routerd.services import SERVICES, Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
@@ -57,8 +58,8 @@ def fake_services(
     scheduler: dict[str, Any] | None = None,
     devices_config: dict[str, Any] | None = None,
     pinned: Sequence[str] = (),
-    clock: Callable[[], float] = time.monotonic,
-    on_change: Callable[[ResidencyCore], None] | None = None,
+    clock: Clock | None = None,
+    on_change: Callable[[Scheduler], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
     **config: Any,
 ) -> Services:
@@ -87,8 +88,22 @@ def fake_services(
     )
 
 
+async def until(scheduler: Scheduler, predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait, change by change, until ``predicate`` holds.
+
+    The scheduler signals every change it makes, so this wakes exactly when there is
+    something new to look at; ``limit`` (real seconds) only bounds a test that would
+    otherwise hang, it is never waited out by a passing one.
+    """
+    async with asyncio.timeout(limit):
+        while not predicate():
+            await scheduler.context.signals.next_change()
+
+
 class FakeClock:
-    """Monotonic seconds that only move when a test says so."""
+    """Wall-clock seconds that only move when a test says so (stats, rollouts, the store).
+
+    The scheduler's clock is ``routerd.clock.VirtualClock``, which also drives waits."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start
@@ -107,7 +122,7 @@ class LedgerWatch:
         self.checks = 0
         self.worst_over = 0
 
-    def __call__(self, scheduler: ResidencyCore) -> None:
+    def __call__(self, scheduler: Scheduler) -> None:
         self.checks += 1
         for row in scheduler.ledger():
             self.worst_over = max(self.worst_over, row.over_budget)

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from routerd.admission import MAX_RETRY_S, MIN_RETRY_S, QueueState, moving_average, retry_after
 from routerd.app import build_app
 from routerd.config import ConfigError, _scheduler
+from routerd.scheduler.admission import (
+    MAX_RETRY_S,
+    MIN_RETRY_S,
+    QueueState,
+    moving_average,
+    retry_after,
+)
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 

@@ -21,7 +21,7 @@ def backend():
 
 async def ready_instance(services, name):
     await services.scheduler.load(services.router.resolve(name))
-    return services.scheduler._instances[f"{name}@1"]
+    return services.scheduler.residency.instances[f"{name}@1"]
 
 
 async def test_concurrent_requests_share_batches(tmp_path, backend):

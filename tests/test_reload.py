@@ -47,7 +47,7 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
         assert (outcome.added, outcome.updated, outcome.removed) == (["c@1"], ["a@1"], ["b@1"])
         assert outcome.error is None and outcome.restart_needed == []
         assert services.scheduler.settings.max_queue == 7
-        assert services.scheduler._placement.name == "first-fit"
+        assert services.scheduler.placement.name == "first-fit"
         assert services.scheduler.is_pinned("c@1")
         assert services.config is new
         for _ in range(100):  # the changed and the removed version drain and leave

@@ -1,4 +1,8 @@
-"""Memory-aware residency with fakes: budgets, LRU, waiting, pins, keep-alive, NVML, OOM."""
+"""Memory-aware residency with fakes: budgets, LRU, waiting, pins, keep-alive, NVML, OOM.
+
+The scheduler runs on a ``VirtualClock`` here: keep-alive, minimum residency, load
+waits and release checks all move only when a test advances it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from routerd.clock import VirtualClock, settle
 from routerd.devices import DeviceInventory
 from routerd.errors import LoadFailed, Unavailable
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
-from tests.support import FakeClock, LedgerWatch, fake_services, fake_spec
+from tests.support import LedgerWatch, fake_services, fake_spec, until
 
 MiB = 1024**2
 
@@ -30,31 +35,35 @@ async def request(services, name, **lease_args):
         return lease.instance.device
 
 
-async def wait_until(predicate, timeout=5.0):
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 @pytest.fixture
 def backend():
     return FakeBackend()
 
 
-def cpu_services(tmp_path, backend, models, budget, **kw):
+@pytest.fixture
+def clock():
+    return VirtualClock()
+
+
+def cpu_services(tmp_path, backend, models, budget, clock, **kw):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
     devices = DeviceInventory(None, meminfo=meminfo, cpu_budget=budget)
-    return fake_services(tmp_path, backend, models, devices=devices, **kw)
+    return fake_services(tmp_path, backend, models, devices=devices, clock=clock, **kw)
 
 
-async def test_lru_order_under_a_budget_for_two_of_three(tmp_path, backend):
+def gone(services, model_id):
+    return lambda: services.scheduler.instance(model_id) is None
+
+
+async def test_lru_order_under_a_budget_for_two_of_three(tmp_path, backend, clock):
     watch = LedgerWatch()
     models = [fake_spec(tmp_path, n, bytes=b) for n, b in (("s", 10), ("m", 40), ("l", 50))]
-    services = cpu_services(tmp_path, backend, models, budget=95, on_change=watch)
+    services = cpu_services(tmp_path, backend, models, budget=95, clock=clock, on_change=watch)
     try:
         for name in ("s", "m", "l", "s"):
             await request(services, name)
+            await clock.advance(1)  # each is used a second after the one before
         assert events(services, "evict") == [
             ("evict", "s@1", "lru", "l@1"),
             ("evict", "m@1", "lru", "s@1"),
@@ -66,11 +75,11 @@ async def test_lru_order_under_a_budget_for_two_of_three(tmp_path, backend):
         services.store.close()
 
 
-async def test_fifty_concurrent_requests_on_three_models_that_do_not_fit(tmp_path, backend):
+async def test_fifty_concurrent_requests_on_three_models_that_do_not_fit(tmp_path, backend, clock):
     watch = LedgerWatch()
     models = [fake_spec(tmp_path, "stream", bytes=30, token_delay=0.002, context=4096)]
     models += [fake_spec(tmp_path, n, bytes=40, token_delay=0.001) for n in ("x", "y", "z")]
-    services = cpu_services(tmp_path, backend, models, budget=80, on_change=watch)
+    services = cpu_services(tmp_path, backend, models, budget=80, clock=clock, on_change=watch)
     scheduler = services.scheduler
     try:
         stream_record = services.router.resolve("stream")
@@ -92,8 +101,10 @@ async def test_fifty_concurrent_requests_on_three_models_that_do_not_fit(tmp_pat
         services.store.close()
 
 
-async def test_too_large_fails_at_once_naming_bytes_and_device(tmp_path, backend):
-    services = cpu_services(tmp_path, backend, [fake_spec(tmp_path, "huge", bytes=500)], budget=100)
+async def test_too_large_fails_at_once_naming_bytes_and_device(tmp_path, backend, clock):
+    services = cpu_services(
+        tmp_path, backend, [fake_spec(tmp_path, "huge", bytes=500)], budget=100, clock=clock
+    )
     try:
         with pytest.raises(Unavailable, match=r"needs .*500 bytes.*cpu") as caught:
             await request(services, "huge")
@@ -103,15 +114,19 @@ async def test_too_large_fails_at_once_naming_bytes_and_device(tmp_path, backend
         services.store.close()
 
 
-async def test_busy_room_waits_then_503_with_retry_after(tmp_path, backend):
+async def test_busy_room_waits_then_503_with_retry_after(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "a", bytes=60), fake_spec(tmp_path, "b", bytes=60)]
     services = cpu_services(
-        tmp_path, backend, models, budget=100, scheduler={"load_wait_timeout": 0.3}
+        tmp_path, backend, models, budget=100, clock=clock, scheduler={"load_wait_timeout": 20}
     )
     try:
         async with services.scheduler.lease(services.router.resolve("a")):
+            waiting = asyncio.create_task(request(services, "b"))
+            await clock.advance(19.9)
+            assert not waiting.done(), "the wait for room lasts load_wait_timeout"
+            await clock.advance(0.1)
             with pytest.raises(Unavailable, match="serving requests") as caught:
-                await request(services, "b")
+                await waiting
         assert caught.value.retry_after is not None
         assert backend.loads == ["a@1"]
         # Once the lease ends, the same request succeeds by evicting a.
@@ -121,9 +136,9 @@ async def test_busy_room_waits_then_503_with_retry_after(tmp_path, backend):
         services.store.close()
 
 
-async def test_waiting_request_gets_room_when_the_lease_ends(tmp_path, backend):
+async def test_waiting_request_gets_room_when_the_lease_ends(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "a", bytes=60), fake_spec(tmp_path, "b", bytes=60)]
-    services = cpu_services(tmp_path, backend, models, budget=100)
+    services = cpu_services(tmp_path, backend, models, budget=100, clock=clock)
     try:
         release = asyncio.Event()
 
@@ -132,9 +147,9 @@ async def test_waiting_request_gets_room_when_the_lease_ends(tmp_path, backend):
                 await release.wait()
 
         holder = asyncio.create_task(hold_a())
-        await wait_until(lambda: backend.loads == ["a@1"])
+        await backend.began(backend.loads, 1)
         waiting = asyncio.create_task(request(services, "b"))
-        await asyncio.sleep(0.1)
+        await clock.advance(5)
         assert not waiting.done()
         release.set()
         await holder
@@ -143,8 +158,7 @@ async def test_waiting_request_gets_room_when_the_lease_ends(tmp_path, backend):
         services.store.close()
 
 
-async def test_min_residency_bounds_thrashing(tmp_path, backend):
-    clock = FakeClock()
+async def test_min_residency_bounds_thrashing(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "a", bytes=60), fake_spec(tmp_path, "b", bytes=60)]
     services = cpu_services(
         tmp_path, backend, models, budget=100, clock=clock, scheduler={"min_residency": 10.0}
@@ -152,17 +166,16 @@ async def test_min_residency_bounds_thrashing(tmp_path, backend):
     try:
         await request(services, "a")
         waiting = asyncio.create_task(request(services, "b"))
-        await asyncio.sleep(0.3)
+        await clock.advance(9.9)
         assert not waiting.done(), "a is younger than min_residency and must stay"
-        clock.advance(10)
+        await clock.advance(0.1)
         await asyncio.wait_for(waiting, 5)
         assert backend.unloads == ["a@1"]
     finally:
         services.store.close()
 
 
-async def test_keep_alive_expiry_and_per_request_override(tmp_path, backend):
-    clock = FakeClock()
+async def test_keep_alive_expiry_and_per_request_override(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "a", keep_alive="30s"), fake_spec(tmp_path, "b")]
     services = cpu_services(tmp_path, backend, models, budget=10_000, clock=clock)
     await services.scheduler.start(services.router.table.versions.get)
@@ -170,41 +183,43 @@ async def test_keep_alive_expiry_and_per_request_override(tmp_path, backend):
         await request(services, "a")
         await request(services, "b", keep_alive=float("inf"))
         snapshot = services.scheduler.instance("a@1")
-        assert snapshot.expires_at is not None
-        clock.advance(31)
-        await wait_until(lambda: services.scheduler.instance("a@1") is None)
+        assert snapshot.expires_at == pytest.approx(clock.wall() + 30)
+        await clock.advance(29.5)
+        assert services.scheduler.instance("a@1").state == "ready", "not expired yet"
+        await clock.advance(1)
+        await until(services.scheduler, gone(services, "a@1"))
         assert events(services, "evict") == [("evict", "a@1", "ttl", None)]
-        clock.advance(10_000)
-        await asyncio.sleep(0.1)
+        await clock.advance(300)
         assert services.scheduler.instance("b@1") is not None, "keep_alive -1 means never"
         await request(services, "b", keep_alive=0.0)
-        await wait_until(lambda: services.scheduler.instance("b@1") is None)
+        await until(services.scheduler, gone(services, "b@1"))
     finally:
         await services.scheduler.close()
         services.store.close()
 
 
-async def test_a_release_due_before_the_reapers_next_look_wakes_it(tmp_path, backend):
+async def test_a_release_due_before_the_reapers_next_look_wakes_it(tmp_path, backend, clock):
     """The reaper sleeps up to a second between looks; keep_alive 0 must not wait for it."""
-    clock = FakeClock()
     models = [fake_spec(tmp_path, "long", keep_alive="30s"), fake_spec(tmp_path, "now")]
     services = cpu_services(tmp_path, backend, models, budget=10_000, clock=clock)
     await services.scheduler.start(services.router.table.versions.get)
     try:
         await request(services, "long")
         await request(services, "now", keep_alive=float("inf"))
-        await asyncio.sleep(0.05)  # the reaper has looked and sleeps until its next look
+        await settle()  # the reaper has looked and waits for its next look
+        assert clock.next_deadline() is not None, "the reaper waits on the clock"
+        # Virtual time stands still from here: only the release itself can wake the reaper.
         await request(services, "now", keep_alive=0.0)
-        await wait_until(lambda: services.scheduler.instance("now@1") is None, timeout=0.5)
+        await until(services.scheduler, gone(services, "now@1"))
         assert services.scheduler.instance("long@1") is not None
     finally:
         await services.scheduler.close()
         services.store.close()
 
 
-async def test_pinned_instance_is_never_evicted_and_blocks_clearly(tmp_path, backend):
+async def test_pinned_instance_is_never_evicted_and_blocks_clearly(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "p", bytes=70), fake_spec(tmp_path, "q", bytes=50)]
-    services = cpu_services(tmp_path, backend, models, budget=100)
+    services = cpu_services(tmp_path, backend, models, budget=100, clock=clock)
     try:
         await request(services, "p")
         services.scheduler.pin(services.router.resolve("p"))
@@ -218,19 +233,20 @@ async def test_pinned_instance_is_never_evicted_and_blocks_clearly(tmp_path, bac
         services.store.close()
 
 
-async def test_pinned_versions_load_again_after_restart(tmp_path, backend):
+async def test_pinned_versions_load_again_after_restart(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "p"), fake_spec(tmp_path, "other")]
-    first = fake_services(tmp_path, backend, models)
+    first = fake_services(tmp_path, backend, models, clock=clock)
     first.scheduler.pin(first.router.resolve("p"))
     first.store.close()
-    second = fake_services(tmp_path, backend, models)
+    second = fake_services(tmp_path, backend, models, clock=clock)
     try:
         await second.scheduler.start(second.router.table.versions.get)
-        await wait_until(
+        await until(
+            second.scheduler,
             lambda: (
                 second.scheduler.instance("p@1") is not None
                 and second.scheduler.instance("p@1").state == "ready"
-            )
+            ),
         )
         assert second.scheduler.instance("other@1") is None
         loads = [(k, m, r) for k, m, r, _ in events(second, "load")]
@@ -242,27 +258,26 @@ async def test_pinned_versions_load_again_after_restart(tmp_path, backend):
         second.store.close()
 
 
-async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, backend):
+async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, backend, clock):
     from backends.base import SamplingParams
     from routerd.api.generation import PreparedPrompt, generate
 
     models = [fake_spec(tmp_path, "slow", token_delay=0.01, context=100_000)]
-    services = fake_services(tmp_path, backend, models)
+    services = fake_services(tmp_path, backend, models, clock=clock)
     try:
         prompt = PreparedPrompt([97], SamplingParams(max_tokens=5000))
 
+        leased = asyncio.Event()
+
         async def long_request():
             async with services.scheduler.lease(services.router.resolve("slow")) as lease:
+                leased.set()
                 return await generate(lease.instance, prompt)
 
         running = asyncio.create_task(long_request())
-        await wait_until(
-            lambda: (
-                services.scheduler.instance("slow@1") is not None
-                and services.scheduler.instance("slow@1").in_flight == 1
-            )
-        )
-        await asyncio.sleep(0.05)
+        await leased.wait()
+        await settle()  # the generation has started on the instance thread
+        assert services.scheduler.instance("slow@1").in_flight == 1
         await asyncio.wait_for(services.scheduler.evict("slow@1", force=True), 5)
         with pytest.raises(Unavailable, match="evicted by an operator"):
             await running
@@ -277,7 +292,7 @@ def gpu_inventory(tmp_path, gpus, cpu_budget=0):
     return DeviceInventory(gpus, meminfo=meminfo, cpu_budget=cpu_budget)
 
 
-async def test_fake_nvml_foreign_process_steers_placement(tmp_path):
+async def test_fake_nvml_foreign_process_steers_placement(tmp_path, clock):
     gpus = FakeGpus([1000 * MiB, 1000 * MiB])
     backend = FakeBackend(gpus)
     models = [fake_spec(tmp_path, n, bytes=300 * MiB, device="cuda") for n in ("a", "b", "c")]
@@ -288,6 +303,7 @@ async def test_fake_nvml_foreign_process_steers_placement(tmp_path):
         devices=gpu_inventory(tmp_path, gpus),
         devices_config={"gpu_headroom": 0},
         scheduler={"placement": "spread"},
+        clock=clock,
     )
     try:
         foreign = os.getpid() + 1
@@ -304,7 +320,7 @@ async def test_fake_nvml_foreign_process_steers_placement(tmp_path):
         services.store.close()
 
 
-async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_path):
+async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_path, clock):
     gpus = FakeGpus([1000 * MiB])
     backend = FakeBackend(gpus)
     models = [
@@ -317,29 +333,37 @@ async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_pat
         models,
         devices=gpu_inventory(tmp_path, gpus),
         devices_config={"gpu_headroom": 0},
-        scheduler={"release_timeout": 0.2, "load_wait_timeout": 0.5},
+        scheduler={"release_timeout": 10, "load_wait_timeout": 30},
+        clock=clock,
     )
     try:
         await request(services, "leaky")
-        await services.scheduler.evict("leaky@1")
+        eviction = asyncio.create_task(services.scheduler.evict("leaky@1"))
+        await backend.began(backend.unloads, 1)
+        await clock.advance(9.9)
+        assert not eviction.done(), "the memory may still come back within release_timeout"
+        await clock.advance(0.1)
+        await eviction
         (leak,) = services.scheduler.leaks()
         assert (leak.model_id, leak.device, leak.bytes) == ("leaky@1", "cuda:0", 600 * MiB)
         assert ("leak", "leaky@1") in [(k, m) for k, m, _, _ in events(services)]
         row = services.scheduler.ledger()[0]
         assert row.ours == 600 * MiB, "leaked bytes stay in the ledger"
+        waiting = asyncio.create_task(request(services, "next"))
+        await clock.advance(30)
         with pytest.raises(Unavailable):
-            await request(services, "next")
+            await waiting
     finally:
         services.store.close()
 
 
-async def test_out_of_memory_at_load_evicts_more_and_retries_once(tmp_path, backend):
+async def test_out_of_memory_at_load_evicts_more_and_retries_once(tmp_path, backend, clock):
     models = [
         fake_spec(tmp_path, "idle", bytes=50),
         fake_spec(tmp_path, "flaky", bytes=40, oom_loads=1),
         fake_spec(tmp_path, "hopeless", bytes=40, oom_loads=5),
     ]
-    services = cpu_services(tmp_path, backend, models, budget=100)
+    services = cpu_services(tmp_path, backend, models, budget=100, clock=clock)
     try:
         await request(services, "idle")
         assert await request(services, "flaky") == "cpu"
@@ -353,9 +377,9 @@ async def test_out_of_memory_at_load_evicts_more_and_retries_once(tmp_path, back
         services.store.close()
 
 
-async def test_measured_footprint_is_stored_and_replaces_the_estimate(tmp_path, backend):
+async def test_measured_footprint_is_stored_and_replaces_the_estimate(tmp_path, backend, clock):
     models = [fake_spec(tmp_path, "m", bytes=70, estimate=20), fake_spec(tmp_path, "n", bytes=50)]
-    services = cpu_services(tmp_path, backend, models, budget=100)
+    services = cpu_services(tmp_path, backend, models, budget=100, clock=clock)
     try:
         await request(services, "m")
         stored = services.store.measured_footprint("m", "1", "cpu")
@@ -372,7 +396,7 @@ async def test_measured_footprint_is_stored_and_replaces_the_estimate(tmp_path, 
         services.store.close()
 
 
-async def test_operator_load_on_a_chosen_device(tmp_path):
+async def test_operator_load_on_a_chosen_device(tmp_path, clock):
     gpus = FakeGpus([1000 * MiB, 1000 * MiB])
     backend = FakeBackend(gpus)
     services = fake_services(
@@ -380,6 +404,7 @@ async def test_operator_load_on_a_chosen_device(tmp_path):
         backend,
         [fake_spec(tmp_path, "a", bytes=MiB)],
         devices=gpu_inventory(tmp_path, gpus, cpu_budget=100 * MiB),
+        clock=clock,
     )
     try:
         snapshot = await services.scheduler.load(services.router.resolve("a"), device="cuda:1")

@@ -1,4 +1,9 @@
-"""The scheduler's promises: single flight, leases, draining, failed loads, threads."""
+"""The scheduler's promises: single flight, leases, draining, failed loads, threads.
+
+Every test runs the scheduler on a ``VirtualClock``: no timer fires unless a test
+advances it, so "still waiting" is checked by letting the loop settle, never by
+sleeping, and a timeout is reached by advancing virtual time.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from backends.base import Cancellation, SamplingParams
+from routerd.clock import VirtualClock, settle
 from routerd.errors import Draining, LoadFailed, NotFound, Unavailable
-from routerd.instance import InstanceState
 from routerd.services import Services
+from routerd.states import InstanceState
 from tests.fakes import FakeBackend
-from tests.support import fake_services, fake_spec
+from tests.support import fake_services, fake_spec, until
 
 
 @pytest.fixture
@@ -22,21 +28,20 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def services(tmp_path: Path, backend: FakeBackend) -> Services:
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def services(tmp_path: Path, backend: FakeBackend, clock: VirtualClock) -> Services:
     models = [
         fake_spec(tmp_path, "a"),
         fake_spec(tmp_path, "b"),
         fake_spec(tmp_path, "broken", fail_load="weights are corrupt"),
     ]
-    built = fake_services(tmp_path, backend, models)
+    built = fake_services(tmp_path, backend, models, clock=clock)
     yield built
     built.store.close()
-
-
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 class HeldLease:
@@ -69,7 +74,9 @@ async def test_twenty_concurrent_first_requests_cause_one_load(services, backend
             seen.append((lease.instance, lease.cold_start_ms))
 
     tasks = [asyncio.create_task(one_request()) for _ in range(20)]
-    await wait_until(lambda: len(backend.loads) == 1)
+    await backend.began(backend.loads, 1)
+    await settle()
+    assert backend.loads == ["a@1"], "every request joined the one load in flight"
     backend.load_gate.set()
     await asyncio.gather(*tasks)
 
@@ -112,7 +119,7 @@ async def test_loaded_model_answers_while_another_model_loads(services, backend)
     await services.scheduler.load(a)
     backend.load_gate.clear()
     loading_b = asyncio.create_task(services.scheduler.load(services.router.resolve("b")))
-    await wait_until(lambda: "b@1" in backend.loads)
+    await backend.began(backend.loads, 2)
 
     async with services.scheduler.lease(a) as lease:
         result = await asyncio.wait_for(
@@ -139,11 +146,13 @@ async def test_each_instance_loads_on_its_own_thread(services, backend):
     assert len(set(backend.load_threads)) == 2
 
 
-async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(tmp_path, backend):
+async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(
+    tmp_path, backend, clock
+):
     from routerd.api.generation import PreparedPrompt, generate, tokenize
 
     models = [fake_spec(tmp_path, "threaded"), fake_spec(tmp_path, "inline", inline=True)]
-    services = fake_services(tmp_path, backend, models)
+    services = fake_services(tmp_path, backend, models, clock=clock)
     main = threading.current_thread().name
     try:
         for name in ("threaded", "inline"):
@@ -162,7 +171,7 @@ async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(
 async def test_eviction_waits_for_live_leases_streaming_included(services, backend):
     held = await HeldLease(services, "a").started()
     eviction = asyncio.create_task(services.scheduler.evict("a@1", reason="test"))
-    await asyncio.sleep(0.05)
+    await settle()
     assert not eviction.done()
     assert services.scheduler.instance("a@1").state == InstanceState.DRAINING
     assert backend.unloads == []
@@ -182,7 +191,7 @@ async def test_cancelled_request_returns_its_lease(services):
     async def request() -> None:
         async with services.scheduler.lease(record):
             inside.set()
-            await asyncio.sleep(60)
+            await asyncio.Event().wait()  # until cancelled
 
     task = asyncio.create_task(request())
     await inside.wait()
@@ -197,14 +206,14 @@ async def test_request_during_drain_waits_and_gets_a_fresh_instance(services, ba
     record = services.router.resolve("a")
     held = await HeldLease(services, "a").started()
     eviction = asyncio.create_task(services.scheduler.evict("a@1", reason="test"))
-    await asyncio.sleep(0.01)
+    await until(services.scheduler, lambda: services.scheduler.instance("a@1").state == "draining")
 
     async def late_request() -> str:
         async with services.scheduler.lease(record) as lease:
             return str(lease.instance.state)
 
     late = asyncio.create_task(late_request())
-    await asyncio.sleep(0.02)
+    await settle()
     assert not late.done(), "a draining instance must not take new leases"
     held.release.set()
     await held.task
@@ -213,27 +222,37 @@ async def test_request_during_drain_waits_and_gets_a_fresh_instance(services, ba
     assert backend.loads == ["a@1", "a@1"]
 
 
-async def test_waiter_that_times_out_does_not_cancel_the_shared_load(tmp_path, backend):
-    services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")], load_timeout=0.05)
+async def test_waiter_that_times_out_does_not_cancel_the_shared_load(tmp_path, backend, clock):
+    services = fake_services(
+        tmp_path, backend, [fake_spec(tmp_path, "a")], load_timeout=60.0, clock=clock
+    )
     try:
         backend.load_gate.clear()
-        with pytest.raises(Unavailable, match="still loading") as caught:
-            await services.scheduler.load(services.router.resolve("a"))
+        waiter = asyncio.create_task(services.scheduler.load(services.router.resolve("a")))
+        await backend.began(backend.loads, 1)
+        await clock.advance(59)
+        assert not waiter.done(), "load_timeout has not passed yet"
+        await clock.advance(1)
+        with pytest.raises(Unavailable, match="still loading after 60s") as caught:
+            await waiter
         assert caught.value.retry_after
         backend.load_gate.set()
-        await wait_until(
+        await until(
+            services.scheduler,
             lambda: (
                 services.scheduler.instance("a@1") is not None
                 and services.scheduler.instance("a@1").state == "ready"
-            )
+            ),
         )
         assert backend.loads == ["a@1"]
     finally:
         services.store.close()
 
 
-async def test_unknown_device_fails_the_load_clearly(tmp_path, backend):
-    services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "gpu", device="cuda:3")])
+async def test_unknown_device_fails_the_load_clearly(tmp_path, backend, clock):
+    services = fake_services(
+        tmp_path, backend, [fake_spec(tmp_path, "gpu", device="cuda:3")], clock=clock
+    )
     try:
         with pytest.raises(Unavailable, match="cuda:3") as caught:
             await services.scheduler.load(services.router.resolve("gpu"))
@@ -251,7 +270,7 @@ async def test_evicting_what_is_not_loaded_is_not_found(services):
 async def test_devices_report_reserved_bytes_while_loading(services, backend):
     backend.load_gate.clear()
     loading = asyncio.create_task(services.scheduler.load(services.router.resolve("a")))
-    await wait_until(lambda: backend.loads == ["a@1"])
+    await backend.began(backend.loads, 1)
     cpu = next(d for d in services.scheduler.devices() if d.id == "cpu")
     assert cpu.reserved_bytes == 1000  # the backend's estimate, claimed before loading
     assert cpu.total_bytes == 16000000 * 1024

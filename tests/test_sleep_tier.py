@@ -10,6 +10,7 @@ from pathlib import Path
 from backends.base import LoadSpec, Sleepable
 from policies.eviction import LeastRecentlyUsed
 from policies.types import Resident
+from routerd.clock import VirtualClock
 from routerd.devices import DeviceInventory
 from routerd.services import Services
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus, FakeModel
@@ -76,7 +77,13 @@ def _services(tmp: Path, cpu_budget: int, watch: LedgerWatch) -> tuple[Services,
     devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=cpu_budget)
     specs = [fake_spec(tmp, n, bytes=MODEL, devices=["cuda"]) for n in ("a", "b")]
     services = fake_services(
-        tmp, backend, specs, devices=devices, on_change=watch, devices_config={"gpu_headroom": 0}
+        tmp,
+        backend,
+        specs,
+        devices=devices,
+        on_change=watch,
+        devices_config={"gpu_headroom": 0},
+        clock=VirtualClock(),
     )
     return services, backend
 

@@ -82,7 +82,7 @@ def _cpu(status: dict[str, Any]) -> dict[str, Any]:
 
 async def test_backend_raising_mid_batch_fails_only_the_unfinished_rows(client, backend):
     assert (await complete(client)).status == 200  # loaded, batcher running
-    batcher = client.app[SERVICES].scheduler._instances["m@1"].batcher
+    batcher = client.app[SERVICES].scheduler.residency.instances["m@1"].batcher
     backend.generate_gate.clear()
     first = asyncio.create_task(complete(client, prompt="first"))
     await _until(lambda: len(backend.generate_threads) == 2)  # in generate, held at the gate
@@ -200,7 +200,7 @@ async def test_out_of_memory_at_load_is_retried_once_then_reported(client, backe
 
 def test_failure_settings_come_from_the_config(tmp_path):
     from routerd.config import ConfigError, load_config
-    from routerd.residency import SchedulerSettings
+    from routerd.scheduler import SchedulerSettings
 
     path = tmp_path / "routerd.toml"
     path.write_text('[scheduler]\nmax_failures = 5\nstop_timeout = "2s"\n')

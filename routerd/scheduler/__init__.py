@@ -1,0 +1,30 @@
+"""The scheduler: the one owner of residency, built from parts with one job each.
+
+See ``routerd.scheduler.coordinator`` for how the parts fit and how a lease is
+served, and ``routerd.scheduler.swap`` for the path of a swap.
+"""
+
+from routerd.scheduler.coordinator import LeaseHold, Scheduler
+from routerd.scheduler.planning import preferences_of
+from routerd.scheduler.settings import (
+    DeviceSnapshot,
+    Failure,
+    Leak,
+    Lease,
+    ResidencyStore,
+    SchedulerObserver,
+    SchedulerSettings,
+)
+
+__all__ = [
+    "DeviceSnapshot",
+    "Failure",
+    "Leak",
+    "Lease",
+    "LeaseHold",
+    "ResidencyStore",
+    "Scheduler",
+    "SchedulerObserver",
+    "SchedulerSettings",
+    "preferences_of",
+]

@@ -1,0 +1,478 @@
+"""Lifecycle: the one module that moves instances between states, and alone adds them
+to the residency table and removes them from it (DESIGN.md rule 1).
+
+Each method is one step of an instance's life; every move goes through
+``Instance.move_to`` and so through ``routerd.states.TRANSITIONS``. Who calls what:
+
+- ``create`` — planning, when it commits a plan: the instance is ``waiting``, its
+  bytes claimed. ``claim_victims`` — planning (and the swap, for an overrun): the
+  victims start ``draining`` and leave in the background (``evict``).
+- ``load`` then ``ready`` — the swap, once its victims are gone: ``loading`` →
+  ``warming`` → measured → ``ready``. ``discard`` undoes a load that failed.
+- ``claim_wake`` then ``wake`` — the swap, for a ``sleeping`` instance.
+- ``evict`` — operators and claims: drain, then sleep (vLLM) or unload, verify the
+  memory came back, ``gone``. ``expire`` — the keep-alive reaper.
+- ``fail`` then ``retire`` — the coordinator, on an ``InstanceFailed`` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from backends.base import (
+    WARMING_UP,
+    Backend,
+    Footprint,
+    LoadProgress,
+    LoadSpec,
+    OutOfMemory,
+    Sleepable,
+)
+from routerd.batcher import Batcher, batching_policy
+from routerd.config import parse_keep_alive
+from routerd.errors import LoadFailed
+from routerd.instance import Instance
+from routerd.messages import Post
+from routerd.scheduler.context import Context
+from routerd.scheduler.residency import Residency
+from routerd.scheduler.settings import Failure, Leak
+from routerd.states import InstanceState
+from state import StoreError, VersionRecord
+
+log = logging.getLogger("routerd.scheduler")
+
+
+class Lifecycle:
+    """Moves instances through their states; see the module docstring."""
+
+    def __init__(self, context: Context, residency: Residency, post: Post) -> None:
+        self._context = context
+        self._residency = residency
+        self._post = post  # where instances send health and progress
+
+    # -- coming in --------------------------------------------------------------
+
+    def create(
+        self, record: VersionRecord, device: str, *, reserved: int, estimated: int, replica: int
+    ) -> Instance:
+        """A new ``waiting`` instance of ``record`` on ``device``, claiming ``reserved`` bytes."""
+        clock = self._context.clock
+        keep_alive = record.options.get("keep_alive")
+        instance = Instance(
+            record,
+            device,
+            reserved_bytes=reserved,
+            estimated_bytes=estimated,
+            keep_alive=(
+                self._context.settings.keep_alive
+                if keep_alive is None
+                else parse_keep_alive(keep_alive, key="keep_alive")
+            ),
+            now=clock.now(),
+            wall=clock.wall,
+            replica=replica,
+        )
+        instance.post = self._post
+        self._residency.add(instance)
+        return instance
+
+    def claim_victims(self, keys: Sequence[str], claimant: str, reason: str) -> list[Instance]:
+        """Start draining ``keys`` to make room for ``claimant``; they leave in the background."""
+        leaving = [self._residency.instances[key] for key in keys]
+        for victim in leaving:
+            victim.victim_of = claimant
+            self._drain(victim)
+            self._context.background.spawn(
+                self.evict(victim, reason=reason, trigger=claimant), name=f"evict {victim.key}"
+            )
+        return leaving
+
+    async def load(self, instance: Instance, backend: Backend, spec: LoadSpec) -> Footprint:
+        """Load, warm up and measure ``instance`` on its own thread.
+
+        Out of memory: the instance is discarded and ``OutOfMemory`` raised (the swap
+        retries). Any other failure: discarded, logged, and raised as ``LoadFailed``.
+        """
+        record = instance.record
+        instance.move_to(InstanceState.LOADING)
+        self._context.signals.changed()
+        log.debug("loading %s on %s", record.model_id, instance.device)
+        spec = replace(spec, progress=instance.report_progress, grant_bytes=instance.reserved_bytes)
+        try:
+            model = await instance.run(backend.load, spec)
+            instance.attach(model)
+            instance.move_to(InstanceState.WARMING)
+            instance.progress = LoadProgress(WARMING_UP)
+            await instance.run(model.warm_up)
+            measured: Footprint = await instance.run(model.measure_footprint)
+        except BaseException as exc:
+            await self.discard(instance)
+            if isinstance(exc, OutOfMemory):
+                raise
+            raise self._load_failed(instance, "loading", exc) from exc
+        instance.measured = measured
+        return measured
+
+    def ready(self, instance: Instance, why: str) -> None:
+        """A loaded, measured instance starts taking leases."""
+        record = instance.record
+        measured = instance.measured
+        assert measured is not None
+        self._remember_footprint(instance, measured)
+        policy = batching_policy(record.options, instance.device)
+        instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
+        instance.max_failures = self._context.settings.max_failures
+        instance.stop_timeout = self._context.settings.stop_timeout
+        now = self._context.clock.now()
+        instance.load_ms = (now - instance.placed_at) * 1000
+        instance.progress = None
+        instance.loaded_at = instance.touched = now
+        instance.move_to(InstanceState.READY)
+        fields: dict[str, Any] = {
+            "device": instance.device,
+            "reason": why,
+            "bytes": measured.total,
+            "duration_ms": round(instance.load_ms, 1),
+        }
+        self._context.journal.record(
+            "load",
+            record,
+            **fields,
+            detail={
+                "estimated_bytes": instance.estimated_bytes,
+                "weights": measured.weights,
+                "runtime": measured.runtime,
+                "working": measured.working,
+            },
+        )
+        log.info(
+            "loaded %s on %s: %d bytes (estimated %d) in %.0f ms",
+            record.model_id,
+            instance.device,
+            measured.total,
+            instance.estimated_bytes,
+            instance.load_ms,
+            extra={
+                "event": "load",
+                "model": record.model_id,
+                "estimated_bytes": instance.estimated_bytes,
+                **fields,
+            },
+        )
+        self._context.signals.changed()
+
+    def claim_wake(self, instance: Instance) -> None:
+        """A ``sleeping`` instance claims its device bytes back while its victims leave."""
+        instance.move_to(InstanceState.WAITING)
+        instance.vacated.clear()
+        self._context.signals.changed()
+
+    async def wake(self, instance: Instance) -> None:
+        """Wake a claimed sleeping instance: its weights return from host RAM."""
+        record = instance.record
+        instance.move_to(InstanceState.LOADING)
+        self._context.signals.changed()
+        model = instance.loaded_model
+        assert isinstance(model, Sleepable)
+        clock = self._context.clock
+        started = clock.now()
+        need = instance.bytes - instance.device_bytes
+        try:
+            await model.wake_up()
+        except BaseException as exc:
+            await self.discard(instance)
+            raise self._load_failed(instance, "waking", exc) from exc
+        instance.host_bytes = 0
+        instance.move_to(InstanceState.READY)
+        instance.loaded_at = instance.touched = clock.now()
+        self._context.journal.record(
+            "wake",
+            record,
+            device=instance.device,
+            reason="request",
+            bytes=need,
+            duration_ms=round((clock.now() - started) * 1000, 1),
+        )
+        self._context.signals.changed()
+
+    def _load_failed(self, instance: Instance, doing: str, exc: BaseException) -> BaseException:
+        """Log a failed load or wake-up; what to raise for it (``LoadFailed`` for errors)."""
+        record = instance.record
+        reason = str(exc) or type(exc).__name__
+        self._context.journal.record("load_failed", record, device=instance.device, reason=reason)
+        log.warning(
+            "%s %s on %s failed: %s",
+            doing,
+            record.model_id,
+            instance.device,
+            reason,
+            extra={"event": "load_failed", "model": record.model_id, "device": instance.device},
+        )
+        if isinstance(exc, Exception):
+            return LoadFailed(f"{doing} {record.model_id} failed: {reason}")
+        return exc
+
+    def _remember_footprint(self, instance: Instance, measured: Footprint) -> None:
+        """Store the measurement for later placements; a database that cannot take it
+        now (locked) costs only the measurement, never the load."""
+        record = instance.record
+        try:
+            self._context.store.record_footprint(
+                record.name,
+                record.version,
+                instance.device.split(":")[0],
+                measured={
+                    "weights": measured.weights,
+                    "runtime": measured.runtime,
+                    "working": measured.working,
+                },
+                estimated_bytes=instance.estimated_bytes,
+            )
+        except StoreError as exc:
+            log.warning("%s: footprint not stored: %s", record.model_id, exc)
+
+    def _observe_batch(self, instance: Instance, rows: int) -> None:
+        observer = self._context.journal.observer
+        if observer is not None:
+            observer.batch(instance.record, rows)
+
+    # -- going out --------------------------------------------------------------
+
+    def _drain(self, instance: Instance) -> None:
+        if instance.state is not InstanceState.DRAINING:
+            instance.move_to(InstanceState.DRAINING)
+
+    def expire(self, instance: Instance, reason: str) -> None:
+        """The reaper found ``instance`` idle past its limit: drain and unload it."""
+        self._drain(instance)
+        self._context.background.spawn(
+            self.evict(instance, reason=reason, trigger=None), name=f"expire {instance.key}"
+        )
+
+    async def evict(
+        self, instance: Instance, *, reason: str, trigger: str | None, force: bool = False
+    ) -> None:
+        """Drain ``instance`` (``force``: end its live requests), then sleep or unload it.
+
+        A victim whose model can sleep and whose weights fit in host RAM sleeps
+        instead of unloading; everything else unloads, and its memory is verified back.
+        """
+        self._drain(instance)
+        if force:
+            instance.revoke(f"{instance.model_id} was evicted by an operator")
+        self._context.signals.changed()
+        await instance.idle.wait()
+        if trigger is not None and not force and self._residency.may_sleep(instance):
+            if await self._sleep(instance, reason=reason, trigger=trigger):
+                return
+            trigger = None  # could not sleep: it leaves as an ordinary victim
+        await self._unload_and_verify(instance, reason=reason, trigger=trigger)
+
+    async def _unload_and_verify(
+        self, instance: Instance, *, reason: str, trigger: str | None
+    ) -> None:
+        clock = self._context.clock
+        resident_s = clock.now() - instance.loaded_at
+        freed = instance.device_bytes
+        before = self._residency.our_usage(instance.device)
+        try:
+            await self._unload(instance)
+            leaked = await self._verify_release(instance.device, before, freed)
+        finally:
+            self._forget(instance)
+        fields: dict[str, Any] = {
+            "device": instance.device,
+            "reason": reason,
+            "bytes": freed,
+            "trigger": trigger,
+        }
+        self._context.journal.record(
+            "evict", instance.record, **fields, detail={"resident_s": round(resident_s, 1)}
+        )
+        log.info(
+            "evicted %s from %s (%s%s) after %.0fs, %d bytes",
+            instance.model_id,
+            instance.device,
+            reason,
+            f", for {trigger}" if trigger else "",
+            resident_s,
+            freed,
+            extra={
+                "event": "evict",
+                "model": instance.model_id,
+                "resident_s": round(resident_s, 1),
+                **fields,
+            },
+        )
+        if leaked:
+            self._leak(instance, freed, f"memory not back after {self._release_timeout:g}s")
+            log.error(
+                "%s: %d bytes on %s not released after eviction; kept in the ledger",
+                instance.model_id,
+                freed,
+                instance.device,
+            )
+
+    @property
+    def _release_timeout(self) -> float:
+        return self._context.settings.release_timeout
+
+    async def _sleep(self, instance: Instance, *, reason: str, trigger: str) -> bool:
+        """Put a victim to sleep; it stays an instance, its device bytes come back."""
+        model = instance.loaded_model
+        assert isinstance(model, Sleepable) and instance.measured is not None
+        clock = self._context.clock
+        started = clock.now()
+        try:
+            await model.sleep()
+        except Exception as exc:
+            log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
+            return False
+        instance.host_bytes = instance.measured.weights
+        instance.move_to(InstanceState.SLEEPING)
+        instance.victim_of = None
+        instance.vacated.set()
+        self._context.journal.record(
+            "sleep",
+            instance.record,
+            device=instance.device,
+            reason=reason,
+            bytes=instance.bytes - instance.device_bytes,
+            trigger=trigger,
+            duration_ms=round((clock.now() - started) * 1000, 1),
+        )
+        log.info("%s sleeps (weights in host RAM) to make room for %s", instance.model_id, trigger)
+        self._context.signals.changed()
+        return True
+
+    async def discard(self, instance: Instance) -> None:
+        """Remove an instance that never became ready, giving back what it took."""
+        try:
+            await self._unload(instance)
+        finally:
+            self._forget(instance)
+
+    async def _unload(self, instance: Instance) -> None:
+        instance.move_to(InstanceState.UNLOADING)
+        batcher = instance.detach_batcher()
+        if batcher is not None:
+            await batcher.close()
+        model = instance.detach()
+        try:
+            if model is not None:
+                await instance.run(model.unload)
+        finally:
+            instance.close_executor()
+
+    def _forget(self, instance: Instance) -> None:
+        self._residency.remove(instance)
+        self._gone(instance)
+
+    def _gone(self, instance: Instance) -> None:
+        instance.move_to(InstanceState.GONE)
+        instance.host_bytes = 0
+        instance.gone.set()
+        instance.vacated.set()
+        self._context.signals.changed()
+
+    async def _verify_release(self, device: str, before: int | None, freed: int) -> bool:
+        """True (leaked) unless the device shows ~``freed`` bytes back in time."""
+        if before is None or freed <= 0:
+            return False
+        clock = self._context.clock
+        deadline = clock.now() + self._release_timeout
+        while True:
+            now_usage = self._residency.our_usage(device)
+            if now_usage is None or before - now_usage >= int(freed * 0.9):
+                return False
+            if clock.now() >= deadline:
+                return True
+            await clock.sleep(min(0.05, max(deadline - clock.now(), 0)))
+
+    def _leak(self, instance: Instance, freed: int, reason: str) -> Leak:
+        leak = Leak(instance.model_id, instance.device, freed)
+        self._residency.leaks.append(leak)
+        self._context.journal.record(
+            "leak", instance.record, device=instance.device, reason=reason, bytes=freed
+        )
+        return leak
+
+    # -- failed instances ---------------------------------------------------------
+
+    def fail(self, instance: Instance, reason: str) -> bool:
+        """Take a failed instance out of service: ``failed``, out of the table, retiring.
+
+        Its live requests are told to stop; its bytes stay in the ledger (as retiring)
+        until ``retire`` has unloaded it. False if it was already leaving.
+        """
+        if instance.state is not InstanceState.READY:
+            return False  # already leaving
+        if self._residency.get(instance.key) is not instance:
+            return False
+        record = instance.record
+        previous = self._residency.failures.get(instance.model_id)
+        self._residency.failures[instance.model_id] = Failure(
+            model=record.name,
+            version=record.version,
+            device=instance.device,
+            reason=reason,
+            at=self._context.clock.wall(),
+            times=1 + (previous.times if previous is not None else 0),
+        )
+        self._context.journal.record(
+            "failed",
+            record,
+            device=instance.device,
+            reason=reason,
+            detail={"failures_in_a_row": instance.failures},
+        )
+        log.error("%s on %s failed: %s; unloading it", instance.key, instance.device, reason)
+        instance.move_to(InstanceState.FAILED)
+        instance.revoke(f"{instance.model_id} failed and is being restarted: {reason}")
+        self._residency.remove(instance)
+        self._residency.retiring.append(instance)
+        self._context.signals.changed()
+        return True
+
+    async def retire(self, instance: Instance) -> None:
+        """Unload a failed instance; a thread stuck in the model is given up on.
+
+        Live requests get ``stop_timeout`` to stop. An unload that does not finish
+        within ``release_timeout`` (its thread is still stuck) goes on in the
+        background, and its bytes are reported as leaked until it does.
+        """
+        clock = self._context.clock
+        with contextlib.suppress(TimeoutError):
+            await clock.wait_for(instance.idle.wait(), self._context.settings.stop_timeout)
+        freed = instance.bytes
+        before = self._residency.our_usage(instance.device)
+        unload = asyncio.ensure_future(self._unload(instance))
+        with contextlib.suppress(TimeoutError):
+            await clock.wait_for(asyncio.shield(unload), self._release_timeout)
+        done = unload.done()
+        leaked = not done
+        if done and unload.exception() is not None:
+            log.error("unloading failed %s: %s", instance.key, unload.exception())
+        elif done:
+            leaked = await self._verify_release(instance.device, before, freed)
+        self._residency.retiring.remove(instance)
+        self._gone(instance)
+        self._context.journal.record(
+            "evict", instance.record, device=instance.device, reason="failed", bytes=freed
+        )
+        if leaked:
+            leak = self._leak(instance, freed, "a failed instance did not unload in time")
+            if not done:
+                unload.add_done_callback(lambda _: self._unleak(leak))
+        self._context.signals.changed()
+
+    def _unleak(self, leak: Leak) -> None:
+        """A stuck unload finished after all: its bytes are free again."""
+        if leak in self._residency.leaks:
+            self._residency.leaks.remove(leak)
+            self._context.signals.changed()

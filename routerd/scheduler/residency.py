@@ -1,0 +1,206 @@
+"""The residency table: which instances exist, and everything read from it.
+
+It holds the instances (by key), pins, leaks, instances retiring after a failure
+and the latest failure per version; it answers snapshots, the memory ledger and the
+planning view. It changes only through ``add``/``remove`` and the leak and retiring
+lists, and only ``routerd.scheduler.lifecycle`` calls those (DESIGN.md rule 1);
+everything else reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from backends.base import Sleepable
+from policies.types import DeviceRoom, Resident
+from routerd import proctree
+from routerd.devices import DeviceReading
+from routerd.instance import Instance, InstanceSnapshot
+from routerd.memory import Holding, LedgerRow, build_ledger
+from routerd.scheduler.context import Context
+from routerd.scheduler.settings import DeviceSnapshot, Failure, Leak
+from routerd.states import InstanceState
+from state import VersionRecord
+
+# Options under which a version may run more than one instance.
+REPLICA_OPTIONS = frozenset(("replicas", "max_replicas"))
+
+
+class Residency:
+    """The table of instances and what is read from it; see the module docstring."""
+
+    def __init__(self, context: Context, pinned: set[str]) -> None:
+        self._context = context
+        self.instances: dict[str, Instance] = {}
+        self.pinned = pinned
+        self.leaks: list[Leak] = []
+        self.retiring: list[Instance] = []  # failed, no longer routed to, not yet unloaded
+        self.failures: dict[str, Failure] = {}  # by model id
+
+    # -- changes (lifecycle only) -------------------------------------------------
+
+    def add(self, instance: Instance) -> None:
+        if instance.key in self.instances:
+            raise RuntimeError(f"{instance.key} is resident already")
+        self.instances[instance.key] = instance
+
+    def remove(self, instance: Instance) -> bool:
+        """Drop ``instance`` if it is the one under its key; False if it was not there."""
+        if self.instances.get(instance.key) is instance:
+            del self.instances[instance.key]
+            return True
+        return False
+
+    # -- lookups ----------------------------------------------------------------
+
+    def get(self, key: str) -> Instance | None:
+        return self.instances.get(key)
+
+    def replicas(self, model_id: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.record.model_id == model_id]
+
+    def version_replicas(self, record: VersionRecord) -> list[Instance]:
+        """``record``'s instances: one lookup, without scanning them all, when the
+        version may run only one (no ``replicas`` or ``max_replicas`` option)."""
+        first = self.instances.get(record.model_id)
+        if first is not None and REPLICA_OPTIONS.isdisjoint(record.options):
+            return [first]
+        return self.replicas(record.model_id)
+
+    def is_pinned(self, model_id: str) -> bool:
+        return model_id in self.pinned
+
+    # -- snapshots --------------------------------------------------------------
+
+    def snapshot(self, instance: Instance) -> InstanceSnapshot:
+        clock = self._context.clock
+        return InstanceSnapshot.of(
+            instance, pinned=instance.model_id in self.pinned, now=clock.now(), wall=clock.wall()
+        )
+
+    def snapshots(self) -> list[InstanceSnapshot]:
+        return [self.snapshot(i) for i in self.instances.values()]
+
+    def first_snapshot(self, model_id: str) -> InstanceSnapshot | None:
+        """The version's first replica (or an instance key's own snapshot), if resident."""
+        found = self.instances.get(model_id)
+        if found is None:
+            replicas = self.replicas(model_id)
+            found = min(replicas, key=lambda i: i.replica) if replicas else None
+        return None if found is None else self.snapshot(found)
+
+    def failure_list(self) -> list[Failure]:
+        """The latest failure of every version that had one, newest first."""
+        return sorted(self.failures.values(), key=lambda f: f.at, reverse=True)
+
+    # -- the memory ledger ---------------------------------------------------------
+
+    def ledger(self, *, fresh: bool = True) -> list[LedgerRow]:
+        """The memory ledger now (``fresh``: read NVML and the kernel first)."""
+        devices = self._context.devices
+        readings = devices.readings() if fresh else devices.last_readings()
+        return build_ledger(
+            readings,
+            self._holdings(),
+            headroom=self._context.settings.headroom,
+            our_pid=self._context.pid,
+            our_children=self.children(readings),
+        )
+
+    def row(self, device: str) -> LedgerRow | None:
+        return next((row for row in self.ledger() if row.device == device), None)
+
+    def children(self, readings: Sequence[DeviceReading]) -> set[int]:
+        """Our child processes, looked up only when a GPU reports per-process bytes."""
+        pid = self._context.pid
+        if pid != os.getpid() or not any(r.process_bytes for r in readings):
+            return set()
+        return proctree.descendants(pid)
+
+    def our_usage(self, device: str) -> int | None:
+        """Bytes NVML attributes to this process on a GPU; None on the CPU device."""
+        if not device.startswith("cuda"):
+            return None
+        readings = self._context.devices.readings()
+        ours = {self._context.pid, *self.children(readings)}
+        for reading in readings:
+            if reading.id == device:
+                return sum(b for p, b in reading.process_bytes.items() if p in ours)
+        return None
+
+    def device_snapshots(self) -> list[DeviceSnapshot]:
+        names = {r.id: r for r in self._context.devices.last_readings()}
+        return [
+            DeviceSnapshot(
+                id=row.device,
+                kind=row.kind,
+                name=names[row.device].name if row.device in names else row.device,
+                total_bytes=names[row.device].total_bytes if row.device in names else row.budget,
+                used_bytes=row.measured_used,
+                free_bytes=row.measured_free,
+                reserved_bytes=row.reserved + row.claimed,
+                routerd_bytes=row.ours,
+                budget_bytes=row.budget,
+                foreign_bytes=row.foreign,
+                headroom_bytes=row.headroom,
+                capacity_bytes=row.capacity,
+                free_for_planning_bytes=row.free,
+                over_budget_bytes=row.over_budget,
+            )
+            for row in self.ledger(fresh=False)
+        ]
+
+    def _holdings(self) -> list[Holding]:
+        holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self.leaks]
+        holdings += [Holding(i.device, i.bytes, "victim") for i in self.retiring]
+        for i in self.instances.values():
+            if i.host_bytes:
+                holdings.append(Holding("cpu", i.host_bytes, "resident"))
+            if i.state is InstanceState.WAITING:
+                kind = "waiting"
+            elif i.state.allocating:
+                kind = "loading"
+            elif i.victim_of is not None:
+                kind = "victim"
+            else:
+                kind = "resident"
+            holdings.append(Holding(i.device, i.device_bytes, kind))
+        return holdings
+
+    def planning_view(self, waiting: Mapping[str, int]) -> tuple[list[DeviceRoom], list[Resident]]:
+        """Rooms and residents as the pure policies see them; ``waiting`` counts the
+        requests queued per version, which keep a fresh instance from looking idle."""
+        rooms = [
+            DeviceRoom(id=row.device, kind=row.kind, capacity=row.capacity, free=row.free)
+            for row in self.ledger()
+        ]
+        residents = [
+            Resident(
+                model_id=i.key,
+                device=i.device,
+                bytes=i.bytes,
+                last_used=i.touched,
+                loaded_at=i.loaded_at,
+                in_flight=i.in_flight + waiting.get(i.model_id, 0),
+                pinned=i.model_id in self.pinned,
+                ready=i.state is InstanceState.READY,
+                sleeps=self.may_sleep(i),
+            )
+            for i in self.instances.values()
+        ]
+        return rooms, residents
+
+    def may_sleep(self, instance: Instance) -> bool:
+        """Whether evicting ``instance`` for room may put it to sleep instead: its model
+        can, it is measured, and the host (the CPU device) has room for its weights."""
+        model = instance.loaded_model
+        if not (
+            isinstance(model, Sleepable)
+            and model.can_sleep
+            and instance.measured is not None
+            and instance.state in (InstanceState.READY, InstanceState.DRAINING)
+        ):
+            return False
+        host = self.row("cpu")
+        return host is not None and host.free >= instance.measured.weights

@@ -1,0 +1,135 @@
+"""What the scheduler is configured with, what it stores, and the records it hands out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from routerd.config import DevicesConfig, SchedulerConfig
+from routerd.instance import Instance
+from state import VersionRecord
+
+
+class ResidencyStore(Protocol):
+    """What the scheduler keeps in SQLite: events, pins, measured footprints."""
+
+    def record_event(
+        self,
+        kind: str,
+        model: str,
+        version: str,
+        *,
+        device: str | None = None,
+        reason: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        bytes: int | None = None,
+        duration_ms: float | None = None,
+        trigger: str | None = None,
+    ) -> object: ...
+
+    def pinned_versions(self) -> list[tuple[str, str]]: ...
+
+    def set_pinned(self, name: str, version: str, pinned: bool) -> None: ...
+
+    def measured_footprint(self, name: str, version: str, device_kind: str) -> Any: ...
+
+    def record_footprint(
+        self,
+        name: str,
+        version: str,
+        device_kind: str,
+        *,
+        measured: Mapping[str, int],
+        estimated_bytes: int | None,
+    ) -> None: ...
+
+
+class SchedulerObserver(Protocol):
+    """Watches the scheduler from outside (metrics): its event log and its batches."""
+
+    def event(self, kind: str, record: VersionRecord, fields: Mapping[str, Any]) -> None: ...
+
+    def batch(self, record: VersionRecord, rows: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    load_timeout: float = 600.0
+    load_wait_timeout: float = 30.0
+    min_residency: float = 10.0
+    keep_alive: float = 300.0
+    release_timeout: float = 10.0
+    scale_down_idle: float = 30.0  # extra replicas leave after this long idle
+    routing: str = "least-outstanding"
+    max_queue: int = 256  # requests waiting per version before 429; 0 = no limit
+    max_failures: int = 3  # backend failures in a row before an instance is failed
+    stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
+    poll_interval: float = 2.0
+    headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
+
+    @classmethod
+    def from_config(cls, scheduler: SchedulerConfig, devices: DevicesConfig) -> SchedulerSettings:
+        return cls(
+            load_timeout=scheduler.load_timeout,
+            load_wait_timeout=scheduler.load_wait_timeout,
+            min_residency=scheduler.min_residency,
+            keep_alive=scheduler.keep_alive,
+            release_timeout=scheduler.release_timeout,
+            routing=scheduler.routing,
+            max_queue=scheduler.max_queue,
+            max_failures=scheduler.max_failures,
+            stop_timeout=scheduler.stop_timeout,
+            poll_interval=devices.poll_interval,
+            headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
+        )
+
+
+@dataclass(slots=True)
+class Lease:
+    """A request's hold on a ready instance; valid inside ``async with`` only.
+
+    Not frozen, though never changed: one is built per request, and a frozen
+    dataclass costs about four times as much to build."""
+
+    instance: Instance
+    cold_start_ms: float | None  # set when this request waited for a load
+
+
+@dataclass(frozen=True)
+class Leak:
+    """An evicted instance whose memory NVML never showed back; its bytes stay counted."""
+
+    model_id: str
+    device: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The latest failure of a version's instance, for status pages."""
+
+    model: str
+    version: str
+    device: str
+    reason: str
+    at: float  # wall clock
+    times: int  # instances of this version failed since routerd started
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    id: str
+    kind: str
+    name: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    reserved_bytes: int
+    routerd_bytes: int
+    budget_bytes: int
+    foreign_bytes: int
+    headroom_bytes: int
+    capacity_bytes: int
+    free_for_planning_bytes: int
+    over_budget_bytes: int  # used (ours + loads allocating) beyond capacity; should stay 0
