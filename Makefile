@@ -1,6 +1,7 @@
 # routerd — two commands do all set-up on a fresh machine:
 #   make run    create .venv, install routerd, serve the demo models on 127.0.0.1:8400
 #   make test   create .venv, install routerd with test tools, run the whole suite
+#   make quick  the suite without real engines and long runs (under a minute on 2 cores)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ TORCH_PIP_ARGS ?=
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ROUTERD_ARGS ?=
 
-.PHONY: run test lint gpu-test clean
+.PHONY: run test quick lint gpu-test clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "routerd needs Python 3.11 or newer (set PYTHON=...)")'
@@ -52,6 +53,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# Everything but real models (vLLM engines, the demo models) and long runs.
+quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not vllm and not engine and not slow and not gpu"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check routerd backends policies state tests

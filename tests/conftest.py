@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo models (built once per session) and the ``gpu`` marker."""
+"""Shared fixtures: the demo models (built once per session), the ``gpu`` marker, and
+the ``engine`` marker on every test that runs a real model (it uses the demo models)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def _nvml_finds_a_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "demo_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu_items and not _nvml_finds_a_gpu():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU; NVML finds none")

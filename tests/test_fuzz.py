@@ -29,6 +29,8 @@ from routerd.api.schemas import (
 from routerd.errors import BadRequest
 from tests.support import ServedApp
 
+pytestmark = pytest.mark.slow  # property-based runs of many examples each
+
 # -- generated JSON ---------------------------------------------------------------
 
 scalars = (

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, settings
 from routerd.api.openapi import document
 from tests.support import ADMIN_AUTH, ServedApp
 
+pytestmark = pytest.mark.slow  # property-based runs of many examples each
+
 schema = schemathesis.openapi.from_dict(document())
 
 

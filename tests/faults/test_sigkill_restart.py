@@ -19,8 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from routerd import ctl
 from tests.test_e2e import free_port, wait_healthy
+
+pytestmark = pytest.mark.slow
 
 
 def start(config: Path, state_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
