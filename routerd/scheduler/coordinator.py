@@ -9,6 +9,7 @@ that drives them; they never call each other's internals:
 - ``Lifecycle`` — alone moves instances between states, adds and removes them.
 - ``Swap`` — the path of a swap (plan, victims leave, load, warm, ready).
 - ``Reaper`` — expires idle instances (keep-alive).
+- ``Replicas`` — routes among a version's replicas; says when another is due.
 
 Everything runs on the event loop, so no lock is needed: between two ``await``
 points nothing else interleaves, and every plan is committed in the step that
@@ -44,8 +45,6 @@ from typing import Any
 
 from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
-from policies.registry import create as create_policy
-from policies.routing import Candidate, RouteRequest, RoutingPolicy
 from routerd.clock import Clock, LoopClock
 from routerd.devices import DeviceInventory
 from routerd.errors import Draining, NotFound, Unavailable
@@ -57,7 +56,8 @@ from routerd.scheduler.context import Context, Journal, Signals
 from routerd.scheduler.keepalive import Reaper
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.planning import Planner
-from routerd.scheduler.residency import REPLICA_OPTIONS, Residency
+from routerd.scheduler.replicas import Replicas
+from routerd.scheduler.residency import Residency
 from routerd.scheduler.settings import (
     DeviceSnapshot,
     Failure,
@@ -113,8 +113,8 @@ class Scheduler:
             self.context, self.residency, self.admission, self._planner, self._lifecycle
         )
         self._reaper = Reaper(self.context, self.residency, self.admission, self._lifecycle)
+        self._replicas = Replicas(self.context)
         self._loads: dict[str, asyncio.Task[Instance]] = {}  # single flight, by instance key
-        self._routing_policies: dict[str, RoutingPolicy] = {}  # by name; some keep counters
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -331,7 +331,7 @@ class Scheduler:
         if self.context.closing:
             raise Draining("routerd is shutting down", retry_after=5)
         replicas = self.residency.version_replicas(record)
-        chosen = self._route(record, replicas)
+        chosen = self._replicas.route(record, replicas)
         if chosen is not None:
             self._scale_up_if_busy(record, replicas)
         return chosen
@@ -397,61 +397,23 @@ class Scheduler:
             task.exception()  # retrieved: waiters that gave up must not leave it unseen
         self.context.signals.changed()
 
-    # -- replicas and routing -----------------------------------------------------
-
-    def _route(self, record: VersionRecord, replicas: list[Instance]) -> Instance | None:
-        """The READY replica the routing policy ranks first, or None if none is ready."""
-        ready = [i for i in replicas if i.state is InstanceState.READY]
-        if len(ready) <= 1:
-            return ready[0] if ready else None
-        name = str(record.options.get("routing", self.settings.routing))
-        ranked = self._routing_policy(name).rank(
-            RouteRequest(record.model_id),
-            [
-                Candidate(
-                    key=i.key,
-                    device=i.device,
-                    resident=i.state is InstanceState.READY,
-                    in_flight=i.in_flight,
-                    queued=i.queued,
-                )
-                for i in replicas
-            ],
-        )
-        by_key = {i.key: i for i in ready}
-        return next((by_key[c.key] for c in ranked if c.key in by_key), ready[0])
-
-    def _routing_policy(self, name: str) -> RoutingPolicy:
-        if name not in self._routing_policies:
-            self._routing_policies[name] = create_policy("routing", name)
-        return self._routing_policies[name]
+    # -- replicas -----------------------------------------------------------------
 
     def _scale_up_if_busy(self, record: VersionRecord, replicas: list[Instance]) -> None:
-        """Add a replica when below ``replicas``, or when every replica is busy.
+        """Start another replica's load when ``Replicas.to_add`` says one is due.
 
-        Busy: at least ``scale_up_queue`` requests in flight or queued on each ready
-        replica. At most ``max_replicas``; one replica load at a time per version;
-        only where memory allows without evicting anything.
+        Only where memory allows without evicting anything (the swap refuses the
+        rest), and never twice for the same replica.
         """
-        options = record.options
-        if REPLICA_OPTIONS.isdisjoint(options) and replicas:
-            return  # the usual version: one instance, and it exists
-        minimum = int(options.get("replicas", 1))
-        maximum = max(int(options.get("max_replicas", minimum)), minimum)
-        if len(replicas) >= maximum or any(i.state is not InstanceState.READY for i in replicas):
+        replica = self._replicas.to_add(record, replicas)
+        if replica is None:
             return
-        threshold = int(options.get("scale_up_queue", 4))
-        busy = all(i.in_flight + i.queued >= threshold for i in replicas)
-        if len(replicas) >= minimum and not busy:
-            return
-        taken = {i.replica for i in replicas}
-        replica = next(n for n in range(maximum) if n not in taken)
         key = f"{record.model_id}#{replica}" if replica else record.model_id
         if key in self._loads:
             return  # that replica is on its way (estimating, before it has an instance)
         task = self._start_load(
             key,
-            lambda: self._swap.load(record, None, "scale-up", replica=replica),
+            functools.partial(self._swap.load, record, None, "scale-up", replica=replica),
             name=f"replica {key}",
         )
         self.context.background.spawn(self._add_replica(record, replica, task), name=f"add {key}")
