@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from routerd.app import build_app
+from routerd.clock import VirtualClock
 from routerd.config import ConfigError, _scheduler
 from routerd.scheduler.admission import (
     MAX_RETRY_S,
@@ -18,7 +19,7 @@ from routerd.scheduler.admission import (
     retry_after,
 )
 from tests.fakes import FakeBackend
-from tests.support import ADMIN_AUTH, fake_services, fake_spec
+from tests.support import ADMIN_AUTH, fake_services, fake_spec, until
 
 
 def test_retry_after_adds_the_rest_of_the_load_and_the_queue_ahead() -> None:
@@ -48,17 +49,15 @@ def test_max_queue_config() -> None:
 async def test_full_queue_is_429_with_retry_after_and_loses_nothing(tmp_path: Path) -> None:
     backend = FakeBackend()
     spec = fake_spec(tmp_path, "a", max_queue=2)
-    app = build_app(fake_services(tmp_path, backend, [spec]))
+    services = fake_services(tmp_path, backend, [spec], clock=VirtualClock())
+    app = build_app(services)
     async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         waiting = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in "12"]
-        for _ in range(200):
-            status = await (await client.get("/admin/status")).json()
-            if status["instances"] and status["instances"][0]["state"] == "loading":
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await until(services.scheduler, lambda: services.scheduler.queue_depths() == {"a@1": 2})
+        status = await (await client.get("/admin/status")).json()
+        assert status["instances"][0]["state"] == "loading"
         refused = await client.post("/v1/completions", json=body)
         assert refused.status == 429
         error = (await refused.json())["error"]
@@ -72,16 +71,17 @@ async def test_full_queue_is_429_with_retry_after_and_loses_nothing(tmp_path: Pa
 
 async def test_scheduler_max_queue_setting_and_option_validation(tmp_path: Path) -> None:
     backend = FakeBackend()
-    app = build_app(fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")],
-                                  scheduler={"max_queue": 1}))  # fmt: skip
+    services = fake_services(
+        tmp_path, backend, [fake_spec(tmp_path, "a")], scheduler={"max_queue": 1},
+        clock=VirtualClock(),
+    )  # fmt: skip
+    app = build_app(services)
     async with TestClient(TestServer(app), headers=ADMIN_AUTH) as client:
         backend.load_gate.clear()
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         first = asyncio.ensure_future(client.post("/v1/completions", json=body))
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if (await (await client.get("/admin/status")).json())["instances"]:
-                break
+        await until(services.scheduler, lambda: services.scheduler.queue_depths() == {"a@1": 1})
+        assert (await (await client.get("/admin/status")).json())["instances"]
         assert (await client.post("/v1/completions", json=body)).status == 429
         backend.load_gate.set()
         assert (await first).status == 200

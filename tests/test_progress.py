@@ -25,6 +25,13 @@ def admin(url: str) -> ctl.Target:
     return ctl.Target(url=url, token=ADMIN_TOKEN)
 
 
+async def _until_drawn(out: io.StringIO, text: str) -> None:
+    """Wait until routerctl (on its own thread, polling the admin API) has drawn ``text``."""
+    async with asyncio.timeout(10):
+        while text not in out.getvalue():
+            await asyncio.sleep(0.01)
+
+
 async def _until_loading(client: TestClient) -> dict:
     for _ in range(300):
         status = await (await client.get("/admin/status")).json()
@@ -53,7 +60,7 @@ async def test_status_shows_the_phase_and_routerctl_load_draws_it(tmp_path: Path
             "total_bytes": 4 << 20,
         }
         assert instance["load_percent"] == 30  # half of the reading phase (0..60%)
-        await asyncio.sleep(0.5)  # routerctl polls a few times a second
+        await _until_drawn(out, "loading a@1 on cpu: reading weights")
         backend.load_gate.set()
         result = await loading
     assert result["state"] == "ready" and result["model"] == "a"
@@ -203,7 +210,7 @@ async def test_routerctl_load_redraws_one_line_on_a_terminal(tmp_path: Path) -> 
             asyncio.to_thread(ctl.load_with_progress, admin(url), {"model": "a@1"}, screen)
         )
         await _until_loading(client)
-        await asyncio.sleep(0.5)
+        await _until_drawn(screen, "loading a@1 on cpu: reading weights")
         backend.load_gate.set()
         await loading
     drawn = screen.getvalue()

@@ -317,6 +317,7 @@ class Scheduler:
         if chosen is not None:
             return chosen, False  # the common case: no wait, so no demand to count
         self.admission.start_waiting(record.model_id)
+        self.context.signals.changed(wake_reaper=False)  # a queue grew (observers)
         try:
             return await self._wait_ready(record, device=device, why=why)
         finally:
