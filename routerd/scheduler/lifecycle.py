@@ -2,7 +2,8 @@
 to the residency table and removes them from it (DESIGN.md rule 1).
 
 Each method is one step of an instance's life; every move goes through
-``Instance.move_to`` and so through ``routerd.states.TRANSITIONS``. Who calls what:
+``Instance.move_to``, and so through ``routerd.states.TRANSITIONS``, and signals a
+change (observers see every state an instance takes). Who calls what:
 
 - ``create`` — planning, when it commits a plan: the instance is ``waiting``, its
   bytes claimed. ``claim_victims`` — planning (and the swap, for an overrun): the
@@ -55,6 +56,11 @@ class Lifecycle:
         self._residency = residency
         self._post = post  # where instances send health and progress
 
+    def _move(self, instance: Instance, target: InstanceState) -> None:
+        """Every move is checked against the table and is a change others may wait for."""
+        instance.move_to(target)
+        self._context.signals.changed()
+
     # -- coming in --------------------------------------------------------------
 
     def create(
@@ -99,14 +105,13 @@ class Lifecycle:
         retries). Any other failure: discarded, logged, and raised as ``LoadFailed``.
         """
         record = instance.record
-        instance.move_to(InstanceState.LOADING)
-        self._context.signals.changed()
+        self._move(instance, InstanceState.LOADING)
         log.debug("loading %s on %s", record.model_id, instance.device)
         spec = replace(spec, progress=instance.report_progress, grant_bytes=instance.reserved_bytes)
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
-            instance.move_to(InstanceState.WARMING)
+            self._move(instance, InstanceState.WARMING)
             instance.progress = LoadProgress(WARMING_UP)
             await instance.run(model.warm_up)
             measured: Footprint = await instance.run(model.measure_footprint)
@@ -132,7 +137,7 @@ class Lifecycle:
         instance.load_ms = (now - instance.placed_at) * 1000
         instance.progress = None
         instance.loaded_at = instance.touched = now
-        instance.move_to(InstanceState.READY)
+        self._move(instance, InstanceState.READY)
         fields: dict[str, Any] = {
             "device": instance.device,
             "reason": why,
@@ -168,15 +173,14 @@ class Lifecycle:
 
     def claim_wake(self, instance: Instance) -> None:
         """A ``sleeping`` instance claims its device bytes back while its victims leave."""
-        instance.move_to(InstanceState.WAITING)
+        self._move(instance, InstanceState.WAITING)
         instance.vacated.clear()
         self._context.signals.changed()
 
     async def wake(self, instance: Instance) -> None:
         """Wake a claimed sleeping instance: its weights return from host RAM."""
         record = instance.record
-        instance.move_to(InstanceState.LOADING)
-        self._context.signals.changed()
+        self._move(instance, InstanceState.LOADING)
         model = instance.loaded_model
         assert isinstance(model, Sleepable)
         clock = self._context.clock
@@ -188,7 +192,7 @@ class Lifecycle:
             await self.discard(instance)
             raise self._load_failed(instance, "waking", exc) from exc
         instance.host_bytes = 0
-        instance.move_to(InstanceState.READY)
+        self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
         self._context.journal.record(
             "wake",
@@ -245,7 +249,7 @@ class Lifecycle:
 
     def _drain(self, instance: Instance) -> None:
         if instance.state is not InstanceState.DRAINING:
-            instance.move_to(InstanceState.DRAINING)
+            self._move(instance, InstanceState.DRAINING)
 
     def expire(self, instance: Instance, reason: str) -> None:
         """The reaper found ``instance`` idle past its limit: drain and unload it."""
@@ -334,7 +338,7 @@ class Lifecycle:
             log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
             return False
         instance.host_bytes = instance.measured.weights
-        instance.move_to(InstanceState.SLEEPING)
+        self._move(instance, InstanceState.SLEEPING)
         instance.victim_of = None
         instance.vacated.set()
         self._context.journal.record(
@@ -358,7 +362,7 @@ class Lifecycle:
             self._forget(instance)
 
     async def _unload(self, instance: Instance) -> None:
-        instance.move_to(InstanceState.UNLOADING)
+        self._move(instance, InstanceState.UNLOADING)
         batcher = instance.detach_batcher()
         if batcher is not None:
             await batcher.close()
@@ -374,7 +378,7 @@ class Lifecycle:
         self._gone(instance)
 
     def _gone(self, instance: Instance) -> None:
-        instance.move_to(InstanceState.GONE)
+        self._move(instance, InstanceState.GONE)
         instance.host_bytes = 0
         instance.gone.set()
         instance.vacated.set()
@@ -432,7 +436,7 @@ class Lifecycle:
             detail={"failures_in_a_row": instance.failures},
         )
         log.error("%s on %s failed: %s; unloading it", instance.key, instance.device, reason)
-        instance.move_to(InstanceState.FAILED)
+        self._move(instance, InstanceState.FAILED)
         instance.revoke(f"{instance.model_id} failed and is being restarted: {reason}")
         self._residency.remove(instance)
         self._residency.retiring.append(instance)
