@@ -333,14 +333,14 @@ async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_pat
         models,
         devices=gpu_inventory(tmp_path, gpus),
         devices_config={"gpu_headroom": 0},
-        scheduler={"release_timeout": 10, "load_wait_timeout": 30},
+        scheduler={"release_timeout": 2, "load_wait_timeout": 3},
         clock=clock,
     )
     try:
         await request(services, "leaky")
         eviction = asyncio.create_task(services.scheduler.evict("leaky@1"))
         await backend.began(backend.unloads, 1)
-        await clock.advance(9.9)
+        await clock.advance(1.9)
         assert not eviction.done(), "the memory may still come back within release_timeout"
         await clock.advance(0.1)
         await eviction
@@ -350,7 +350,7 @@ async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_pat
         row = services.scheduler.ledger()[0]
         assert row.ours == 600 * MiB, "leaked bytes stay in the ledger"
         waiting = asyncio.create_task(request(services, "next"))
-        await clock.advance(30)
+        await clock.advance(3)
         with pytest.raises(Unavailable):
             await waiting
     finally:
