@@ -58,7 +58,9 @@ class Instance:
         self.record = record
         self.replica = replica
         self.device = device
-        self._state = INITIAL
+        # Read on every request, so a plain attribute rather than a property; only
+        # ``move_to`` assigns it (tests/test_scheduler_layout.py checks the source).
+        self.state: InstanceState = INITIAL
         self._wall = wall
         self.reserved_bytes = reserved_bytes  # what placement planned for it
         self.estimated_bytes = estimated_bytes  # the estimate from headers
@@ -92,14 +94,10 @@ class Instance:
         self.vacated = asyncio.Event()
         self.host_bytes = 0  # host RAM held while asleep
 
-    @property
-    def state(self) -> InstanceState:
-        return self._state
-
     def move_to(self, target: InstanceState) -> None:
         """Enter ``target``; only the scheduler's lifecycle calls this (rule 1)."""
-        check_transition(self.key, self._state, target)
-        self._state = target
+        check_transition(self.key, self.state, target)
+        self.state = target
 
     @property
     def device_bytes(self) -> int:

@@ -79,13 +79,18 @@ def test_state_is_never_assigned_outside_the_instance() -> None:
     offenders = []
     for path in DAEMON:
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+                targets = [node.target]
+            else:
+                targets = []
             for target in targets:
                 assigns_state = isinstance(target, ast.Attribute) and target.attr in (
                     "state",
                     "_state",
                 )
-                its_own = path.name == "instance.py" and getattr(target, "attr", "") == "_state"
+                its_own = path.name == "instance.py"  # __init__ and move_to
                 if assigns_state and not its_own:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []

@@ -57,7 +57,7 @@ from routerd.scheduler.keepalive import Reaper
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.planning import Planner
 from routerd.scheduler.replicas import Replicas
-from routerd.scheduler.residency import Residency
+from routerd.scheduler.residency import REPLICA_OPTIONS, Residency
 from routerd.scheduler.settings import (
     DeviceSnapshot,
     Failure,
@@ -281,7 +281,7 @@ class Scheduler:
         """Entering a lease (``LeaseHold``): the instance, and when it was acquired."""
         clock = self.context.clock
         self.admission.admit(
-            record, self.residency.version_replicas(record), self.settings, clock.now()
+            record, self.residency.version_replicas(record), self.context.settings, clock.now()
         )
         started = clock.now()
         instance, waited = await self._ready_instance(record, device=None, why="request")
@@ -333,8 +333,8 @@ class Scheduler:
             raise Draining("routerd is shutting down", retry_after=5)
         replicas = self.residency.version_replicas(record)
         chosen = self._replicas.route(record, replicas)
-        if chosen is not None:
-            self._scale_up_if_busy(record, replicas)
+        if chosen is not None and not REPLICA_OPTIONS.isdisjoint(record.options):
+            self._scale_up_if_busy(record, replicas)  # only versions that may have several
         return chosen
 
     async def _wait_ready(
