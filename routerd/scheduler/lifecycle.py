@@ -119,7 +119,10 @@ class Lifecycle:
             await self.discard(instance)
             if isinstance(exc, OutOfMemory):
                 raise
-            raise self._load_failed(instance, "loading", exc) from exc
+            self._load_failed(instance, "loading", exc)
+            if isinstance(exc, Exception):
+                raise LoadFailed(f"loading {record.model_id} failed: {_reason(exc)}") from exc
+            raise  # cancelled: it stays a cancellation
         instance.measured = measured
         return measured
 
@@ -190,7 +193,10 @@ class Lifecycle:
             await model.wake_up()
         except BaseException as exc:
             await self.discard(instance)
-            raise self._load_failed(instance, "waking", exc) from exc
+            self._load_failed(instance, "waking", exc)
+            if isinstance(exc, Exception):
+                raise LoadFailed(f"waking {record.model_id} failed: {_reason(exc)}") from exc
+            raise
         instance.host_bytes = 0
         self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
@@ -204,10 +210,10 @@ class Lifecycle:
         )
         self._context.signals.changed()
 
-    def _load_failed(self, instance: Instance, doing: str, exc: BaseException) -> BaseException:
-        """Log a failed load or wake-up; what to raise for it (``LoadFailed`` for errors)."""
+    def _load_failed(self, instance: Instance, doing: str, exc: BaseException) -> None:
+        """Log a failed load or wake-up (the instance is already discarded)."""
         record = instance.record
-        reason = str(exc) or type(exc).__name__
+        reason = _reason(exc)
         self._context.journal.record("load_failed", record, device=instance.device, reason=reason)
         log.warning(
             "%s %s on %s failed: %s",
@@ -217,9 +223,6 @@ class Lifecycle:
             reason,
             extra={"event": "load_failed", "model": record.model_id, "device": instance.device},
         )
-        if isinstance(exc, Exception):
-            return LoadFailed(f"{doing} {record.model_id} failed: {reason}")
-        return exc
 
     def _remember_footprint(self, instance: Instance, measured: Footprint) -> None:
         """Store the measurement for later placements; a database that cannot take it
@@ -480,3 +483,7 @@ class Lifecycle:
         if leak in self._residency.leaks:
             self._residency.leaks.remove(leak)
             self._context.signals.changed()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
