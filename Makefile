@@ -61,6 +61,7 @@ quick: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check routerd backends policies state tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 gpu-test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m gpu

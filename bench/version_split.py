@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.registry import BackendRegistry
 from policies.split import choose_version
-from routerd.api.context import RequestContext, StreamSlots, enter, leave
 from routerd.api.traffic import record_served, route_request
 from routerd.app import build_app, build_services
 from routerd.config import Config, ServerConfig
+from routerd.request_context import RequestContext, StreamSlots, enter, leave
 from routerd.router import Router
 from state import RouteRecord, Shadow, VersionRecord, VersionSpec
 

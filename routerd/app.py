@@ -18,19 +18,19 @@ from aiohttp import web
 
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
-from routerd import metrics
-from routerd.api import admin, health, openai, openapi, traffic_admin
-from routerd.api.context import StreamSlots
+from routerd.api import admin, health, openai, openapi, prometheus, traffic_admin
+from routerd.api.keys import SERVICES
 from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
 from routerd.clock import Clock
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
 from routerd.registry import Registry
+from routerd.request_context import StreamSlots
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from routerd.traffic import RouteManager, ShadowRunner
 from routerd.version_stats import VersionStats
 from state import Store, VersionSpec
@@ -133,7 +133,7 @@ def build_app(services: Services) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
-    app.middlewares.append(request_middleware(services, metrics.install(app), deadlines, slots))
+    app.middlewares.append(request_middleware(services, prometheus.install(app), deadlines, slots))
     app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)

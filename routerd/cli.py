@@ -18,10 +18,10 @@ from aiohttp import web
 from backends.vllm import use_state_dir as use_vllm_state_dir
 from routerd import __version__, logs, systemd
 from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
+from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
 from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
 from routerd.reload import ConfigLoader, reload_config
-from routerd.services import SERVICES
 
 log = logging.getLogger("routerd")
 

@@ -6,7 +6,7 @@ well-defined points and nowhere else:
 
 - the request middleware, through :meth:`Metrics.finish`: every request's
   endpoint, status and duration, and what the OpenAI handlers left on its context
-  (``routerd.api.context``): the version that served it, its tokens
+  (``routerd.request_context``): the version that served it, its tokens
   (:func:`note_usage`), first-token time (:func:`note_first_token`) and cold start
   (:func:`note_cold_start`);
 - the scheduler's event log (:meth:`Metrics.event`): loads by result and duration,
@@ -25,14 +25,13 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from routerd.api.context import RequestContext, current
-from routerd.services import SERVICES, Services
+from routerd.request_context import RequestContext, current
+from routerd.scheduler import Scheduler
 from routerd.tallies import HistogramTally, Tally, TallyCollector
 from state import VersionRecord
 
@@ -173,10 +172,10 @@ class Metrics:
             )
         )
 
-    def attach(self, services: Services) -> None:
-        """Observe ``services``: scheduler events and batches, and its state at scrape time."""
-        services.scheduler.observer = self
-        self.registry.register(_StateCollector(services))
+    def attach(self, scheduler: Scheduler) -> None:
+        """Observe ``scheduler``: its events and batches, and its state at scrape time."""
+        scheduler.observer = self
+        self.registry.register(_StateCollector(scheduler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -207,15 +206,17 @@ class Metrics:
 
     # -- observed from HTTP --------------------------------------------------------
 
-    def finish(self, request: web.Request, status: int, context: RequestContext) -> None:
+    def finish(
+        self, endpoint: str, status: int, context: RequestContext, *, method: str, path: str
+    ) -> None:
         """Count and time a finished request; one log line for each that ends in an error.
 
         The request middleware (``routerd.api.middleware``) calls this last, so the
-        metrics see the final status of every request, errors included.
+        metrics see the final status of every request, errors included. ``endpoint``
+        is the route's pattern (``unmatched`` for none), ``method`` and ``path`` the
+        request's, for the log line.
         """
         seconds = time.monotonic() - context.started
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
         served = context.served
         name, version = (served.name, served.version) if served is not None else ("", "")
         self.requests.inc((name, version, endpoint, str(status)))
@@ -235,8 +236,8 @@ class Metrics:
                 "request failed",
                 extra={
                     "event": "request_error",
-                    "method": request.method,
-                    "path": request.path,
+                    "method": method,
+                    "path": path,
                     "status": status,
                     "model": served.model_id if served is not None else None,
                     "duration_ms": round(seconds * 1000, 1),
@@ -247,14 +248,14 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges read from the scheduler's snapshots at scrape time (never stored twice)."""
 
-    def __init__(self, services: Services) -> None:
-        self._services = services
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
 
     def describe(self) -> list[Metric]:
         return []  # collected on demand; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        scheduler = self._services.scheduler
+        scheduler = self._scheduler
         queue = GaugeMetricFamily(
             "routerd_queue_depth",
             "Requests waiting for a model version: for its load or in its batch queues.",
@@ -314,25 +315,3 @@ class _StateCollector(Collector):
             ):
                 memory.add_metric([d.id, kind], value)
         yield memory
-
-
-METRICS: Final = web.AppKey("metrics", Metrics)
-
-routes = web.RouteTableDef()
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """The Prometheus text exposition of this daemon's metrics."""
-    body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def install(app: web.Application) -> Metrics:
-    """Create the app's metrics, observe its services, serve ``/metrics``; the app's
-    builder hands them to the request middleware (``routerd.api.middleware``)."""
-    found = Metrics()
-    found.attach(app[SERVICES])
-    app[METRICS] = found
-    app.add_routes(routes)
-    return found

@@ -1,15 +1,13 @@
-"""The running daemon's parts, gathered so handlers reach them through one typed key.
+"""The running daemon's parts, gathered in one place.
 
-Handlers read ``request.app[SERVICES]``; they never build or replace a part. The
-app's start-up context (``routerd.app``) creates them in order and closes them in
-reverse.
+The HTTP layer finds them under one typed app key (``routerd.api.keys.SERVICES``);
+handlers never build or replace a part. The app's start-up context (``routerd.app``)
+creates them in order and closes them in reverse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from aiohttp import web
 
 from backends.registry import BackendRegistry
 from routerd.config import Config
@@ -38,5 +36,3 @@ class Services:
     rollouts: RolloutController
     accepting: bool = True  # False once shutdown began: /ready answers 503
 
-
-SERVICES = web.AppKey("services", Services)

@@ -16,12 +16,13 @@ from aiohttp.test_utils import TestClient
 
 from backends.registry import BackendRegistry
 from routerd.admin_socket import bind_admin_socket
+from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
 from routerd.clock import Clock
 from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from routerd.scheduler import Scheduler
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from state import VersionSpec
 from tests.fakes import FakeBackend, cpu_only_inventory
 

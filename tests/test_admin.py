@@ -13,9 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from backends.registry import BackendRegistry
 from routerd import ctl
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.devices import DeviceInventory
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
 from tests.support import ADMIN_AUTH, fake_services, fake_spec, serve_admin_socket
 

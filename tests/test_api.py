@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
-from routerd.services import SERVICES
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.config import ServerConfig
-from routerd.services import SERVICES
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from routerd.api.prometheus import METRICS
 from routerd.app import build_app
-from routerd.metrics import METRICS
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 

@@ -15,10 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from routerd import ctl
 from routerd.admin_socket import AdminSocketError, bind_admin_socket
 from routerd.api.auth import matches_any
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.config import Config, ConfigError, ServerConfig, load_config
 from routerd.model_paths import check_model_folder
-from routerd.services import SERVICES
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec, serve_admin_socket
 

@@ -15,10 +15,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
+from routerd.api.keys import SERVICES
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
 from routerd.instance import InstanceSnapshot
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from state import VersionRecord, VersionSpec
 
 routes = web.RouteTableDef()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from routerd.services import SERVICES
+from routerd.api.keys import SERVICES
 
 routes = web.RouteTableDef()
 

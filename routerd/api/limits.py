@@ -9,7 +9,7 @@
 - **Streams** (``server.max_streams``): a streaming request over the cap gets 429 with
   Retry-After before it takes a lease, so slow readers cannot hold every instance.
 
-The limits of one request live on its ``RequestContext`` (``routerd.api.context``),
+The limits of one request live on its ``RequestContext`` (``routerd.request_context``),
 current while :func:`within_limits` (called by the request middleware,
 ``routerd.api.middleware``) runs the handler in the same task.
 """
@@ -22,9 +22,9 @@ import math
 
 from aiohttp import web
 
-from routerd.api.context import RequestContext, StreamSlots, current
 from routerd.api.errors import Handler, error_body
 from routerd.errors import GatewayTimeout, TooManyStreams
+from routerd.request_context import RequestContext, StreamSlots, current
 
 STREAM_SLOTS = web.AppKey("stream_slots", StreamSlots)
 
@@ -145,7 +145,7 @@ async def within_limits(
         if not watch.timed_out():
             raise  # the client left, or the daemon is stopping
         message = f"the request did not finish within {timeout:g}s"
-        if context.stream is None:
+        if not isinstance(context.stream, web.StreamResponse):  # not begun: still a status
             raise GatewayTimeout(message) from None
         return await _end_stream(context.stream, message)
     finally:

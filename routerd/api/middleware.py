@@ -13,7 +13,7 @@ Five concerns wrap each request, each kept in its own module as plain functions:
    cap on open streams, around the handler itself.
 
 What the handler learns about the request (the version it was routed to, its
-usage, its stream slot) lives on one ``RequestContext`` (``routerd.api.context``),
+usage, its stream slot) lives on one ``RequestContext`` (``routerd.request_context``),
 made here and current while the handler runs.
 
 They run in that order inside one coroutine rather than as five aiohttp
@@ -34,11 +34,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from routerd.api.auth import check_access
-from routerd.api.context import RequestContext, StreamSlots, enter, leave
 from routerd.api.errors import Handler, response_for
 from routerd.api.limits import Deadlines, within_limits
 from routerd.api.traffic import record_served
 from routerd.metrics import Metrics
+from routerd.request_context import RequestContext, StreamSlots, enter, leave
 from routerd.services import Services
 
 
@@ -74,6 +74,8 @@ def request_middleware(
             return response
         finally:
             leave(token)
-            metrics.finish(request, status, context)
+            route = request.match_info.route.resource
+            endpoint = route.canonical if route is not None else "unmatched"
+            metrics.finish(endpoint, status, context, method=request.method, path=request.path)
 
     return serve

@@ -35,6 +35,7 @@ from routerd.api.generation import (
     stream,
     tokenize,
 )
+from routerd.api.keys import SERVICES
 from routerd.api.limits import claim_stream, streaming
 from routerd.api.schemas import (
     ChatRequest,
@@ -48,7 +49,7 @@ from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import BadRequest, ModelNotFound
 from routerd.metrics import note_cold_start, note_first_token, note_usage
 from routerd.scheduler import Lease
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from state import VersionRecord
 
 routes = web.RouteTableDef()

@@ -4,7 +4,7 @@ Each OpenAI handler calls ``route_request`` where it used to resolve the model i
 it picks the version by the route's sticky split (key: the ``x-routerd-sticky-key``
 header, else the request's ``user`` field, else none: random by weight), starts
 the shadow copy in the background if the route mirrors this request, and notes the
-version on the request's context (``routerd.api.context``). ``record_served`` then
+version on the request's context (``routerd.request_context``). ``record_served`` then
 records, per served version, whether the request failed and how long it took
 (streams: until the last byte), which is what rollouts judge and ``routerctl
 status`` shows.
@@ -20,8 +20,8 @@ from typing import Final
 
 from aiohttp import web
 
-from routerd.api.context import RequestContext, current
-from routerd.services import SERVICES
+from routerd.api.keys import SERVICES
+from routerd.request_context import RequestContext, current
 from routerd.traffic import ShadowWork
 from routerd.version_stats import VersionStats
 from state import VersionRecord

@@ -23,9 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
+from routerd.api.keys import SERVICES
 from routerd.errors import BadRequest, Conflict, NotFound
 from routerd.rollout import parse_plan
-from routerd.services import SERVICES, Services
+from routerd.services import Services
 from state.records import check_name
 
 routes = web.RouteTableDef()

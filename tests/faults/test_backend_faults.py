@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from backends.base import BackendError, ModelCrashed
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.config import ServerConfig
-from routerd.services import SERVICES
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
 

@@ -17,8 +17,8 @@ import time
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from routerd.api.keys import SERVICES
 from routerd.app import build_app
-from routerd.services import SERVICES
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 

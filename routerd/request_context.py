@@ -1,5 +1,8 @@
 """The request being served, as routerd's request path sees it: one object per request.
 
+It sits below HTTP (no aiohttp here), so that metrics and the code below the
+handlers can leave notes on it without depending on the HTTP layer.
+
 The request middleware (``routerd.api.middleware``) makes a ``RequestContext`` for
 each request and makes it current (a context variable) while the handler runs in
 the middleware's task. The handler, and the helpers it calls, leave notes on it:
@@ -23,8 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-
-from aiohttp import web
 
 from state import VersionRecord
 
@@ -60,7 +61,9 @@ class RequestContext:
         self.stream_failed = False
         self.slots = slots
         self.stream_claimed = False  # holds one of ``slots``
-        self.stream: web.StreamResponse | None = None  # begun: its status is sent
+        # Begun: its status is sent (the HTTP layer's stream response; this module sits
+        # below HTTP, so it holds it without knowing its type).
+        self.stream: object | None = None
         self.usage: tuple[int, int] | None = None  # (prompt, completion) tokens
         self.first_token: float | None = None
         self.cold_start_ms: float | None = None
