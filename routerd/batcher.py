@@ -45,6 +45,7 @@ from policies import registry as policy_registry
 from policies.batching import DEFAULT_BATCHING, BatchingPolicy, Queued
 from routerd.errors import RouterdError, Unavailable
 from routerd.instance import Instance
+from routerd.serving.handle import Embedding
 
 log = logging.getLogger("routerd.batcher")
 
@@ -55,18 +56,10 @@ thread as part of the batch (so tokenizing costs no thread hop of its own) and r
 to fail that request alone."""
 
 
-@dataclass(frozen=True)
-class Embedded:
-    """One embedding request's outcome: its token ids and one vector per input."""
-
-    token_ids: list[list[int]]
-    vectors: list[list[float]]
-
-
 @dataclass(eq=False)
 class _EmbedJob:
     prepare: PrepareInputs
-    future: asyncio.Future[Embedded]
+    future: asyncio.Future[Embedding]
     tokens: int
 
 
@@ -222,12 +215,12 @@ class Batcher:
             if row.result is None and row.error is None:
                 row.error = exc
 
-    async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedded:
+    async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedding:
         """Embed what ``prepare`` yields; ``tokens`` estimates its size for admission."""
         embedder = self._embedder()
         if embedder is not None:  # the engine batches pooling requests itself
             return await self._embed_async(embedder, prepare)
-        future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Embedding] = asyncio.get_running_loop().create_future()
         self._submit(_Entry(_EmbedJob(prepare, future, tokens), tokens))
         try:
             embedded = await future
@@ -244,7 +237,7 @@ class Batcher:
             self._embedder_known = True
         return self._async_embedder
 
-    async def _embed_async(self, embedder: AsyncEmbedding, prepare: PrepareInputs) -> Embedded:
+    async def _embed_async(self, embedder: AsyncEmbedding, prepare: PrepareInputs) -> Embedding:
         """Tokenize on the instance thread (its tokenizer's one user), pool in the engine."""
         try:
             token_ids = await self._instance.call(prepare, self._instance.model)
@@ -253,7 +246,7 @@ class Batcher:
             self._observe(exc)
             raise
         self._observe(None)
-        return Embedded(token_ids, vectors)
+        return Embedding(token_ids, vectors)
 
     def _submit(self, entry: _Entry) -> None:
         with self._lock:
@@ -393,7 +386,7 @@ class Batcher:
         return rows
 
 
-def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedded | Exception]:
+def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedding | Exception]:
     """Prepare every job (a bad one fails alone), then one forward pass for the rest."""
     prepared: list[list[list[int]] | Exception] = []
     for job in jobs:
@@ -405,14 +398,14 @@ def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedded | E
         ids for ids_or_error in prepared if isinstance(ids_or_error, list) for ids in ids_or_error
     ]
     vectors = model.embed(inputs) if inputs else []
-    outcomes: list[Embedded | Exception] = []
+    outcomes: list[Embedding | Exception] = []
     start = 0
     for ids_or_error in prepared:
         if isinstance(ids_or_error, Exception):
             outcomes.append(ids_or_error)
             continue
         count = len(ids_or_error)
-        outcomes.append(Embedded(ids_or_error, vectors[start : start + count]))
+        outcomes.append(Embedding(ids_or_error, vectors[start : start + count]))
         start += count
     return outcomes
 

@@ -30,6 +30,7 @@ from backends.base import (
     LoadedModel,
     LoadProgress,
 )
+from routerd.instance_handle import InstanceHandle
 from routerd.messages import InstanceFailed, LoadProgressed, Post
 from routerd.states import INITIAL, InstanceState, check_transition
 from state import VersionRecord
@@ -93,6 +94,7 @@ class Instance:
         # Set when the instance stops holding its device bytes: gone, or asleep.
         self.vacated = asyncio.Event()
         self.host_bytes = 0  # host RAM held while asleep
+        self.handle = InstanceHandle(self)  # what a lease hands to serving
 
     def move_to(self, target: InstanceState) -> None:
         """Enter ``target``; only the scheduler's lifecycle calls this (rule 1)."""

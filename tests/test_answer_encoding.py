@@ -1,4 +1,4 @@
-"""Answers are encoded as ``json.dumps`` would encode them (``routerd.api.openai``)."""
+"""Answers are encoded as ``json.dumps`` would encode them (``routerd.api.answers``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from routerd.api import openai
+from routerd.api import answers
 
 PAYLOADS: list[Any] = [
     {
@@ -26,18 +26,18 @@ PAYLOADS: list[Any] = [
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_answers_are_encoded_as_json_dumps_encodes_them(payload: Any) -> None:
-    assert openai._to_json(payload) == json.dumps(payload)
+    assert answers.to_json(payload) == json.dumps(payload)
 
 
 def test_a_value_json_cannot_encode_is_refused() -> None:
     with pytest.raises(TypeError, match="set is not JSON serializable"):
-        openai._to_json({"bad": {1, 2}})
+        answers.to_json({"bad": {1, 2}})
 
 
 def test_without_the_c_encoder_the_plain_encoder_gives_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(json.encoder, "c_make_encoder", None)
-    encode = openai._json_encoder()
+    encode = answers._json_encoder()
     for payload in PAYLOADS:
         assert encode(payload) == json.dumps(payload)

@@ -260,7 +260,7 @@ async def test_pinned_versions_load_again_after_restart(tmp_path, backend, clock
 
 async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, backend, clock):
     from backends.base import SamplingParams
-    from routerd.api.generation import PreparedPrompt, generate
+    from routerd.serving.prompts import PreparedPrompt, generate
 
     models = [fake_spec(tmp_path, "slow", token_delay=0.01, context=100_000)]
     services = fake_services(tmp_path, backend, models, clock=clock)
@@ -272,7 +272,7 @@ async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, b
         async def long_request():
             async with services.scheduler.lease(services.router.resolve("slow")) as lease:
                 leased.set()
-                return await generate(lease.instance, prompt)
+                return await generate(lease.handle, prompt)
 
         running = asyncio.create_task(long_request())
         await leased.wait()

@@ -28,8 +28,8 @@ from backends.base import (
     Task,
 )
 from backends.vllm import VllmBackend, VllmModel
-from routerd.api.generation import embedding_inputs
 from routerd.app import build_app
+from routerd.serving.prompts import embedding_inputs
 from tests.fakes import FakeBackend, FakeModel
 from tests.support import fake_services, fake_spec
 

@@ -18,7 +18,7 @@ from routerd.api.errors import read_json_object
 from routerd.api.keys import SERVICES
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
-from routerd.instance import InstanceSnapshot
+from routerd.scheduler import InstanceSnapshot
 from routerd.services import Services
 from state import VersionRecord, VersionSpec
 

@@ -18,13 +18,12 @@ served without waiting that long are answered exactly as before.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
-from routerd.api.errors import as_routerd_error, error_body
+from routerd.api.answers import fail_stream, open_stream, send_comment
 from routerd.api.limits import streaming
 from routerd.metrics import note_cold_start
 from routerd.scheduler import Lease, Scheduler
@@ -76,36 +75,23 @@ class ColdStream:
                 cold = lease.cold_start_ms or 0.0
                 note_cold_start(cold)
                 await self._comment(
-                    f"served by {self._record.model_id} on {lease.instance.device} "
+                    f"served by {self._record.model_id} on {lease.handle.device} "
                     f"after {cold:.0f} ms"
                 )
             yield lease
 
     async def _comment(self, text: str) -> None:
         if self.response is None:
-            self.response = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "x-routerd-model": self._record.model_id,
-                }
+            self.response = await open_stream(
+                self._request, {"x-routerd-model": self._record.model_id}
             )
-            await self.response.prepare(self._request)
             streaming(self.response)  # from now on a timeout is an SSE error event
-        await self.response.write(f": {text}\n\n".encode())
+        await send_comment(self.response, text)
 
     async def fail(self, exc: Exception) -> web.StreamResponse:
         """End a stream already begun with ``exc`` as an error event, then ``[DONE]``."""
         assert self.response is not None
-        error = as_routerd_error(exc)
-        body = error_body(error.message, type=error.type, param=error.param, code=error.code)
-        try:
-            await self.response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
-            await self.response.write(b"data: [DONE]\n\n")
-            await self.response.write_eof()
-        except ConnectionError:
-            pass  # the client left meanwhile
-        return self.response
+        return await fail_stream(self.response, exc)
 
 
 def _percent(scheduler: Scheduler, record: VersionRecord) -> int:

@@ -4,7 +4,7 @@
   out gets 504 — or, when its stream has already begun, an ``error`` event and
   ``[DONE]``. Running out cancels the handler, and cancellation reaches the work: a
   generation's row is told to stop and is awaited before the lease is released
-  (``routerd.api.generation``), so the model's thread is never left computing for a
+  (``routerd.instance_handle``), so the model's thread is never left computing for a
   client that has been answered.
 - **Streams** (``server.max_streams``): a streaming request over the cap gets 429 with
   Retry-After before it takes a lease, so slow readers cannot hold every instance.
@@ -17,12 +17,12 @@ current while :func:`within_limits` (called by the request middleware,
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 
 from aiohttp import web
 
-from routerd.api.errors import Handler, error_body
+from routerd.api.answers import fail_stream
+from routerd.api.errors import Handler
 from routerd.errors import GatewayTimeout, TooManyStreams
 from routerd.request_context import RequestContext, StreamSlots, current
 
@@ -147,20 +147,7 @@ async def within_limits(
         message = f"the request did not finish within {timeout:g}s"
         if not isinstance(context.stream, web.StreamResponse):  # not begun: still a status
             raise GatewayTimeout(message) from None
-        return await _end_stream(context.stream, message)
+        return await fail_stream(context.stream, GatewayTimeout(message))
     finally:
         deadlines.forget(watch)
         context.release_stream()
-
-
-async def _end_stream(response: web.StreamResponse, message: str) -> web.StreamResponse:
-    """A stream past its deadline: say so in the stream, then end it."""
-    error = GatewayTimeout(message)
-    payload = error_body(error.message, type=error.type, code=error.code)
-    try:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except (ConnectionError, RuntimeError):
-        pass  # the client is gone too
-    return response

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import os
 import random
 import struct
@@ -22,34 +21,30 @@ from typing import Any
 from aiohttp import web
 
 from backends.base import GenerationResult, Task
+from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
 from routerd.api.coldstart import ColdStream
-from routerd.api.errors import as_routerd_error, error_body, read_json_object
-from routerd.api.generation import (
-    Finished,
-    PreparedPrompt,
-    embedding_inputs,
-    estimate_tokens,
-    fit_to_context,
-    generate,
-    max_tokens_cap,
-    stream,
-    tokenize,
-)
+from routerd.api.errors import read_json_object
 from routerd.api.keys import SERVICES
 from routerd.api.limits import claim_stream, streaming
-from routerd.api.schemas import (
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    parse_chat,
-    parse_completion,
-    parse_embedding,
-)
+from routerd.api.schemas import parse_chat, parse_completion, parse_embedding
 from routerd.api.traffic import mark_stream_failed, route_request
-from routerd.errors import BadRequest, ModelNotFound
+from routerd.errors import ModelNotFound
 from routerd.metrics import note_cold_start, note_first_token, note_usage
 from routerd.scheduler import Lease
 from routerd.services import Services
+from routerd.serving.handle import Finished, ModelHandle
+from routerd.serving.prompts import (
+    PreparedPrompt,
+    embedding_inputs,
+    estimate_tokens,
+    finish_reason,
+    generate,
+    prepare_chat,
+    prepare_prompt,
+    require_task,
+    token_counts,
+)
+from routerd.serving.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 from state import VersionRecord
 
 routes = web.RouteTableDef()
@@ -70,59 +65,12 @@ def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
     (also noted for metrics)."""
     headers = {
         "x-routerd-model": record.model_id,
-        "x-routerd-device": lease.instance.device,
+        "x-routerd-device": lease.handle.device,
     }
     if lease.cold_start_ms is not None:
         headers["x-routerd-cold-start-ms"] = f"{lease.cold_start_ms:.0f}"
         note_cold_start(lease.cold_start_ms)
     return headers
-
-
-def _json_encoder() -> Callable[[Any], str]:
-    """``json.dumps`` for answers, made once.
-
-    Answers are built here from plain dicts, lists and scalars, never with a cycle, so
-    the encoder need not track every container it enters. And ``JSONEncoder.encode``
-    builds its C encoder anew on every call, a third of what encoding a completion
-    costs; the json module's C encoder is made once here instead (with the same
-    settings as ``json.dumps``), where the interpreter has it.
-    """
-    fallback = json.JSONEncoder(check_circular=False).encode
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return fallback
-
-    def unserializable(value: Any) -> Any:
-        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-    encode = make(
-        None, unserializable, json.encoder.encode_basestring_ascii, None, ": ", ", ",
-        False, False, True,
-    )  # fmt: skip
-    return lambda payload: "".join(encode(payload, 0))
-
-
-_to_json = _json_encoder()
-
-
-def _answer(payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
-    """A served request's JSON answer, encoded once straight to bytes (``json_response``
-    encodes to text, which the response then encodes again, and sets the content type
-    through a parser)."""
-    headers["Content-Type"] = "application/json"
-    return web.Response(body=_to_json(payload).encode(), headers=headers)
-
-
-_TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
-
-
-def _require_task(lease: Lease, task: Task, model_id: str, endpoint: str) -> None:
-    if lease.instance.model.info.task is not task:
-        raise BadRequest(
-            f"model '{model_id}' {_TASK_WORDS[lease.instance.model.info.task]} and cannot "
-            f"serve {endpoint}",
-            param="model",
-        )
 
 
 # -- models ----------------------------------------------------------------------
@@ -170,17 +118,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
-            _require_task(lease, Task.GENERATE, req.model, "/v1/completions")
-            prompts = [await _prepare(lease, req, p, param="prompt") for p in req.prompts]
+            handle = lease.handle
+            require_task(handle, Task.GENERATE, req.model, "/v1/completions")
+            prompts = [
+                await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts
+            ]
             if req.stream:
                 return await _stream_completion(request, req, record, lease, prompts, cold.response)
-            results = [await generate(lease.instance, p) for p in prompts]
+            results = [await generate(handle, p) for p in prompts]
     except Exception as exc:
         if cold.response is None:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return _answer(
+    return answer(
         {
             "id": _response_id("cmpl"),
             "object": "text_completion",
@@ -191,7 +142,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "index": i,
                     "text": r.text,
                     "logprobs": None,
-                    "finish_reason": _finish(r),
+                    "finish_reason": finish_reason(r),
                 }
                 for i, r in enumerate(results)
             ],
@@ -213,20 +164,12 @@ async def _shadow_completion(
 ) -> None:
     """The same completion on a shadow version; the result is discarded."""
     async with services.scheduler.lease(record) as lease:
-        _require_task(lease, Task.GENERATE, record.model_id, "/v1/completions")
+        handle = lease.handle
+        require_task(handle, Task.GENERATE, record.model_id, "/v1/completions")
         for prompt in req.prompts:
-            await generate(lease.instance, await _prepare(lease, req, prompt, param="prompt"))
-
-
-async def _prepare(
-    lease: Lease, req: CompletionRequest, prompt: str | list[int], *, param: str
-) -> PreparedPrompt:
-    token_ids = await tokenize(lease.instance, prompt, param=param)
-    info = lease.instance.model.info
-    params = fit_to_context(
-        info, len(token_ids), req.sampling, param=param, cap=max_tokens_cap(lease.instance)
-    )
-    return PreparedPrompt(token_ids, params)
+            await generate(
+                handle, await prepare_prompt(handle, prompt, req.sampling, param="prompt")
+            )
 
 
 async def _stream_completion(
@@ -275,17 +218,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cold = _cold_stream(request, services, record, stream=req.stream)
     try:
         async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
-            _require_task(lease, Task.GENERATE, req.model, "/v1/chat/completions")
-            prompt = await _prepare_chat(lease, req)
+            require_task(lease.handle, Task.GENERATE, req.model, "/v1/chat/completions")
+            prompt = await prepare_chat(lease.handle, req.messages, req.sampling)
             if req.stream:
                 return await _stream_chat(request, req, record, lease, prompt, cold.response)
-            result = await generate(lease.instance, prompt)
+            result = await generate(lease.handle, prompt)
     except Exception as exc:
         if cold.response is None:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return _answer(
+    return answer(
         {
             "id": _response_id("chatcmpl"),
             "object": "chat.completion",
@@ -296,7 +239,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     "index": 0,
                     "message": {"role": "assistant", "content": result.text},
                     "logprobs": None,
-                    "finish_reason": _finish(result),
+                    "finish_reason": finish_reason(result),
                 }
             ],
             "usage": _usage([result]),
@@ -305,24 +248,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _prepare_chat(lease: Lease, req: ChatRequest) -> PreparedPrompt:
-    model = lease.instance.model
-    token_ids = await lease.instance.call(model.encode_chat, req.messages)
-    params = fit_to_context(
-        model.info,
-        len(token_ids),
-        req.sampling,
-        param="messages",
-        cap=max_tokens_cap(lease.instance),
-    )
-    return PreparedPrompt(token_ids, params)
-
-
 async def _shadow_chat(services: Services, req: ChatRequest, record: VersionRecord) -> None:
     """The same chat completion on a shadow version; the result is discarded."""
     async with services.scheduler.lease(record) as lease:
-        _require_task(lease, Task.GENERATE, record.model_id, "/v1/chat/completions")
-        await generate(lease.instance, await _prepare_chat(lease, req))
+        handle = lease.handle
+        require_task(handle, Task.GENERATE, record.model_id, "/v1/chat/completions")
+        await generate(handle, await prepare_chat(handle, req.messages, req.sampling))
 
 
 async def _stream_chat(
@@ -390,64 +321,51 @@ async def _write_sse(
 ) -> web.StreamResponse:
     """Server-sent events: a chunk per text piece, a finish chunk per prompt, [DONE].
 
-    An error after the stream began cannot change the status any more; it is sent
-    as an ``error`` event in the OpenAI shape, followed by ``[DONE]``. ``begun``: the
-    response already sent while waiting for the load (see ``routerd.api.coldstart``).
+    An error after the stream began is an ``error`` event, then ``[DONE]``
+    (``routerd.api.answers``). ``begun``: the response already sent while waiting for
+    the load (see ``routerd.api.coldstart``).
     """
     response = begun
     if response is None:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                **_served_headers(record, lease),
-            }
-        )
-        await response.prepare(request)
+        response = await open_stream(request, _served_headers(record, lease))
     streaming(response)
     results: list[GenerationResult] = []
     try:
         for index, prompt in enumerate(prompts):
-            async with aclosing(stream(lease.instance, prompt)) as pieces:
-                async for item in pieces:
-                    if isinstance(item, Finished):
-                        results.append(item.result)
-                        await _send(response, chunk(index, "", _finish(item.result)))
-                    elif item:
-                        note_first_token()
-                        await _send(response, chunk(index, item, None))
-        note_usage(*_token_counts(results))
+            await _stream_one(response, lease.handle, prompt, index, chunk, results)
+        note_usage(*token_counts(results))
         if include_usage:
-            await _send(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
+            await send_event(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
     except (ConnectionResetError, ConnectionError):
         return response  # the client left; leaving the generator cancelled the work
     except Exception as exc:
         mark_stream_failed()
-        error = as_routerd_error(exc)
-        await _send(response, error_body(error.message, type=error.type, code=error.code))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        return await fail_stream(response, exc)
+    await end_stream(response)
     return response
 
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + _to_json(payload).encode() + b"\n\n")
-
-
-def _finish(result: GenerationResult) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
-
-
-def _token_counts(results: list[GenerationResult]) -> tuple[int, int]:
-    prompt = completion = 0
-    for result in results:
-        prompt += result.prompt_tokens
-        completion += result.completion_tokens
-    return prompt, completion
+async def _stream_one(
+    response: web.StreamResponse,
+    handle: ModelHandle,
+    prompt: PreparedPrompt,
+    index: int,
+    chunk: ChunkMaker,
+    results: list[GenerationResult],
+) -> None:
+    """One prompt's pieces as chunks, then its finish chunk; its result joins ``results``."""
+    async with aclosing(handle.stream(prompt.token_ids, prompt.params)) as pieces:
+        async for item in pieces:
+            if isinstance(item, Finished):
+                results.append(item.result)
+                await send_event(response, chunk(index, "", finish_reason(item.result)))
+            elif item:
+                note_first_token()
+                await send_event(response, chunk(index, item, None))
 
 
 def _usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt, completion = _token_counts(results)
+    prompt, completion = token_counts(results)
     note_usage(prompt, completion)
     return {
         "prompt_tokens": prompt,
@@ -466,14 +384,14 @@ async def embeddings(request: web.Request) -> web.Response:
     shadow = functools.partial(_shadow_embeddings, services, req)
     record = route_request(request, req.model, req.user, shadow)
     async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
-        _require_task(lease, Task.EMBED, req.model, "/v1/embeddings")
-        embedded = await lease.instance.batcher.embed(
+        require_task(lease.handle, Task.EMBED, req.model, "/v1/embeddings")
+        embedded = await lease.handle.embed(
             functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
         )
     vectors = embedded.vectors
     tokens = sum(len(ids) for ids in embedded.token_ids)
     note_usage(tokens, 0)
-    return _answer(
+    return answer(
         {
             "object": "list",
             "data": [
@@ -492,8 +410,8 @@ async def _shadow_embeddings(
 ) -> None:
     """The same embeddings on a shadow version; the vectors are discarded."""
     async with services.scheduler.lease(record) as lease:
-        _require_task(lease, Task.EMBED, record.model_id, "/v1/embeddings")
-        await lease.instance.batcher.embed(
+        require_task(lease.handle, Task.EMBED, record.model_id, "/v1/embeddings")
+        await lease.handle.embed(
             functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
         )
 

@@ -1,5 +1,8 @@
 """Parsing and validating OpenAI request bodies into typed requests.
 
+The typed requests themselves (``routerd.serving.requests``) sit below HTTP, where
+serving takes them; this module is the HTTP side that builds them from JSON.
+
 Every check names the offending field in ``param``, because a client debugging a
 400 needs to know which field to fix. Fields routerd does not implement are refused
 when set to anything but their neutral value, rather than silently ignored: a
@@ -10,58 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from routerd.config import ConfigError, parse_keep_alive
 from routerd.errors import BadRequest
-
-Prompt = str | list[int]
-
-# The parsed requests below are plain (slotted) dataclasses, not frozen ones: one or
-# two are built for every request, and a frozen dataclass costs about four times as
-# much to build (each field is set through ``object.__setattr__``). Nothing changes
-# them once parsed.
-
-
-@dataclass(slots=True)
-class SamplingFields:
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-
-
-@dataclass(slots=True)
-class CompletionRequest:
-    model: str
-    prompts: list[Prompt]
-    sampling: SamplingFields
-    stream: bool
-    include_usage: bool
-    user: str | None
-    keep_alive: float | None
-
-
-@dataclass(slots=True)
-class ChatRequest:
-    model: str
-    messages: list[dict[str, str]]
-    sampling: SamplingFields
-    stream: bool
-    include_usage: bool
-    user: str | None
-    keep_alive: float | None
-
-
-@dataclass(slots=True)
-class EmbeddingRequest:
-    model: str
-    inputs: list[Prompt]
-    encoding_format: str
-    user: str | None
-    keep_alive: float | None
+from routerd.serving.requests import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Prompt,
+    SamplingFields,
+)
 
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:

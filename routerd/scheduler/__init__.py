@@ -4,6 +4,7 @@ See ``routerd.scheduler.coordinator`` for how the parts fit and how a lease is
 served, and ``routerd.scheduler.swap`` for the path of a swap.
 """
 
+from routerd.instance import InstanceSnapshot
 from routerd.scheduler.coordinator import LeaseHold, Scheduler
 from routerd.scheduler.planning import preferences_of
 from routerd.scheduler.settings import (
@@ -19,6 +20,7 @@ from routerd.scheduler.settings import (
 __all__ = [
     "DeviceSnapshot",
     "Failure",
+    "InstanceSnapshot",
     "Leak",
     "Lease",
     "LeaseHold",

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from routerd.config import DevicesConfig, SchedulerConfig
 from routerd.instance import Instance
+from routerd.serving.handle import ModelHandle
 from state import VersionRecord
 
 
@@ -92,8 +93,13 @@ class Lease:
     Not frozen, though never changed: one is built per request, and a frozen
     dataclass costs about four times as much to build."""
 
-    instance: Instance
+    instance: Instance  # the scheduler's; what serving may use is ``handle``
     cold_start_ms: float | None  # set when this request waited for a load
+
+    @property
+    def handle(self) -> ModelHandle:
+        """The leased model as serving sees it (never the instance behind it)."""
+        return self.instance.handle
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""Prompts made ready for a model: tokenized, checked against its vocabulary and
+context, with sampling parameters that fit what is left of the context.
+
+Every refusal is a 400 that names the field to fix (``param``); nothing here knows
+HTTP, and nothing reaches past the ``ModelHandle``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import GenerationResult, ModelInfo, SamplingParams, Task
+from routerd.errors import BadRequest
+from routerd.serving.handle import ModelHandle, Tokenizer
+from routerd.serving.requests import Prompt, SamplingFields
+
+
+@dataclass(slots=True)  # not frozen: built per request, where frozen costs 4x
+class PreparedPrompt:
+    token_ids: list[int]
+    params: SamplingParams
+
+
+_TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
+
+
+def require_task(handle: ModelHandle, task: Task, model_id: str, endpoint: str) -> None:
+    """400 when the leased model does not do what ``endpoint`` asks of it."""
+    has = handle.info.task
+    if has is not task:
+        raise BadRequest(
+            f"model '{model_id}' {_TASK_WORDS[has]} and cannot serve {endpoint}", param="model"
+        )
+
+
+async def prepare_prompt(
+    handle: ModelHandle, prompt: Prompt, sampling: SamplingFields, *, param: str
+) -> PreparedPrompt:
+    """A completion prompt: text tokenized on the model's thread, token ids checked."""
+    if isinstance(prompt, str):
+        token_ids = await handle.tokenize(prompt)
+    else:
+        check_token_ids(handle.info, prompt, param=param)
+        token_ids = prompt
+    params = fit_to_context(
+        handle.info, len(token_ids), sampling, param=param, cap=handle.max_tokens
+    )
+    return PreparedPrompt(token_ids, params)
+
+
+async def prepare_chat(
+    handle: ModelHandle, messages: Sequence[Mapping[str, Any]], sampling: SamplingFields
+) -> PreparedPrompt:
+    """Chat messages rendered with the model's template, fitted to its context."""
+    token_ids = await handle.encode_chat(messages)
+    params = fit_to_context(
+        handle.info, len(token_ids), sampling, param="messages", cap=handle.max_tokens
+    )
+    return PreparedPrompt(token_ids, params)
+
+
+async def generate(handle: ModelHandle, prompt: PreparedPrompt) -> GenerationResult:
+    return await handle.generate(prompt.token_ids, prompt.params)
+
+
+def embedding_inputs(inputs: Sequence[Prompt], model: Tokenizer) -> list[list[int]]:
+    """Token ids of an embedding request's inputs, each checked against the context.
+
+    Runs on the model's thread inside the embedding batch (``ModelHandle.embed``), so
+    a request costs no thread hop of its own for tokenizing.
+    """
+    batch: list[list[int]] = []
+    for i, item in enumerate(inputs):
+        param = "input" if len(inputs) == 1 else f"input[{i}]"
+        if isinstance(item, str):
+            ids = model.encode_prompt(item)
+        else:
+            check_token_ids(model.info, item, param=param)
+            ids = item
+        if len(ids) > model.info.context_length:
+            raise BadRequest(
+                f"{param} has {len(ids)} tokens; this model's maximum context length is "
+                f"{model.info.context_length} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        batch.append(ids)
+    return batch
+
+
+def estimate_tokens(inputs: Sequence[Prompt]) -> int:
+    """Tokens of inputs not tokenized yet, for admission: UTF-8 bytes for text (a token
+    covers at least one byte in byte-level and byte-fallback vocabularies), exact for ids."""
+    return sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs)
+
+
+def check_token_ids(info: ModelInfo, token_ids: Sequence[int], *, param: str) -> None:
+    if info.vocab_size and any(t >= info.vocab_size for t in token_ids):
+        raise BadRequest(
+            f"{param} holds a token id outside the vocabulary (size {info.vocab_size})",
+            param=param,
+        )
+
+
+def fit_to_context(
+    info: ModelInfo,
+    prompt_tokens: int,
+    fields: SamplingFields,
+    *,
+    param: str,
+    cap: int | None = None,
+) -> SamplingParams:
+    """Sampling params whose max_tokens fits the context, or a 400 naming the overflow.
+
+    ``cap``: the model's ``max_tokens`` option; more is refused, and a request that
+    names no max_tokens gets at most that many.
+    """
+    if cap is not None and fields.max_tokens is not None and fields.max_tokens > cap:
+        raise BadRequest(
+            f"max_tokens is too large: {fields.max_tokens}. This model allows at most {cap} "
+            "completion tokens per request.",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+    room = info.context_length - prompt_tokens
+    if room < 1 or (fields.max_tokens is not None and fields.max_tokens > room):
+        asked = fields.max_tokens if fields.max_tokens is not None else 1
+        raise BadRequest(
+            f"This model's maximum context length is {info.context_length} tokens. However, "
+            f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, "
+            f"{asked} for the completion). Please reduce the prompt or max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    max_tokens = fields.max_tokens if fields.max_tokens is not None else room
+    return SamplingParams(
+        max_tokens=max_tokens if cap is None else min(max_tokens, cap),
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        seed=fields.seed,
+        stop=fields.stop,
+    )
+
+
+def finish_reason(result: GenerationResult) -> str:
+    """The OpenAI finish reason: ``length`` when max_tokens ran out, else ``stop``."""
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def token_counts(results: Sequence[GenerationResult]) -> tuple[int, int]:
+    """Prompt and completion tokens of all of a request's results together."""
+    prompt = completion = 0
+    for result in results:
+        prompt += result.prompt_tokens
+        completion += result.completion_tokens
+    return prompt, completion
