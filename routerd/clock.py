@@ -152,6 +152,10 @@ class VirtualClock(TimerClock):
         heapq.heappush(self._timers, (timer.when, next(self._order), timer))
         return timer
 
+    def pending(self) -> int:
+        """How many live timers wait: a test can tell that a waiter has begun waiting."""
+        return sum(1 for _, _, timer in self._timers if not timer.cancelled)
+
     def next_deadline(self) -> float | None:
         """When the earliest live timer is due, or None when nothing waits on time."""
         while self._timers and self._timers[0][2].cancelled:

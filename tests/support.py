@@ -18,7 +18,7 @@ from backends.registry import BackendRegistry
 from routerd.admin_socket import bind_admin_socket
 from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
-from routerd.clock import Clock
+from routerd.clock import Clock, VirtualClock
 from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
 from routerd.scheduler import Scheduler
@@ -99,6 +99,15 @@ async def until(scheduler: Scheduler, predicate: Callable[[], bool], limit: floa
     async with asyncio.timeout(limit):
         while not predicate():
             await scheduler.context.signals.next_change()
+
+
+async def waiting_on(clock: VirtualClock, timers: int, limit: float = 5.0) -> None:
+    """Wait until ``timers`` timers wait on ``clock``: whatever a test is about to
+    advance time for has begun waiting (its setup may run on real threads first, such
+    as a footprint estimate). ``limit`` (real seconds) only bounds a broken test."""
+    async with asyncio.timeout(limit):
+        while clock.pending() < timers:
+            await asyncio.sleep(0.001)
 
 
 class FakeClock:

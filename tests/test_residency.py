@@ -16,7 +16,7 @@ from routerd.clock import VirtualClock, settle
 from routerd.devices import DeviceInventory
 from routerd.errors import LoadFailed, Unavailable
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
-from tests.support import LedgerWatch, fake_services, fake_spec, until
+from tests.support import LedgerWatch, fake_services, fake_spec, until, waiting_on
 
 MiB = 1024**2
 
@@ -122,6 +122,7 @@ async def test_busy_room_waits_then_503_with_retry_after(tmp_path, backend, cloc
     try:
         async with services.scheduler.lease(services.router.resolve("a")):
             waiting = asyncio.create_task(request(services, "b"))
+            await waiting_on(clock, 2)  # its load's timeout, and the wait for room
             await clock.advance(19.9)
             assert not waiting.done(), "the wait for room lasts load_wait_timeout"
             await clock.advance(0.1)
@@ -149,6 +150,7 @@ async def test_waiting_request_gets_room_when_the_lease_ends(tmp_path, backend, 
         holder = asyncio.create_task(hold_a())
         await backend.began(backend.loads, 1)
         waiting = asyncio.create_task(request(services, "b"))
+        await waiting_on(clock, 2)  # its load's timeout, and the wait for room
         await clock.advance(5)
         assert not waiting.done()
         release.set()
@@ -166,6 +168,7 @@ async def test_min_residency_bounds_thrashing(tmp_path, backend, clock):
     try:
         await request(services, "a")
         waiting = asyncio.create_task(request(services, "b"))
+        await waiting_on(clock, 2)  # its load's timeout, and the wait for room
         await clock.advance(9.9)
         assert not waiting.done(), "a is younger than min_residency and must stay"
         await clock.advance(0.1)
@@ -339,7 +342,7 @@ async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_pat
     try:
         await request(services, "leaky")
         eviction = asyncio.create_task(services.scheduler.evict("leaky@1"))
-        await backend.began(backend.unloads, 1)
+        await waiting_on(clock, 1)  # unloaded; now watching for the memory to come back
         await clock.advance(1.9)
         assert not eviction.done(), "the memory may still come back within release_timeout"
         await clock.advance(0.1)
@@ -350,6 +353,7 @@ async def test_eviction_whose_memory_does_not_come_back_is_marked_leaked(tmp_pat
         row = services.scheduler.ledger()[0]
         assert row.ours == 600 * MiB, "leaked bytes stay in the ledger"
         waiting = asyncio.create_task(request(services, "next"))
+        await waiting_on(clock, 2)  # its load's timeout, and the wait for room
         await clock.advance(3)
         with pytest.raises(Unavailable):
             await waiting
