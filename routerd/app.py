@@ -18,7 +18,7 @@ from aiohttp import web
 
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
-from routerd.api import admin, health, openai, openapi, prometheus, traffic_admin
+from routerd.api import admin, health, keys, openai, openapi, prometheus, traffic_admin
 from routerd.api.keys import SERVICES
 from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
@@ -30,7 +30,7 @@ from routerd.request_context import StreamSlots
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
-from routerd.services import Services
+from routerd.services import Live, Services
 from routerd.traffic import RouteManager, ShadowRunner
 from routerd.version_stats import VersionStats
 from state import Store, VersionSpec
@@ -96,7 +96,7 @@ def build_services(
         store.close()
         raise
     return Services(
-        config=config,
+        live=Live(config),
         store=store,
         backends=backends,
         devices=devices,
@@ -126,14 +126,16 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 def build_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=services.config.server.max_body_bytes)
-    app[SERVICES] = services
+    keys.install(app, services)
     slots = app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
     deadlines = app[DEADLINES] = Deadlines()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
-    app.middlewares.append(request_middleware(services, prometheus.install(app), deadlines, slots))
+    app.middlewares.append(
+        request_middleware(services.live, services.stats, prometheus.install(app), deadlines, slots)
+    )
     app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_lifecycle)

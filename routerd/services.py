@@ -1,8 +1,8 @@
 """The running daemon's parts, gathered in one place.
 
-The HTTP layer finds them under one typed app key (``routerd.api.keys.SERVICES``);
-handlers never build or replace a part. The app's start-up context (``routerd.app``)
-creates them in order and closes them in reverse.
+The HTTP layer's handlers find each part they use under its own typed app key
+(``routerd.api.keys``); they never build or replace a part. The app's start-up
+context (``routerd.app``) creates them in order and closes them in reverse.
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ from state import Store
 
 
 @dataclass
-class Services:
+class Live:
+    """What changes while the daemon runs: its config (a reload replaces it) and
+    whether it still takes requests (shutdown ends that). Read per request."""
+
     config: Config
+    accepting: bool = True  # False once shutdown began: /ready answers 503
+
+
+@dataclass
+class Services:
+    live: Live
     store: Store
     backends: BackendRegistry
     devices: DeviceInventory
@@ -34,5 +43,20 @@ class Services:
     routes: RouteManager  # route and shadow changes, as rolling updates
     shadows: ShadowRunner  # shadow copies of requests, in the background
     rollouts: RolloutController
-    accepting: bool = True  # False once shutdown began: /ready answers 503
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.live.config = config
+
+    @property
+    def accepting(self) -> bool:
+        return self.live.accepting
+
+    @accepting.setter
+    def accepting(self, accepting: bool) -> None:
+        self.live.accepting = accepting
 

@@ -15,11 +15,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
-from routerd.api.keys import SERVICES
+from routerd.api.keys import DEVICES, LIVE, REGISTRY, ROUTER, SCHEDULER, STATS, STORE
+from routerd.devices import DeviceInventory
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
 from routerd.scheduler import InstanceSnapshot
-from routerd.services import Services
 from state import VersionRecord, VersionSpec
 
 routes = web.RouteTableDef()
@@ -37,12 +37,12 @@ def _instance_json(snapshot: InstanceSnapshot) -> dict[str, Any]:
 
 
 def _version_json(
-    record: VersionRecord, services: Services, *, pinned: bool | None = None
+    record: VersionRecord, request: web.Request, *, pinned: bool | None = None
 ) -> dict[str, Any]:
     """A version as routerctl shows it; ``pinned`` is read from the store unless given."""
-    resident = services.scheduler.instance(record.model_id)
+    resident = request.app[SCHEDULER].instance(record.model_id)
     if pinned is None:
-        pinned = services.store.is_pinned(record.name, record.version)
+        pinned = request.app[STORE].is_pinned(record.name, record.version)
     return {
         "id": record.model_id,
         "name": record.name,
@@ -60,29 +60,28 @@ def _version_json(
 
 @routes.get("/admin/status")
 async def status(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    scheduler = request.app[SCHEDULER]
     return web.json_response(
         {
-            "devices": [dataclasses.asdict(d) for d in services.scheduler.devices()],
-            "instances": [_instance_json(i) for i in services.scheduler.instances()],
-            "leaked": [dataclasses.asdict(leak) for leak in services.scheduler.leaks()],
-            "failed": [dataclasses.asdict(f) for f in services.scheduler.failures()],
-            "models": len(services.router.table.versions),
-            "traffic": services.stats.snapshot(),
-            "accepting": services.accepting,
+            "devices": [dataclasses.asdict(d) for d in scheduler.devices()],
+            "instances": [_instance_json(i) for i in scheduler.instances()],
+            "leaked": [dataclasses.asdict(leak) for leak in scheduler.leaks()],
+            "failed": [dataclasses.asdict(f) for f in scheduler.failures()],
+            "models": len(request.app[ROUTER].table.versions),
+            "traffic": request.app[STATS].snapshot(),
+            "accepting": request.app[LIVE].accepting,
         }
     )
 
 
 @routes.get("/admin/models")
 async def models(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    pinned = set(services.store.pinned_versions())
+    pinned = set(request.app[STORE].pinned_versions())
     return web.json_response(
         {
             "models": [
-                _version_json(r, services, pinned=(r.name, r.version) in pinned)
-                for r in services.registry.versions()
+                _version_json(r, request, pinned=(r.name, r.version) in pinned)
+                for r in request.app[REGISTRY].versions()
             ]
         }
     )
@@ -90,7 +89,6 @@ async def models(request: web.Request) -> web.Response:
 
 @routes.post("/admin/models")
 async def register(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     body = await read_json_object(request)
     for key in ("name", "path"):
         if not isinstance(body.get(key), str) or not body[key]:
@@ -105,8 +103,8 @@ async def register(request: web.Request) -> web.Response:
     spec = VersionSpec(
         name=body["name"], version=version, backend=backend, path=body["path"], options=options
     )
-    record = services.registry.register(spec, source="api")
-    return web.json_response(_version_json(record, services), status=201)
+    record = request.app[REGISTRY].register(spec, source="api")
+    return web.json_response(_version_json(record, request), status=201)
 
 
 def _model_param(body: dict[str, Any]) -> str:
@@ -116,14 +114,14 @@ def _model_param(body: dict[str, Any]) -> str:
     return model
 
 
-def _device_param(body: dict[str, Any], services: Services) -> str | None:
+def _device_param(body: dict[str, Any], devices: DeviceInventory) -> str | None:
     """``device`` if given: ``cpu``, ``cuda`` (the first GPU) or ``cuda:N``, and present."""
     device = body.get("device")
     if device is None:
         return None
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise BadRequest(f"device must be cpu, cuda or cuda:N, got {device!r}", param="device")
-    here = services.devices.device_ids()
+    here = devices.device_ids()
     present = any(d.startswith("cuda:") for d in here) if device == "cuda" else device in here
     if not present:
         raise BadRequest(
@@ -143,12 +141,11 @@ def _force_param(body: dict[str, Any]) -> bool:
 @routes.post("/admin/load")
 async def load(request: web.Request) -> web.Response:
     """Load ``model`` now, on ``device`` if given (else where placement puts it)."""
-    services = request.app[SERVICES]
     body = await read_json_object(request)
     model = _model_param(body)
-    device = _device_param(body, services)
-    record = services.router.resolve(model)
-    snapshot = await services.scheduler.load(record, device=device)
+    device = _device_param(body, request.app[DEVICES])
+    record = request.app[ROUTER].resolve(model)
+    snapshot = await request.app[SCHEDULER].load(record, device=device)
     return web.json_response(_instance_json(snapshot))
 
 
@@ -159,23 +156,23 @@ async def evict(request: web.Request) -> web.Response:
     ``force``: do not wait for requests in flight; the scheduler ends them with an error.
     A pinned version is evicted too (a pin only keeps the scheduler from choosing it).
     """
-    services = request.app[SERVICES]
     body = await read_json_object(request)
     model = _model_param(body)
     force = _force_param(body)
+    router, scheduler = request.app[ROUTER], request.app[SCHEDULER]
     if "@" in model:
-        targets = [services.router.resolve(model).model_id]
+        targets = [router.resolve(model).model_id]
     else:
-        if model not in services.router.table.latest:
-            services.router.resolve(model)  # raises the 404 in the usual shape
+        if model not in router.table.latest:
+            router.resolve(model)  # raises the 404 in the usual shape
         # One target per version: evicting a version takes all its replicas.
         targets = sorted(
-            {i.model + "@" + i.version for i in services.scheduler.instances() if i.model == model}
+            {i.model + "@" + i.version for i in scheduler.instances() if i.model == model}
         )
-    if not targets or all(services.scheduler.instance(t) is None for t in targets):
+    if not targets or all(scheduler.instance(t) is None for t in targets):
         raise NotFound(f"{model} is not loaded", param="model")
     evicted = [
-        _instance_json(await services.scheduler.evict(target, reason="manual", force=force))
+        _instance_json(await scheduler.evict(target, reason="manual", force=force))
         for target in targets
     ]
     return web.json_response({"evicted": evicted})
@@ -193,21 +190,20 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def _set_pinned(request: web.Request, *, pinned: bool) -> web.Response:
-    services = request.app[SERVICES]
-    record = services.router.resolve(_model_param(await read_json_object(request)))
+    scheduler = request.app[SCHEDULER]
+    record = request.app[ROUTER].resolve(_model_param(await read_json_object(request)))
     try:
         if pinned:
-            services.scheduler.pin(record)
+            scheduler.pin(record)
         else:
-            services.scheduler.unpin(record)
+            scheduler.unpin(record)
     except ValueError as exc:  # the store no longer has it: deleted since it was routed
         raise NotFound(str(exc), param="model") from exc
-    return web.json_response(_version_json(record, services, pinned=pinned))
+    return web.json_response(_version_json(record, request, pinned=pinned))
 
 
 @routes.get("/admin/events")
 async def events(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
@@ -217,7 +213,7 @@ async def events(request: web.Request) -> web.Response:
     model = request.query.get("model")
     name, version = (None, None) if model is None else _split_model_id(model)
     try:
-        found = services.store.events(limit=limit, model=name, version=version)
+        found = request.app[STORE].events(limit=limit, model=name, version=version)
     except ValueError as exc:
         raise BadRequest(str(exc), param="model") from exc
     return web.json_response({"events": [dataclasses.asdict(e) for e in found]})
@@ -230,18 +226,18 @@ async def why(request: web.Request) -> web.Response:
     ``NAME`` means the version the router resolves it to. ``NAME@VERSION`` may also
     name a version no longer registered, as long as the log has events of it.
     """
-    services = request.app[SERVICES]
+    router = request.app[ROUTER]
     model_id = request.match_info["model_id"]
     name, version = _split_model_id(model_id)
     if version is None:
-        record = services.router.resolve(model_id)
+        record = router.resolve(model_id)
         model_id, name, version = record.model_id, record.name, record.version
     try:
-        history = services.store.events(limit=WHY_HISTORY, model=name, version=version)
+        history = request.app[STORE].events(limit=WHY_HISTORY, model=name, version=version)
     except ValueError as exc:
         raise BadRequest(str(exc), param="model") from exc
     if not history:
-        services.router.resolve(model_id)  # an unknown version is a 404, not "never loaded"
+        router.resolve(model_id)  # an unknown version is a 404, not "never loaded"
     return web.json_response(
         {"model": model_id, "explanation": explain(model_id, history, time.time())}
     )

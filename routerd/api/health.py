@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from routerd.api.keys import SERVICES
+from routerd.api.keys import LIVE, SCHEDULER, STORE
 
 routes = web.RouteTableDef()
 
@@ -21,11 +21,10 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     checks = {
-        "store": services.store.is_open,
-        "scheduler": services.scheduler.running,
-        "accepting": services.accepting,
+        "store": request.app[STORE].is_open,
+        "scheduler": request.app[SCHEDULER].running,
+        "accepting": request.app[LIVE].accepting,
     }
     ok = all(checks.values())
     return web.json_response(

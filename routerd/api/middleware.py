@@ -39,14 +39,16 @@ from routerd.api.limits import Deadlines, within_limits
 from routerd.api.traffic import record_served
 from routerd.metrics import Metrics
 from routerd.request_context import RequestContext, StreamSlots, enter, leave
-from routerd.services import Services
+from routerd.services import Live
+from routerd.version_stats import VersionStats
 
 
 def request_middleware(
-    services: Services, metrics: Metrics, deadlines: Deadlines, slots: StreamSlots
+    live: Live, stats: VersionStats, metrics: Metrics, deadlines: Deadlines, slots: StreamSlots
 ) -> Middleware:
-    """The app's only middleware: ``services`` as the app holds them, reporting to
-    ``metrics``; request deadlines watched by ``deadlines``; streams counted in ``slots``."""
+    """The app's only middleware: limits and access from ``live``'s config (a reload
+    replaces it), served requests counted in ``stats`` and reported to ``metrics``;
+    request deadlines watched by ``deadlines``; streams counted in ``slots``."""
 
     @web.middleware
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -54,7 +56,7 @@ def request_middleware(
         token = enter(context)
         status = 500
         try:
-            server = services.config.server  # read per request: a reload replaces it
+            server = live.config.server  # read per request: a reload replaces it
             try:
                 check_access(request, server)
                 response = await within_limits(
@@ -70,7 +72,7 @@ def request_middleware(
             except Exception as exc:
                 response = response_for(exc, request)
             status = response.status
-            record_served(services.stats, context, status)
+            record_served(stats, context, status)
             return response
         finally:
             leave(token)

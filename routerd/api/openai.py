@@ -24,14 +24,13 @@ from backends.base import GenerationResult, Task
 from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
 from routerd.api.coldstart import ColdStream
 from routerd.api.errors import read_json_object
-from routerd.api.keys import SERVICES
+from routerd.api.keys import LIVE, ROUTER, SCHEDULER
 from routerd.api.limits import claim_stream, streaming
 from routerd.api.schemas import parse_chat, parse_completion, parse_embedding
 from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import ModelNotFound
 from routerd.metrics import note_cold_start, note_first_token, note_usage
-from routerd.scheduler import Lease
-from routerd.services import Services
+from routerd.scheduler import Lease, Scheduler
 from routerd.serving.handle import Finished, ModelHandle
 from routerd.serving.prompts import (
     PreparedPrompt,
@@ -88,7 +87,7 @@ def _model_entry(model_id: str, record: VersionRecord) -> dict[str, Any]:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    table = request.app[SERVICES].router.table
+    table = request.app[ROUTER].table
     data = [_model_entry(name, record) for name, record in sorted(table.latest.items())]
     data += [_model_entry(mid, record) for mid, record in sorted(table.versions.items())]
     return web.json_response({"object": "list", "data": data})
@@ -98,7 +97,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     try:
-        record = request.app[SERVICES].router.resolve(model_id)
+        record = request.app[ROUTER].resolve(model_id)
     except ModelNotFound:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model") from None
     return web.json_response(_model_entry(model_id, record))
@@ -109,15 +108,15 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+    scheduler = request.app[SCHEDULER]
     req = parse_completion(await read_json_object(request))
     if req.stream:
         claim_stream()
-    shadow = functools.partial(_shadow_completion, services, req)
+    shadow = functools.partial(_shadow_completion, scheduler, req)
     record = route_request(request, req.model, req.user, shadow)
-    cold = _cold_stream(request, services, record, stream=req.stream)
+    cold = _cold_stream(request, record, stream=req.stream)
     try:
-        async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
+        async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
             handle = lease.handle
             require_task(handle, Task.GENERATE, req.model, "/v1/completions")
             prompts = [
@@ -152,18 +151,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _cold_stream(
-    request: web.Request, services: Services, record: VersionRecord, *, stream: bool
-) -> ColdStream:
-    heartbeat = services.config.server.stream_heartbeat
+def _cold_stream(request: web.Request, record: VersionRecord, *, stream: bool) -> ColdStream:
+    heartbeat = request.app[LIVE].config.server.stream_heartbeat
     return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
 
 
 async def _shadow_completion(
-    services: Services, req: CompletionRequest, record: VersionRecord
+    scheduler: Scheduler, req: CompletionRequest, record: VersionRecord
 ) -> None:
     """The same completion on a shadow version; the result is discarded."""
-    async with services.scheduler.lease(record) as lease:
+    async with scheduler.lease(record) as lease:
         handle = lease.handle
         require_task(handle, Task.GENERATE, record.model_id, "/v1/completions")
         for prompt in req.prompts:
@@ -209,15 +206,15 @@ async def _stream_completion(
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+    scheduler = request.app[SCHEDULER]
     req = parse_chat(await read_json_object(request))
     if req.stream:
         claim_stream()
-    shadow = functools.partial(_shadow_chat, services, req)
+    shadow = functools.partial(_shadow_chat, scheduler, req)
     record = route_request(request, req.model, req.user, shadow)
-    cold = _cold_stream(request, services, record, stream=req.stream)
+    cold = _cold_stream(request, record, stream=req.stream)
     try:
-        async with cold.lease(services.scheduler, keep_alive=req.keep_alive) as lease:
+        async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
             require_task(lease.handle, Task.GENERATE, req.model, "/v1/chat/completions")
             prompt = await prepare_chat(lease.handle, req.messages, req.sampling)
             if req.stream:
@@ -248,9 +245,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _shadow_chat(services: Services, req: ChatRequest, record: VersionRecord) -> None:
+async def _shadow_chat(scheduler: Scheduler, req: ChatRequest, record: VersionRecord) -> None:
     """The same chat completion on a shadow version; the result is discarded."""
-    async with services.scheduler.lease(record) as lease:
+    async with scheduler.lease(record) as lease:
         handle = lease.handle
         require_task(handle, Task.GENERATE, record.model_id, "/v1/chat/completions")
         await generate(handle, await prepare_chat(handle, req.messages, req.sampling))
@@ -379,11 +376,11 @@ def _usage(results: list[GenerationResult]) -> dict[str, int]:
 
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
-    services: Services = request.app[SERVICES]
+    scheduler = request.app[SCHEDULER]
     req = parse_embedding(await read_json_object(request))
-    shadow = functools.partial(_shadow_embeddings, services, req)
+    shadow = functools.partial(_shadow_embeddings, scheduler, req)
     record = route_request(request, req.model, req.user, shadow)
-    async with services.scheduler.lease(record, keep_alive=req.keep_alive) as lease:
+    async with scheduler.lease(record, keep_alive=req.keep_alive) as lease:
         require_task(lease.handle, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.handle.embed(
             functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
@@ -406,10 +403,10 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def _shadow_embeddings(
-    services: Services, req: EmbeddingRequest, record: VersionRecord
+    scheduler: Scheduler, req: EmbeddingRequest, record: VersionRecord
 ) -> None:
     """The same embeddings on a shadow version; the vectors are discarded."""
-    async with services.scheduler.lease(record) as lease:
+    async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.EMBED, record.model_id, "/v1/embeddings")
         await lease.handle.embed(
             functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)

@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from routerd.api.keys import SERVICES
+from routerd.api.keys import SCHEDULER
 from routerd.metrics import Metrics
 
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -29,7 +29,7 @@ def install(app: web.Application) -> Metrics:
     """Create the app's metrics, observe its scheduler, serve ``/metrics``; the app's
     builder hands them to the request middleware (``routerd.api.middleware``)."""
     found = Metrics()
-    found.attach(app[SERVICES].scheduler)
+    found.attach(app[SCHEDULER])
     app[METRICS] = found
     app.add_routes(routes)
     return found

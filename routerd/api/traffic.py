@@ -20,7 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
-from routerd.api.keys import SERVICES
+from routerd.api.keys import ROUTER, SHADOWS
 from routerd.request_context import RequestContext, current
 from routerd.traffic import ShadowWork
 from routerd.version_stats import VersionStats
@@ -33,14 +33,13 @@ def route_request(
     request: web.Request, model_id: str, user: str | None, shadow: ShadowWork
 ) -> VersionRecord:
     """The version that serves this request; mirrors it to the shadow version if routed so."""
-    services = request.app[SERVICES]
     sticky_key = request.headers.get(STICKY_HEADER) or user or None
-    routed = services.router.route(model_id, sticky_key)
+    routed = request.app[ROUTER].route(model_id, sticky_key)
     context = current()
     if context is not None:
         context.served = routed.record
     if routed.shadow is not None:
-        services.shadows.mirror(routed.shadow, shadow)
+        request.app[SHADOWS].mirror(routed.shadow, shadow)
     return routed.record
 
 

@@ -23,10 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
-from routerd.api.keys import SERVICES
+from routerd.api.keys import ROLLOUTS, ROUTER, ROUTES, SCHEDULER, SHADOWS, STATS, STORE
 from routerd.errors import BadRequest, Conflict, NotFound
 from routerd.rollout import parse_plan
-from routerd.services import Services
+from state import Store
 from state.records import check_name
 
 routes = web.RouteTableDef()
@@ -34,10 +34,10 @@ routes = web.RouteTableDef()
 HISTORY_LIMIT = 50
 
 
-def route_json(services: Services, name: str) -> dict[str, Any]:
+def route_json(request: web.Request, name: str) -> dict[str, Any]:
     """A model's route as routerctl shows it: every version with its weight and share."""
-    stored = services.routes.current(name)
-    table = services.router.table
+    stored = request.app[ROUTES].current(name)
+    table = request.app[ROUTER].table
     versions = sorted(
         (r for r in table.versions.values() if r.name == name), key=lambda r: r.created_at
     )
@@ -49,7 +49,7 @@ def route_json(services: Services, name: str) -> dict[str, Any]:
     rows = []
     for record in versions:
         weight = weights.get(record.version, 0)
-        resident = services.scheduler.instance(record.model_id)
+        resident = request.app[SCHEDULER].instance(record.model_id)
         rows.append(
             {
                 "version": record.version,
@@ -80,26 +80,23 @@ def _model_name(request: web.Request) -> str:
 
 @routes.get("/admin/routes")
 async def list_routes(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    names = sorted(services.router.table.latest)
-    return web.json_response({"routes": [route_json(services, n) for n in names]})
+    names = sorted(request.app[ROUTER].table.latest)
+    return web.json_response({"routes": [route_json(request, n) for n in names]})
 
 
 @routes.get("/admin/routes/{name}")
 async def get_route(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     name = _model_name(request)
-    body = route_json(services, name)
+    body = route_json(request, name)
     body["history"] = [
         dataclasses.asdict(change)
-        for change in services.store.route_history(name, limit=HISTORY_LIMIT)
+        for change in request.app[STORE].route_history(name, limit=HISTORY_LIMIT)
     ]
     return web.json_response(body)
 
 
 @routes.put("/admin/routes/{name}")
 async def set_route(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     name = _model_name(request)
     body = await read_json_object(request)
     weights = body.get("weights")
@@ -116,23 +113,22 @@ async def set_route(request: web.Request) -> web.Response:
             )
     if sum(weights.values()) <= 0:
         raise BadRequest("at least one weight must be above 0", param="weights")
-    _no_live_rollout(services, name)
-    await services.routes.set_route(name, weights, reason=_reason(body))
-    return web.json_response(route_json(services, name))
+    _no_live_rollout(request.app[STORE], name)
+    await request.app[ROUTES].set_route(name, weights, reason=_reason(body))
+    return web.json_response(route_json(request, name))
 
 
 @routes.delete("/admin/routes/{name}")
 async def clear_route(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     name = _model_name(request)
-    _no_live_rollout(services, name)
-    await services.routes.clear_route(name)
-    return web.json_response(route_json(services, name))
+    _no_live_rollout(request.app[STORE], name)
+    await request.app[ROUTES].clear_route(name)
+    return web.json_response(route_json(request, name))
 
 
 @routes.put("/admin/routes/{name}/shadow")
 async def set_shadow(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    route_manager = request.app[ROUTES]
     name = _model_name(request)
     body = await read_json_object(request)
     version = body.get("version")
@@ -141,34 +137,33 @@ async def set_shadow(request: web.Request) -> web.Response:
     percent = body.get("percent", 100)
     if isinstance(percent, bool) or not isinstance(percent, int | float):
         raise BadRequest(f"percent must be a number, got {percent!r}", param="percent")
-    services.routes.current(name)
-    services.routes.set_shadow(name, version, percent, reason=_reason(body))
-    return web.json_response(route_json(services, name))
+    route_manager.current(name)
+    route_manager.set_shadow(name, version, percent, reason=_reason(body))
+    return web.json_response(route_json(request, name))
 
 
 @routes.delete("/admin/routes/{name}/shadow")
 async def clear_shadow(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     name = _model_name(request)
-    services.routes.clear_shadow(name)
-    return web.json_response(route_json(services, name))
+    request.app[ROUTES].clear_shadow(name)
+    return web.json_response(route_json(request, name))
 
 
 @routes.get("/admin/traffic")
 async def traffic(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    shadows = request.app[SHADOWS]
     return web.json_response(
         {
-            "versions": services.stats.snapshot(),
-            "shadow_in_flight": services.shadows.in_flight,
-            "shadow_dropped": services.shadows.dropped,
+            "versions": request.app[STATS].snapshot(),
+            "shadow_in_flight": shadows.in_flight,
+            "shadow_dropped": shadows.dropped,
         }
     )
 
 
 @routes.post("/admin/rollouts")
 async def start_rollout(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    rollouts = request.app[ROLLOUTS]
     body = await read_json_object(request)
     name = body.get("model")
     if not isinstance(name, str) or not name or "@" in name:
@@ -179,26 +174,24 @@ async def start_rollout(request: web.Request) -> web.Response:
     if not isinstance(to, str) or not to:
         raise BadRequest("to is required: the version to roll out", param="to")
     plan = parse_plan(body)
-    rollout = await services.rollouts.begin(name, to, plan)
-    return web.json_response(services.rollouts.describe(rollout, log=True), status=201)
+    rollout = await rollouts.begin(name, to, plan)
+    return web.json_response(rollouts.describe(rollout, log=True), status=201)
 
 
 @routes.get("/admin/rollouts")
 async def list_rollouts(request: web.Request) -> web.Response:
-    return web.json_response({"rollouts": request.app[SERVICES].rollouts.list()})
+    return web.json_response({"rollouts": request.app[ROLLOUTS].list()})
 
 
 @routes.get("/admin/rollouts/{name}")
 async def rollout_status(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    return web.json_response(services.rollouts.status(_model_name(request)))
+    return web.json_response(request.app[ROLLOUTS].status(_model_name(request)))
 
 
 @routes.post("/admin/rollouts/{name}/{action}")
 async def rollout_action(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     name, action = _model_name(request), request.match_info["action"]
-    controller = services.rollouts
+    controller = request.app[ROLLOUTS]
     if action == "pause":
         rollout = await controller.pause(name)
     elif action == "resume":
@@ -210,8 +203,8 @@ async def rollout_action(request: web.Request) -> web.Response:
     return web.json_response(controller.describe(rollout, log=True))
 
 
-def _no_live_rollout(services: Services, name: str) -> None:
-    if services.store.rollouts(name=name, live=True, limit=1):
+def _no_live_rollout(store: Store, name: str) -> None:
+    if store.rollouts(name=name, live=True, limit=1):
         raise Conflict(
             f"a rollout of {name} is in progress; pause it and abort it "
             f"(routerctl rollout abort {name}) before changing the route by hand",
