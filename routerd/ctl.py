@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 
 from routerd.completion import completion_script
 from routerd.ctl_display import format_ps, load_progress
+from routerd.units import human_bytes
 
 DEFAULT_URL = "http://127.0.0.1:8400"
 SOCKET_NAME = "routerd.sock"  # routerd.config.SOCKET_NAME; not imported, to start fast
@@ -156,14 +157,6 @@ def resolve_target(url: str | None, state_dir: str | None) -> Target:
 
 
 # -- formatting for people --------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_age(timestamp: float, now: float | None = None) -> str:

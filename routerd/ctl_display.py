@@ -10,13 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+from routerd.units import human_bytes
 
 
 def _until(instance: dict[str, Any], now: float) -> str:
@@ -62,7 +56,7 @@ def format_ps(status: dict[str, Any], now: float | None = None) -> str:
         [
             _name(i),
             i["device"],
-            _size(i["bytes"]),
+            human_bytes(i["bytes"]),
             _state(i),
             str(i["in_flight"]) + (f" (+{i['queued']} queued)" if i.get("queued") else ""),
             _until(i, now),
@@ -97,6 +91,6 @@ def load_progress(instances: Sequence[dict[str, Any]], model: str) -> tuple[str,
             return "starting", f"{where}: starting ({percent}%)"
         phase = str(progress["phase"])
         done, total = progress.get("done_bytes", 0), progress.get("total_bytes", 0)
-        amount = f" {_size(done)} / {_size(total)}" if total else ""
+        amount = f" {human_bytes(done)} / {human_bytes(total)}" if total else ""
         return phase, f"{where}: {phase}{amount} ({percent}%)"
     return None
