@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from routerd.units import human_bytes
 from state import Event
 
 _DECISIVE = ("load", "load_failed", "evict")
@@ -243,9 +244,4 @@ def _took(ms: float) -> str:
 
 
 def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} bytes" if n != 1 else "1 byte"
-    for unit, scale in (("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)):
-        if n < scale * 1024:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / (1 << 40):.1f} TiB"
+    return human_bytes(n, spelled_out=True)

@@ -417,7 +417,7 @@ def test_instance_table_without_the_new_fields():
         "in_flight": 0,
         "last_used": now,
     }
-    header, row = ctl._format_instances([old]).splitlines()
+    header, row = ctl.format_instances([old]).splitlines()
     assert header.split() == ["MODEL", "DEVICE", "STATE", "SIZE", "IN", "FLIGHT", "LAST", "USED"]
     assert row.split()[:5] == ["m@1", "cpu", "ready", "2.0", "KiB"]
 
@@ -428,7 +428,7 @@ def test_instance_table_without_the_new_fields():
         "pinned": True,
         "expires_at": now + 600,
     }
-    header, row = ctl._format_instances([new]).splitlines()
+    header, row = ctl.format_instances([new]).splitlines()
     assert header.split()[3:5] == ["ESTIMATED", "SIZE"] and header.endswith("EXPIRES")
     assert row.split()[:6] == ["m@1", "cpu", "ready,", "pinned", "-", "-"]
     assert row.endswith("in 10m")

@@ -52,7 +52,7 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_completion_knows_every_command_and_flag() -> None:
-    parser = ctl._parser()
+    parser = ctl.build_parser()
     commands = {c.name: c for c in commands_of(parser)}
     assert {"status", "ps", "load", "evict", "completion", "events"} <= set(commands)
     assert ("--device", commands["load"].options[-1][1], True) in commands["load"].options
@@ -71,7 +71,7 @@ def test_completion_knows_every_command_and_flag() -> None:
     ],
 )
 def test_bash_completion_completes(words: list[str], expected: list[str]) -> None:
-    script = completion_script("bash", ctl._parser())
+    script = completion_script("bash", ctl.build_parser())
     words_array = " ".join(f"'{w}'" for w in words)
     driver = (
         f"{script}\nCOMP_WORDS=({words_array}); COMP_CWORD={len(words) - 1}; "
@@ -84,6 +84,6 @@ def test_bash_completion_completes(words: list[str], expected: list[str]) -> Non
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
 def test_zsh_script_parses() -> None:
-    script = completion_script("zsh", ctl._parser())
+    script = completion_script("zsh", ctl.build_parser())
     done = subprocess.run(["zsh", "-n", "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ from backends.echo import EchoBackend
 from routerd import ctl
 from routerd.app import build_app
 from routerd.config import ServerConfig
-from routerd.ctl_display import format_ps, load_progress
+from routerd.ctl import format_ps, load_progress
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
 

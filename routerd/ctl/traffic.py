@@ -1,8 +1,8 @@
 """``routerctl route`` and ``routerctl rollout``: traffic commands over the admin API.
 
-Kept apart from ``routerd.ctl`` (which registers them) so that module stays about
-models and memory. Same rules: standard library only, ``--json`` prints the API's
-JSON as is, failures are one line on stderr.
+Kept apart from ``routerd.ctl.commands`` (which registers them) so that module stays
+about models and memory. Same rules: standard library only, ``--json`` prints the
+API's JSON as is, failures are one line on stderr.
 
     routerctl route [show] [NAME]
     routerctl route set NAME 1=90 2=10
@@ -23,7 +23,8 @@ import re
 import urllib.parse
 from typing import Any
 
-from routerd.ctl import CtlError, human_age, request, table
+from routerd.ctl.client import CtlError, request
+from routerd.ctl.formatting import human_age, table
 
 COMMANDS = ("route", "rollout")
 ROLLOUT_ACTIONS = ("status", "pause", "resume", "abort")
@@ -172,31 +173,6 @@ def _format_history(history: list[dict[str, Any]]) -> str:
             for h in history
         ],
     )
-
-
-def format_traffic(versions: list[dict[str, Any]]) -> str:
-    """Per-version traffic for ``routerctl status``: a blank line and a table, or nothing."""
-    rows = []
-    for entry in versions:
-        for kind in ("primary", "shadow"):
-            stats = entry.get(kind)
-            if not stats:
-                continue
-            p95 = stats.get("window_p95_ms")
-            rows.append(
-                [
-                    entry["model"],
-                    kind,
-                    str(stats["requests"]),
-                    str(stats["errors"]),
-                    f"{stats['window_error_rate']:.1%}",
-                    "-" if p95 is None else f"{p95:.1f} ms",
-                ]
-            )
-    if not rows:
-        return ""
-    headers = ["MODEL", "TRAFFIC", "REQUESTS", "ERRORS", "ERROR RATE", "P95"]
-    return "\n\n" + table(headers, rows)
 
 
 # -- rollout ---------------------------------------------------------------------------
