@@ -40,7 +40,7 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
-from backends import footprint, hf_text
+from backends import footprint, hf_text, proctree
 from backends.base import (
     BackendError,
     Cancellation,
@@ -55,7 +55,6 @@ from backends.base import (
     Task,
     TextSink,
 )
-from routerd import proctree
 
 log = logging.getLogger("routerd.backends.vllm")
 

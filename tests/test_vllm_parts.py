@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backends import proctree
 from backends.base import (
     AsyncGenerating,
     BackendError,
@@ -24,7 +25,6 @@ from backends.base import (
     TextSink,
 )
 from backends.vllm import VllmBackend, _kill
-from routerd import proctree
 from routerd.devices import DeviceReading
 from routerd.memory import build_ledger
 from tests.fakes import FakeBackend
