@@ -52,6 +52,7 @@ from backends.base import (
     Task,
     TextSink,
 )
+from backends.options import invalid, is_positive_int, reject_unknown
 
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -98,12 +99,6 @@ class _ProgressBars:
 _PROGRESS_BARS = _ProgressBars()
 
 
-def _options_error(key: str, value: object, allowed: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"option {key!r} has invalid value {value!r}; allowed: {allowed}", param=key
-    )
-
-
 class TransformersBackend:
     """Loads local Hugging Face folders with ``transformers`` on cpu or one cuda device."""
 
@@ -115,30 +110,24 @@ class TransformersBackend:
         ``max_concurrency`` is how many sequences the instance decodes at once: its
         KV cache is reserved for that many full contexts. Default 1.
         """
-        unknown = sorted(set(options) - set(_OPTION_KEYS))
-        if unknown:
-            raise InvalidRequest(
-                f"unknown option {unknown[0]!r} for the transformers backend; "
-                f"allowed: {', '.join(_OPTION_KEYS)}",
-                param=unknown[0],
-            )
+        reject_unknown(options, _OPTION_KEYS, "transformers")
         dtype = options.get("dtype", "auto")
         if dtype not in _DTYPES:
-            raise _options_error("dtype", dtype, ", ".join(_DTYPES))
+            raise invalid("dtype", dtype, ", ".join(_DTYPES))
         task = options.get("task", "auto")
         if task not in _TASKS:
-            raise _options_error("task", task, ", ".join(_TASKS))
+            raise invalid("task", task, ", ".join(_TASKS))
         normalized: dict[str, Any] = {"dtype": dtype, "task": task}
         allow_pickle = options.get("allow_pickle", False)
         if not isinstance(allow_pickle, bool):
-            raise _options_error("allow_pickle", allow_pickle, "true or false")
+            raise invalid("allow_pickle", allow_pickle, "true or false")
         if allow_pickle:
             normalized["allow_pickle"] = True
         for key in ("max_context", "max_concurrency"):
             if key in options:
                 value = options[key]
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise _options_error(key, value, "a positive integer")
+                if not is_positive_int(value):
+                    raise invalid(key, value, "a positive integer")
                 normalized[key] = value
         return normalized
 

@@ -55,6 +55,7 @@ from backends.base import (
     Task,
     TextSink,
 )
+from backends.options import invalid, is_positive_int, reject_unknown
 
 log = logging.getLogger("routerd.backends.vllm")
 
@@ -110,16 +111,6 @@ def use_state_dir(state_dir: Path) -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 
-def _invalid(key: str, value: object, allowed: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"option {key!r} has invalid value {value!r}; allowed: {allowed}", param=key
-    )
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What a load will use, decided from small files only (shared with the estimate)."""
@@ -170,35 +161,29 @@ class VllmBackend:
         (``mean``, ``cls``, ``last``; with ``task = "embed"`` only) overrides the
         pooler's default.
         """
-        unknown = sorted(set(options) - set(_OPTION_KEYS))
-        if unknown:
-            raise InvalidRequest(
-                f"unknown option {unknown[0]!r} for the vllm backend; "
-                f"allowed: {', '.join(_OPTION_KEYS)}",
-                param=unknown[0],
-            )
+        reject_unknown(options, _OPTION_KEYS, "vllm")
         dtype = options.get("dtype", "auto")
         if dtype not in _DTYPES:
-            raise _invalid("dtype", dtype, ", ".join(_DTYPES))
+            raise invalid("dtype", dtype, ", ".join(_DTYPES))
         normalized: dict[str, Any] = {"dtype": dtype}
         for key in ("max_context", "max_num_seqs", "kv_cache_bytes", "overhead_bytes"):
             if key in options:
-                if not _positive_int(options[key]):
-                    raise _invalid(key, options[key], "a positive integer")
+                if not is_positive_int(options[key]):
+                    raise invalid(key, options[key], "a positive integer")
                 normalized[key] = options[key]
         for key, default in (("enforce_eager", True), ("enable_sleep_mode", False)):
             value = options.get(key, default)
             if not isinstance(value, bool):
-                raise _invalid(key, value, "true or false")
+                raise invalid(key, value, "true or false")
             normalized[key] = value
         task = options.get("task", "auto")
         if task not in _RUNNERS:
-            raise _invalid("task", task, ", ".join(_RUNNERS))
+            raise invalid("task", task, ", ".join(_RUNNERS))
         if "task" in options:  # absent stays absent: versions registered before keep theirs
             normalized["task"] = task
         if "pooling" in options:
             if options["pooling"] not in _POOLING:
-                raise _invalid("pooling", options["pooling"], ", ".join(_POOLING))
+                raise invalid("pooling", options["pooling"], ", ".join(_POOLING))
             if task != "embed":
                 raise InvalidRequest(
                     "option 'pooling' applies to embedding models: set task = \"embed\" too",
