@@ -66,6 +66,8 @@ from backends.base import (
     SamplingParams,
     Task,
     TextSink,
+    free_slots,
+    generate_alone,
 )
 from backends.options import invalid, is_int, is_positive_int, reject_unknown
 
@@ -82,7 +84,6 @@ DEFAULTS: Mapping[str, Any] = {
     "bytes": 1024 * 1024,
     "inline": True,
 }
-_NO_LIMIT = 1 << 30  # free slots offered to ``admit`` when the batch has no maximum
 
 
 def _is_number(value: object) -> bool:
@@ -205,12 +206,7 @@ class EchoModel:
         cancellation: Cancellation,
     ) -> GenerationResult:
         """One row alone: ``generate_batch`` with a batch of one."""
-        row = GenerationRow(list(prompt_ids), params, on_text, cancellation, lambda _: None)
-        self.generate_batch([row], None)
-        if row.error is not None:
-            raise row.error
-        assert row.result is not None  # generate_batch finishes every row it is given
-        return row.result
+        return generate_alone(self.generate_batch, list(prompt_ids), params, on_text, cancellation)
 
     def generate_batch(
         self,
@@ -247,8 +243,7 @@ class EchoModel:
                     _done(row)
                 live = still_live
                 if admit is not None:
-                    limit = _NO_LIMIT if max_rows is None else max_rows
-                    free = limit - len(live)
+                    free = free_slots(max_rows, len(live))
                     if free > 0:
                         incoming = list(admit(free))
                 if not live and not incoming:

@@ -51,6 +51,7 @@ from backends.base import (
     SamplingParams,
     Task,
     TextSink,
+    generate_alone,
 )
 from backends.options import invalid, is_positive_int, reject_unknown
 
@@ -443,13 +444,7 @@ class TransformersModel(hf_text.HfTokenizing):
         """One row decoded alone: ``generate_batch`` with a batch of one."""
         self._require(Task.GENERATE)
         self._check_ids(prompt_ids, "prompt", "the prompt")
-        row = GenerationRow(prompt_ids, params, on_text, cancellation, on_done=lambda _: None)
-        self.generate_batch([row], None)
-        if row.error is not None:
-            raise row.error
-        if row.result is None:  # generate_batch finishes every row it is given
-            raise BackendError(f"model {self._name} left a row unfinished")
-        return row.result
+        return generate_alone(self.generate_batch, prompt_ids, params, on_text, cancellation)
 
     def generate_batch(
         self, rows: Sequence[GenerationRow], admit: RowSource | None, max_rows: int | None = None
