@@ -24,7 +24,9 @@ from backends.base import (
     SamplingParams,
     TextSink,
 )
-from backends.vllm import VllmBackend, _kill
+from backends.vllm import VllmBackend
+from backends.vllm_engine import kill
+from backends.vllm_plan import plan_load
 from routerd.devices import DeviceReading
 from routerd.memory import build_ledger
 from tests.fakes import FakeBackend
@@ -62,8 +64,7 @@ def test_estimate_is_weights_plus_wanted_kv_plus_overhead(demo_root: Path) -> No
 
 
 def test_kv_cache_fits_the_grant(demo_root: Path) -> None:
-    backend = VllmBackend()
-    plan = backend._plan(_spec(demo_root, max_context=512, overhead_bytes=1000))
+    plan = plan_load(_spec(demo_root, max_context=512, overhead_bytes=1000))
     assert plan.kv_for(0) == plan.kv_wanted
     roomy = plan.weights + plan.overhead + plan.kv_wanted * 2
     assert plan.kv_for(roomy) == plan.kv_wanted  # never more than asked for
@@ -99,7 +100,7 @@ def test_process_tree_descendants_rss_and_kill() -> None:
         tree = {child.pid, *proctree.descendants(child.pid)}
         assert len(tree) == 2 and tree <= proctree.own_children()
         assert proctree.tree_rss_bytes([child.pid]) > proctree.rss_bytes(child.pid) > 1 << 20
-        assert _kill(tree) == set()
+        assert kill(tree) == set()
         assert not any(proctree.alive(p) for p in tree)
     finally:
         child.kill()
