@@ -4,6 +4,8 @@ Backends sit below the daemon: ``routerd`` imports ``backends``, never the other
 so a backend can be loaded, tested and reused without the scheduler or the HTTP API.
 An import of ``routerd`` anywhere in ``backends/`` (at module level or inside a
 function, where a lazy import would hide it from a quick look) breaks that.
+
+Its modules also stay small (at most ~600 lines), each with one responsibility.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = sorted((ROOT / "backends").rglob("*.py"))
 FORBIDDEN = "routerd"
+MAX_LINES = 600
 
 
 def _names_a_forbidden_module(module: str) -> bool:
@@ -92,3 +95,8 @@ def test_each_way_of_importing_routerd_is_caught(source: str) -> None:
 )
 def test_names_that_only_resemble_routerd_pass(source: str) -> None:
     assert forbidden_imports(source) == []
+
+
+@pytest.mark.parametrize("path", BACKENDS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_backend_modules_stay_small(path: Path) -> None:
+    assert path.read_text().count("\n") <= MAX_LINES
