@@ -204,10 +204,48 @@ class GenerationRow:
     result: GenerationResult | None = None
     error: BaseException | None = None
 
+    def outcome(self) -> GenerationResult:
+        """The result of the finished row, or its error raised.
+
+        Raises BackendError for a row the backend returned without finishing, which the
+        protocol rules out: a caller never gets None for a result.
+        """
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise BackendError("the backend's generate_batch left a row unfinished")
+        return self.result
+
 
 RowSource = Callable[[int], list[GenerationRow]]
 """Called by ``generate_batch`` between decode steps with the number of free slots;
 returns the queued rows that join the running batch now (possibly none)."""
+
+_UNBOUNDED_ROWS = 1 << 30  # free slots when a batch has no maximum
+
+
+def free_slots(max_rows: int | None, running: int) -> int:
+    """Rows ``admit`` may add to a batch of ``running`` rows capped at ``max_rows``
+    (None: no cap); 0 or less when the batch is full."""
+    return (_UNBOUNDED_ROWS if max_rows is None else max_rows) - running
+
+
+def generate_alone(
+    generate_batch: Callable[[Sequence[GenerationRow], RowSource | None], None],
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    on_text: TextSink | None,
+    cancellation: Cancellation,
+) -> GenerationResult:
+    """``LoadedModel.generate`` for a backend whose batch loop is its only decode path:
+    one row through ``generate_batch`` with nothing admitted, so the two cannot differ."""
+    row = GenerationRow(prompt_ids, params, on_text, cancellation, on_done=_ignore_done)
+    generate_batch([row], None)
+    return row.outcome()
+
+
+def _ignore_done(row: GenerationRow) -> None:
+    """``on_done`` of a row whose caller reads it when ``generate_batch`` returns."""
 
 
 @dataclass(frozen=True)

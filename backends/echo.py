@@ -66,7 +66,10 @@ from backends.base import (
     SamplingParams,
     Task,
     TextSink,
+    free_slots,
+    generate_alone,
 )
+from backends.options import invalid, is_int, is_positive_int, reject_unknown
 
 log = logging.getLogger("routerd.backends")
 
@@ -81,17 +84,6 @@ DEFAULTS: Mapping[str, Any] = {
     "bytes": 1024 * 1024,
     "inline": True,
 }
-_NO_LIMIT = 1 << 30  # free slots offered to ``admit`` when the batch has no maximum
-
-
-def _invalid(key: str, value: object, allowed: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"option {key!r} has invalid value {value!r}; allowed: {allowed}", param=key
-    )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
@@ -105,32 +97,26 @@ class EchoBackend:
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return every option with defaults filled in, or raise InvalidRequest naming the key."""
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise InvalidRequest(
-                f"unknown option {unknown[0]!r} for the echo backend; "
-                f"allowed: {', '.join(DEFAULTS)}",
-                param=unknown[0],
-            )
+        reject_unknown(options, DEFAULTS, "echo")
         values = {**DEFAULTS, **options}
         if values["task"] not in (Task.GENERATE.value, Task.EMBED.value):
-            raise _invalid("task", values["task"], "generate, embed")
+            raise invalid("task", values["task"], "generate, embed")
         context = values["context"]
-        if not _is_int(context) or context <= 0:
-            raise _invalid("context", context, "a positive integer")
+        if not is_positive_int(context):
+            raise invalid("context", context, "a positive integer")
         latency = values["latency_ms"]
         if not _is_number(latency) or latency < 0:
-            raise _invalid("latency_ms", latency, "a number of milliseconds >= 0")
+            raise invalid("latency_ms", latency, "a number of milliseconds >= 0")
         fail_rate = values["fail_rate"]
         if not _is_number(fail_rate) or not 0 <= fail_rate <= 1:
-            raise _invalid("fail_rate", fail_rate, "a number from 0 to 1")
-        if not _is_int(values["seed"]):
-            raise _invalid("seed", values["seed"], "an integer")
+            raise invalid("fail_rate", fail_rate, "a number from 0 to 1")
+        if not is_int(values["seed"]):
+            raise invalid("seed", values["seed"], "an integer")
         if not isinstance(values["inline"], bool):
-            raise _invalid("inline", values["inline"], "true or false")
+            raise invalid("inline", values["inline"], "true or false")
         size = values["bytes"]
-        if not _is_int(size) or size < 0:
-            raise _invalid("bytes", size, "an integer >= 0")
+        if not is_int(size) or size < 0:
+            raise invalid("bytes", size, "an integer >= 0")
         values["task"] = str(values["task"])
         values["latency_ms"] = float(latency)
         values["fail_rate"] = float(fail_rate)
@@ -220,12 +206,7 @@ class EchoModel:
         cancellation: Cancellation,
     ) -> GenerationResult:
         """One row alone: ``generate_batch`` with a batch of one."""
-        row = GenerationRow(list(prompt_ids), params, on_text, cancellation, lambda _: None)
-        self.generate_batch([row], None)
-        if row.error is not None:
-            raise row.error
-        assert row.result is not None  # generate_batch finishes every row it is given
-        return row.result
+        return generate_alone(self.generate_batch, list(prompt_ids), params, on_text, cancellation)
 
     def generate_batch(
         self,
@@ -262,8 +243,7 @@ class EchoModel:
                     _done(row)
                 live = still_live
                 if admit is not None:
-                    limit = _NO_LIMIT if max_rows is None else max_rows
-                    free = limit - len(live)
+                    free = free_slots(max_rows, len(live))
                     if free > 0:
                         incoming = list(admit(free))
                 if not live and not incoming:

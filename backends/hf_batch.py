@@ -30,12 +30,17 @@ from typing import Any
 
 import torch
 
-from backends.base import GenerationResult, GenerationRow, OutOfMemory, RowSource, SamplingParams
+from backends.base import (
+    GenerationResult,
+    GenerationRow,
+    OutOfMemory,
+    RowSource,
+    SamplingParams,
+    free_slots,
+)
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 
 log = logging.getLogger("routerd.backends")
-
-_NO_LIMIT = 1 << 30  # free slots reported to ``admit`` when the batch has no maximum
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
@@ -338,7 +343,6 @@ def generate_batch(
             batch.step()
         incoming = []
         if admit is not None and batch.can_join:
-            limit = _NO_LIMIT if max_rows is None else max_rows
-            incoming = list(admit(max(0, limit - len(batch.seqs))))
+            incoming = list(admit(max(0, free_slots(max_rows, len(batch.seqs)))))
         if not batch.seqs and not incoming:
             return

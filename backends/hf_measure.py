@@ -23,8 +23,8 @@ How working bytes are measured depends on the device:
   :func:`backends.footprint.peak_live_bytes` turns those lifetimes into the
   most bytes alive at once.
 
-The backend itself (:mod:`backends.hf_transformers`) only calls :func:`measure`
-and, to weigh its weights, :func:`tensor_storages`.
+The backend itself (:mod:`backends.hf_transformers` and :mod:`backends.hf_model`)
+only calls :func:`measure` and, to weigh its weights, :func:`tensor_storages`.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class Batcher:
         tokens = len(prompt_ids) + params.max_tokens
         row = await self._queued_generation(prompt_ids, params, on_text, cancellation, tokens)
         self._observe(row.error)
-        return _outcome(row)
+        return row.outcome()
 
     def generate_now(
         self,
@@ -140,7 +140,7 @@ class Batcher:
         row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
         self._generate_inline(row)
         self._observe(row.error)
-        return _outcome(row)
+        return row.outcome()
 
     def _engine(self) -> AsyncGenerating | None:
         if not self._engine_known:
@@ -412,13 +412,6 @@ def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedding | 
 
 def _no_callback(row: GenerationRow) -> None:
     """``on_done`` of a row run inline: the caller reads the row when the call returns."""
-
-
-def _outcome(row: GenerationRow) -> GenerationResult:
-    if row.error is not None:
-        raise row.error
-    assert row.result is not None  # generate_batch finishes every row it is given
-    return row.result
 
 
 def _resolve(future: asyncio.Future[GenerationRow], row: GenerationRow) -> None:

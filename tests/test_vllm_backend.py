@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from backends import proctree
 from backends.base import BackendError, Cancellation, LoadedModel, LoadSpec, SamplingParams
 from backends.vllm import VllmBackend, VllmModel, use_state_dir
-from routerd import proctree
 from routerd.app import build_app, build_services
 from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory

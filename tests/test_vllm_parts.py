@@ -10,9 +10,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from backends import proctree, vllm_engine
 from backends.base import (
     AsyncGenerating,
     BackendError,
@@ -23,8 +25,9 @@ from backends.base import (
     SamplingParams,
     TextSink,
 )
-from backends.vllm import VllmBackend, _kill
-from routerd import proctree
+from backends.vllm import VllmBackend
+from backends.vllm_engine import kill
+from backends.vllm_plan import plan_load
 from routerd.devices import DeviceReading
 from routerd.memory import build_ledger
 from tests.fakes import FakeBackend
@@ -62,8 +65,7 @@ def test_estimate_is_weights_plus_wanted_kv_plus_overhead(demo_root: Path) -> No
 
 
 def test_kv_cache_fits_the_grant(demo_root: Path) -> None:
-    backend = VllmBackend()
-    plan = backend._plan(_spec(demo_root, max_context=512, overhead_bytes=1000))
+    plan = plan_load(_spec(demo_root, max_context=512, overhead_bytes=1000))
     assert plan.kv_for(0) == plan.kv_wanted
     roomy = plan.weights + plan.overhead + plan.kv_wanted * 2
     assert plan.kv_for(roomy) == plan.kv_wanted  # never more than asked for
@@ -99,11 +101,58 @@ def test_process_tree_descendants_rss_and_kill() -> None:
         tree = {child.pid, *proctree.descendants(child.pid)}
         assert len(tree) == 2 and tree <= proctree.own_children()
         assert proctree.tree_rss_bytes([child.pid]) > proctree.rss_bytes(child.pid) > 1 << 20
-        assert _kill(tree) == set()
+        assert kill(tree) == set()
         assert not any(proctree.alive(p) for p in tree)
     finally:
         child.kill()
         child.wait()
+
+
+class _FakeNvml:
+    """The few pynvml calls the engine's measuring makes, over a fixed table of devices."""
+
+    def __init__(
+        self, totals: dict[int, int], processes: dict[int, list[tuple[int, int | None]]]
+    ) -> None:
+        self.totals = totals
+        self.processes = processes
+        self.open = 0  # nvmlInit calls not yet matched by nvmlShutdown
+        self.asked: list[int] = []
+
+    def nvmlInit(self) -> None:
+        self.open += 1
+
+    def nvmlShutdown(self) -> None:
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index not in self.totals:
+            raise RuntimeError(f"no GPU {index}")
+        self.asked.append(index)
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(total=self.totals[handle])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=p, usedGpuMemory=b) for p, b in self.processes[handle]]
+
+
+def test_gpu_bytes_are_read_per_engine_process_on_its_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml = _FakeNvml(
+        totals={0: 80 << 30, 1: 40 << 30},
+        processes={0: [(11, 5 << 30)], 1: [(11, 1 << 30), (12, 2 << 30), (13, None), (99, 7)]},
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert vllm_engine.held_bytes(frozenset({11, 12, 13}), "cuda:1") == 3 << 30
+    assert vllm_engine.held_bytes(frozenset({11}), "cuda") == 5 << 30  # "cuda" is GPU 0
+    assert vllm_engine._gpu_total("cuda:1") == 40 << 30
+    assert nvml.asked == [1, 0, 1] and nvml.open == 0
+    with pytest.raises(RuntimeError, match="no GPU 3"):
+        vllm_engine.held_bytes(frozenset({11}), "cuda:3")
+    assert nvml.open == 0  # NVML is shut down again when a call fails
 
 
 def test_ledger_counts_child_processes_as_ours() -> None:

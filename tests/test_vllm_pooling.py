@@ -28,6 +28,7 @@ from backends.base import (
     Task,
 )
 from backends.vllm import VllmBackend, VllmModel
+from backends.vllm_plan import plan_load
 from routerd.app import build_app
 from routerd.serving.prompts import embedding_inputs
 from tests.fakes import FakeBackend, FakeModel
@@ -108,7 +109,7 @@ class _PoolingEngine:
 def _model(demo_root: Path, engine: _PoolingEngine, task: Task) -> VllmModel:
     spec = LoadSpec("pool", "1", str(demo_root / "demo-embed"), {"task": "embed"}, device="cpu")
     info = ModelInfo(task=task, context_length=128, device="cpu", dtype="float32")
-    plan = VllmBackend()._plan(spec)
+    plan = plan_load(spec)
     return VllmModel(engine, None, info, spec, plan, 0, set())
 
 
@@ -267,4 +268,3 @@ async def test_the_api_serves_and_refuses_through_the_async_pooling_path(tmp_pat
         assert (await again.json())["data"][0]["embedding"] == body["data"][0]["embedding"]
     await services.scheduler.close()
     services.store.close()
-

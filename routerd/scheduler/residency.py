@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from backends import proctree
 from backends.base import Sleepable
 from policies.types import DeviceRoom, Resident
-from routerd import proctree
 from routerd.devices import DeviceReading
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import Holding, LedgerRow, build_ledger

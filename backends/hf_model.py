@@ -1,0 +1,283 @@
+"""A loaded ``transformers`` model: requests, warm-up, measuring and unloading.
+
+Generation runs the decode loop of :mod:`backends.hf_batch` over the model's forward
+pass (``generate`` is a batch of one); embeddings are the mean of the last hidden
+states over real tokens. ``warm_up`` profiles a prompt of the whole context
+(:mod:`backends.hf_measure`) and ``measure_footprint`` reports what it really took.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from backends import hf_batch, hf_measure, hf_text
+from backends.base import (
+    BackendError,
+    Cancellation,
+    Footprint,
+    GenerationResult,
+    GenerationRow,
+    InvalidRequest,
+    ModelInfo,
+    OutOfMemory,
+    RowSource,
+    SamplingParams,
+    Task,
+    TextSink,
+    generate_alone,
+)
+
+
+class TransformersModel(hf_text.HfTokenizing):
+    """One loaded folder on one device; implements ``backends.base.LoadedModel``."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        device: torch.device,
+        name: str,
+        max_concurrency: int = 1,
+    ) -> None:
+        self._model: Any = model
+        self._tokenizer: Any = tokenizer
+        self._info = info
+        self._device = device
+        self._name = name
+        self._max_concurrency = max_concurrency
+        self._eos_ids = _eos_ids(model, tokenizer)
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed past_key_values to cache.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
+        # Embeddings need no KV cache; decoders loaded as AutoModel build one unless told.
+        self._no_cache = {"use_cache": False} if "use_cache" in params else {}
+        self._profile: hf_measure.Profile | None = None  # what warm_up measured
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    # -- tokenizing: encode_prompt, encode_chat, count_tokens (hf_text.HfTokenizing)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        text = self._tokenizer.decode(
+            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return str(text)
+
+    def _check_ids(self, ids: Sequence[int], param: str, what: str) -> None:
+        if not ids:
+            raise InvalidRequest(f"{what} is empty", param=param)
+        if len(ids) > self._info.context_length:
+            raise InvalidRequest(
+                f"{what} has {len(ids)} tokens; the context of {self._name} "
+                f"is {self._info.context_length}",
+                param=param,
+            )
+        vocab = self._info.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"{what} holds token ids outside 0..{vocab - 1}", param=param)
+
+    # -- generation -------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: TextSink | None,
+        cancellation: Cancellation,
+    ) -> GenerationResult:
+        """One row decoded alone: ``generate_batch`` with a batch of one."""
+        self._require(Task.GENERATE)
+        self._check_ids(prompt_ids, "prompt", "the prompt")
+        return generate_alone(self.generate_batch, prompt_ids, params, on_text, cancellation)
+
+    def generate_batch(
+        self, rows: Sequence[GenerationRow], admit: RowSource | None, max_rows: int | None = None
+    ) -> None:
+        """Decode ``rows`` together, letting ``admit``'s rows join between steps.
+
+        The loop lives in :mod:`backends.hf_batch`; ``max_rows`` caps the running
+        batch (None: as many as ``admit`` gives).
+        """
+        try:
+            model = self._require(Task.GENERATE)
+        except Exception as exc:  # every row is told, as the protocol promises
+            for row in rows:
+                row.result, row.error = None, exc
+                row.on_done(row)
+            return
+        pad_id = self._tokenizer.pad_token_id
+        decoder = hf_batch.Decoder(
+            model=model,
+            device=self._device,
+            cache_arg=self._cache_arg,
+            keep_arg=self._keep_arg,
+            pad_id=0 if pad_id is None else int(pad_id),
+            eos_ids=self._eos_ids,
+            context_length=self._info.context_length,
+            decode=self._decode,
+            check=lambda ids: self._check_ids(ids, "prompt", "the prompt"),
+        )
+        with torch.inference_mode():
+            hf_batch.generate_batch(decoder, rows, admit, max_rows)
+
+    def _step(self, model: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward pass; returns the last position's logits and the grown cache."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+        if self._keep_arg is not None:
+            kwargs[self._keep_arg] = 1
+        out = model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        logits: torch.Tensor = out.logits[0, -1, :]
+        return logits, new_cache
+
+    # -- embeddings -------------------------------------------------------------
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Mean of the last hidden states over real tokens, L2-normalized.
+
+        Inputs are padded on the right: absolute position embeddings (BERT) then
+        see the same positions as for an input alone, and causal models never
+        attend to the padding, so a batch gives the vectors of one-at-a-time.
+        """
+        model = self._require(Task.EMBED)
+        if not inputs:
+            return []
+        for index, ids in enumerate(inputs):
+            self._check_ids(ids, "input", f"input {index}")
+        width = max(len(ids) for ids in inputs)
+        pad_id = self._tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else int(pad_id)
+        batch = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            batch[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            batch, mask = batch.to(self._device), mask.to(self._device)
+            out = model(input_ids=batch, attention_mask=mask, **self._no_cache)
+            hidden = out.last_hidden_state.float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            vectors = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+            result: list[list[float]] = vectors.cpu().tolist()
+        return result
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Profile the largest pass the instance admits, then run one tiny real request.
+
+        The profile is a prompt of the whole context: for generation, the prefill
+        forward (the same ``_step`` requests use) and the sampling of its token;
+        for embeddings, one input of that length through ``embed``. While it runs,
+        the tensor memory it takes is measured and the KV cache it produced is
+        weighed (see :func:`backends.hf_measure.measure`); ``measure_footprint``
+        reports both.
+        The tiny request then exercises the decode step as a client would.
+        Raises OutOfMemory when the device cannot hold the profile.
+        """
+        ids = self.encode_prompt("Hello")
+        length = self._info.context_length
+        filler = self._tokenizer.encode(" hello", add_special_tokens=False) or ids
+        profile_ids = (ids + filler * length)[:length]
+        generating = self._info.task is Task.GENERATE
+        model = self._require(self._info.task)
+
+        def prefill() -> Any:
+            prompt = torch.tensor([profile_ids], dtype=torch.long, device=self._device)
+            logits, cache = self._step(model, prompt, None)
+            hf_batch.sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
+            return cache
+
+        try:
+            if generating:
+                self._profile = hf_measure.measure(
+                    prefill, self._model, self._device, cached_tokens=length
+                )
+                params = SamplingParams(max_tokens=2, temperature=0.0)
+                self.generate(ids, params, None, Cancellation())
+            else:
+                self._profile = hf_measure.measure(
+                    lambda: self.embed([profile_ids]), self._model, self._device, cached_tokens=0
+                )
+                self.embed([ids])
+        except torch.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)
+            release_memory(self._device)
+            raise OutOfMemory(
+                f"model {self._name} cannot process a prompt of its whole context "
+                f"({length} tokens) on {self._info.device}: {exc}"
+            ) from exc
+
+    def measure_footprint(self) -> Footprint:
+        """What the instance holds, measured; call after ``warm_up``.
+
+        ``weights``: bytes of the module's parameters and buffers, each storage
+        counted once (tied weights share one). ``runtime``: the KV bytes per token
+        the warm-up's cache really held × context length × ``max_concurrency``
+        (0 for embeddings). ``working``: what the warm-up's profile measured.
+        An unloaded instance holds nothing.
+        """
+        if self._model is None:
+            return Footprint(weights=0)
+        if self._profile is None:
+            raise BackendError(f"model {self._name} must be warmed up before it is measured")
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        runtime = round(
+            self._profile.kv_bytes_per_token * self._info.context_length * self._max_concurrency
+        )
+        return Footprint(
+            weights=sum(hf_measure.tensor_storages(tensors).values()),
+            runtime=runtime,
+            working=self._profile.working,
+        )
+
+    def unload(self) -> None:
+        self._model = None
+        self._tokenizer = None
+        release_memory(self._device)
+
+    def _require(self, task: Task) -> Any:
+        if self._model is None:
+            raise BackendError(f"model {self._name} was unloaded")
+        if self._info.task is not task:
+            raise InvalidRequest(
+                f"model {self._name} is loaded for {self._info.task.value}, not {task.value}",
+                param="model",
+            )
+        return self._model
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: generation_config's list, else the tokenizer's eos."""
+    config = getattr(model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None)
+    if value is None:
+        value = getattr(tokenizer, "eos_token_id", None)
+    if value is None:
+        return frozenset()
+    if isinstance(value, int):
+        return frozenset({value})
+    return frozenset(int(v) for v in value)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed tensors' memory back now: collect cycles that still hold them, and
+    return the CUDA caching allocator's free blocks so other instances can use them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
