@@ -28,9 +28,7 @@ def test_every_import_contract_is_kept() -> None:
 
 
 def _names(path: Path) -> set[str]:
-    return {
-        node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)
-    }
+    return {node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)}
 
 
 @pytest.mark.parametrize(
