@@ -12,7 +12,6 @@ from routerd.scheduler.settings import (
     Failure,
     Leak,
     Lease,
-    ResidencyStore,
     SchedulerObserver,
     SchedulerSettings,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "Leak",
     "Lease",
     "LeaseHold",
-    "ResidencyStore",
     "Scheduler",
     "SchedulerObserver",
     "SchedulerSettings",

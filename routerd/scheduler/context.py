@@ -19,8 +19,8 @@ from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from routerd.clock import Clock
 from routerd.devices import DeviceInventory
-from routerd.scheduler.settings import ResidencyStore, SchedulerObserver, SchedulerSettings
-from state import StoreError, VersionRecord
+from routerd.scheduler.settings import SchedulerObserver, SchedulerSettings
+from state import Store, StoreError, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
@@ -78,7 +78,7 @@ class Journal:
     log line. Observers see each event at once.
     """
 
-    def __init__(self, store: ResidencyStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self.observer: SchedulerObserver | None = None
         self.unrecorded: list[tuple[str, VersionRecord, dict[str, Any]]] = []
@@ -129,7 +129,7 @@ class Context:
 
     backends: BackendRegistry
     devices: DeviceInventory
-    store: ResidencyStore
+    store: Store
     placement: PlacementPolicy
     settings: SchedulerSettings
     clock: Clock

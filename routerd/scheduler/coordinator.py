@@ -63,13 +63,12 @@ from routerd.scheduler.settings import (
     Failure,
     Leak,
     Lease,
-    ResidencyStore,
     SchedulerObserver,
     SchedulerSettings,
 )
 from routerd.scheduler.swap import Swap
 from routerd.states import InstanceState
-from state import VersionRecord
+from state import Store, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
@@ -84,7 +83,7 @@ class Scheduler:
         self,
         backends: BackendRegistry,
         devices: DeviceInventory,
-        store: ResidencyStore,
+        store: Store,
         placement: PlacementPolicy,
         settings: SchedulerSettings | None = None,
         *,

@@ -12,40 +12,6 @@ from routerd.serving.handle import ModelHandle
 from state import VersionRecord
 
 
-class ResidencyStore(Protocol):
-    """What the scheduler keeps in SQLite: events, pins, measured footprints."""
-
-    def record_event(
-        self,
-        kind: str,
-        model: str,
-        version: str,
-        *,
-        device: str | None = None,
-        reason: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-        bytes: int | None = None,
-        duration_ms: float | None = None,
-        trigger: str | None = None,
-    ) -> object: ...
-
-    def pinned_versions(self) -> list[tuple[str, str]]: ...
-
-    def set_pinned(self, name: str, version: str, pinned: bool) -> None: ...
-
-    def measured_footprint(self, name: str, version: str, device_kind: str) -> Any: ...
-
-    def record_footprint(
-        self,
-        name: str,
-        version: str,
-        device_kind: str,
-        *,
-        measured: Mapping[str, int],
-        estimated_bytes: int | None,
-    ) -> None: ...
-
-
 class SchedulerObserver(Protocol):
     """Watches the scheduler from outside (metrics): its event log and its batches."""
 
