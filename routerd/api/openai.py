@@ -14,7 +14,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -106,49 +106,54 @@ async def get_model(request: web.Request) -> web.Response:
 # -- completions -----------------------------------------------------------------
 
 
-@routes.post("/v1/completions")
-async def completions(request: web.Request) -> web.StreamResponse:
+Prepare = Callable[[ModelHandle], Awaitable[list[PreparedPrompt]]]
+"""Makes a request's prompts ready on the leased model (serving does the work)."""
+StreamWriter = Callable[
+    [web.Request, VersionRecord, Lease, list[PreparedPrompt], web.StreamResponse | None],
+    Awaitable[web.StreamResponse],
+]
+BodyMaker = Callable[[list[GenerationResult]], dict[str, Any]]
+
+
+async def _serve_generation(
+    request: web.Request,
+    req: CompletionRequest | ChatRequest,
+    endpoint: str,
+    prepare: Prepare,
+    stream: StreamWriter,
+    body: BodyMaker,
+) -> web.StreamResponse:
+    """A generating request's path: route it (with its shadow copy), lease the
+    version, prepare and run its prompts, answer as JSON or as a stream."""
     scheduler = request.app[SCHEDULER]
-    req = parse_completion(await read_json_object(request))
     if req.stream:
         claim_stream()
-    shadow = functools.partial(_shadow_completion, scheduler, req)
+    shadow = functools.partial(_shadow_generation, scheduler, endpoint, prepare)
     record = route_request(request, req.model, req.user, shadow)
     cold = _cold_stream(request, record, stream=req.stream)
     try:
         async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
-            handle = lease.handle
-            require_task(handle, Task.GENERATE, req.model, "/v1/completions")
-            prompts = [
-                await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts
-            ]
+            require_task(lease.handle, Task.GENERATE, req.model, endpoint)
+            prompts = await prepare(lease.handle)
             if req.stream:
-                return await _stream_completion(request, req, record, lease, prompts, cold.response)
-            results = [await generate(handle, p) for p in prompts]
+                return await stream(request, record, lease, prompts, cold.response)
+            results = [await generate(lease.handle, p) for p in prompts]
     except Exception as exc:
         if cold.response is None:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return answer(
-        {
-            "id": _response_id("cmpl"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": [
-                {
-                    "index": i,
-                    "text": r.text,
-                    "logprobs": None,
-                    "finish_reason": finish_reason(r),
-                }
-                for i, r in enumerate(results)
-            ],
-            "usage": _usage(results),
-        },
-        headers=_served_headers(record, lease),
-    )
+    return answer(body(results), headers=_served_headers(record, lease))
+
+
+async def _shadow_generation(
+    scheduler: Scheduler, endpoint: str, prepare: Prepare, record: VersionRecord
+) -> None:
+    """The same request on a shadow version; the results are discarded."""
+    async with scheduler.lease(record) as lease:
+        require_task(lease.handle, Task.GENERATE, record.model_id, endpoint)
+        for prompt in await prepare(lease.handle):
+            await generate(lease.handle, prompt)
 
 
 def _cold_stream(request: web.Request, record: VersionRecord, *, stream: bool) -> ColdStream:
@@ -156,22 +161,43 @@ def _cold_stream(request: web.Request, record: VersionRecord, *, stream: bool) -
     return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
 
 
-async def _shadow_completion(
-    scheduler: Scheduler, req: CompletionRequest, record: VersionRecord
-) -> None:
-    """The same completion on a shadow version; the result is discarded."""
-    async with scheduler.lease(record) as lease:
-        handle = lease.handle
-        require_task(handle, Task.GENERATE, record.model_id, "/v1/completions")
-        for prompt in req.prompts:
-            await generate(
-                handle, await prepare_prompt(handle, prompt, req.sampling, param="prompt")
-            )
+# -- completions -----------------------------------------------------------------
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = parse_completion(await read_json_object(request))
+
+    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
+        return [await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts]
+
+    return await _serve_generation(
+        request,
+        req,
+        "/v1/completions",
+        prepare,
+        functools.partial(_stream_completion, req),
+        functools.partial(_completion_body, req),
+    )
+
+
+def _completion_body(req: CompletionRequest, results: list[GenerationResult]) -> dict[str, Any]:
+    return {
+        "id": _response_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
+            for i, r in enumerate(results)
+        ],
+        "usage": _usage(results),
+    }
 
 
 async def _stream_completion(
-    request: web.Request,
     req: CompletionRequest,
+    request: web.Request,
     record: VersionRecord,
     lease: Lease,
     prompts: list[PreparedPrompt],
@@ -206,59 +232,46 @@ async def _stream_completion(
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    scheduler = request.app[SCHEDULER]
     req = parse_chat(await read_json_object(request))
-    if req.stream:
-        claim_stream()
-    shadow = functools.partial(_shadow_chat, scheduler, req)
-    record = route_request(request, req.model, req.user, shadow)
-    cold = _cold_stream(request, record, stream=req.stream)
-    try:
-        async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
-            require_task(lease.handle, Task.GENERATE, req.model, "/v1/chat/completions")
-            prompt = await prepare_chat(lease.handle, req.messages, req.sampling)
-            if req.stream:
-                return await _stream_chat(request, req, record, lease, prompt, cold.response)
-            result = await generate(lease.handle, prompt)
-    except Exception as exc:
-        if cold.response is None:
-            raise
-        mark_stream_failed()
-        return await cold.fail(exc)
-    return answer(
-        {
-            "id": _response_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": finish_reason(result),
-                }
-            ],
-            "usage": _usage([result]),
-        },
-        headers=_served_headers(record, lease),
+
+    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
+        return [await prepare_chat(handle, req.messages, req.sampling)]
+
+    return await _serve_generation(
+        request,
+        req,
+        "/v1/chat/completions",
+        prepare,
+        functools.partial(_stream_chat, req),
+        functools.partial(_chat_body, req),
     )
 
 
-async def _shadow_chat(scheduler: Scheduler, req: ChatRequest, record: VersionRecord) -> None:
-    """The same chat completion on a shadow version; the result is discarded."""
-    async with scheduler.lease(record) as lease:
-        handle = lease.handle
-        require_task(handle, Task.GENERATE, record.model_id, "/v1/chat/completions")
-        await generate(handle, await prepare_chat(handle, req.messages, req.sampling))
+def _chat_body(req: ChatRequest, results: list[GenerationResult]) -> dict[str, Any]:
+    (result,) = results
+    return {
+        "id": _response_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": None,
+                "finish_reason": finish_reason(result),
+            }
+        ],
+        "usage": _usage(results),
+    }
 
 
 async def _stream_chat(
-    request: web.Request,
     req: ChatRequest,
+    request: web.Request,
     record: VersionRecord,
     lease: Lease,
-    prompt: PreparedPrompt,
+    prompts: list[PreparedPrompt],
     begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
     completion_id = _response_id("chatcmpl")
@@ -293,7 +306,7 @@ async def _stream_chat(
         req.include_usage,
         record,
         lease,
-        [prompt],
+        prompts,
         chunk,
         usage_chunk=usage_chunk,
         begun=begun,
