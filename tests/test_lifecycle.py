@@ -115,7 +115,7 @@ async def test_an_expired_instance_and_an_operator_eviction(tmp_path: Path) -> N
         budget=10_000,
     )
     scheduler = services.scheduler
-    clock = scheduler.clock
+    clock = scheduler.context.clock
     assert isinstance(clock, VirtualClock)
     await scheduler.start(services.router.table.versions.get)
     try:

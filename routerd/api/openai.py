@@ -43,7 +43,12 @@ from routerd.serving.prompts import (
     require_task,
     token_counts,
 )
-from routerd.serving.requests import ChatRequest, CompletionRequest, EmbeddingRequest
+from routerd.serving.requests import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+)
 from state import VersionRecord
 
 routes = web.RouteTableDef()
@@ -117,7 +122,7 @@ BodyMaker = Callable[[list[GenerationResult]], dict[str, Any]]
 
 async def _serve_generation(
     request: web.Request,
-    req: CompletionRequest | ChatRequest,
+    req: GenerationRequest,
     endpoint: str,
     prepare: Prepare,
     stream: StreamWriter,

@@ -5,26 +5,7 @@ served, and ``routerd.scheduler.swap`` for the path of a swap.
 """
 
 from routerd.instance import InstanceSnapshot
-from routerd.scheduler.coordinator import LeaseHold, Scheduler
-from routerd.scheduler.planning import preferences_of
-from routerd.scheduler.settings import (
-    DeviceSnapshot,
-    Failure,
-    Leak,
-    Lease,
-    SchedulerObserver,
-    SchedulerSettings,
-)
+from routerd.scheduler.coordinator import Scheduler
+from routerd.scheduler.settings import Lease, SchedulerSettings
 
-__all__ = [
-    "DeviceSnapshot",
-    "Failure",
-    "InstanceSnapshot",
-    "Leak",
-    "Lease",
-    "LeaseHold",
-    "Scheduler",
-    "SchedulerObserver",
-    "SchedulerSettings",
-    "preferences_of",
-]
+__all__ = ["InstanceSnapshot", "Lease", "Scheduler", "SchedulerSettings"]

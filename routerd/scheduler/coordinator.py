@@ -129,14 +129,6 @@ class Scheduler:
         return self.context.placement
 
     @property
-    def clock(self) -> Clock:
-        return self.context.clock
-
-    @property
-    def journal(self) -> Journal:
-        return self.context.journal
-
-    @property
     def observer(self) -> SchedulerObserver | None:
         return self.context.journal.observer
 

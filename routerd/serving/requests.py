@@ -24,9 +24,10 @@ class SamplingFields:
 
 
 @dataclass(slots=True)
-class CompletionRequest:
+class GenerationRequest:
+    """What completions and chat requests share: the model, sampling, streaming."""
+
     model: str
-    prompts: list[Prompt]
     sampling: SamplingFields
     stream: bool
     include_usage: bool
@@ -35,14 +36,13 @@ class CompletionRequest:
 
 
 @dataclass(slots=True)
-class ChatRequest:
-    model: str
+class CompletionRequest(GenerationRequest):
+    prompts: list[Prompt]
+
+
+@dataclass(slots=True)
+class ChatRequest(GenerationRequest):
     messages: list[dict[str, str]]
-    sampling: SamplingFields
-    stream: bool
-    include_usage: bool
-    user: str | None
-    keep_alive: float | None
 
 
 @dataclass(slots=True)

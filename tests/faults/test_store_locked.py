@@ -79,7 +79,8 @@ async def test_a_locked_database_is_a_clear_503_and_nothing_is_lost(tmp_path):
             assert "locked by another connection" in error["message"]
             served = await client.post("/v1/completions", json={"model": "a", "prompt": "hi"})
             assert served.status == 200, "a load does not fail for want of its log line"
-            assert client.app[SERVICES].scheduler.journal.unrecorded, "its event is kept for later"
+            journal = client.app[SERVICES].scheduler.context.journal
+            assert journal.unrecorded, "its event is kept for later"
             assert (await client.get("/v1/models")).status == 200, "reads go on meanwhile"
         finally:
             assert locker.stdin is not None
