@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from routerd.model_ids import split_model_id
 from state import Event
 
 _DECISIVE = ("load", "load_failed", "evict")
@@ -51,10 +52,10 @@ def explain(model_id: str, events: Sequence[Event], now: float) -> str:
 
     ``model_id`` is ``name@version``; events of other versions are ignored (a bare
     ``name`` considers every version of it). ``now`` is the wall-clock time the
-    events' ``ts`` are measured against.
+    events' ``ts`` are measured against. ValueError for a malformed ``model_id``.
     """
-    name, sep, version = model_id.partition("@")
-    mine = [e for e in events if e.model == name and (not sep or e.version == version)]
+    name, version = split_model_id(model_id)
+    mine = [e for e in events if e.model == name and (version is None or e.version == version)]
     index = next((i for i, e in enumerate(mine) if e.kind in _DECISIVE), None)
     if index is None:
         return f"{model_id} has never been loaded since the event log began."
