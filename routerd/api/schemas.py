@@ -34,9 +34,10 @@ class SamplingFields:
 
 
 @dataclass(slots=True)
-class CompletionRequest:
+class GenerationRequest:
+    """The fields both generation endpoints take, each parsed by the same check."""
+
     model: str
-    prompts: list[Prompt]
     sampling: SamplingFields
     stream: bool
     include_usage: bool
@@ -45,14 +46,13 @@ class CompletionRequest:
 
 
 @dataclass(slots=True)
-class ChatRequest:
-    model: str
+class CompletionRequest(GenerationRequest):
+    prompts: list[Prompt]
+
+
+@dataclass(slots=True)
+class ChatRequest(GenerationRequest):
     messages: list[dict[str, str]]
-    sampling: SamplingFields
-    stream: bool
-    include_usage: bool
-    user: str | None
-    keep_alive: float | None
 
 
 @dataclass(slots=True)
