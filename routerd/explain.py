@@ -18,8 +18,8 @@ _DECISIVE = ("load", "load_failed", "evict")
 """The kinds that change (or fail to change) whether a version is resident."""
 
 # Why an instance was evicted (``state.records.EVICT_REASONS``), as a clause that
-# follows "… was evicted from DEVICE WHEN". ``admin`` is how evictions an operator
-# asked for were recorded before the reason was called ``manual``.
+# follows "… was evicted from DEVICE WHEN". ``admin`` means what ``manual`` means: event
+# logs kept from older routerd releases give it, and they should read as well.
 _EVICT_BECAUSE = {
     "lru": "because it was the least recently used model there and its memory was needed",
     "ttl": "because it had been idle for longer than its keep_alive",
