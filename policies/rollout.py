@@ -109,8 +109,14 @@ class Observation:
 
 
 @dataclass(frozen=True)
-class Hold:
+class _Because:
+    """A decision that carries nothing but why it was made."""
+
     reason: str
+
+
+class Hold(_Because):
+    """Stay at the current step."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +126,12 @@ class Advance:
     reason: str
 
 
-@dataclass(frozen=True)
-class Promote:
-    reason: str
+class Promote(_Because):
+    """Give the candidate all the traffic and end the rollout."""
 
 
-@dataclass(frozen=True)
-class Rollback:
-    reason: str
+class Rollback(_Because):
+    """Give the current version all the traffic back and end the rollout."""
 
 
 Decision = Hold | Advance | Promote | Rollback

@@ -25,6 +25,7 @@ from routerd.api.middleware import request_middleware
 from routerd.clock import Clock
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
+from routerd.model_ids import split_model_id
 from routerd.registry import Registry
 from routerd.request_context import StreamSlots
 from routerd.rollout import RolloutController
@@ -78,7 +79,9 @@ def build_services(
                 synced.removed,
             )
         for model_id in sorted(config.pinned):
-            name, _, version = model_id.partition("@")
+            name, version = split_model_id(model_id)
+            if version is None:  # Config.pinned holds the name@version of pinned specs
+                raise ValueError(f"pinned model {model_id!r} names no version")
             store.set_pinned(name, version, True)
         scheduler = Scheduler(
             backends,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from routerd.model_ids import split_model_id
 from routerd.units import human_bytes
 from state import Event
 
@@ -18,8 +19,8 @@ _DECISIVE = ("load", "load_failed", "evict")
 """The kinds that change (or fail to change) whether a version is resident."""
 
 # Why an instance was evicted (``state.records.EVICT_REASONS``), as a clause that
-# follows "… was evicted from DEVICE WHEN". ``admin`` is how evictions an operator
-# asked for were recorded before the reason was called ``manual``.
+# follows "… was evicted from DEVICE WHEN". ``admin`` means what ``manual`` means: event
+# logs kept from older routerd releases give it, and they should read as well.
 _EVICT_BECAUSE = {
     "lru": "because it was the least recently used model there and its memory was needed",
     "ttl": "because it had been idle for longer than its keep_alive",
@@ -52,10 +53,10 @@ def explain(model_id: str, events: Sequence[Event], now: float) -> str:
 
     ``model_id`` is ``name@version``; events of other versions are ignored (a bare
     ``name`` considers every version of it). ``now`` is the wall-clock time the
-    events' ``ts`` are measured against.
+    events' ``ts`` are measured against. ValueError for a malformed ``model_id``.
     """
-    name, sep, version = model_id.partition("@")
-    mine = [e for e in events if e.model == name and (not sep or e.version == version)]
+    name, version = split_model_id(model_id)
+    mine = [e for e in events if e.model == name and (version is None or e.version == version)]
     index = next((i for i, e in enumerate(mine) if e.kind in _DECISIVE), None)
     if index is None:
         return f"{model_id} has never been loaded since the event log began."

@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from routerd.model_ids import split_model_id
 from routerd.request_context import RequestContext, current
 from routerd.scheduler import Scheduler
 from routerd.tallies import HistogramTally, Tally, TallyCollector
@@ -44,12 +45,6 @@ LATENCY_BUCKETS: Final = (
 LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 AGE_BUCKETS: Final = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def split_model_id(model_id: str) -> tuple[str, str]:
-    """``name@version`` → (name, version); anything else → (it, "")."""
-    name, _, version = model_id.partition("@")
-    return name, version
 
 
 def note_first_token() -> None:
@@ -262,7 +257,8 @@ class _StateCollector(Collector):
             labels=["model", "version"],
         )
         for model_id, depth in sorted(scheduler.queue_depths().items()):
-            queue.add_metric(list(split_model_id(model_id)), depth)
+            name, version = split_model_id(model_id)  # the scheduler's ids name versions
+            queue.add_metric([name, version or ""], depth)
         yield queue
         instances = scheduler.instances()
         counts: dict[tuple[str, str], int] = {}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from policies.split import choose_version, mirrors
 from routerd.errors import ModelNotFound
+from routerd.model_ids import split_model_id
 from state import RouteRecord, VersionRecord
 
 
@@ -111,8 +112,12 @@ class Router:
 
     def resolve(self, model_id: str) -> VersionRecord:
         table = self._table
-        name, sep, _ = model_id.partition("@")
-        record = table.versions.get(model_id) if sep else table.latest.get(name)
+        try:
+            name, version = split_model_id(model_id)
+        except ValueError:
+            record = None  # malformed: no version can have this id
+        else:
+            record = table.latest.get(name) if version is None else table.versions.get(model_id)
         if record is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         return record

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlite_utils import Database
 
 from state.records import (
-    VERSION_STATES,
     check_identifier,
     check_name,
     check_version,
@@ -262,15 +261,6 @@ class RoutesMixin:
             for r in rows
         ]
 
-    def set_version_state(self, name: str, version: str, state: str) -> None:
-        check_name(name)
-        check_version(version)
-        if state not in VERSION_STATES:
-            raise ValueError(f"state must be one of {', '.join(VERSION_STATES)}; got {state!r}")
-        with self._write(f"setting the state of {name}@{version}") as db:
-            _require_version(db, name, version)
-            _set_state(db, name, version, state)
-
     def _append_history(self, db: Database, route: RouteRecord, reason: str) -> None:
         shadow = (
             None
@@ -345,11 +335,6 @@ class RoutesMixin:
                 f"UPDATE rollouts SET {columns} WHERE id = ?", [*changes.values(), rollout_id]
             )
             return _rollout(_fetch_rollout(db, rollout_id))
-
-    def get_rollout(self, rollout_id: int) -> RolloutRecord | None:
-        with self._read(f"reading rollout {rollout_id}") as db:
-            row = _fetch_rollout(db, rollout_id)
-        return None if row is None else _rollout(row)
 
     def rollouts(
         self, *, name: str | None = None, live: bool = False, limit: int = 50

@@ -46,6 +46,7 @@ FAKE_OPTIONS = {
     "oom_loads",  # this many loads fail with OutOfMemory first
     "leak",  # unloading does not give the GPU memory back
     "inline",  # ModelInfo.inline: request-path calls are made on the event loop
+    "embed_poison",  # "nan", "inf" or "-inf": the first vector's second number, as models overflow
 }
 
 
@@ -158,6 +159,9 @@ class FakeModel:
             raw = [float(len(ids)), float(sum(ids) % 97) + 1.0, 1.0]
             norm = math.sqrt(sum(x * x for x in raw))
             vectors.append([x / norm for x in raw])
+        poison = self.spec.options.get("embed_poison")
+        if poison is not None and vectors:
+            vectors[0][1] = float(poison)
         return vectors
 
     def unload(self) -> None:

@@ -185,7 +185,8 @@ async def test_events_filter_and_carry_the_new_fields(client, capsys):
     everything = await (await client.get("/admin/events")).json()
     assert len(everything["events"]) == 4
 
-    for query, param in (({"model": "bad name"}, "model"), ({"limit": "0"}, "limit")):
+    malformed = [{"model": "bad name"}, {"model": "a@"}, {"model": "a@1@1"}, {"model": "@1"}]
+    for query, param in [*((q, "model") for q in malformed), ({"limit": "0"}, "limit")]:
         response = await client.get("/admin/events", params=query)
         assert response.status == 400
         assert (await response.json())["error"]["param"] == param
@@ -243,6 +244,10 @@ async def test_why_names_unknown_models_and_old_versions(client, capsys):
     assert "does not exist" in err and "HTTP 404" in err
     response = await client.get("/admin/why/a@9")
     assert response.status == 404
+    for malformed in ("a@", "a@1@1", "@1"):
+        response = await client.get(f"/admin/why/{malformed}")
+        assert response.status == 400, malformed
+        assert (await response.json())["error"]["param"] == "model"
 
     # A version no longer registered is still explained from its events.
     services_of(client).store.record_event(

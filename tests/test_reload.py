@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -103,7 +104,12 @@ async def test_a_request_in_flight_survives_a_reload_that_changes_its_model(
         assert outcome.updated == ["a@1"]
         text = (await response.read()).decode()
         assert text.rstrip().endswith("data: [DONE]")
-        assert '"finish_reason": "length"' in text, "the stream ran to its end"
+        chunks = [
+            json.loads(line.removeprefix("data: "))
+            for line in text.split("\n")
+            if line.startswith("data: {")
+        ]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length", "the stream ran to its end"
         for _ in range(200):
             if backend.unloads:
                 break

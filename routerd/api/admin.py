@@ -19,6 +19,7 @@ from routerd.api.keys import DEVICES, LIVE, REGISTRY, ROUTER, SCHEDULER, STATS, 
 from routerd.devices import DeviceInventory
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
+from routerd.model_ids import split_model_id
 from routerd.scheduler import InstanceSnapshot
 from state import VersionRecord, VersionSpec
 
@@ -211,8 +212,8 @@ async def events(request: web.Request) -> web.Response:
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000", param="limit")
     model = request.query.get("model")
-    name, version = (None, None) if model is None else _split_model_id(model)
     try:
+        name, version = (None, None) if model is None else split_model_id(model)
         found = request.app[STORE].events(limit=limit, model=name, version=version)
     except ValueError as exc:
         raise BadRequest(str(exc), param="model") from exc
@@ -228,7 +229,10 @@ async def why(request: web.Request) -> web.Response:
     """
     router = request.app[ROUTER]
     model_id = request.match_info["model_id"]
-    name, version = _split_model_id(model_id)
+    try:
+        name, version = split_model_id(model_id)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="model") from exc
     if version is None:
         record = router.resolve(model_id)
         model_id, name, version = record.model_id, record.name, record.version
@@ -241,9 +245,3 @@ async def why(request: web.Request) -> web.Response:
     return web.json_response(
         {"model": model_id, "explanation": explain(model_id, history, time.time())}
     )
-
-
-def _split_model_id(model_id: str) -> tuple[str, str | None]:
-    """``name@version`` → (name, version); ``name`` → (name, None)."""
-    name, sep, version = model_id.partition("@")
-    return name, (version if sep else None)

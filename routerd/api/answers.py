@@ -7,40 +7,24 @@ on goes out as an ``error`` event in the OpenAI shape, followed by ``[DONE]``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from routerd.api.errors import as_routerd_error, error_body
 
+to_json: Callable[[Any], bytes] = orjson.dumps
+"""Answers and stream chunks as compact UTF-8 JSON bytes, ready to send.
 
-def _json_encoder() -> Callable[[Any], str]:
-    """``json.dumps`` for answers, made once.
-
-    Answers are built here from plain dicts, lists and scalars, never with a cycle, so
-    the encoder need not track every container it enters. And ``JSONEncoder.encode``
-    builds its C encoder anew on every call, a third of what encoding a completion
-    costs; the json module's C encoder is made once here instead (with the same
-    settings as ``json.dumps``), where the interpreter has it.
-    """
-    fallback = json.JSONEncoder(check_circular=False).encode
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return fallback
-
-    def unserializable(value: Any) -> Any:
-        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-    encode = make(
-        None, unserializable, json.encoder.encode_basestring_ascii, None, ": ", ", ",
-        False, False, True,
-    )  # fmt: skip
-    return lambda payload: "".join(encode(payload, 0))
-
-
-to_json = _json_encoder()
+Encoding is a good part of what a served request costs routerd, and orjson does it
+in one C call straight to bytes, where ``json.dumps`` builds an encoder per call and
+returns text that must then be encoded again. What it refuses is a TypeError
+(``orjson.JSONEncodeError``): a type it does not know (a set, say), a key that is not
+a string, text with a lone surrogate. NaN and infinities come out as ``null``, so an
+answer that could carry them checks its floats first (``routerd.api.openai._encode``).
+"""
 
 
 def answer(payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
@@ -48,7 +32,7 @@ def answer(payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
     encodes to text, which the response then encodes again, and sets the content type
     through a parser)."""
     headers["Content-Type"] = "application/json"
-    return web.Response(body=to_json(payload).encode(), headers=headers)
+    return web.Response(body=to_json(payload), headers=headers)
 
 
 # -- server-sent events ------------------------------------------------------------
@@ -66,7 +50,7 @@ async def open_stream(request: web.Request, headers: Mapping[str, str]) -> web.S
 
 
 async def send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + to_json(payload).encode() + b"\n\n")
+    await response.write(b"data: " + to_json(payload) + b"\n\n")
 
 
 async def send_comment(response: web.StreamResponse, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import os
 import random
 import struct
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from backends.base import GenerationResult, Task
+from backends.base import BackendError, GenerationResult, Task
 from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
 from routerd.api.coldstart import ColdStream
 from routerd.api.errors import read_json_object
@@ -432,6 +433,18 @@ async def _shadow_embeddings(
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    """One embedding as the client asked: JSON numbers, or base64 of little-endian float32.
+
+    JSON has no NaN or infinity; a vector holding one (a model that overflowed) fails
+    the request with a backend error rather than reach the client as ``null`` where a
+    number belongs. Base64 carries them as the floats they are.
+    """
     if encoding_format == "base64":
         return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    # The sum is finite whenever every element is, unless finite ones overflow it.
+    if not math.isfinite(sum(vector)) and not all(map(math.isfinite, vector)):
+        raise BackendError(
+            "the model returned NaN or an infinity in an embedding, which JSON numbers "
+            "cannot carry (encoding_format=base64 can)"
+        )
     return vector

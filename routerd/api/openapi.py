@@ -19,12 +19,14 @@ _STRING: Final = {"type": "string"}
 _INT: Final = {"type": "integer"}
 _TOKENS: Final = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PROMPT: Final = {"oneOf": [_STRING, _TOKENS]}
+_PROMPTS: Final = {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]}  # one or several
 _KEEP_ALIVE: Final = {
     "description": "How long the model stays loaded when idle after this request: a duration "
     '("5m"), 0 (unload when idle) or -1 (never).',
     "oneOf": [_STRING, {"type": "number"}],
 }
-_SAMPLING: Final = {
+_SAMPLING: Final = {  # what completions and chat completions share
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
     "max_tokens": {"type": "integer", "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -82,8 +84,7 @@ SCHEMAS: Final[dict[str, Any]] = {
         "required": ["model", "prompt"],
         "properties": {
             "model": _MODEL_ID,
-            "prompt": {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]},
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            "prompt": _PROMPTS,
             **_SAMPLING,
         },
     },
@@ -100,7 +101,6 @@ SCHEMAS: Final[dict[str, Any]] = {
                     "properties": {"role": _STRING, "content": {"type": ["string", "array"]}},
                 },
             },
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
             **_SAMPLING,
         },
     },
@@ -109,7 +109,7 @@ SCHEMAS: Final[dict[str, Any]] = {
         "required": ["model", "input"],
         "properties": {
             "model": _MODEL_ID,
-            "input": {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]},
+            "input": _PROMPTS,
             "encoding_format": {"enum": ["float", "base64"]},
             "user": _STRING,
             "keep_alive": _KEEP_ALIVE,

@@ -1,7 +1,7 @@
 """Client requests meet routes: choose the version, start the shadow copy, measure.
 
-Each OpenAI handler calls ``route_request`` where it used to resolve the model id:
-it picks the version by the route's sticky split (key: the ``x-routerd-sticky-key``
+Each OpenAI handler calls ``route_request`` to turn the request's model id into a
+version: it picks one by the route's sticky split (key: the ``x-routerd-sticky-key``
 header, else the request's ``user`` field, else none: random by weight), starts
 the shadow copy in the background if the route mirrors this request, and notes the
 version on the request's context (``routerd.request_context``). ``record_served`` then

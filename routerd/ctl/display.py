@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from routerd.ctl.formatting import bytes_or_dash, clip, human_age, human_until, table
+from routerd.model_ids import split_model_id
 from routerd.units import human_bytes
 
 # -- status -----------------------------------------------------------------------
@@ -228,7 +229,7 @@ def load_progress(instances: Sequence[dict[str, Any]], model: str) -> tuple[str,
     ``model`` is ``NAME`` or ``NAME@VERSION``; the line reads e.g.
     ``loading demo-large@1 on cpu: reading weights 40.0 MiB / 98.0 MiB (24%)``.
     """
-    name, _, version = model.partition("@")
+    name, version = split_model_id(model)
     for i in instances:
         if i["model"] != name or (version and i["version"] != version):
             continue
