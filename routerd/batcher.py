@@ -24,9 +24,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from backends.base import (
     AsyncEmbedding,
@@ -41,8 +40,7 @@ from backends.base import (
     Task,
     TextSink,
 )
-from policies import registry as policy_registry
-from policies.batching import DEFAULT_BATCHING, BatchingPolicy, Queued
+from policies.batching import BatchingPolicy, Queued
 from routerd.errors import RouterdError, Unavailable
 from routerd.instance import Instance
 from routerd.serving.handle import Embedding
@@ -427,18 +425,3 @@ def _fail(entry: _Entry, exc: Exception) -> None:
     elif work.result is None and work.error is None:
         work.error = exc
         work.on_done(work)
-
-
-BATCHING_OPTIONS = ("batching", "max_batch_size", "max_wait_ms", "max_batch_tokens")
-
-
-def batching_policy(options: Mapping[str, Any], device: str) -> BatchingPolicy:
-    """The policy a version asks for in its options, with the device kind's defaults."""
-    name = str(options.get("batching", "dynamic"))
-    params: dict[str, Any] = {}
-    if name == "dynamic":
-        params.update(DEFAULT_BATCHING["cuda" if device.startswith("cuda") else "cpu"])
-    params.update({k: options[k] for k in BATCHING_OPTIONS[1:] if k in options})
-    policy_registry.check("batching", name)
-    policy: BatchingPolicy = policy_registry.create("batching", name, **params)
-    return policy

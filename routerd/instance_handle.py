@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from backends.base import Cancellation, GenerationResult, ModelInfo, SamplingParams
 from routerd.errors import Unavailable
 from routerd.serving.handle import Embedding, Finished, PrepareInputs
+from routerd.version_options import options_of
 
 if TYPE_CHECKING:
     from routerd.instance import Instance
@@ -40,8 +41,7 @@ class InstanceHandle:
     @property
     def max_tokens(self) -> int | None:
         """The version's ``max_tokens`` option (checked at registration), if set."""
-        cap = self._instance.record.options.get("max_tokens")
-        return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+        return options_of(self._instance.record).max_tokens
 
     async def tokenize(self, text: str) -> list[int]:
         """On the instance thread, not any pool thread: a fast tokenizer is not safe to

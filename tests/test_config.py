@@ -16,7 +16,7 @@ from routerd.config import (
     parse_duration,
     parse_size,
 )
-from routerd.registry import SCHEDULER_OPTIONS
+from routerd.version_options import SCHEDULER_OPTIONS
 
 
 def test_defaults_need_no_file():

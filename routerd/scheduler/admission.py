@@ -16,6 +16,7 @@ from routerd.errors import QueueFull
 from routerd.instance import Instance
 from routerd.scheduler.settings import SchedulerSettings
 from routerd.states import InstanceState
+from routerd.version_options import options_of
 from state import VersionRecord
 
 ALPHA = 0.2
@@ -68,7 +69,8 @@ class Admission:
         now: float,
     ) -> None:
         """Refuse (429) when ``max_queue`` requests already wait for ``record``."""
-        limit = int(record.options.get("max_queue", settings.max_queue))
+        own = options_of(record).max_queue
+        limit = settings.max_queue if own is None else own
         if limit <= 0:
             return
         key = record.model_id

@@ -57,7 +57,7 @@ from routerd.scheduler.keepalive import Reaper
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.planning import Planner
 from routerd.scheduler.replicas import Replicas
-from routerd.scheduler.residency import REPLICA_OPTIONS, Residency
+from routerd.scheduler.residency import Residency
 from routerd.scheduler.settings import (
     DeviceSnapshot,
     Failure,
@@ -68,6 +68,7 @@ from routerd.scheduler.settings import (
 )
 from routerd.scheduler.swap import Swap
 from routerd.states import InstanceState
+from routerd.version_options import options_of
 from state import Store, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
@@ -324,7 +325,7 @@ class Scheduler:
             raise Draining("routerd is shutting down", retry_after=5)
         replicas = self.residency.version_replicas(record)
         chosen = self._replicas.route(record, replicas)
-        if chosen is not None and not REPLICA_OPTIONS.isdisjoint(record.options):
+        if chosen is not None and options_of(record).several:
             self._scale_up_if_busy(record, replicas)  # only versions that may have several
         return chosen
 

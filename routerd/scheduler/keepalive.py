@@ -17,6 +17,7 @@ from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.residency import Residency
 from routerd.states import InstanceState
+from routerd.version_options import options_of
 
 MAX_LOOK_S = 1.0
 """The reaper looks at least this often, whatever the instances' limits."""
@@ -42,11 +43,11 @@ class Reaper:
         Replicas beyond a model's ``replicas`` were added for load; they leave after
         ``scale_down_idle`` (if that is sooner than the keep-alive).
         """
-        options = instance.record.options
-        if instance.replica >= int(options.get("replicas", 1)):
-            scale_down = float(
-                options.get("scale_down_idle", self._context.settings.scale_down_idle)
-            )
+        options = options_of(instance.record)
+        if instance.replica >= options.replicas:
+            scale_down = options.scale_down_idle
+            if scale_down is None:
+                scale_down = self._context.settings.scale_down_idle
             if scale_down < instance.keep_alive:
                 return scale_down, "scale-down"
         return instance.keep_alive, "ttl"

@@ -34,8 +34,7 @@ from backends.base import (
     OutOfMemory,
     Sleepable,
 )
-from routerd.batcher import Batcher, batching_policy
-from routerd.config import parse_keep_alive
+from routerd.batcher import Batcher
 from routerd.errors import LoadFailed
 from routerd.instance import Instance
 from routerd.messages import Post
@@ -43,6 +42,7 @@ from routerd.scheduler.context import Context
 from routerd.scheduler.residency import Residency
 from routerd.scheduler.settings import Failure, Leak
 from routerd.states import InstanceState
+from routerd.version_options import batching_policy, options_of
 from state import StoreError, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
@@ -68,17 +68,13 @@ class Lifecycle:
     ) -> Instance:
         """A new ``waiting`` instance of ``record`` on ``device``, claiming ``reserved`` bytes."""
         clock = self._context.clock
-        keep_alive = record.options.get("keep_alive")
+        keep_alive = options_of(record).keep_alive
         instance = Instance(
             record,
             device,
             reserved_bytes=reserved,
             estimated_bytes=estimated,
-            keep_alive=(
-                self._context.settings.keep_alive
-                if keep_alive is None
-                else parse_keep_alive(keep_alive, key="keep_alive")
-            ),
+            keep_alive=(self._context.settings.keep_alive if keep_alive is None else keep_alive),
             now=clock.now(),
             wall=clock.wall,
             replica=replica,
@@ -132,7 +128,7 @@ class Lifecycle:
         measured = instance.measured
         assert measured is not None
         self._remember_footprint(instance, measured)
-        policy = batching_policy(record.options, instance.device)
+        policy = batching_policy(options_of(record).batching, instance.device)
         instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
         instance.max_failures = self._context.settings.max_failures
         instance.stop_timeout = self._context.settings.stop_timeout

@@ -17,11 +17,11 @@ from backends.base import Backend, BackendError, LoadSpec
 from policies.types import LoadRequest, Plan, Refusal
 from routerd.errors import Draining, LoadFailed, Unavailable
 from routerd.instance import Instance
-from routerd.registry import SCHEDULER_OPTIONS
 from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.residency import Residency
+from routerd.version_options import SCHEDULER_OPTIONS, options_of
 from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
@@ -31,10 +31,7 @@ PLAN_POLL_S = 0.25
 
 
 def preferences_of(record: VersionRecord) -> list[str]:
-    devices = record.options.get("devices")
-    if isinstance(devices, list) and devices:
-        return [str(d) for d in devices]
-    return [str(record.options.get("device", "auto"))]
+    return list(options_of(record).devices)
 
 
 class Planner:

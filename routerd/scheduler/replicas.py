@@ -13,8 +13,8 @@ from policies.registry import create as create_policy
 from policies.routing import Candidate, RouteRequest, RoutingPolicy
 from routerd.instance import Instance
 from routerd.scheduler.context import Context
-from routerd.scheduler.residency import REPLICA_OPTIONS
 from routerd.states import InstanceState
+from routerd.version_options import options_of
 from state import VersionRecord
 
 
@@ -30,7 +30,7 @@ class Replicas:
         ready = [i for i in replicas if i.state is InstanceState.READY]
         if len(ready) <= 1:
             return ready[0] if ready else None
-        name = str(record.options.get("routing", self._context.settings.routing))
+        name = options_of(record).routing or self._context.settings.routing
         ranked = self._policy(name).rank(
             RouteRequest(record.model_id),
             [
@@ -60,16 +60,14 @@ class Replicas:
         ``max_replicas``; never while one of them is not ready yet (one replica
         load at a time per version).
         """
-        options = record.options
-        if REPLICA_OPTIONS.isdisjoint(options) and replicas:
+        options = options_of(record)
+        if not options.several and replicas:
             return None  # the usual version: one instance, and it exists
-        minimum = int(options.get("replicas", 1))
-        maximum = max(int(options.get("max_replicas", minimum)), minimum)
+        maximum = options.max_replicas
         if len(replicas) >= maximum or any(i.state is not InstanceState.READY for i in replicas):
             return None
-        threshold = int(options.get("scale_up_queue", 4))
-        busy = all(i.in_flight + i.queued >= threshold for i in replicas)
-        if len(replicas) >= minimum and not busy:
+        busy = all(i.in_flight + i.queued >= options.scale_up_queue for i in replicas)
+        if len(replicas) >= options.replicas and not busy:
             return None
         taken = {i.replica for i in replicas}
         return next(n for n in range(maximum) if n not in taken)

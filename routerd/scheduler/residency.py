@@ -21,10 +21,8 @@ from routerd.memory import Holding, LedgerRow, build_ledger
 from routerd.scheduler.context import Context
 from routerd.scheduler.settings import DeviceSnapshot, Failure, Leak
 from routerd.states import InstanceState
+from routerd.version_options import options_of
 from state import VersionRecord
-
-# Options under which a version may run more than one instance.
-REPLICA_OPTIONS = frozenset(("replicas", "max_replicas"))
 
 
 class Residency:
@@ -64,7 +62,7 @@ class Residency:
         """``record``'s instances: one lookup, without scanning them all, when the
         version may run only one (no ``replicas`` or ``max_replicas`` option)."""
         first = self.instances.get(record.model_id)
-        if first is not None and REPLICA_OPTIONS.isdisjoint(record.options):
+        if first is not None and not options_of(record).several:
             return [first]
         return self.replicas(record.model_id)
 
