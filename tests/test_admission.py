@@ -56,6 +56,7 @@ async def test_full_queue_is_429_with_retry_after_and_loses_nothing(tmp_path: Pa
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         waiting = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in "12"]
         await until(services.scheduler, lambda: services.scheduler.queue_depths() == {"a@1": 2})
+        await backend.began(backend.loads, 1)  # the one load they share is under way
         status = await (await client.get("/admin/status")).json()
         assert status["instances"][0]["state"] == "loading"
         refused = await client.post("/v1/completions", json=body)
@@ -81,6 +82,7 @@ async def test_scheduler_max_queue_setting_and_option_validation(tmp_path: Path)
         body = {"model": "a", "prompt": "ab", "max_tokens": 2}
         first = asyncio.ensure_future(client.post("/v1/completions", json=body))
         await until(services.scheduler, lambda: services.scheduler.queue_depths() == {"a@1": 1})
+        await backend.began(backend.loads, 1)
         assert (await (await client.get("/admin/status")).json())["instances"]
         assert (await client.post("/v1/completions", json=body)).status == 429
         backend.load_gate.set()
