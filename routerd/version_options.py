@@ -29,14 +29,16 @@ BATCHING_OPTIONS = ("batching", "max_batch_size", "max_wait_ms", "max_batch_toke
 REPLICA_OPTIONS = ("replicas", "max_replicas", "scale_up_queue", "scale_down_idle", "routing")
 # Options the API layer reads: ``max_tokens`` caps the completion tokens of one request.
 API_OPTIONS = ("max_tokens",)
-SCHEDULER_OPTIONS = (
-    "device",
-    "devices",
-    "keep_alive",
-    "max_queue",
-    *BATCHING_OPTIONS,
-    *REPLICA_OPTIONS,
-    *API_OPTIONS,
+SCHEDULER_OPTIONS = frozenset(
+    (
+        "device",
+        "devices",
+        "keep_alive",
+        "max_queue",
+        *BATCHING_OPTIONS,
+        *REPLICA_OPTIONS,
+        *API_OPTIONS,
+    )
 )
 """Keys routerd reads itself; every other option belongs to the backend."""
 

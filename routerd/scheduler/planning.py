@@ -21,17 +21,13 @@ from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.residency import Residency
-from routerd.version_options import SCHEDULER_OPTIONS, options_of
+from routerd.version_options import SCHEDULER_OPTIONS
 from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
 PLAN_POLL_S = 0.25
 """How often a refused plan is tried again when nothing has signalled a change."""
-
-
-def preferences_of(record: VersionRecord) -> list[str]:
-    return list(options_of(record).devices)
 
 
 class Planner:
@@ -82,12 +78,11 @@ class Planner:
         return need
 
     def spec(self, record: VersionRecord, device: str) -> LoadSpec:
-        scheduler_keys = set(SCHEDULER_OPTIONS)
         return LoadSpec(
             name=record.name,
             version=record.version,
             path=record.path,
-            options={k: v for k, v in record.options.items() if k not in scheduler_keys},
+            options={k: v for k, v in record.options.items() if k not in SCHEDULER_OPTIONS},
             device=device,
         )
 

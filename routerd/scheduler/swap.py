@@ -34,8 +34,9 @@ from routerd.instance import Instance
 from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
-from routerd.scheduler.planning import Planner, preferences_of
+from routerd.scheduler.planning import Planner
 from routerd.scheduler.residency import Residency
+from routerd.version_options import options_of
 from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
@@ -79,7 +80,7 @@ class Swap:
         except ValueError as exc:
             self._context.journal.record("load_failed", record, reason=str(exc))
             raise LoadFailed(f"cannot load {record.model_id}: {exc}") from exc
-        preferences = [device] if device else preferences_of(record)
+        preferences = [device] if device else list(options_of(record).devices)
         estimates = await self._planner.estimates(record, backend)
         need = self._planner.need(record, estimates)
         retried: str | None = None
