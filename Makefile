@@ -59,7 +59,7 @@ quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not vllm and not engine and not slow and not gpu"
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check routerd backends policies state tests
+	$(BIN)/ruff check routerd backends contract policies state tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

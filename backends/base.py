@@ -31,50 +31,11 @@ Who calls what, and when:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-
-class Task(StrEnum):
-    """What a loaded model can do; decides which endpoints accept it."""
-
-    GENERATE = "generate"
-    EMBED = "embed"
-
-
-class BackendError(Exception):
-    """A backend could not do what was asked (bad folder, missing device, …).
-
-    The message is shown to API clients and operators, so it must say what went
-    wrong in plain words.
-    """
-
-
-class OutOfMemory(BackendError):
-    """The device ran out of memory while loading or running; what was taken is freed.
-
-    The scheduler answers it by evicting more and retrying the load once.
-    """
-
-
-class ModelCrashed(BackendError):
-    """The loaded model can no longer serve at all (device lost, runtime broken).
-
-    Unlike other errors, one is enough: the scheduler marks the instance failed,
-    unloads it, and loads it afresh for the next request.
-    """
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be served by this model (e.g. no chat template).
-
-    ``param`` names the request field at fault, for the OpenAI error shape.
-    """
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from contract.errors import BackendError
+from contract.generation import Generation, GenerationResult, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -123,86 +84,29 @@ class LoadSpec:
             self.progress(LoadProgress(phase, done_bytes, total_bytes))
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Facts about a loaded model that request handling depends on."""
-
-    task: Task
-    context_length: int
-    device: str
-    dtype: str
-    has_chat_template: bool = False
-    vocab_size: int = 0  # token ids in prompts must be below this; 0 when unknown
-    # True when every request-path call (encode_prompt, encode_chat, generate_batch,
-    # embed) returns in microseconds without blocking or computing: routerd then makes
-    # them on the event loop instead of the instance thread, which saves two thread
-    # hops per request. Loading, warm-up, measuring and unloading always use the thread.
-    inline: bool = False
-
-
-@dataclass(slots=True)  # not frozen: built per request, where frozen costs 4x
-class SamplingParams:
-    """Per-request decoding settings, already validated by the API layer; read-only
-    for backends (not frozen only because frozen dataclasses are slow to build)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = ()
-
-
-@dataclass(slots=True)  # not frozen: built per request, where frozen costs 4x
-class GenerationResult:
-    """The outcome of one generated sequence; nothing changes it once built."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled"
-
-
-@dataclass(eq=False)  # compared and hashed by identity: instances track live ones in sets
-class Cancellation:
-    """Set from the event loop when a client goes away; polled between steps.
-
-    A plain flag: assigning an attribute is atomic, and the executor thread only
-    polls it, never waits on it (a ``threading.Event`` would cost a lock and a
-    condition per request for nothing).
-    """
-
-    cancelled: bool = False
-    # Called once by ``cancel`` on the event loop: an async backend sets it to stop its
-    # request at once instead of at the next poll.
-    on_cancel: Callable[[], None] | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.on_cancel is not None:
-            hook, self.on_cancel = self.on_cancel, None
-            hook()
-
-
-TextSink = Callable[[str], None]
-"""Receives each new piece of generated text, in order, from the executor thread."""
-
-
-@dataclass(eq=False)  # rows are identities: a batch tracks them in lists and sets
-class GenerationRow:
-    """One sequence of a batch: its prompt and settings, and where its output goes.
+@dataclass(slots=True, eq=False)  # rows are identities: a batch tracks them in lists and sets
+class GenerationRow(Generation):
+    """One sequence of a batch: a generation and what becomes of it.
 
     ``on_text`` and ``on_done`` are called on the executor thread; ``on_done`` exactly
     once, when the row finishes (stop, length or cancelled) or fails (``error`` set,
     ``result`` None) — other rows of the batch carry on either way.
     """
 
-    prompt_ids: Sequence[int]
-    params: SamplingParams
-    on_text: TextSink | None
-    cancellation: Cancellation
-    on_done: Callable[[GenerationRow], None]
-    result: GenerationResult | None = None
-    error: BaseException | None = None
+    on_done: Callable[[GenerationRow], None] = field(kw_only=True)
+    result: GenerationResult | None = field(default=None, kw_only=True)
+    error: BaseException | None = field(default=None, kw_only=True)
+
+    @classmethod
+    def of(cls, generation: Generation, on_done: Callable[[GenerationRow], None]) -> GenerationRow:
+        """A row for ``generation`` whose end is told to ``on_done``."""
+        return cls(
+            list(generation.prompt_ids),
+            generation.params,
+            generation.on_text,
+            generation.cancellation,
+            on_done=on_done,
+        )
 
     def outcome(self) -> GenerationResult:
         """The result of the finished row, or its error raised.
@@ -232,14 +136,11 @@ def free_slots(max_rows: int | None, running: int) -> int:
 
 def generate_alone(
     generate_batch: Callable[[Sequence[GenerationRow], RowSource | None], None],
-    prompt_ids: Sequence[int],
-    params: SamplingParams,
-    on_text: TextSink | None,
-    cancellation: Cancellation,
+    generation: Generation,
 ) -> GenerationResult:
     """``LoadedModel.generate`` for a backend whose batch loop is its only decode path:
     one row through ``generate_batch`` with nothing admitted, so the two cannot differ."""
-    row = GenerationRow(prompt_ids, params, on_text, cancellation, on_done=_ignore_done)
+    row = GenerationRow.of(generation, _ignore_done)
     generate_batch([row], None)
     return row.outcome()
 
@@ -292,13 +193,7 @@ class LoadedModel(Protocol):
         do not fit it.
         """
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    def generate(self, generation: Generation) -> GenerationResult:
         """Decode until a stop condition; stream text through ``on_text`` if given.
 
         Text passed to ``on_text`` never contains a stop string or the beginning of
@@ -340,13 +235,7 @@ class AsyncGenerating(Protocol):
     the engine (``Cancellation.on_cancel``), and cancelling the awaiting task does too.
     """
 
-    async def generate_async(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult: ...
+    async def generate_async(self, generation: Generation) -> GenerationResult: ...
 
 
 @runtime_checkable

@@ -54,22 +54,16 @@ from typing import Any
 from backends.base import (
     MOVING_TO_DEVICE,
     READING_WEIGHTS,
-    BackendError,
-    Cancellation,
     Footprint,
-    GenerationResult,
     GenerationRow,
-    InvalidRequest,
     LoadSpec,
-    ModelInfo,
     RowSource,
-    SamplingParams,
-    Task,
-    TextSink,
     free_slots,
     generate_alone,
 )
 from backends.options import invalid, is_int, is_positive_int, reject_unknown
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Generation, GenerationResult, ModelInfo, SamplingParams, Task
 
 log = logging.getLogger("routerd.backends")
 
@@ -172,7 +166,7 @@ class EchoModel:
         if self._info.task is Task.EMBED:
             self._vectors([self.encode_prompt("hello")])
             return
-        seq = _Sequence(self.encode_prompt("hello"), SamplingParams(max_tokens=4), None, None)
+        seq = _Sequence(Generation(self.encode_prompt("hello"), SamplingParams(max_tokens=4)))
         while not seq.step():
             pass
 
@@ -198,15 +192,9 @@ class EchoModel:
 
     # -- generation ------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    def generate(self, generation: Generation) -> GenerationResult:
         """One row alone: ``generate_batch`` with a batch of one."""
-        return generate_alone(self.generate_batch, list(prompt_ids), params, on_text, cancellation)
+        return generate_alone(self.generate_batch, generation)
 
     def generate_batch(
         self,
@@ -267,7 +255,7 @@ class EchoModel:
             self._sleep()
             if self._should_fail():
                 raise BackendError("injected failure")
-            row.result = _echo_alone(row.prompt_ids, row.params.max_tokens, row.cancellation)
+            row.result = _echo_alone(row)
         except Exception as exc:
             row.result, row.error = None, exc
         _done(row)
@@ -281,7 +269,7 @@ class EchoModel:
             try:
                 if self._should_fail():
                     raise BackendError("injected failure")
-                seq = _Sequence(row.prompt_ids, row.params, row.on_text, row.cancellation)
+                seq = _Sequence(row)
             except Exception as exc:
                 row.result, row.error = None, exc
                 _done(row)
@@ -333,12 +321,11 @@ class EchoModel:
         self._unloaded = True
 
 
-def _echo_alone(
-    prompt_ids: Sequence[int], max_tokens: int, cancellation: Cancellation | None
-) -> GenerationResult:
+def _echo_alone(generation: Generation) -> GenerationResult:
     """What stepping a ``_Sequence`` without stop strings or a sink to its end gives."""
-    source = _prompt_bytes(prompt_ids)
-    if cancellation is not None and cancellation.cancelled:
+    source = _prompt_bytes(generation.prompt_ids)
+    max_tokens = generation.params.max_tokens
+    if generation.cancellation.cancelled:
         return GenerationResult("", len(source), 0, "cancelled")
     if not source:
         return GenerationResult("", 0, 0, "stop")
@@ -368,17 +355,11 @@ def _done(row: GenerationRow) -> None:
 class _Sequence:
     """One row's decoding state: the echoed bytes, the text so far, what was streamed."""
 
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation | None,
-    ) -> None:
-        self.source = _prompt_bytes(prompt_ids)
-        self.params = params
-        self.on_text = on_text
-        self.cancellation = cancellation
+    def __init__(self, generation: Generation) -> None:
+        self.source = _prompt_bytes(generation.prompt_ids)
+        self.params = params = generation.params
+        self.on_text = generation.on_text
+        self.cancellation = generation.cancellation
         self.decoder: codecs.IncrementalDecoder | None = None  # made at the first non-ASCII byte
         self.pending = 0  # bytes fed to the decoder that it has not turned into text yet
         self.stops = [s for s in params.stop if s]
@@ -392,7 +373,7 @@ class _Sequence:
         """Produce one token; return True once the row has finished."""
         if self.finish is not None:
             return True
-        if self.cancellation is not None and self.cancellation.cancelled:
+        if self.cancellation.cancelled:
             return self._end("cancelled")
         if not self.source:
             return self._end("stop")  # nothing to echo: the model stops at once

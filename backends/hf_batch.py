@@ -30,15 +30,10 @@ from typing import Any
 
 import torch
 
-from backends.base import (
-    GenerationResult,
-    GenerationRow,
-    OutOfMemory,
-    RowSource,
-    SamplingParams,
-    free_slots,
-)
+from backends.base import GenerationRow, RowSource, free_slots
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
+from contract.errors import OutOfMemory
+from contract.generation import GenerationResult, SamplingParams
 
 log = logging.getLogger("routerd.backends")
 

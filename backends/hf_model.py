@@ -17,20 +17,14 @@ from typing import Any
 import torch
 
 from backends import hf_batch, hf_measure, hf_text
-from backends.base import (
-    BackendError,
-    Cancellation,
-    Footprint,
+from backends.base import Footprint, GenerationRow, RowSource, generate_alone
+from contract.errors import BackendError, InvalidRequest, OutOfMemory
+from contract.generation import (
+    Generation,
     GenerationResult,
-    GenerationRow,
-    InvalidRequest,
     ModelInfo,
-    OutOfMemory,
-    RowSource,
     SamplingParams,
     Task,
-    TextSink,
-    generate_alone,
 )
 
 
@@ -88,17 +82,11 @@ class TransformersModel(hf_text.HfTokenizing):
 
     # -- generation -------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    def generate(self, generation: Generation) -> GenerationResult:
         """One row decoded alone: ``generate_batch`` with a batch of one."""
         self._require(Task.GENERATE)
-        self._check_ids(prompt_ids, "prompt", "the prompt")
-        return generate_alone(self.generate_batch, prompt_ids, params, on_text, cancellation)
+        self._check_ids(generation.prompt_ids, "prompt", "the prompt")
+        return generate_alone(self.generate_batch, generation)
 
     def generate_batch(
         self, rows: Sequence[GenerationRow], admit: RowSource | None, max_rows: int | None = None
@@ -208,8 +196,7 @@ class TransformersModel(hf_text.HfTokenizing):
                 self._profile = hf_measure.measure(
                     prefill, self._model, self._device, cached_tokens=length
                 )
-                params = SamplingParams(max_tokens=2, temperature=0.0)
-                self.generate(ids, params, None, Cancellation())
+                self.generate(Generation(ids, SamplingParams(max_tokens=2, temperature=0.0)))
             else:
                 self._profile = hf_measure.measure(
                     lambda: self.embed([profile_ids]), self._model, self._device, cached_tokens=0

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from backends import footprint
-from backends.base import BackendError, LoadSpec, Task
+from backends.base import LoadSpec
 from backends.options import invalid, is_positive_int, reject_unknown
+from contract.errors import BackendError
+from contract.generation import Task
 
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,

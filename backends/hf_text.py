@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from backends.base import InvalidRequest, ModelInfo
+from contract.errors import InvalidRequest
+from contract.generation import ModelInfo
 
 REPLACEMENT_CHAR = "\ufffd"
 

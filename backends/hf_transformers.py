@@ -33,17 +33,10 @@ from typing import Any
 import torch
 
 from backends import footprint, hf_measure, hf_plan
-from backends.base import (
-    MOVING_TO_DEVICE,
-    READING_WEIGHTS,
-    BackendError,
-    Footprint,
-    LoadSpec,
-    ModelInfo,
-    OutOfMemory,
-    Task,
-)
+from backends.base import MOVING_TO_DEVICE, READING_WEIGHTS, Footprint, LoadSpec
 from backends.hf_model import TransformersModel, release_memory
+from contract.errors import BackendError, OutOfMemory
+from contract.generation import ModelInfo, Task
 
 
 class _ProgressBars:

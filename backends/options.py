@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any, TypeGuard
 
-from backends.base import InvalidRequest
+from contract.errors import InvalidRequest
 
 
 def reject_unknown(options: Mapping[str, Any], known: Collection[str], backend: str) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from backends.base import Backend, InvalidRequest
+from backends.base import Backend
+from contract.errors import InvalidRequest
 
 BackendFactory = Callable[[], Backend]
 

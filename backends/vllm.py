@@ -38,20 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from backends import hf_text, vllm_engine, vllm_plan
-from backends.base import (
-    BackendError,
-    Cancellation,
-    Footprint,
-    GenerationResult,
-    GenerationRow,
-    InvalidRequest,
-    LoadSpec,
-    ModelInfo,
-    RowSource,
-    SamplingParams,
-    Task,
-    TextSink,
-)
+from backends.base import Footprint, GenerationRow, LoadSpec, RowSource
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Generation, GenerationResult, ModelInfo, Task
 
 log = logging.getLogger("routerd.backends.vllm")
 
@@ -149,28 +138,23 @@ class VllmModel(hf_text.HfTokenizing):
 
     # -- generation (event loop) -------------------------------------------------
 
-    async def generate_async(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    async def generate_async(self, generation: Generation) -> GenerationResult:
         """Submit one request to the engine and stream its deltas through ``on_text``.
 
-        The request runs in a task of its own so that ``cancellation`` can end it at
+        The request runs in a task of its own so that its cancellation can end it at
         once (vLLM aborts a request whose generator is cancelled) and still return the
         text so far; cancelling the caller cancels it too.
         """
         if self._info.task is not Task.GENERATE:
             raise InvalidRequest(f"model {self._name} is an embedding model; it generates no text")
-        if not prompt_ids:
+        if not generation.prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if self._engine is None:
             raise BackendError(f"model {self._name} is unloaded")
+        cancellation = generation.cancellation
         if cancellation.cancelled:
-            return GenerationResult("", len(prompt_ids), 0, "cancelled")
-        task = asyncio.ensure_future(self._run(list(prompt_ids), params, on_text, cancellation))
+            return GenerationResult("", len(generation.prompt_ids), 0, "cancelled")
+        task = asyncio.ensure_future(self._run(generation))
 
         def stop() -> None:
             task.cancel()
@@ -181,16 +165,12 @@ class VllmModel(hf_text.HfTokenizing):
         finally:
             cancellation.on_cancel = None
 
-    async def _run(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    async def _run(self, generation: Generation) -> GenerationResult:
         from vllm import SamplingParams as VllmSampling
         from vllm.sampling_params import RequestOutputKind
 
+        params, on_text = generation.params, generation.on_text
+        prompt_ids = list(generation.prompt_ids)
         sampling = VllmSampling(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -219,7 +199,7 @@ class VllmModel(hf_text.HfTokenizing):
                     if completion.finish_reason == "length":
                         finish = "length"
         except asyncio.CancelledError:
-            if not cancellation.cancelled:
+            if not generation.cancellation.cancelled:
                 raise  # the caller itself was cancelled
             finish = "cancelled"
         return GenerationResult("".join(pieces), len(prompt_ids), completion_tokens, finish)
@@ -264,13 +244,7 @@ class VllmModel(hf_text.HfTokenizing):
 
     # -- the thread-side protocol --------------------------------------------------
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    def generate(self, generation: Generation) -> GenerationResult:
         raise BackendError(f"model {self._name} generates on the event loop (generate_async)")
 
     def generate_batch(

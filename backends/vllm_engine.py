@@ -23,8 +23,9 @@ from multiprocessing import resource_tracker
 from typing import Any
 
 from backends import proctree
-from backends.base import BackendError, LoadSpec
+from backends.base import LoadSpec
 from backends.vllm_plan import Plan
+from contract.errors import BackendError
 
 log = logging.getLogger("routerd.backends.vllm")
 

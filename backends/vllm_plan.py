@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from backends import footprint
-from backends.base import BackendError, InvalidRequest, LoadSpec
+from backends.base import LoadSpec
 from backends.options import invalid, is_positive_int, reject_unknown
+from contract.errors import BackendError, InvalidRequest
 
 _OPTION_KEYS = (
     "dtype",

@@ -24,22 +24,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from backends.base import (
-    AsyncEmbedding,
-    AsyncGenerating,
-    Cancellation,
-    GenerationResult,
-    GenerationRow,
-    InvalidRequest,
-    LoadedModel,
-    ModelCrashed,
-    SamplingParams,
-    Task,
-    TextSink,
-)
+from backends.base import AsyncEmbedding, AsyncGenerating, GenerationRow, LoadedModel
+from contract.errors import InvalidRequest, ModelCrashed
+from contract.generation import Generation, GenerationResult, Task
 from policies.batching import BatchingPolicy, Queued
 from routerd.errors import RouterdError, Unavailable
 from routerd.instance import Instance
@@ -91,10 +82,6 @@ class Batcher:
         self._counted: BaseException | None = None  # the last failure reported
         # Whether the model batches by itself, decided once: an isinstance check against
         # a runtime protocol costs microseconds, too much for every request.
-        self._async_engine: AsyncGenerating | None = None
-        self._engine_known = False
-        self._async_embedder: AsyncEmbedding | None = None
-        self._embedder_known = False
         self._inline: bool | None = None  # whether rows may run on the loop (decided once)
         self.batches = 0  # batches started (a running batch that grows counts once)
         self.largest_batch = 0
@@ -105,56 +92,35 @@ class Batcher:
 
     # -- submitting (event loop) ----------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
-        engine = self._engine()
+    async def generate(self, generation: Generation) -> GenerationResult:
+        engine = self._engine
         if engine is not None:  # the engine batches continuously itself
-            return await engine.generate_async(prompt_ids, params, on_text, cancellation)
-        result = self.generate_now(prompt_ids, params, on_text, cancellation)
+            return await engine.generate_async(generation)
+        result = self.generate_now(generation)
         if result is not None:
             return result
-        tokens = len(prompt_ids) + params.max_tokens
-        row = await self._queued_generation(prompt_ids, params, on_text, cancellation, tokens)
+        row = await self._queued_generation(generation)
         self._observe(row.error)
         return row.outcome()
 
-    def generate_now(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult | None:
+    def generate_now(self, generation: Generation) -> GenerationResult | None:
         """The result at once when the row can run right here, without yielding the loop
         (an inline model, nothing queued, a policy that starts it now); else None and the
         caller goes through ``generate``. Callers skip a task per request this way."""
-        if not self._starts_inline_now(len(prompt_ids) + params.max_tokens):
+        if not self._starts_inline_now(_tokens(generation)):
             return None
-        row = GenerationRow(list(prompt_ids), params, on_text, cancellation, _no_callback)
+        row = GenerationRow.of(generation, _no_callback)
         self._generate_inline(row)
         self._observe(row.error)
         return row.outcome()
 
+    @cached_property
     def _engine(self) -> AsyncGenerating | None:
-        if not self._engine_known:
-            model = self._instance.model
-            self._async_engine = model if isinstance(model, AsyncGenerating) else None
-            self._engine_known = True
-        return self._async_engine
+        """The model, when it batches generation itself; read once the model is loaded."""
+        model = self._instance.model
+        return model if isinstance(model, AsyncGenerating) else None
 
-    async def _queued_generation(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-        tokens: int,
-    ) -> GenerationRow:
+    async def _queued_generation(self, generation: Generation) -> GenerationRow:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[GenerationRow] = loop.create_future()
 
@@ -166,8 +132,8 @@ class Batcher:
             else:
                 loop.call_soon_threadsafe(_resolve, done, row)
 
-        row = GenerationRow(list(prompt_ids), params, on_text, cancellation, on_done)
-        self._submit(_Entry(row, tokens))
+        row = GenerationRow.of(generation, on_done)
+        self._submit(_Entry(row, _tokens(generation)))
         return await done
 
     def _observe(self, error: BaseException | None) -> None:
@@ -194,7 +160,7 @@ class Batcher:
         Such a row skips the queue, its future and the runner's wake-up; anything else
         goes through the queue as usual."""
         if self._inline is None:  # decided once, like ``_engine``
-            self._inline = self._instance.model.info.inline and self._engine() is None
+            self._inline = self._instance.model.info.inline and self._engine is None
         return (
             self._inline
             and not self._queue
@@ -215,7 +181,7 @@ class Batcher:
 
     async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedding:
         """Embed what ``prepare`` yields; ``tokens`` estimates its size for admission."""
-        embedder = self._embedder()
+        embedder = self._embedder
         if embedder is not None:  # the engine batches pooling requests itself
             return await self._embed_async(embedder, prepare)
         future: asyncio.Future[Embedding] = asyncio.get_running_loop().create_future()
@@ -228,12 +194,11 @@ class Batcher:
         self._observe(None)
         return embedded
 
+    @cached_property
     def _embedder(self) -> AsyncEmbedding | None:
-        if not self._embedder_known:
-            model = self._instance.model
-            self._async_embedder = model if isinstance(model, AsyncEmbedding) else None
-            self._embedder_known = True
-        return self._async_embedder
+        """The model, when it batches embeddings itself; read once the model is loaded."""
+        model = self._instance.model
+        return model if isinstance(model, AsyncEmbedding) else None
 
     async def _embed_async(self, embedder: AsyncEmbedding, prepare: PrepareInputs) -> Embedding:
         """Tokenize on the instance thread (its tokenizer's one user), pool in the engine."""
@@ -406,6 +371,11 @@ def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedding | 
         outcomes.append(Embedding(ids_or_error, vectors[start : start + count]))
         start += count
     return outcomes
+
+
+def _tokens(generation: Generation) -> int:
+    """The most tokens the sequence can hold: what a batching policy budgets for it."""
+    return len(generation.prompt_ids) + generation.params.max_tokens
 
 
 def _no_callback(row: GenerationRow) -> None:

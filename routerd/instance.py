@@ -25,11 +25,11 @@ from backends.base import (
     MOVING_TO_DEVICE,
     READING_WEIGHTS,
     WARMING_UP,
-    Cancellation,
     Footprint,
     LoadedModel,
     LoadProgress,
 )
+from contract.generation import Cancellation
 from routerd.instance_handle import InstanceHandle
 from routerd.messages import InstanceFailed, LoadProgressed, Post
 from routerd.states import INITIAL, InstanceState, check_transition

@@ -13,7 +13,13 @@ import asyncio
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Cancellation, GenerationResult, ModelInfo, SamplingParams
+from contract.generation import (
+    Cancellation,
+    Generation,
+    GenerationResult,
+    ModelInfo,
+    SamplingParams,
+)
 from routerd.errors import Unavailable
 from routerd.serving.handle import Embedding, Finished, PrepareInputs
 from routerd.version_options import options_of
@@ -58,15 +64,14 @@ class InstanceHandle:
 
     async def generate(self, token_ids: list[int], params: SamplingParams) -> GenerationResult:
         instance = self._instance
-        cancellation = Cancellation()
-        result = instance.batcher.generate_now(token_ids, params, None, cancellation)
+        generation = Generation(token_ids, params)
+        result = instance.batcher.generate_now(generation)
         if result is not None:  # ran inline: nothing was left running that could need stopping
             self._check_not_revoked()
             return result
+        cancellation = generation.cancellation
         instance.track(cancellation)
-        work = asyncio.ensure_future(
-            instance.batcher.generate(token_ids, params, None, cancellation)
-        )
+        work = asyncio.ensure_future(instance.batcher.generate(generation))
         try:
             # shield: the request being cancelled (deadline, shutdown) must not abandon
             # the row on the model's thread; it is told to stop and awaited below instead.
@@ -92,7 +97,7 @@ class InstanceHandle:
 
         instance.track(cancellation)
         work = asyncio.ensure_future(
-            instance.batcher.generate(token_ids, params, on_text, cancellation)
+            instance.batcher.generate(Generation(token_ids, params, on_text, cancellation))
         )
         work.add_done_callback(lambda _: instance.untrack(cancellation))
         # Queued after every piece: the thread's call_soon_threadsafe calls precede the

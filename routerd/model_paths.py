@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from backends.base import InvalidRequest
+from contract.errors import InvalidRequest
 
 MAX_ENTRIES = 10_000
 """Entries of a model folder looked at for links; a folder with more is refused."""

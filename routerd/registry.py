@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from backends.base import InvalidRequest
 from backends.registry import BackendRegistry
+from contract.errors import InvalidRequest
 from routerd.model_paths import check_model_folder
 from routerd.router import Router
 from routerd.version_options import SCHEDULER_OPTIONS, normalize

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backends.base import InvalidRequest
+from contract.errors import InvalidRequest
 from policies import registry as policy_registry
 from policies.placement import PlacementPolicy
 from routerd import logs

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import InvalidRequest
+from contract.errors import InvalidRequest
 from policies import registry as policy_registry
 from policies.batching import DEFAULT_BATCHING, BatchingPolicy
 from policies.placement import is_device_preference

@@ -20,19 +20,17 @@ from typing import Any
 from backends.base import (
     MOVING_TO_DEVICE,
     READING_WEIGHTS,
-    BackendError,
-    Cancellation,
     Footprint,
-    GenerationResult,
     GenerationRow,
-    InvalidRequest,
     LoadSpec,
-    ModelInfo,
-    OutOfMemory,
     RowSource,
-    SamplingParams,
+)
+from contract.errors import BackendError, InvalidRequest, OutOfMemory
+from contract.generation import (
+    Generation,
+    GenerationResult,
+    ModelInfo,
     Task,
-    TextSink,
 )
 from routerd.devices import DeviceInventory, GpuMemory
 
@@ -88,13 +86,9 @@ class FakeModel:
     def count_tokens(self, text: str) -> int:
         return len(text.encode("utf-8"))
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    def generate(self, generation: Generation) -> GenerationResult:
+        prompt_ids, params, on_text = generation.prompt_ids, generation.params, generation.on_text
+        cancellation = generation.cancellation
         self.backend.generate_threads.append(threading.current_thread().name)
         self.backend.generate_gate.wait()
         if self.backend.generate_errors:
@@ -137,9 +131,7 @@ class FakeModel:
             while queue:
                 row = queue.pop(0)
                 try:
-                    row.result = self.generate(
-                        row.prompt_ids, row.params, row.on_text, row.cancellation
-                    )
+                    row.result = self.generate(row)
                 except Exception as exc:
                     row.result, row.error = None, exc
                 row.on_done(row)

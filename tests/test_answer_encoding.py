@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import BackendError
+from contract.errors import BackendError
 from routerd.api import answers, openai
 from routerd.app import build_app
 from tests.fakes import FakeBackend

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import InvalidRequest
 from backends.options import invalid, is_int, is_positive_int, reject_unknown
 from backends.registry import BackendRegistry
+from contract.errors import InvalidRequest
 
 KNOWN = {
     "echo": "task, context, latency_ms, fail_rate, seed, bytes, inline",

@@ -7,16 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from backends.base import (
-    BackendError,
-    Cancellation,
-    GenerationResult,
-    GenerationRow,
-    RowSource,
-    SamplingParams,
-    free_slots,
-    generate_alone,
-)
+from backends.base import GenerationRow, RowSource, free_slots, generate_alone
+from contract.errors import BackendError
+from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
 
 
 def _unwatched(row: GenerationRow) -> None:
@@ -24,7 +17,7 @@ def _unwatched(row: GenerationRow) -> None:
 
 
 def _row() -> GenerationRow:
-    return GenerationRow([1, 2], SamplingParams(max_tokens=3), None, Cancellation(), _unwatched)
+    return GenerationRow([1, 2], SamplingParams(max_tokens=3), on_done=_unwatched)
 
 
 def test_a_finished_row_gives_its_result() -> None:
@@ -79,7 +72,7 @@ def test_generate_alone_runs_one_row_with_nothing_admitted() -> None:
     pieces: list[str] = []
     cancellation = Cancellation()
     params = SamplingParams(max_tokens=1)
-    result = generate_alone(batch, [5, 6, 7], params, pieces.append, cancellation)
+    result = generate_alone(batch, Generation([5, 6, 7], params, pieces.append, cancellation))
     assert result == GenerationResult("x", 3, 1, "length")
     [(rows, admit)] = batch.calls
     assert admit is None and len(rows) == 1
@@ -91,7 +84,7 @@ def test_generate_alone_runs_one_row_with_nothing_admitted() -> None:
 def test_generate_alone_raises_the_rows_error_and_refuses_an_unfinished_row() -> None:
     error = ValueError("bad prompt")
     with pytest.raises(ValueError) as raised:
-        generate_alone(_OneStepBatch(error), [1], SamplingParams(1), None, Cancellation())
+        generate_alone(_OneStepBatch(error), Generation([1], SamplingParams(1)))
     assert raised.value is error
     with pytest.raises(BackendError, match="unfinished"):
-        generate_alone(_OneStepBatch(finish=False), [1], SamplingParams(1), None, Cancellation())
+        generate_alone(_OneStepBatch(finish=False), Generation([1], SamplingParams(1)))

@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from backends import hf_batch
-from backends.base import (
-    Cancellation,
-    GenerationResult,
-    GenerationRow,
-    InvalidRequest,
-    LoadedModel,
-    LoadSpec,
-    SamplingParams,
-)
+from backends.base import GenerationRow, LoadedModel, LoadSpec
+from contract.errors import InvalidRequest
+from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
 from tests.fakes import FakeBackend
 
 TEXTS = (
@@ -57,7 +51,7 @@ def probe(
     def on_done(row: GenerationRow) -> None:
         holder[0].done += 1
 
-    p = Probe(GenerationRow(list(prompt_ids), params, on_text, Cancellation(), on_done))
+    p = Probe(GenerationRow(list(prompt_ids), params, on_text, on_done=on_done))
     holder.append(p)
     return p
 
@@ -67,7 +61,7 @@ def greedy(max_tokens: int, stop: Sequence[str] = ()) -> SamplingParams:
 
 
 def alone(model: LoadedModel, p: Probe) -> GenerationResult:
-    return model.generate(p.row.prompt_ids, p.row.params, None, Cancellation())
+    return model.generate(Generation(p.row.prompt_ids, p.row.params))
 
 
 def finished(p: Probe) -> GenerationResult:
@@ -132,7 +126,7 @@ def test_alone_matches_a_plain_greedy_reference(small_model: LoadedModel, prompt
                 if token in eos:
                     break
                 sequence.append(token)
-        result = small_model.generate(ids, greedy(12), None, Cancellation())
+        result = small_model.generate(Generation(ids, greedy(12)))
         assert result.completion_tokens == len(produced)
         assert result.text == decode([t for t in produced if t not in eos])
 
@@ -311,9 +305,9 @@ def test_generate_raises_what_its_row_failed_with(small_model: LoadedModel):
 
     ids = small_model.encode_prompt("Hello")
     with pytest.raises(RuntimeError, match="sink broke"):
-        small_model.generate(ids, greedy(5), boom, Cancellation())
+        small_model.generate(Generation(ids, greedy(5), boom, Cancellation()))
     with pytest.raises(InvalidRequest):
-        small_model.generate([small_model.info.vocab_size], greedy(5), None, Cancellation())
+        small_model.generate(Generation([small_model.info.vocab_size], greedy(5)))
 
 
 # -- the fake backend's batches --------------------------------------------------------

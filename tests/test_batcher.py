@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from backends.base import Cancellation, LoadedModel, SamplingParams
+from backends.base import LoadedModel
+from contract.generation import Cancellation, Generation, SamplingParams
 from routerd.batcher import PrepareInputs
 from routerd.errors import BadRequest
 from tests.fakes import FakeBackend
@@ -32,7 +33,7 @@ async def test_concurrent_requests_share_batches(tmp_path, backend):
         prompts = [[97 + i, 98 + i] for i in range(8)]
         results = await asyncio.gather(
             *(
-                instance.batcher.generate(p, SamplingParams(max_tokens=3), None, Cancellation())
+                instance.batcher.generate(Generation(p, SamplingParams(max_tokens=3)))
                 for p in prompts
             )
         )
@@ -51,7 +52,7 @@ async def test_no_batching_runs_each_request_alone(tmp_path, backend):
         instance = await ready_instance(services, "m")
         await asyncio.gather(
             *(
-                instance.batcher.generate([97], SamplingParams(max_tokens=2), None, Cancellation())
+                instance.batcher.generate(Generation([97], SamplingParams(max_tokens=2)))
                 for _ in range(5)
             )
         )
@@ -116,11 +117,13 @@ async def test_row_cancelled_while_queued_finishes_cancelled(tmp_path, backend):
     try:
         instance = await ready_instance(services, "m")
         first = asyncio.create_task(
-            instance.batcher.generate([97], SamplingParams(max_tokens=20), None, Cancellation())
+            instance.batcher.generate(Generation([97], SamplingParams(max_tokens=20)))
         )
         cancellation = Cancellation()
         queued = asyncio.create_task(
-            instance.batcher.generate([98], SamplingParams(max_tokens=20), None, cancellation)
+            instance.batcher.generate(
+                Generation([98], SamplingParams(max_tokens=20), None, cancellation)
+            )
         )
         await asyncio.sleep(0.02)
         cancellation.cancel()
@@ -131,7 +134,7 @@ async def test_row_cancelled_while_queued_finishes_cancelled(tmp_path, backend):
 
 
 async def test_bad_option_values_are_refused_at_registration(tmp_path, backend):
-    from backends.base import InvalidRequest
+    from contract.errors import InvalidRequest
 
     services = fake_services(tmp_path, backend)
     try:

@@ -12,17 +12,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import (
-    BackendError,
-    Cancellation,
-    GenerationRow,
-    InvalidRequest,
-    LoadSpec,
-    SamplingParams,
-    Task,
-)
+from backends.base import GenerationRow, LoadSpec
 from backends.echo import EchoBackend, EchoModel
 from backends.registry import BUILTIN_BACKENDS, BackendRegistry
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Cancellation, Generation, SamplingParams, Task
 from routerd.app import build_app
 from state import VersionSpec
 from tests.fakes import FakeBackend
@@ -49,8 +43,7 @@ class Probe:
             list(prompt.encode()),
             params(max_tokens, *stop),
             self.pieces.append,
-            Cancellation(),
-            self._on_done,
+            on_done=self._on_done,
         )
 
     def _on_done(self, row: GenerationRow) -> None:
@@ -143,12 +136,12 @@ def test_info_and_tokenizer(tmp_path: Path) -> None:
 
 def test_generate_echoes_the_prompt_up_to_max_tokens(tmp_path: Path) -> None:
     model = load(tmp_path)
-    result = model.generate(model.encode_prompt("abc"), params(7), None, Cancellation())
+    result = model.generate(Generation(model.encode_prompt("abc"), params(7)))
     assert (result.text, result.finish_reason) == ("abcabca", "length")
     assert (result.prompt_tokens, result.completion_tokens) == (3, 7)
-    short = model.generate(model.encode_prompt("abcdef"), params(2), None, Cancellation())
+    short = model.generate(Generation(model.encode_prompt("abcdef"), params(2)))
     assert short.text == "ab"
-    empty = model.generate([], params(5), None, Cancellation())
+    empty = model.generate(Generation([], params(5)))
     assert (empty.text, empty.finish_reason, empty.completion_tokens) == ("", "stop", 0)
 
 
@@ -156,7 +149,7 @@ def test_multibyte_characters_are_echoed_whole(tmp_path: Path) -> None:
     model = load(tmp_path)
     prompt = model.encode_prompt("hé€")
     pieces: list[str] = []
-    result = model.generate(prompt, params(8), pieces.append, Cancellation())
+    result = model.generate(Generation(prompt, params(8), pieces.append, Cancellation()))
     assert (result.text, result.completion_tokens) == ("hé€h\ufffd", 8)  # cut mid-character
     assert pieces == ["h", "é", "€", "h", "\ufffd"]
 
@@ -168,8 +161,8 @@ def test_a_lone_row_in_one_go_matches_stepping(
 ) -> None:
     model = load(tmp_path)
     ids = model.encode_prompt(prompt)
-    alone = model.generate(ids, params(max_tokens), None, Cancellation())  # the one-go path
-    row = GenerationRow(list(ids), params(max_tokens), None, Cancellation(), lambda _: None)
+    alone = model.generate(Generation(ids, params(max_tokens)))  # the one-go path
+    row = GenerationRow(list(ids), params(max_tokens), on_done=lambda _: None)
     model.generate_batch([row], lambda free: [])  # may admit: steps token by token
     assert alone == row.result
 
@@ -177,7 +170,9 @@ def test_a_lone_row_in_one_go_matches_stepping(
 def test_generate_streams_one_piece_per_token(tmp_path: Path) -> None:
     model = load(tmp_path)
     pieces: list[str] = []
-    result = model.generate(model.encode_prompt("hey"), params(5), pieces.append, Cancellation())
+    result = model.generate(
+        Generation(model.encode_prompt("hey"), params(5), pieces.append, Cancellation())
+    )
     assert pieces == ["h", "e", "y", "h", "e"]
     assert "".join(pieces) == result.text
 
@@ -186,14 +181,16 @@ def test_stop_strings_end_the_text_and_are_never_streamed(tmp_path: Path) -> Non
     model = load(tmp_path)
     pieces: list[str] = []
     prompt = model.encode_prompt("hello world")
-    result = model.generate(prompt, params(50, "o w", "zz"), pieces.append, Cancellation())
+    result = model.generate(
+        Generation(prompt, params(50, "o w", "zz"), pieces.append, Cancellation())
+    )
     assert (result.text, result.finish_reason) == ("hell", "stop")
     assert result.completion_tokens == 7  # up to the token that completed "o w"
     assert "".join(pieces) == "hell"
     # a held-back start of a stop string that never completes is sent at the end
     pieces.clear()
     result = model.generate(
-        model.encode_prompt("abc"), params(3, "cx"), pieces.append, Cancellation()
+        Generation(model.encode_prompt("abc"), params(3, "cx"), pieces.append, Cancellation())
     )
     assert (result.text, result.finish_reason) == ("abc", "length")
     assert "".join(pieces) == "abc"
@@ -209,11 +206,13 @@ def test_cancellation_stops_between_tokens(tmp_path: Path) -> None:
         if len(pieces) == 3:
             cancellation.cancel()
 
-    result = model.generate(model.encode_prompt("abcdef"), params(100), on_text, cancellation)
+    result = model.generate(
+        Generation(model.encode_prompt("abcdef"), params(100), on_text, cancellation)
+    )
     assert (result.text, result.finish_reason, result.completion_tokens) == ("abc", "cancelled", 3)
     early = Cancellation()
     early.cancel()
-    result = model.generate(model.encode_prompt("abc"), params(10), None, early)
+    result = model.generate(Generation(model.encode_prompt("abc"), params(10), None, early))
     assert (result.text, result.finish_reason) == ("", "cancelled")
 
 
@@ -267,7 +266,7 @@ def test_a_bad_row_fails_alone(tmp_path: Path) -> None:
 
 def test_wrong_task_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest):
-        load(tmp_path, task="embed").generate([97], params(2), None, Cancellation())
+        load(tmp_path, task="embed").generate(Generation([97], params(2)))
     with pytest.raises(InvalidRequest):
         load(tmp_path).embed([[97]])
 
@@ -296,7 +295,7 @@ def test_fail_rate_one_always_fails_and_zero_never(tmp_path: Path) -> None:
     failing = load(tmp_path, fail_rate=1.0)
     for _ in range(20):
         with pytest.raises(BackendError, match="injected failure"):
-            failing.generate([97], params(2), None, Cancellation())
+            failing.generate(Generation([97], params(2)))
     rows = [Probe("a", 2), Probe("b", 2)]
     failing.generate_batch([p.row for p in rows], None)
     assert all(p.done == 1 and isinstance(p.row.error, BackendError) for p in rows)
@@ -304,7 +303,7 @@ def test_fail_rate_one_always_fails_and_zero_never(tmp_path: Path) -> None:
         load(tmp_path, fail_rate=1.0, task="embed").embed([[1]])
     healthy = load(tmp_path, fail_rate=0.0)
     for _ in range(200):
-        assert healthy.generate([97], params(2), None, Cancellation()).text == "aa"
+        assert healthy.generate(Generation([97], params(2))).text == "aa"
     embedder = load(tmp_path, fail_rate=0, task="embed")
     for _ in range(50):
         embedder.embed([[1]])
@@ -316,7 +315,7 @@ def test_fail_rate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
         failed = []
         for _ in range(64):
             try:
-                model.generate([97], params(1), None, Cancellation())
+                model.generate(Generation([97], params(1)))
                 failed.append(False)
             except BackendError:
                 failed.append(True)
@@ -330,7 +329,7 @@ def test_fail_rate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
 def test_latency_ms_is_slept_per_request(tmp_path: Path) -> None:
     model = load(tmp_path, latency_ms=30)
     started = time.perf_counter()
-    model.generate([97], params(2), None, Cancellation())
+    model.generate(Generation([97], params(2)))
     assert time.perf_counter() - started >= 0.03
     embedder = load(tmp_path, latency_ms=20, task="embed")
     started = time.perf_counter()

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from backends import footprint
-from backends.base import BackendError, Footprint, InvalidRequest, LoadedModel, LoadSpec
+from backends.base import Footprint, LoadedModel, LoadSpec
 from backends.footprint import TensorInfo
+from contract.errors import BackendError, InvalidRequest
 from routerd.demo import DEMO_NAMES
 
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I64": 8, "BOOL": 1, "F8_E4M3": 1}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from backends.base import Cancellation, SamplingParams
+from contract.generation import Cancellation, Generation, SamplingParams
 from routerd.app import build_services
 from routerd.config import Config, SchedulerConfig
 from routerd.devices import DeviceInventory, NvmlProbe
@@ -95,10 +95,12 @@ async def _generate(services: Services, name: str) -> str:
     async with services.scheduler.lease(record) as lease:
         model = lease.instance.model
         result = await lease.instance.batcher.generate(
-            model.encode_prompt("hello"),
-            SamplingParams(max_tokens=8, temperature=0),
-            None,
-            Cancellation(),
+            Generation(
+                model.encode_prompt("hello"),
+                SamplingParams(max_tokens=8, temperature=0),
+                None,
+                Cancellation(),
+            ),
         )
     return result.text
 

@@ -262,7 +262,7 @@ async def test_pinned_versions_load_again_after_restart(tmp_path, backend, clock
 
 
 async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, backend, clock):
-    from backends.base import SamplingParams
+    from contract.generation import SamplingParams
     from routerd.serving.prompts import PreparedPrompt, generate
 
     models = [fake_spec(tmp_path, "slow", token_delay=0.01, context=100_000)]
@@ -429,7 +429,7 @@ def test_ledger_rows_keep_path_free(tmp_path):
 
 
 def test_scheduler_options_are_validated_and_normalized(tmp_path, backend):
-    from backends.base import InvalidRequest
+    from contract.errors import InvalidRequest
 
     services = fake_services(tmp_path, backend)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import Cancellation, SamplingParams
+from contract.generation import Generation, SamplingParams
 from routerd.clock import VirtualClock, settle
 from routerd.errors import Draining, LoadFailed, NotFound, Unavailable
 from routerd.services import Services
@@ -124,11 +124,7 @@ async def test_loaded_model_answers_while_another_model_loads(services, backend)
     async with services.scheduler.lease(a) as lease:
         result = await asyncio.wait_for(
             lease.instance.run(
-                lease.instance.model.generate,
-                [104, 105],
-                SamplingParams(max_tokens=2),
-                None,
-                Cancellation(),
+                lease.instance.model.generate, Generation([104, 105], SamplingParams(max_tokens=2))
             ),
             timeout=2,
         )

@@ -12,19 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from backends.base import (
-    BackendError,
-    Cancellation,
-    Footprint,
-    GenerationResult,
-    InvalidRequest,
-    LoadedModel,
-    LoadSpec,
-    SamplingParams,
-    Task,
-)
+from backends.base import Footprint, LoadedModel, LoadSpec
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 from backends.hf_transformers import TransformersBackend
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams, Task
 
 PROMPT = "def main(argv):\n    "
 # Random weights hit an eos after a few dozen tokens, at a point that depends on
@@ -41,7 +33,9 @@ def run(
     model: LoadedModel, params: SamplingParams, prompt: str = PROMPT
 ) -> tuple[GenerationResult, list[str]]:
     pieces: list[str] = []
-    result = model.generate(model.encode_prompt(prompt), params, pieces.append, Cancellation())
+    result = model.generate(
+        Generation(model.encode_prompt(prompt), params, pieces.append, Cancellation())
+    )
     assert "".join(pieces) == result.text
     assert all(pieces)
     return result, pieces
@@ -179,15 +173,15 @@ def test_max_context_caps_the_context_and_unload_releases(demo_root: Path) -> No
     assert model.info.context_length == 16
     ids = model.encode_prompt("x " * 30)
     with pytest.raises(InvalidRequest) as caught:
-        model.generate(ids, greedy(2), None, Cancellation())
+        model.generate(Generation(ids, greedy(2)))
     assert caught.value.param == "prompt"
     # A prompt that leaves room for 3 tokens gets 3, then "length".
-    result = model.generate(list(range(100, 113)), greedy(50), None, Cancellation())
+    result = model.generate(Generation(list(range(100, 113)), greedy(50)))
     assert result.finish_reason in ("length", "stop") and result.completion_tokens <= 3
     model.unload()
     assert model.measure_footprint() == Footprint(weights=0)
     with pytest.raises(BackendError, match="unloaded"):
-        model.generate([1, 2], greedy(2), None, Cancellation())
+        model.generate(Generation([1, 2], greedy(2)))
 
 
 def test_task_option_overrides_detection(demo_root: Path) -> None:
@@ -282,14 +276,14 @@ def test_cancellation_stops_early(small_model: LoadedModel) -> None:
 
     ids = small_model.encode_prompt(PROMPT)
     params = SamplingParams(max_tokens=200, temperature=1.0, seed=1)
-    result = small_model.generate(ids, params, on_text, cancellation)
+    result = small_model.generate(Generation(ids, params, on_text, cancellation))
     assert result.finish_reason == "cancelled"
     assert result.completion_tokens < 200
     assert "".join(pieces) == result.text
 
     already = Cancellation()
     already.cancel()
-    result = small_model.generate(ids, params, None, already)
+    result = small_model.generate(Generation(ids, params, None, already))
     assert (result.finish_reason, result.completion_tokens, result.text) == ("cancelled", 0, "")
 
 
@@ -304,7 +298,7 @@ def test_prompt_and_chat_encoding(small_model: LoadedModel, demo_root: Path) -> 
     ids = small_model.encode_chat([{"role": "user", "content": "Hi there"}])
     tok = AutoTokenizer.from_pretrained(str(demo_root / "demo-small"), local_files_only=True)
     assert tok.decode(ids) == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
-    result = small_model.generate(ids, greedy(4), None, Cancellation())
+    result = small_model.generate(Generation(ids, greedy(4)))
     assert result.prompt_tokens == len(ids)
     with pytest.raises(InvalidRequest) as caught:
         small_model.encode_chat([{"role": "user", "content": [{"type": "image"}]}])
@@ -353,7 +347,7 @@ def test_tasks_are_not_mixed(small_model: LoadedModel, embed_model: LoadedModel)
     with pytest.raises(InvalidRequest):
         small_model.embed([[1, 2]])
     with pytest.raises(InvalidRequest):
-        embed_model.generate([1, 2], greedy(2), None, Cancellation())
+        embed_model.generate(Generation([1, 2], greedy(2)))
 
 
 # -- text helpers on plain strings -----------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from backends.base import InvalidRequest
+from contract.errors import InvalidRequest
 from routerd.version_options import VersionOptions, normalize, options_of
 from state import VersionRecord
 

@@ -21,8 +21,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from backends import proctree
-from backends.base import BackendError, Cancellation, LoadedModel, LoadSpec, SamplingParams
+from backends.base import LoadedModel, LoadSpec
 from backends.vllm import VllmBackend, VllmModel, use_state_dir
+from contract.errors import BackendError
+from contract.generation import Cancellation, Generation, SamplingParams
 from routerd.app import build_app, build_services
 from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
@@ -182,10 +184,12 @@ async def test_greedy_stream_equals_the_transformers_backend(
         {"model": "demo-small", "prompt": prompt, "max_tokens": 24, "temperature": 0},
     )
     expected = small_model.generate(
-        small_model.encode_prompt(prompt),
-        SamplingParams(max_tokens=24, temperature=0.0),
-        None,
-        Cancellation(),
+        Generation(
+            small_model.encode_prompt(prompt),
+            SamplingParams(max_tokens=24, temperature=0.0),
+            None,
+            Cancellation(),
+        ),
     )
     assert text == expected.text
     assert finish == expected.finish_reason
@@ -232,7 +236,7 @@ async def test_cancellation_returns_the_text_so_far(daemon: Daemon) -> None:
             cancellation.cancel()
 
     result = await model.generate_async(
-        model.encode_prompt("x"), SamplingParams(max_tokens=300), on_text, cancellation
+        Generation(model.encode_prompt("x"), SamplingParams(max_tokens=300), on_text, cancellation)
     )
     assert result.finish_reason == "cancelled"
     assert result.text == "".join(pieces) and len(pieces) == 3

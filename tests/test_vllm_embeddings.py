@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import LoadedModel, LoadSpec, Task
+from backends.base import LoadedModel, LoadSpec
 from backends.vllm import VllmBackend, VllmModel, use_state_dir
+from contract.generation import Task
 from routerd.app import build_app, build_services
 from routerd.config import Config, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory

@@ -8,26 +8,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from backends import proctree, vllm_engine
-from backends.base import (
-    AsyncGenerating,
-    BackendError,
-    Cancellation,
-    GenerationResult,
-    InvalidRequest,
-    LoadSpec,
-    SamplingParams,
-    TextSink,
-)
+from backends.base import AsyncGenerating, LoadSpec
 from backends.vllm import VllmBackend
 from backends.vllm_engine import kill
 from backends.vllm_plan import plan_load
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
 from routerd.devices import DeviceReading
 from routerd.memory import build_ledger
 from tests.fakes import FakeBackend
@@ -189,13 +181,9 @@ class _AsyncModel:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    async def generate_async(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_text: TextSink | None,
-        cancellation: Cancellation,
-    ) -> GenerationResult:
+    async def generate_async(self, generation: Generation) -> GenerationResult:
+        prompt_ids, params, on_text = generation.prompt_ids, generation.params, generation.on_text
+        cancellation = generation.cancellation
         self.calls += 1
         text = ""
         for i in range(params.max_tokens):
@@ -224,7 +212,7 @@ async def test_batcher_hands_async_models_each_request_directly(tmp_path: Path) 
             results = await asyncio.gather(
                 *(
                     lease.instance.batcher.generate(
-                        [1, 2], SamplingParams(max_tokens=5), None, Cancellation()
+                        Generation([1, 2], SamplingParams(max_tokens=5), None, Cancellation())
                     )
                     for _ in range(3)
                 )

@@ -17,18 +17,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import (
-    AsyncEmbedding,
-    BackendError,
-    Cancellation,
-    InvalidRequest,
-    LoadSpec,
-    ModelInfo,
-    SamplingParams,
-    Task,
-)
+from backends.base import AsyncEmbedding, LoadSpec
 from backends.vllm import VllmBackend, VllmModel
 from backends.vllm_plan import plan_load
+from contract.errors import BackendError, InvalidRequest
+from contract.generation import Generation, ModelInfo, SamplingParams, Task
 from routerd.app import build_app
 from routerd.serving.prompts import embedding_inputs
 from tests.fakes import FakeBackend, FakeModel
@@ -140,7 +133,7 @@ async def test_each_kind_of_model_refuses_the_other_kinds_requests(demo_root: Pa
         generating.embed([[1, 2]])
     pooling = _model(demo_root, engine, Task.EMBED)
     with pytest.raises(InvalidRequest, match="embedding model"):
-        await pooling.generate_async([1, 2], SamplingParams(max_tokens=2), None, Cancellation())
+        await pooling.generate_async(Generation([1, 2], SamplingParams(max_tokens=2)))
     with pytest.raises(BackendError, match="embed_async"):
         pooling.embed([[1, 2]])  # its batches are vLLM's, never routerd's thread
     assert engine.requests == []

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from backends.base import BackendError, InvalidRequest
+from contract.errors import BackendError, InvalidRequest
 from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, StoreUnavailable
 from state import StoreError
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from backends.base import BackendError, GenerationResult, Task
+from contract.errors import BackendError
+from contract.generation import GenerationResult, Task
 from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
 from routerd.api.coldstart import ColdStream
 from routerd.api.errors import read_json_object

@@ -25,15 +25,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from backends.base import (
-    WARMING_UP,
-    Backend,
-    Footprint,
-    LoadProgress,
-    LoadSpec,
-    OutOfMemory,
-    Sleepable,
-)
+from backends.base import WARMING_UP, Backend, Footprint, LoadProgress, LoadSpec, Sleepable
+from contract.errors import OutOfMemory
 from routerd.batcher import Batcher
 from routerd.errors import LoadFailed
 from routerd.instance import Instance

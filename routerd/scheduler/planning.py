@@ -13,7 +13,8 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
-from backends.base import Backend, BackendError, LoadSpec
+from backends.base import Backend, LoadSpec
+from contract.errors import BackendError
 from policies.types import LoadRequest, Plan, Refusal
 from routerd.errors import Draining, LoadFailed, Unavailable
 from routerd.instance import Instance

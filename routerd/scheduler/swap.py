@@ -28,7 +28,8 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from backends.base import Backend, OutOfMemory
+from backends.base import Backend
+from contract.errors import OutOfMemory
 from routerd.errors import LoadFailed
 from routerd.instance import Instance
 from routerd.scheduler.admission import Admission

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backends.base import GenerationResult, ModelInfo, SamplingParams
+from contract.generation import GenerationResult, ModelInfo, SamplingParams
 
 
 class Tokenizer(Protocol):

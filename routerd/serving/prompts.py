@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import GenerationResult, ModelInfo, SamplingParams, Task
+from contract.generation import GenerationResult, ModelInfo, SamplingParams, Task
 from routerd.errors import BadRequest
 from routerd.serving.handle import ModelHandle, Tokenizer
 from routerd.serving.requests import Prompt, SamplingFields

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from backends.base import BackendError, ModelCrashed
+from contract.errors import BackendError, ModelCrashed
 from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.config import ServerConfig
