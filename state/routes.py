@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -374,14 +374,8 @@ class RoutesMixin:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [rollout_id, ts, action, step, weight, detail_json],
             )
-        return RolloutStep(
-            id=int(cursor.lastrowid or 0),
-            rollout_id=rollout_id,
-            ts=ts,
-            action=action,
-            step=step,
-            weight=weight,
-            detail=load_json_object(detail_json),
+        return _rollout_step(
+            (cursor.lastrowid or 0, rollout_id, ts, action, step, weight, detail_json)
         )
 
     def rollout_steps(self, rollout_id: int) -> list[RolloutStep]:
@@ -392,18 +386,7 @@ class RoutesMixin:
                 "WHERE rollout_id = ? ORDER BY id",
                 [rollout_id],
             ).fetchall()
-        return [
-            RolloutStep(
-                id=int(r[0]),
-                rollout_id=int(r[1]),
-                ts=float(r[2]),
-                action=r[3],
-                step=int(r[4]),
-                weight=int(r[5]),
-                detail=load_json_object(r[6]),
-            )
-            for r in rows
-        ]
+        return [_rollout_step(r) for r in rows]
 
 
 # -- rows ----------------------------------------------------------------------------
@@ -454,6 +437,20 @@ def _fetch_rollout(db: Database, rollout_id: int) -> dict[str, Any] | None:
     if row is None:
         return None
     return dict(zip([c[0] for c in cursor.description], row, strict=True))
+
+
+def _rollout_step(row: Sequence[Any]) -> RolloutStep:
+    """A ``rollout_steps`` row, its columns in table order, as the record: one mapping
+    for the steps read back and the step just written."""
+    return RolloutStep(
+        id=int(row[0]),
+        rollout_id=int(row[1]),
+        ts=float(row[2]),
+        action=row[3],
+        step=int(row[4]),
+        weight=int(row[5]),
+        detail=load_json_object(row[6]),
+    )
 
 
 def _rollout(row: Mapping[str, Any] | None) -> RolloutRecord:
