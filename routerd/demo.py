@@ -76,6 +76,17 @@ class _Spec:
     intermediate: int
     max_positions: int
 
+    def sizes(self) -> dict[str, int]:
+        """The sizes as both architectures' Hugging Face configs name them."""
+        return {
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "max_position_embeddings": self.max_positions,
+        }
+
 
 _SPECS = (
     _Spec(
@@ -216,13 +227,8 @@ def _save_model(spec: _Spec, tokenizer: Any, dest: Path) -> None:
         torch.manual_seed(_SEED)
         if spec.architecture == "llama":
             config = hf.LlamaConfig(
-                vocab_size=VOCAB_SIZE,
-                hidden_size=spec.hidden,
-                intermediate_size=spec.intermediate,
-                num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads,
+                **spec.sizes(),
                 num_key_value_heads=spec.heads,
-                max_position_embeddings=spec.max_positions,
                 bos_token_id=bos,
                 eos_token_id=eos,
                 pad_token_id=pad,
@@ -233,15 +239,7 @@ def _save_model(spec: _Spec, tokenizer: Any, dest: Path) -> None:
                 bos_token_id=bos, eos_token_id=[eos, im_end], pad_token_id=pad
             )
         else:
-            config = hf.BertConfig(
-                vocab_size=VOCAB_SIZE,
-                hidden_size=spec.hidden,
-                intermediate_size=spec.intermediate,
-                num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads,
-                max_position_embeddings=spec.max_positions,
-                pad_token_id=pad,
-            )
+            config = hf.BertConfig(**spec.sizes(), pad_token_id=pad)
             model = hf.BertModel(config)
     with _quiet_progress():
         model.save_pretrained(str(dest))

@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from sqlite_utils import Database
 
@@ -204,14 +204,7 @@ class RoutesMixin:
 
     def clear_route(self, name: str, *, reason: str) -> bool:
         """Remove ``name``'s weights (back to the newest version); False if it had none."""
-        check_name(name)
-        _check_reason(reason)
-        with self._write(f"clearing the route of {name}") as db:
-            if not _route(db, name).weights:
-                return False
-            db.execute("DELETE FROM routes WHERE name = ?", [name])
-            self._append_history(db, _route(db, name), reason)
-        return True
+        return self._clear(name, "route", reason, has=lambda route: bool(route.weights))
 
     def set_shadow(self, name: str, version: str, percent: float, *, reason: str) -> RouteRecord:
         """Mirror ``percent`` of ``name``'s requests to ``version`` (replacing any shadow)."""
@@ -230,12 +223,25 @@ class RoutesMixin:
         return after
 
     def clear_shadow(self, name: str, *, reason: str) -> bool:
+        """Stop mirroring ``name``'s requests; False if it had no shadow."""
+        return self._clear(name, "shadow", reason, has=lambda route: route.shadow is not None)
+
+    def _clear(
+        self,
+        name: str,
+        part: Literal["route", "shadow"],
+        reason: str,
+        *,
+        has: Callable[[RouteRecord], bool],
+    ) -> bool:
+        """Delete ``name``'s rows of table ``{part}s`` and log the route as it became, in one
+        transaction; False, logging nothing, when ``has`` finds no such part."""
         check_name(name)
         _check_reason(reason)
-        with self._write(f"clearing the shadow of {name}") as db:
-            if _route(db, name).shadow is None:
+        with self._write(f"clearing the {part} of {name}") as db:
+            if not has(_route(db, name)):
                 return False
-            db.execute("DELETE FROM shadows WHERE name = ?", [name])
+            db.execute(f"DELETE FROM {part}s WHERE name = ?", [name])
             self._append_history(db, _route(db, name), reason)
         return True
 
@@ -374,14 +380,8 @@ class RoutesMixin:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [rollout_id, ts, action, step, weight, detail_json],
             )
-        return RolloutStep(
-            id=int(cursor.lastrowid or 0),
-            rollout_id=rollout_id,
-            ts=ts,
-            action=action,
-            step=step,
-            weight=weight,
-            detail=load_json_object(detail_json),
+        return _rollout_step(
+            (cursor.lastrowid or 0, rollout_id, ts, action, step, weight, detail_json)
         )
 
     def rollout_steps(self, rollout_id: int) -> list[RolloutStep]:
@@ -392,18 +392,7 @@ class RoutesMixin:
                 "WHERE rollout_id = ? ORDER BY id",
                 [rollout_id],
             ).fetchall()
-        return [
-            RolloutStep(
-                id=int(r[0]),
-                rollout_id=int(r[1]),
-                ts=float(r[2]),
-                action=r[3],
-                step=int(r[4]),
-                weight=int(r[5]),
-                detail=load_json_object(r[6]),
-            )
-            for r in rows
-        ]
+        return [_rollout_step(r) for r in rows]
 
 
 # -- rows ----------------------------------------------------------------------------
@@ -454,6 +443,20 @@ def _fetch_rollout(db: Database, rollout_id: int) -> dict[str, Any] | None:
     if row is None:
         return None
     return dict(zip([c[0] for c in cursor.description], row, strict=True))
+
+
+def _rollout_step(row: Sequence[Any]) -> RolloutStep:
+    """A ``rollout_steps`` row, its columns in table order, as the record: one mapping
+    for the steps read back and the step just written."""
+    return RolloutStep(
+        id=int(row[0]),
+        rollout_id=int(row[1]),
+        ts=float(row[2]),
+        action=row[3],
+        step=int(row[4]),
+        weight=int(row[5]),
+        detail=load_json_object(row[6]),
+    )
 
 
 def _rollout(row: Mapping[str, Any] | None) -> RolloutRecord:

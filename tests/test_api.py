@@ -243,6 +243,7 @@ async def test_endpoint_and_model_task_must_match(client):
         ({"model": "echo", "prompt": []}, "prompt"),
         ({"model": "echo", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "echo", "prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"model": "echo", "prompt": "x", "max_completion_tokens": 2}, "max_completion_tokens"),
         (
             {"model": "echo", "prompt": "x", "stream_options": {"include_usage": True}},
             "stream_options",

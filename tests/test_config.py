@@ -184,3 +184,35 @@ def test_bad_scheduling_settings(tmp_path, text, message):
 )
 def test_sizes(text, size):
     assert parse_size(text, key="k") == size
+
+
+def test_scheduler_settings_carry_every_scheduler_and_device_setting_they_share():
+    from routerd.config import DevicesConfig, SchedulerConfig
+    from routerd.scheduler.settings import SchedulerSettings
+
+    scheduler = SchedulerConfig(
+        load_timeout=1.0,
+        load_wait_timeout=2.0,
+        min_residency=3.0,
+        keep_alive=4.0,
+        release_timeout=5.0,
+        routing="round-robin",
+        max_queue=6,
+        max_failures=7,
+        stop_timeout=8.0,
+    )
+    devices = DevicesConfig(poll_interval=9.0, gpu_headroom=10, cpu_headroom=11)
+    settings = SchedulerSettings.from_config(scheduler, devices)
+    assert settings == SchedulerSettings(
+        load_timeout=1.0,
+        load_wait_timeout=2.0,
+        min_residency=3.0,
+        keep_alive=4.0,
+        release_timeout=5.0,
+        routing="round-robin",
+        max_queue=6,
+        max_failures=7,
+        stop_timeout=8.0,
+        poll_interval=9.0,
+        headroom={"cuda": 10, "cpu": 11},
+    )

@@ -48,3 +48,11 @@ async def test_references_resolve(tmp_path: Path) -> None:
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert op["summary"] and "200" in op["responses"], (path, method)
+
+
+def test_max_completion_tokens_is_described_where_the_parsers_read_it() -> None:
+    from routerd.api.openapi import SCHEMAS
+
+    assert "max_completion_tokens" in SCHEMAS["ChatRequest"]["properties"]
+    assert "max_completion_tokens" not in SCHEMAS["CompletionRequest"]["properties"]
+    assert "max_tokens" in SCHEMAS["CompletionRequest"]["properties"]

@@ -79,6 +79,17 @@ def test_of_several_unsupported_fields_the_same_one_is_named_whatever_their_orde
         assert caught.value.param == "logprobs"  # the first of the fields routerd refuses
 
 
+@pytest.mark.parametrize(
+    "body", [{"max_completion_tokens": 7}, {"max_tokens": 5, "max_completion_tokens": 7}]
+)
+def test_completion_refuses_max_completion_tokens_rather_than_ignore_it(body):
+    with pytest.raises(BadRequest) as caught:
+        parse_completion({"model": "m", "prompt": "x", **body})
+    assert caught.value.param == "max_completion_tokens"
+    assert "max_tokens" in caught.value.message
+    assert parse_completion({"model": "m", "prompt": "x", "max_completion_tokens": None})
+
+
 def test_chat_prefers_max_completion_tokens_and_joins_text_parts():
     req = parse_chat(
         {

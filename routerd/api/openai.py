@@ -17,7 +17,8 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -46,8 +47,6 @@ from routerd.serving.prompts import (
     token_counts,
 )
 from routerd.serving.requests import (
-    ChatRequest,
-    CompletionRequest,
     EmbeddingRequest,
     GenerationRequest,
 )
@@ -110,47 +109,137 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_model_entry(model_id, record))
 
 
-# -- completions -----------------------------------------------------------------
+# -- completions and chat ----------------------------------------------------------
 
 
 Prepare = Callable[[ModelHandle], Awaitable[list[PreparedPrompt]]]
 """Makes a request's prompts ready on the leased model (serving does the work)."""
-StreamWriter = Callable[
-    [web.Request, VersionRecord, Lease, list[PreparedPrompt], web.StreamResponse | None],
-    Awaitable[web.StreamResponse],
-]
-BodyMaker = Callable[[list[GenerationResult]], dict[str, Any]]
+ChoiceMaker = Callable[[int, str, str | None], dict[str, Any]]
+"""One streamed choice: the prompt's index, a text piece, the finish reason (or None)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """What tells /v1/completions and /v1/chat/completions apart in their answers; the
+    rest of their path (routing, lease, generation, streaming) is one."""
+
+    endpoint: str
+    id_prefix: str  # of the response id
+    body_object: str  # ``object`` of a whole answer
+    chunk_object: str  # ``object`` of a streamed chunk
+    choice: Callable[[int, GenerationResult], dict[str, Any]]  # one of a whole answer
+    stream_choices: Callable[[], ChoiceMaker]  # a fresh maker per stream
+
+
+def _text_choice(index: int, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": result.text,
+        "logprobs": None,
+        "finish_reason": finish_reason(result),
+    }
+
+
+def _text_piece(index: int, text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _message_choice(index: int, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": result.text},
+        "logprobs": None,
+        "finish_reason": finish_reason(result),
+    }
+
+
+def _delta_pieces() -> ChoiceMaker:
+    """Chat's streamed choices: the first delta names the role, a finishing one is empty."""
+    started = False
+
+    def piece(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        nonlocal started
+        delta: dict[str, str] = {} if finish is not None else {"content": text}
+        if not started:
+            delta = {"role": "assistant", **delta}
+            started = True
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    return piece
+
+
+_COMPLETIONS: Final = _Dialect(
+    endpoint="/v1/completions",
+    id_prefix="cmpl",
+    body_object="text_completion",
+    chunk_object="text_completion",
+    choice=_text_choice,
+    stream_choices=lambda: _text_piece,
+)
+_CHAT: Final = _Dialect(
+    endpoint="/v1/chat/completions",
+    id_prefix="chatcmpl",
+    body_object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    choice=_message_choice,
+    stream_choices=_delta_pieces,
+)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = parse_completion(await read_json_object(request))
+
+    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
+        return [await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts]
+
+    return await _serve_generation(request, req, _COMPLETIONS, prepare)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = parse_chat(await read_json_object(request))
+
+    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
+        return [await prepare_chat(handle, req.messages, req.sampling)]
+
+    return await _serve_generation(request, req, _CHAT, prepare)
 
 
 async def _serve_generation(
-    request: web.Request,
-    req: GenerationRequest,
-    endpoint: str,
-    prepare: Prepare,
-    stream: StreamWriter,
-    body: BodyMaker,
+    request: web.Request, req: GenerationRequest, dialect: _Dialect, prepare: Prepare
 ) -> web.StreamResponse:
     """A generating request's path: route it (with its shadow copy), lease the
     version, prepare and run its prompts, answer as JSON or as a stream."""
     scheduler = request.app[SCHEDULER]
     if req.stream:
         claim_stream()
-    shadow = functools.partial(_shadow_generation, scheduler, endpoint, prepare)
+    shadow = functools.partial(_shadow_generation, scheduler, dialect.endpoint, prepare)
     record = route_request(request, req.model, req.user, shadow)
     cold = _cold_stream(request, record, stream=req.stream)
     try:
         async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
-            require_task(lease.handle, Task.GENERATE, req.model, endpoint)
+            require_task(lease.handle, Task.GENERATE, req.model, dialect.endpoint)
             prompts = await prepare(lease.handle)
             if req.stream:
-                return await stream(request, record, lease, prompts, cold.response)
+                return await _stream_generation(
+                    dialect, req, request, record, lease, prompts, cold.response
+                )
             results = [await generate(lease.handle, p) for p in prompts]
     except Exception as exc:
         if cold.response is None:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
-    return answer(body(results), headers=_served_headers(record, lease))
+    body = {
+        "id": _response_id(dialect.id_prefix),
+        "object": dialect.body_object,
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": [dialect.choice(i, r) for i, r in enumerate(results)],
+        "usage": _usage(results),
+    }
+    return answer(body, headers=_served_headers(record, lease))
 
 
 async def _shadow_generation(
@@ -168,59 +257,25 @@ def _cold_stream(request: web.Request, record: VersionRecord, *, stream: bool) -
     return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
 
 
-# -- completions -----------------------------------------------------------------
-
-
-@routes.post("/v1/completions")
-async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_completion(await read_json_object(request))
-
-    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
-        return [await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts]
-
-    return await _serve_generation(
-        request,
-        req,
-        "/v1/completions",
-        prepare,
-        functools.partial(_stream_completion, req),
-        functools.partial(_completion_body, req),
-    )
-
-
-def _completion_body(req: CompletionRequest, results: list[GenerationResult]) -> dict[str, Any]:
-    return {
-        "id": _response_id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
-            for i, r in enumerate(results)
-        ],
-        "usage": _usage(results),
-    }
-
-
-async def _stream_completion(
-    req: CompletionRequest,
+async def _stream_generation(
+    dialect: _Dialect,
+    req: GenerationRequest,
     request: web.Request,
     record: VersionRecord,
     lease: Lease,
     prompts: list[PreparedPrompt],
     begun: web.StreamResponse | None,
 ) -> web.StreamResponse:
-    completion_id = _response_id("cmpl")
-    created = int(time.time())
+    envelope = {
+        "id": _response_id(dialect.id_prefix),
+        "object": dialect.chunk_object,
+        "created": int(time.time()),
+        "model": req.model,
+    }
+    choice = dialect.stream_choices()
 
     def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-        }
+        return {**envelope, "choices": [choice(index, text, finish)]}
 
     return await _write_sse(
         request,
@@ -229,93 +284,7 @@ async def _stream_completion(
         lease,
         prompts,
         chunk,
-        usage_chunk=chunk(0, "", None),
-        begun=begun,
-    )
-
-
-# -- chat ------------------------------------------------------------------------
-
-
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(await read_json_object(request))
-
-    async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
-        return [await prepare_chat(handle, req.messages, req.sampling)]
-
-    return await _serve_generation(
-        request,
-        req,
-        "/v1/chat/completions",
-        prepare,
-        functools.partial(_stream_chat, req),
-        functools.partial(_chat_body, req),
-    )
-
-
-def _chat_body(req: ChatRequest, results: list[GenerationResult]) -> dict[str, Any]:
-    (result,) = results
-    return {
-        "id": _response_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
-                "finish_reason": finish_reason(result),
-            }
-        ],
-        "usage": _usage(results),
-    }
-
-
-async def _stream_chat(
-    req: ChatRequest,
-    request: web.Request,
-    record: VersionRecord,
-    lease: Lease,
-    prompts: list[PreparedPrompt],
-    begun: web.StreamResponse | None,
-) -> web.StreamResponse:
-    completion_id = _response_id("chatcmpl")
-    created = int(time.time())
-    started = False
-
-    def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        nonlocal started
-        delta: dict[str, str] = {} if finish is not None else {"content": text}
-        if not started:
-            delta = {"role": "assistant", **delta}
-            started = True
-        return {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            ],
-        }
-
-    usage_chunk = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": req.model,
-        "choices": [],
-    }
-    return await _write_sse(
-        request,
-        req.include_usage,
-        record,
-        lease,
-        prompts,
-        chunk,
-        usage_chunk=usage_chunk,
+        usage_chunk=envelope,
         begun=begun,
     )
 

@@ -26,7 +26,6 @@ _KEEP_ALIVE: Final = {
     "oneOf": [_STRING, {"type": "number"}],
 }
 _SAMPLING: Final = {  # what completions and chat completions share
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
     "max_tokens": {"type": "integer", "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -100,6 +99,12 @@ SCHEMAS: Final[dict[str, Any]] = {
                     "required": ["role"],
                     "properties": {"role": _STRING, "content": {"type": ["string", "array"]}},
                 },
+            },
+            "max_completion_tokens": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Chat only (the legacy completions API has max_tokens alone); "
+                "preferred over max_tokens when both are set.",
             },
             **_SAMPLING,
         },
@@ -269,38 +274,29 @@ _SERVED: Final = (
 )
 _INFERENCE_ERRORS: Final = (400, 404, 413, 429, 503)
 
+
+def _inference(summary: str, response: str, body: str) -> dict[str, Any]:
+    """An OpenAI inference route (POST): its answer names what served it, and it fails
+    the ways any request that leases a model may."""
+    return {
+        "post": _op(
+            summary, "openai", _json(response, _SERVED), body=body, errors=_INFERENCE_ERRORS
+        )
+    }
+
+
 PATHS: Final[dict[str, dict[str, Any]]] = {
     "/v1/models": {"get": _op("List models and versions", "openai", _json("ModelList"))},
     "/v1/models/{model_id}": {
         "get": _op("One model", "openai", _json("Model"), errors=(404,), parameters=_PATH_MODEL)
     },
-    "/v1/completions": {
-        "post": _op(
-            "Text completion (stream with stream=true)",
-            "openai",
-            _json("Completion", _SERVED),
-            body="CompletionRequest",
-            errors=_INFERENCE_ERRORS,
-        )
-    },
-    "/v1/chat/completions": {
-        "post": _op(
-            "Chat completion (stream with stream=true)",
-            "openai",
-            _json("Completion", _SERVED),
-            body="ChatRequest",
-            errors=_INFERENCE_ERRORS,
-        )
-    },
-    "/v1/embeddings": {
-        "post": _op(
-            "Embeddings",
-            "openai",
-            _json("EmbeddingList", _SERVED),
-            body="EmbeddingRequest",
-            errors=_INFERENCE_ERRORS,
-        )
-    },
+    "/v1/completions": _inference(
+        "Text completion (stream with stream=true)", "Completion", "CompletionRequest"
+    ),
+    "/v1/chat/completions": _inference(
+        "Chat completion (stream with stream=true)", "Completion", "ChatRequest"
+    ),
+    "/v1/embeddings": _inference("Embeddings", "EmbeddingList", "EmbeddingRequest"),
     "/health": {
         "get": _op("Liveness: the process and its loop run", "operations", {"description": "OK"})
     },

@@ -28,6 +28,14 @@ from routerd.serving.requests import (
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     _refuse_unsupported(body, _COMPLETION_UNSUPPORTED)
+    if body.get("max_completion_tokens") is not None:
+        # Chat's field, absent from the legacy completions API: ignoring it would let
+        # the client believe its limit held while max_tokens' default applied.
+        raise BadRequest(
+            "max_completion_tokens is a field of /v1/chat/completions; "
+            "/v1/completions takes max_tokens",
+            param="max_completion_tokens",
+        )
     stream, include_usage = _stream_fields(body)
     return CompletionRequest(
         model=_model(body),

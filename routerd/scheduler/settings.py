@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Protocol
 
 from routerd.config import DevicesConfig, SchedulerConfig
 from routerd.instance import Instance
@@ -37,19 +37,19 @@ class SchedulerSettings:
 
     @classmethod
     def from_config(cls, scheduler: SchedulerConfig, devices: DevicesConfig) -> SchedulerSettings:
+        """Every ``scheduler`` setting these share by name (its placement and eviction
+        are the placement policy's), and the polling and headroom of ``devices``: a
+        setting added to both reaches the scheduler without a line here to forget."""
         return cls(
-            load_timeout=scheduler.load_timeout,
-            load_wait_timeout=scheduler.load_wait_timeout,
-            min_residency=scheduler.min_residency,
-            keep_alive=scheduler.keep_alive,
-            release_timeout=scheduler.release_timeout,
-            routing=scheduler.routing,
-            max_queue=scheduler.max_queue,
-            max_failures=scheduler.max_failures,
-            stop_timeout=scheduler.stop_timeout,
+            **{name: getattr(scheduler, name) for name in _FROM_SCHEDULER_CONFIG},
             poll_interval=devices.poll_interval,
             headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
         )
+
+
+_FROM_SCHEDULER_CONFIG: Final = tuple(
+    f.name for f in fields(SchedulerSettings) if f.name in {g.name for g in fields(SchedulerConfig)}
+)
 
 
 @dataclass(slots=True)
