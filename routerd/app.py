@@ -128,9 +128,9 @@ def _demo_specs(config: Config) -> list[VersionSpec]:
 
 
 def build_app(services: Services) -> web.Application:
-    app = web.Application(client_max_size=services.config.server.max_body_bytes)
+    app = web.Application(client_max_size=services.live.config.server.max_body_bytes)
     keys.install(app, services)
-    slots = app[STREAM_SLOTS] = StreamSlots(limit=services.config.server.max_streams)
+    slots = app[STREAM_SLOTS] = StreamSlots(limit=services.live.config.server.max_streams)
     deadlines = app[DEADLINES] = Deadlines()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
@@ -146,7 +146,7 @@ def build_app(services: Services) -> web.Application:
 
 
 async def _stop_accepting(app: web.Application) -> None:
-    app[SERVICES].accepting = False
+    app[SERVICES].live.accepting = False
     log.info("shutting down: no new requests, waiting for in-flight ones")
 
 
@@ -155,7 +155,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await services.scheduler.start(services.router.table.versions.get)
     services.rollouts.start()
     yield
-    services.accepting = False
+    services.live.accepting = False
     try:
         await services.rollouts.close()
         await services.shadows.close()

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from routerd.batcher import Batcher
 
 T = TypeVar("T")
+_Part = TypeVar("_Part")
 
 
 class Instance:
@@ -130,9 +131,7 @@ class Instance:
 
     @property
     def model(self) -> LoadedModel:
-        if self._model is None:
-            raise RuntimeError(f"{self.model_id} has no loaded model (state {self.state})")
-        return self._model
+        return self._attached(self._model, "loaded model")
 
     @property
     def loaded_model(self) -> LoadedModel | None:
@@ -142,9 +141,14 @@ class Instance:
     @property
     def batcher(self) -> Batcher:
         """The queue every request of this instance goes through (set once ready)."""
-        if self._batcher is None:
-            raise RuntimeError(f"{self.model_id} has no batcher (state {self.state})")
-        return self._batcher
+        return self._attached(self._batcher, "batcher")
+
+    def _attached(self, part: _Part | None, what: str) -> _Part:
+        """``part`` of an instance that has it; asking one that has not is a bug in the
+        caller (the scheduler hands out instances only once they are ready)."""
+        if part is None:
+            raise RuntimeError(f"{self.model_id} has no {what} (state {self.state})")
+        return part
 
     @property
     def queued(self) -> int:

@@ -54,7 +54,7 @@ def placement_of(config: Config) -> PlacementPolicy:
 
 def reload_config(services: Services, load: ConfigLoader) -> Reloaded:
     """Apply the configuration ``load`` returns; on any error keep the running one."""
-    old = services.config
+    old = services.live.config
     try:
         new = load()
         validated = [services.registry.validate(spec) for spec in new.models]
@@ -78,7 +78,7 @@ def reload_config(services: Services, load: ConfigLoader) -> Reloaded:
             scheduler.evict_later(model_id, reason="reload")
     logs.configure(new.log_level, new.log_format)
     restart = _needs_restart(old, new)
-    services.config = new
+    services.live.config = new
     log.info(
         "config reloaded: added=%s updated=%s removed=%s",
         synced.added,

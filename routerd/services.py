@@ -32,6 +32,9 @@ class Live:
 
 @dataclass
 class Services:
+    """Every part of a running daemon, built once by ``routerd.app``. The app wiring
+    and the CLI hold it; HTTP handlers get only their own parts (``routerd.api.keys``)."""
+
     live: Live
     store: Store
     backends: BackendRegistry
@@ -43,20 +46,4 @@ class Services:
     routes: RouteManager  # route and shadow changes, as rolling updates
     shadows: ShadowRunner  # shadow copies of requests, in the background
     rollouts: RolloutController
-
-    @property
-    def config(self) -> Config:
-        return self.live.config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        self.live.config = config
-
-    @property
-    def accepting(self) -> bool:
-        return self.live.accepting
-
-    @accepting.setter
-    def accepting(self, accepting: bool) -> None:
-        self.live.accepting = accepting
 

@@ -34,7 +34,7 @@ ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 async def serve_admin_socket(client: TestClient) -> Path:
     """Serve the client's app on its admin unix socket too, as ``routerd serve`` does;
     returns the state dir, which is what ``routerctl --state-dir`` needs."""
-    config = client.server.app[SERVICES].config
+    config = client.server.app[SERVICES].live.config
     assert client.server.runner is not None
     await web.SockSite(client.server.runner, bind_admin_socket(config.socket_path)).start()
     return config.state_dir

@@ -42,7 +42,7 @@ def services_of(client: TestClient) -> Services:
 
 async def routerctl(client: TestClient, capsys, *args: str) -> tuple[int, str, str]:
     """routerctl as operators run it: over the admin unix socket in the state dir."""
-    state_dir = str(services_of(client).config.state_dir)
+    state_dir = str(services_of(client).live.config.state_dir)
     code = await asyncio.to_thread(ctl.main, ["--state-dir", state_dir, *args])
     out, err = capsys.readouterr()
     return code, out, err

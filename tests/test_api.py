@@ -244,6 +244,8 @@ async def test_endpoint_and_model_task_must_match(client):
         ({"model": "echo", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "echo", "prompt": "x", "logprobs": 3}, "logprobs"),
         ({"model": "echo", "prompt": "x", "max_completion_tokens": 2}, "max_completion_tokens"),
+        ({"model": "echo", "prompt": "x", "max_token": 2}, "max_token"),
+        ({"model": "echo", "prompt": "x", "tools": []}, "tools"),
         (
             {"model": "echo", "prompt": "x", "stream_options": {"include_usage": True}},
             "stream_options",
@@ -342,7 +344,7 @@ async def test_health_and_ready(client):
     ready = await client.get("/ready")
     assert ready.status == 200
     assert (await ready.json())["checks"] == {"store": True, "scheduler": True, "accepting": True}
-    client.app[SERVICES].accepting = False
+    client.app[SERVICES].live.accepting = False
     not_ready = await client.get("/ready")
     assert not_ready.status == 503
-    client.app[SERVICES].accepting = True
+    client.app[SERVICES].live.accepting = True

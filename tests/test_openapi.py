@@ -56,3 +56,20 @@ def test_max_completion_tokens_is_described_where_the_parsers_read_it() -> None:
     assert "max_completion_tokens" in SCHEMAS["ChatRequest"]["properties"]
     assert "max_completion_tokens" not in SCHEMAS["CompletionRequest"]["properties"]
     assert "max_tokens" in SCHEMAS["CompletionRequest"]["properties"]
+
+
+def test_request_bodies_list_exactly_the_fields_the_parsers_know() -> None:
+    from routerd.api.openapi import SCHEMAS
+    from routerd.api.schemas import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
+
+    documented = {
+        name: set(SCHEMAS[name]["properties"])
+        for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest")
+    }
+    # max_completion_tokens is known to completions only to refuse it with a pointer to
+    # max_tokens, so the document leaves it out there.
+    assert documented["CompletionRequest"] == COMPLETION_FIELDS - {"max_completion_tokens"}
+    assert documented["ChatRequest"] == CHAT_FIELDS
+    assert documented["EmbeddingRequest"] == EMBEDDING_FIELDS
+    for name in documented:
+        assert SCHEMAS[name]["additionalProperties"] is False

@@ -39,7 +39,7 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
         changed_a = replace(a, options={"bytes": 2000})
         c = fake_spec(tmp_path, "c")
         new = replace(
-            services.config,
+            services.live.config,
             models=(changed_a, c),
             scheduler=SchedulerConfig(max_queue=7, placement="first-fit", min_residency=0.0),
             pinned=frozenset({"c@1"}),
@@ -50,7 +50,7 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
         assert services.scheduler.settings.max_queue == 7
         assert services.scheduler.placement.name == "first-fit"
         assert services.scheduler.is_pinned("c@1")
-        assert services.config is new
+        assert services.live.config is new
         for _ in range(100):  # the changed and the removed version drain and leave
             if not services.scheduler.instances():
                 break
@@ -72,7 +72,7 @@ async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:
 async def test_an_invalid_config_is_rejected_and_the_old_one_kept(tmp_path: Path) -> None:
     backend = FakeBackend()
     services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "a")])
-    old = services.config
+    old = services.live.config
     async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
 
         def broken() -> Config:
@@ -83,7 +83,7 @@ async def test_an_invalid_config_is_rejected_and_the_old_one_kept(tmp_path: Path
         bad_model = replace(fake_spec(tmp_path, "z"), options={"colour": "red"})
         outcome = reload_config(services, lambda: replace(old, models=(bad_model,)))
         assert outcome.error is not None and "colour" in outcome.error
-        assert services.config is old
+        assert services.live.config is old
         assert (await client.post("/v1/completions", json={"model": "a", "prompt": "x"})).ok
         assert (await client.get("/v1/models/z")).status == 404
 
@@ -100,7 +100,7 @@ async def test_a_request_in_flight_survives_a_reload_that_changes_its_model(
         assert response.status == 200
         await response.content.readline()  # streaming has begun
         changed = replace(slow, options={**slow.options, "bytes": 3000})
-        outcome = reload_config(services, lambda: replace(services.config, models=(changed,)))
+        outcome = reload_config(services, lambda: replace(services.live.config, models=(changed,)))
         assert outcome.updated == ["a@1"]
         text = (await response.read()).decode()
         assert text.rstrip().endswith("data: [DONE]")

@@ -145,3 +145,46 @@ def test_embedding_fields():
     with pytest.raises(BadRequest) as caught:
         parse_embedding({"model": "e", "input": "a", "dimensions": 8})
     assert caught.value.param == "dimensions"
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "field"),
+    [
+        (parse_completion, {"model": "m", "prompt": "x", "temprature": 0.5}, "temprature"),
+        (
+            parse_completion,
+            {"model": "m", "prompt": "x", "response_format": None},
+            "response_format",
+        ),
+        (parse_completion, {"model": "m", "prompt": "x", "zeta": 1, "alpha": 2}, "alpha"),
+        (
+            parse_chat,
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "foo": 1},
+            "foo",
+        ),
+        (parse_chat, {"model": "m", "messages": [], "prompt": "x"}, "prompt"),
+        (parse_embedding, {"model": "m", "input": "x", "messages": []}, "messages"),
+    ],
+)
+def test_unrecognized_fields_are_refused_by_name_not_ignored(parse, body, field):
+    with pytest.raises(BadRequest) as caught:
+        parse(body)
+    assert caught.value.param == field
+    assert str(caught.value) == f"Unrecognized request argument supplied: {field}"
+
+
+def test_every_field_an_endpoint_knows_is_accepted_at_its_default():
+    from routerd.api.schemas import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
+
+    neutral = {"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    for parse, fields in (
+        (parse_completion, COMPLETION_FIELDS),
+        (parse_chat, CHAT_FIELDS),
+        (parse_embedding, EMBEDDING_FIELDS),
+    ):
+        body = {key: None for key in fields} | {
+            key: value for key, value in neutral.items() if key in fields
+        }
+        if parse is parse_embedding:
+            body["input"] = "x"
+        assert parse(body).model == "m"

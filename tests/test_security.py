@@ -40,7 +40,7 @@ async def _client(tmp_path: Path, server: ServerConfig) -> TestClient:
 
 
 def _unix_session(client: TestClient) -> aiohttp.ClientSession:
-    path = client.server.app[SERVICES].config.socket_path
+    path = client.server.app[SERVICES].live.config.socket_path
     return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
 
 
@@ -72,7 +72,7 @@ async def test_admin_over_tcp_is_off_without_a_token_but_served_on_the_socket(tm
 async def test_admin_socket_is_private_to_the_service_user(tmp_path):
     client = await _client(tmp_path, ServerConfig())
     try:
-        path = client.server.app[SERVICES].config.socket_path
+        path = client.server.app[SERVICES].live.config.socket_path
         info = path.lstat()
         assert stat.S_ISSOCK(info.st_mode)
         assert stat.S_IMODE(info.st_mode) == 0o600
@@ -121,7 +121,7 @@ async def test_routerctl_says_why_when_refused(tmp_path, capsys, monkeypatch):
         _, err = capsys.readouterr()
         assert code == 1
         assert err.count("\n") == 1 and "HTTP 403" in err and "unix socket" in err
-        state_dir = str(client.server.app[SERVICES].config.state_dir)
+        state_dir = str(client.server.app[SERVICES].live.config.state_dir)
         assert await asyncio.to_thread(ctl.main, ["--state-dir", state_dir, "models"]) == 0
     finally:
         await client.close()

@@ -30,7 +30,7 @@ async def test_in_flight_stream_finishes_before_models_unload(tmp_path):
         await response.content.readline()  # the stream has begun
         stopping = asyncio.create_task(runner.cleanup())
         await asyncio.sleep(0.05)
-        assert not services.accepting, "shutdown must stop readiness at once"
+        assert not services.live.accepting, "shutdown must stop readiness at once"
         assert backend.unloads == [], "no unload while a request is in flight"
         text = (await response.read()).decode()
     await stopping

@@ -265,7 +265,7 @@ async def test_a_third_engine_evicts_one_and_its_processes_are_gone(daemon: Daem
     events = daemon.services.store.events(limit=20)
     assert any(e.kind == "evict" and e.model == "demo-small" for e in events)
     assert daemon.watch.worst_over == 0
-    assert os.environ["VLLM_RPC_BASE_PATH"].startswith(str(daemon.services.config.state_dir))
+    assert os.environ["VLLM_RPC_BASE_PATH"].startswith(str(daemon.services.live.config.state_dir))
 
 
 async def test_a_failed_start_leaves_no_process(demo_root: Path, tmp_path: Path) -> None:

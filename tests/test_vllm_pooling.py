@@ -250,7 +250,7 @@ async def test_the_api_serves_and_refuses_through_the_async_pooling_path(tmp_pat
         # A request the engine refuses is the client's mistake: 400, nothing failed.
         pooling = backend.pooling[0]
         pooling.failure = InvalidRequest("an input is empty", param="input")
-        for _ in range(services.config.scheduler.max_failures):  # enough to fail a backend
+        for _ in range(services.live.config.scheduler.max_failures):  # enough to fail a backend
             bad = await client.post("/v1/embeddings", json={"model": "e", "input": "x"})
             assert bad.status == 400 and (await bad.json())["error"]["param"] == "input"
         pooling.failure = None

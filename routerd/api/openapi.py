@@ -12,6 +12,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd import __version__
+from routerd.api.schemas import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED
 
 routes = web.RouteTableDef()
 
@@ -38,6 +39,10 @@ _SAMPLING: Final = {  # what completions and chat completions share
     },
     "user": _STRING,
     "keep_alive": _KEEP_ALIVE,
+}
+_NEUTRAL_ONLY: Final = {
+    "description": "Not supported yet: accepted only at its default (null, or the value "
+    "that asks for nothing, e.g. n=1); any other value is refused with a 400 naming it.",
 }
 _MODEL_ID: Final = {
     "type": "string",
@@ -85,7 +90,9 @@ SCHEMAS: Final[dict[str, Any]] = {
             "model": _MODEL_ID,
             "prompt": _PROMPTS,
             **_SAMPLING,
+            **dict.fromkeys(["n", *COMPLETION_UNSUPPORTED], _NEUTRAL_ONLY),
         },
+        "additionalProperties": False,
     },
     "ChatRequest": {
         "type": "object",
@@ -107,7 +114,9 @@ SCHEMAS: Final[dict[str, Any]] = {
                 "preferred over max_tokens when both are set.",
             },
             **_SAMPLING,
+            **dict.fromkeys(["n", *CHAT_UNSUPPORTED], _NEUTRAL_ONLY),
         },
+        "additionalProperties": False,
     },
     "EmbeddingRequest": {
         "type": "object",
@@ -116,9 +125,11 @@ SCHEMAS: Final[dict[str, Any]] = {
             "model": _MODEL_ID,
             "input": _PROMPTS,
             "encoding_format": {"enum": ["float", "base64"]},
+            "dimensions": _NEUTRAL_ONLY,
             "user": _STRING,
             "keep_alive": _KEEP_ALIVE,
         },
+        "additionalProperties": False,
     },
     "Usage": {
         "type": "object",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from routerd.config import ConfigError, parse_keep_alive
 from routerd.errors import BadRequest
@@ -27,7 +27,8 @@ from routerd.serving.requests import (
 
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
-    _refuse_unsupported(body, _COMPLETION_UNSUPPORTED)
+    _refuse_unknown(body, COMPLETION_FIELDS)
+    _refuse_unsupported(body, COMPLETION_UNSUPPORTED)
     if body.get("max_completion_tokens") is not None:
         # Chat's field, absent from the legacy completions API: ignoring it would let
         # the client believe its limit held while max_tokens' default applied.
@@ -49,7 +50,8 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
 
 
 def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
-    _refuse_unsupported(body, _CHAT_UNSUPPORTED)
+    _refuse_unknown(body, CHAT_FIELDS)
+    _refuse_unsupported(body, CHAT_UNSUPPORTED)
     stream, include_usage = _stream_fields(body)
     return ChatRequest(
         model=_model(body),
@@ -65,6 +67,7 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
 
 
 def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
+    _refuse_unknown(body, EMBEDDING_FIELDS)
     if body.get("dimensions") is not None:
         raise BadRequest("dimensions is not supported by this model", param="dimensions")
     encoding = body.get("encoding_format", "float")
@@ -87,20 +90,20 @@ def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
 # -- fields ----------------------------------------------------------------------
 
 # field → the neutral values that mean "not asked for"
-_COMMON_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+COMMON_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
 }
-_COMPLETION_UNSUPPORTED = {
-    **_COMMON_UNSUPPORTED,
+COMPLETION_UNSUPPORTED = {
+    **COMMON_UNSUPPORTED,
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
-_CHAT_UNSUPPORTED = {
-    **_COMMON_UNSUPPORTED,
+CHAT_UNSUPPORTED = {
+    **COMMON_UNSUPPORTED,
     "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -109,7 +112,31 @@ _CHAT_UNSUPPORTED = {
     "audio": (None,),
 }
 
+_SAMPLING_KEYS = frozenset(("temperature", "top_p", "seed", "stop"))
+
+# Every field each endpoint reads or refuses by name. Anything else is refused as
+# unrecognized (as OpenAI does): a misspelt or newer field would otherwise be accepted
+# and silently do nothing.
+_GENERATION_FIELDS = {"model", "max_tokens", "n", "stream", "stream_options", "user", "keep_alive"}
+_GENERATION_FIELDS |= _SAMPLING_KEYS
+COMPLETION_FIELDS: Final = frozenset(
+    {"prompt", "max_completion_tokens", *_GENERATION_FIELDS, *COMPLETION_UNSUPPORTED}
+)
+CHAT_FIELDS: Final = frozenset(
+    {"messages", "max_completion_tokens", *_GENERATION_FIELDS, *CHAT_UNSUPPORTED}
+)
+EMBEDDING_FIELDS: Final = frozenset(
+    ("model", "input", "encoding_format", "dimensions", "user", "keep_alive")
+)
+
 _MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _refuse_unknown(body: Mapping[str, Any], fields: frozenset[str]) -> None:
+    unknown = body.keys() - fields
+    if unknown:
+        key = min(unknown)  # the same field named each time
+        raise BadRequest(f"Unrecognized request argument supplied: {key}", param=key)
 
 
 def _refuse_unsupported(body: Mapping[str, Any], fields: Mapping[str, tuple[Any, ...]]) -> None:
@@ -197,7 +224,6 @@ def _sampling(
     )
 
 
-_SAMPLING_KEYS = frozenset(("temperature", "top_p", "seed", "stop"))
 _TEMPERATURE = 1.0  # OpenAI's defaults
 _TOP_P = 1.0
 

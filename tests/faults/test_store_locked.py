@@ -40,7 +40,7 @@ async def test_a_short_lock_is_waited_out(tmp_path):
     services = fake_services(tmp_path, FakeBackend(), [fake_spec(tmp_path, "a")], busy_timeout=5.0)
     async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
         locker = subprocess.Popen(
-            [sys.executable, "-c", LOCKER, str(services.config.database_path), "0.3"],
+            [sys.executable, "-c", LOCKER, str(services.live.config.database_path), "0.3"],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -61,7 +61,7 @@ async def test_a_locked_database_is_a_clear_503_and_nothing_is_lost(tmp_path):
         busy_timeout=0.3,
         devices_config={"poll_interval": 0.05},
     )
-    database = services.config.database_path
+    database = services.live.config.database_path
     async with TestClient(TestServer(build_app(services)), headers=ADMIN_AUTH) as client:
         locker = subprocess.Popen(
             [sys.executable, "-c", LOCKER, str(database)],
