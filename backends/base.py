@@ -78,6 +78,11 @@ class LoadSpec:
     # direct load in a test). A backend that sizes its own pools (vLLM's KV cache) fits
     # them into the grant instead of taking a share of the whole device.
     grant_bytes: int = 0
+    # The batch limits the instance's batcher will keep to (its batching policy's
+    # ``max_rows`` and ``max_tokens``; 0 tokens: no token limit). A backend that keeps a
+    # KV cache sizes it for them (README: concurrency, batch limits and reserved memory).
+    batch_rows: int = 1
+    batch_tokens: int = 0
 
     def report(self, phase: str, done_bytes: int = 0, total_bytes: int = 0) -> None:
         if self.progress is not None:

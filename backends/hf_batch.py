@@ -4,7 +4,8 @@ Every row of a batch keeps its own settings (max_tokens, stop strings, temperatu
 top_p, seed), its own text state (:mod:`backends.hf_text`) and finishes on its own.
 Rows join a running batch between steps (continuous batching):
 
-- New rows are prefilled together as a small batch of their own, left-padded to a
+- New rows are prefilled together as a small batch of their own (in several passes
+  where together they would exceed one context's tokens), left-padded to a
   common length with an attention mask, and their KV cache is merged into the
   running batch's — both sides left-padded with masked zeros to a common length,
   then concatenated along the batch dimension.
@@ -155,6 +156,7 @@ class _Batch:
         self.seqs: list[_Seq] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
+        self.pending: list[_Seq] = []  # accepted rows not yet prefilled, in order
 
     @property
     def can_join(self) -> bool:
@@ -182,8 +184,26 @@ class _Batch:
                 _done(row, seq, "length", None)
             else:
                 fresh.append(seq)
-        if not fresh:
-            return
+        self.pending.extend(fresh)
+        self.prefill_pending()
+
+    def prefill_pending(self) -> None:
+        """Prefill waiting rows, one context's worth of tokens per pass, while they may
+        join (a cache that cannot merge takes them once the batch is empty)."""
+        while self.pending and self.can_join:
+            group = _prefill_group(self.pending, self.decoder.context_length)
+            del self.pending[: len(group)]
+            live = []
+            for seq in group:
+                if seq.row.cancellation.cancelled:
+                    _done(seq.row, seq, "cancelled", None)
+                else:
+                    live.append(seq)
+            if live:
+                self._prefill(live)
+
+    def _prefill(self, fresh: list[_Seq]) -> None:
+        """One forward pass over ``fresh`` rows' prompts; merge them into the batch."""
         device = self.decoder.device
         width = max(len(s.row.prompt_ids) for s in fresh)
         ids = torch.full((len(fresh), width), self.decoder.pad_id, dtype=torch.long)
@@ -317,6 +337,24 @@ class _Batch:
                 layer.values = layer.values[:, :, first:, :]
 
 
+def _prefill_group(pending: list[_Seq], context_length: int) -> list[_Seq]:
+    """The first rows of ``pending`` that one prefill pass takes: as many as fit in one
+    context's padded tokens (rows × the longest prompt), and always at least one.
+
+    The instance's working memory was measured on one prompt of the whole context, so
+    no forward pass may be larger; rows that arrive together take as many passes as
+    that needs, in order.
+    """
+    width = len(pending[0].row.prompt_ids)
+    count = 1
+    for seq in pending[1:]:
+        width = max(width, len(seq.row.prompt_ids))
+        if (count + 1) * width > context_length:
+            break
+        count += 1
+    return pending[:count]
+
+
 def generate_batch(
     decoder: Decoder,
     rows: Sequence[GenerationRow],
@@ -334,10 +372,12 @@ def generate_batch(
     while True:
         if incoming:
             batch.join(incoming)
+        else:
+            batch.prefill_pending()
         if batch.seqs:
             batch.step()
         incoming = []
-        if admit is not None and batch.can_join:
+        if admit is not None and batch.can_join and not batch.pending:
             incoming = list(admit(max(0, free_slots(max_rows, len(batch.seqs)))))
-        if not batch.seqs and not incoming:
+        if not batch.seqs and not incoming and not batch.pending:
             return

@@ -38,14 +38,12 @@ class TransformersModel(hf_text.HfTokenizing):
         info: ModelInfo,
         device: torch.device,
         name: str,
-        max_concurrency: int = 1,
     ) -> None:
         self._model: Any = model
         self._tokenizer: Any = tokenizer
         self._info = info
         self._device = device
         self._name = name
-        self._max_concurrency = max_concurrency
         self._eos_ids = _eos_ids(model, tokenizer)
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed past_key_values to cache.
@@ -215,8 +213,9 @@ class TransformersModel(hf_text.HfTokenizing):
 
         ``weights``: bytes of the module's parameters and buffers, each storage
         counted once (tied weights share one). ``runtime``: the KV bytes per token
-        the warm-up's cache really held × context length × ``max_concurrency``
-        (0 for embeddings). ``working``: what the warm-up's profile measured.
+        the warm-up's cache really held × ``info.kv_tokens``, the tokens the cache is
+        reserved for (0 for embeddings), as the estimate counts them. ``working``: what
+        the warm-up's profile measured.
         An unloaded instance holds nothing.
         """
         if self._model is None:
@@ -224,9 +223,7 @@ class TransformersModel(hf_text.HfTokenizing):
         if self._profile is None:
             raise BackendError(f"model {self._name} must be warmed up before it is measured")
         tensors = [*self._model.parameters(), *self._model.buffers()]
-        runtime = round(
-            self._profile.kv_bytes_per_token * self._info.context_length * self._max_concurrency
-        )
+        runtime = round(self._profile.kv_bytes_per_token * self._info.kv_tokens)
         return Footprint(
             weights=sum(hf_measure.tensor_storages(tensors).values()),
             runtime=runtime,

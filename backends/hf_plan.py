@@ -39,8 +39,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``dtype``, ``task``, ``max_context`` and ``max_concurrency``; fill in defaults.
 
-    ``max_concurrency`` is how many sequences the instance decodes at once: its
-    KV cache is reserved for that many full contexts. Default 1.
+    ``max_concurrency``, when set, reserves the KV cache for that many full contexts
+    instead of for the batch limits (:func:`kv_tokens`); the batcher then keeps its
+    batches within it.
     """
     reject_unknown(options, _OPTION_KEYS, "transformers")
     dtype = options.get("dtype", "auto")
@@ -74,7 +75,7 @@ class Plan:
     causal: bool  # the checkpoint is a *ForCausalLM
     dtype: torch.dtype
     context_length: int
-    max_concurrency: int
+    kv_tokens: int  # what the KV cache is reserved for (:func:`kv_tokens`)
     pickled: bool = False  # weights in pickle files (``allow_pickle``), not safetensors
 
 
@@ -95,18 +96,40 @@ def plan_load(spec: LoadSpec) -> Plan:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # unknown model_type, bad values: one clear error
         raise BackendError(f"cannot read the config in {folder}: {exc}") from exc
+    context = footprint.context_length(
+        config, footprint.tokenizer_max_length(folder), options.get("max_context")
+    )
     return Plan(
         folder=folder,
         config=config,
         task=_resolve_task(options["task"], raw_config),
         causal=_is_causal(raw_config),
         dtype=_resolve_dtype(options["dtype"], device_type),
-        context_length=footprint.context_length(
-            config, footprint.tokenizer_max_length(folder), options.get("max_context")
-        ),
-        max_concurrency=int(options.get("max_concurrency", 1)),
+        context_length=context,
+        kv_tokens=kv_tokens(context, options.get("max_concurrency"), spec),
         pickled=pickled,
     )
+
+
+def kv_tokens(context_length: int, max_concurrency: int | None, spec: LoadSpec) -> int:
+    """Tokens the instance's KV cache is reserved for: the one number that bounds both
+    its footprint and its batches.
+
+    A batch's rows sit in one padded cache, so it holds rows × its longest row. The
+    batcher admits a row only while that product stays within this number, and the
+    footprint (estimated and measured alike) reserves KV bytes for exactly this many:
+
+    1. ``max_concurrency`` set → that many full contexts.
+    2. Otherwise the batch limits the instance's batcher keeps to: ``batch_tokens``,
+       but no more than ``batch_rows`` full contexts (a larger budget could never fill).
+    3. Never less than one full context: any single request must fit.
+    """
+    if max_concurrency is not None:
+        return max_concurrency * context_length
+    most = max(spec.batch_rows, 1) * context_length
+    if spec.batch_tokens > 0:
+        most = min(most, spec.batch_tokens)
+    return max(most, context_length)
 
 
 def _parse_device(name: str) -> tuple[str, int]:

@@ -87,10 +87,11 @@ class TransformersBackend:
 
         ``weights``: header tensor sizes in the load dtype (a causal checkpoint
         loaded for embeddings drops its ``lm_head``). ``runtime``: KV bytes per
-        token × context length × ``max_concurrency`` for generation, 0 for
-        embeddings. ``working``: :func:`backends.footprint.working_bytes` for one
-        prompt of the whole context — the same pass ``warm_up`` measures; not
-        multiplied by ``max_concurrency``, as an instance runs one pass at a time.
+        token × the tokens the cache is reserved for (:func:`backends.hf_plan.kv_tokens`)
+        for generation, 0 for embeddings. ``working``:
+        :func:`backends.footprint.working_bytes` for one prompt of the whole context —
+        the same pass ``warm_up`` measures; no forward pass is larger, as batches are
+        prefilled in groups of at most a context's tokens.
         """
         plan = hf_plan.plan_load(spec)
         if plan.pickled:
@@ -105,7 +106,7 @@ class TransformersBackend:
         runtime = 0
         if plan.task is Task.GENERATE:
             per_token = footprint.kv_cache_bytes_per_token(plan.config, dtype_bytes)
-            runtime = per_token * plan.context_length * plan.max_concurrency
+            runtime = per_token * plan.kv_tokens
         gated = any("gate_proj" in name or "gate_up_proj" in name for name in tensors)
         working = footprint.working_bytes(
             plan.config, plan.context_length, dtype_bytes, decoder=plan.causal, gated_mlp=gated
@@ -158,8 +159,9 @@ class TransformersBackend:
             dtype=str(dtype).removeprefix("torch."),
             has_chat_template=getattr(tokenizer, "chat_template", None) is not None,
             vocab_size=int(model.get_input_embeddings().num_embeddings),
+            kv_tokens=plan.kv_tokens if task is Task.GENERATE else 0,
         )
-        return TransformersModel(model, tokenizer, info, device, spec.name, plan.max_concurrency)
+        return TransformersModel(model, tokenizer, info, device, spec.name)
 
 
 def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:

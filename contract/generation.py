@@ -34,6 +34,12 @@ class ModelInfo:
     # them on the event loop instead of the instance thread, which saves two thread
     # hops per request. Loading, warm-up, measuring and unloading always use the thread.
     inline: bool = False
+    # Tokens the instance's reserved KV cache holds across all its rows at once, counted
+    # as a padded batch holds them: rows × the longest row's prompt + max_tokens. The
+    # batcher admits rows only while the batch fits it, so a batch never outgrows the
+    # bytes the ledger reserved for it. 0: the backend bounds its own cache (an engine
+    # that pages it, or a model with none).
+    kv_tokens: int = 0
 
 
 @dataclass(slots=True)

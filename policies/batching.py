@@ -36,6 +36,12 @@ class BatchingPolicy(Protocol):
         """The most rows a batch may hold; read by the batcher once per batch."""
         ...
 
+    @property
+    def max_tokens(self) -> int | None:
+        """The most tokens a batch may hold (None: no limit but rows × context); read
+        once at load, where the instance's KV cache is sized for it."""
+        ...
+
     def admit(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         """How many of ``queued`` (in order) start now; ``running`` holds the token
         budgets of the rows already decoding (empty when the instance is idle)."""
@@ -59,6 +65,10 @@ class NoBatching:
     @property
     def max_rows(self) -> int:
         return 1
+
+    @property
+    def max_tokens(self) -> int | None:
+        return None
 
     def admit(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         return 0 if running or not queued else 1
@@ -97,6 +107,10 @@ class DynamicBatching:
     @property
     def max_rows(self) -> int:
         return self.max_batch_size
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.max_batch_tokens
 
     def _fitting(self, queued: Sequence[Queued], running: Sequence[int]) -> int:
         rows = len(running)

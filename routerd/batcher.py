@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -195,6 +195,11 @@ class Batcher:
         return embedded
 
     @cached_property
+    def _kv_tokens(self) -> int:
+        """What the instance's KV cache is reserved for (0: the backend bounds its own)."""
+        return self._instance.model.info.kv_tokens
+
+    @cached_property
     def _embedder(self) -> AsyncEmbedding | None:
         """The model, when it batches embeddings itself; read once the model is loaded."""
         model = self._instance.model
@@ -315,12 +320,16 @@ class Batcher:
         """Pop what the policy admits now (at most ``limit``); rows whose client left are
         finished as cancelled instead of started."""
         taken: list[_Entry] = []
+        kv_tokens = self._kv_tokens
         while self._queue and len(taken) < limit:
             count = min(self.policy.admit(self._views(limit - len(taken)), running), limit)
             if count <= 0:
                 break
             for _ in range(min(count, len(self._queue))):
-                entry = self._queue.popleft()
+                entry = self._queue[0]
+                if kv_tokens and not _fits_cache(running, entry.tokens, kv_tokens):
+                    return taken  # it waits for rows to finish; nothing overtakes it
+                self._queue.popleft()
                 work = entry.work
                 if isinstance(work, GenerationRow) and work.cancellation.cancelled:
                     work.result = GenerationResult("", len(work.prompt_ids), 0, "cancelled")
@@ -371,6 +380,17 @@ def _embed_batch(model: LoadedModel, jobs: list[_EmbedJob]) -> list[Embedding | 
         outcomes.append(Embedding(ids_or_error, vectors[start : start + count]))
         start += count
     return outcomes
+
+
+def _fits_cache(running: Sequence[int], tokens: int, kv_tokens: int) -> bool:
+    """Whether a row of ``tokens`` (prompt + max_tokens) may join rows ``running``
+    within a KV cache reserved for ``kv_tokens``: a padded batch holds rows × its
+    longest row. A first row always fits (the context bounds it, and the cache holds at
+    least one full context)."""
+    if not running:
+        return True
+    longest = max(tokens, max(running))
+    return (len(running) + 1) * longest <= kv_tokens
 
 
 def _tokens(generation: Generation) -> int:

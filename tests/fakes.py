@@ -44,6 +44,7 @@ FAKE_OPTIONS = {
     "oom_loads",  # this many loads fail with OutOfMemory first
     "leak",  # unloading does not give the GPU memory back
     "inline",  # ModelInfo.inline: request-path calls are made on the event loop
+    "kv_tokens",  # ModelInfo.kv_tokens: what the batcher keeps a batch within
     "embed_poison",  # "nan", "inf" or "-inf": the first vector's second number, as models overflow
 }
 
@@ -62,6 +63,7 @@ class FakeModel:
             has_chat_template=True,
             vocab_size=256,
             inline=bool(spec.options.get("inline", False)),
+            kv_tokens=int(spec.options.get("kv_tokens", 0)),
         )
         self.unloaded = False
         self.warmed = False

@@ -321,3 +321,36 @@ def test_fake_model_runs_rows_and_admits_until_none(tmp_path: Any) -> None:
     model.generate_batch([first.row], queue_admit({1: [joiner]}))
     assert finished(first).text == "bab"
     assert finished(joiner).text == "dc"
+
+
+def test_rows_arriving_together_are_prefilled_a_context_at_a_time(
+    small_model: LoadedModel, prompts: list[list[int]], shapes: list[tuple[int, int]]
+):
+    """The instance's working memory was measured on one full-context pass, so rows that
+    arrive together are prefilled in passes of at most a context's padded tokens — and
+    each still decodes as it would alone."""
+    context = small_model.info.context_length
+    long_prompts = [(ids * (context // len(ids)))[: context // 3 + 50] for ids in prompts[:4]]
+    probes = [probe(ids, greedy(3)) for ids in long_prompts]
+    expected = [alone(small_model, p) for p in probes]
+    shapes.clear()
+    small_model.generate_batch([p.row for p in probes], None)
+    assert [finished(p) for p in probes] == expected
+    width = context // 3 + 50
+    prefills = [(rows, columns) for rows, columns in shapes if columns >= width]
+    prefills = [shape for shape in prefills if shape[1] == width]  # passes over whole prompts
+    assert [rows for rows, _ in prefills] == [2, 2]  # three rows would exceed one context
+    assert all(rows * columns <= context for rows, columns in prefills)
+
+
+def test_a_prefill_group_takes_what_one_context_holds() -> None:
+    from types import SimpleNamespace
+
+    def seqs(*lengths: int) -> list[Any]:
+        return [SimpleNamespace(row=SimpleNamespace(prompt_ids=[1] * n)) for n in lengths]
+
+    group = hf_batch._prefill_group
+    assert len(group(seqs(10, 10, 10), 30)) == 3
+    assert len(group(seqs(10, 10, 11), 30)) == 2  # 3 × 11 padded tokens
+    assert len(group(seqs(5, 20, 1), 30)) == 1  # the second row pads the pair to 40
+    assert len(group(seqs(40, 1), 30)) == 1  # a row alone always goes (the context bounds it)

@@ -46,6 +46,43 @@ async def test_concurrent_requests_share_batches(tmp_path, backend):
         services.store.close()
 
 
+@pytest.mark.parametrize(("kv_tokens", "largest"), [(100, 2), (130, 3), (0, 6)])
+async def test_a_batch_stays_within_the_kv_its_instance_reserved(
+    tmp_path, backend, kv_tokens, largest
+):
+    """Rows of 42 tokens (2 prompt + 40 max_tokens) in a padded cache: 2 fit in 100
+    tokens, 3 in 130; with no reservation to keep to (0), the policy alone decides."""
+    models = [
+        fake_spec(tmp_path, "m", max_batch_size=8, max_wait_ms=50, context=64, kv_tokens=kv_tokens)
+    ]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "m")
+        prompts = [[97 + i, 98 + i] for i in range(6)]
+        results = await asyncio.gather(
+            *(
+                instance.batcher.generate(Generation(p, SamplingParams(max_tokens=40)))
+                for p in prompts
+            )
+        )
+        assert [r.completion_tokens for r in results] == [40] * 6
+        assert instance.batcher.largest_batch == largest
+        assert backend.models[-1].spec.batch_rows == 8  # the limits the backend sized for
+        assert backend.models[-1].spec.batch_tokens == 16384  # the CPU default
+    finally:
+        services.store.close()
+
+
+def test_the_kv_rule_counts_a_padded_batch() -> None:
+    from routerd.batcher import _fits_cache
+
+    assert _fits_cache([], 500, 100)  # a first row always fits
+    assert _fits_cache([10, 10], 10, 30)
+    assert not _fits_cache([10, 10], 11, 30)  # three rows padded to 11
+    assert not _fits_cache([2, 25], 2, 60)  # short rows pad to the longest: 3 × 25
+    assert _fits_cache([2, 25], 2, 75)
+
+
 async def test_no_batching_runs_each_request_alone(tmp_path, backend):
     services = fake_services(tmp_path, backend, [fake_spec(tmp_path, "m", batching="none")])
     try:

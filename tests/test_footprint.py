@@ -369,6 +369,44 @@ def test_context_and_concurrency_scale_the_runtime(tmp_path: Path, demo_root: Pa
     assert estimate.total == pytest.approx(measured.total, rel=0.10)
 
 
+def test_the_batch_limits_size_the_kv_reservation(demo_root: Path) -> None:
+    """One number bounds the cache and the batches: the estimate, the measurement and
+    ``info.kv_tokens`` (what the batcher keeps batches within) all come from it."""
+    from backends.hf_transformers import TransformersBackend
+
+    backend = TransformersBackend()
+    per_token = 2 * 2 * 2 * 32 * 4  # demo-small, fp32
+    small = str(demo_root / "demo-small")
+
+    def batched(rows: int, tokens: int, **options: Any) -> LoadSpec:
+        return LoadSpec("m", "1", small, options, "cpu", batch_rows=rows, batch_tokens=tokens)
+
+    # The batch token budget, when rows × context could hold more.
+    assert backend.estimate_footprint(batched(8, 3000, max_context=512)).runtime == (
+        per_token * 3000
+    )
+    # Rows × context, when the token budget could never fill.
+    assert backend.estimate_footprint(batched(2, 0, max_context=512)).runtime == per_token * 1024
+    assert backend.estimate_footprint(batched(2, 5000, max_context=512)).runtime == (
+        per_token * 1024
+    )
+    # Never less than one full context; max_concurrency overrides the batch limits.
+    assert backend.estimate_footprint(batched(8, 100, max_context=512)).runtime == per_token * 512
+    pinned = batched(8, 3000, max_context=512, max_concurrency=3)
+    assert backend.estimate_footprint(pinned).runtime == per_token * 512 * 3
+
+    chosen = batched(4, 1500, max_context=512)
+    estimate = backend.estimate_footprint(chosen)
+    model = backend.load(chosen)
+    try:
+        assert model.info.kv_tokens == 1500
+        model.warm_up()
+        measured = model.measure_footprint()
+    finally:
+        model.unload()
+    assert estimate.runtime == measured.runtime == per_token * 1500
+
+
 def test_estimate_reads_only_what_it_needs(tmp_path: Path, demo_root: Path) -> None:
     from backends.hf_transformers import TransformersBackend
 

@@ -22,7 +22,7 @@ from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.residency import Residency
-from routerd.version_options import SCHEDULER_OPTIONS
+from routerd.version_options import SCHEDULER_OPTIONS, batching_policy, options_of
 from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
@@ -79,12 +79,18 @@ class Planner:
         return need
 
     def spec(self, record: VersionRecord, device: str) -> LoadSpec:
+        """What the backend loads (or estimates) for ``record`` on ``device``: the
+        backend's own options, and the batch limits its instance's batcher will keep to
+        on that kind of device, which size its KV cache."""
+        policy = batching_policy(options_of(record).batching, device)
         return LoadSpec(
             name=record.name,
             version=record.version,
             path=record.path,
             options={k: v for k, v in record.options.items() if k not in SCHEDULER_OPTIONS},
             device=device,
+            batch_rows=policy.max_rows,
+            batch_tokens=policy.max_tokens or 0,
         )
 
     # -- placing a load -----------------------------------------------------------
