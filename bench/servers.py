@@ -45,7 +45,8 @@ class ServerProcess:
     ``ready_path`` answers 200 once it serves; ``start_timeout`` bounds the wait for
     that; ``env`` adds to the environment (the repository root is put on
     ``PYTHONPATH`` always); ``append_log`` keeps what an earlier process of the same
-    server wrote to ``log_path``.
+    server wrote to ``log_path``; ``root`` is the checkout it runs from (another
+    commit's, for a benchmark's baseline).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class ServerProcess:
         poll_s: float = 0.1,
         env: Mapping[str, str] | None = None,
         append_log: bool = False,
+        root: Path = ROOT,
     ) -> None:
         self.name = name
         self.port = port
@@ -70,11 +72,11 @@ class ServerProcess:
         self._poll_s = poll_s
         environment = {**os.environ, **(env or {})}
         environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), environment.get("PYTHONPATH")])
+            filter(None, [str(root), environment.get("PYTHONPATH")])
         )
         self._log = log_path.open("ab" if append_log else "wb")
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT
+            argv, cwd=root, env=environment, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:

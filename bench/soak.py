@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from servers import ServerProcess, free_port
+from servers import ROOT, ServerProcess, free_port
 
 MODELS = ("demo-small", "demo-medium", "demo-large", "demo-embed")
 START_TIMEOUT_S = 300.0  # the first start builds the demo models
@@ -52,7 +52,9 @@ class Daemon:
     """``routerd serve --demo`` on a loopback port with its state in ``state_dir``, and
     a client for its admin API on the unix socket there."""
 
-    def __init__(self, config: Path, state_dir: Path, port: int, log: Path) -> None:
+    def __init__(
+        self, config: Path, state_dir: Path, port: int, log: Path, root: Path = ROOT
+    ) -> None:
         argv = [sys.executable, "-m", "routerd", "serve", "--demo", "--config", str(config)]
         argv += ["--state-dir", str(state_dir), "--port", str(port)]
         self.server = ServerProcess(
@@ -64,6 +66,7 @@ class Daemon:
             poll_s=0.2,
             env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
             append_log=True,  # the calibration run and the soak share one log
+            root=root,
         )
         self.url = self.server.url
         self.admin = aiohttp.ClientSession(

@@ -105,3 +105,17 @@ def test_batching_reports_both_policies_on_both_models():
         assert figures[key] > 0, key
     for run in ("embed_none", "embed_dynamic", "lm_none", "lm_dynamic"):
         assert figures["raw"][run]["rps"] > 0, run
+
+
+def test_memory_truth_reports_its_keys():
+    figures = _last_json_line(
+        "bench/memory_truth.py",
+        *("--rows", "2", "--more-rows", "2", "--prompt-tokens", "100", "--max-tokens", "8"),
+        *("--mixed", "3", "--sample-ms", "50"),
+        timeout=300,
+    )
+    for key in ("peak_unaccounted_bytes", "peak_over_budget_bytes", "tokens_per_s"):
+        assert key in figures, key
+    assert figures["tokens_per_s"] > 0 and figures["samples"] > 0
+    assert 0 <= figures["peak_unaccounted_ratio"] <= 1
+    assert figures["errors"] == 0 and figures["peak_over_budget_bytes"] == 0
