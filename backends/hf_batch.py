@@ -337,22 +337,28 @@ class _Batch:
                 layer.values = layer.values[:, :, first:, :]
 
 
-def _prefill_group(pending: list[_Seq], context_length: int) -> list[_Seq]:
-    """The first rows of ``pending`` that one prefill pass takes: as many as fit in one
-    context's padded tokens (rows × the longest prompt), and always at least one.
+def first_pass(lengths: Sequence[int], tokens: int) -> int:
+    """How many of the sequences ``lengths`` (in order) one forward pass takes: as many
+    as fit in ``tokens`` padded tokens (rows × the longest), and always at least one.
 
-    The instance's working memory was measured on one prompt of the whole context, so
-    no forward pass may be larger; rows that arrive together take as many passes as
-    that needs, in order.
+    An instance's working memory is measured on one pass of a whole context, so no
+    pass may be larger: sequences that arrive together (a batch's new rows, a
+    request's embedding inputs) take as many passes as that needs, in order.
     """
-    width = len(pending[0].row.prompt_ids)
+    width = lengths[0]
     count = 1
-    for seq in pending[1:]:
-        width = max(width, len(seq.row.prompt_ids))
-        if (count + 1) * width > context_length:
+    for length in lengths[1:]:
+        width = max(width, length)
+        if (count + 1) * width > tokens:
             break
         count += 1
-    return pending[:count]
+    return count
+
+
+def _prefill_group(pending: list[_Seq], context_length: int) -> list[_Seq]:
+    """The first rows of ``pending`` that one prefill pass takes (:func:`first_pass`)."""
+    lengths = [len(seq.row.prompt_ids) for seq in pending]
+    return pending[: first_pass(lengths, context_length)]
 
 
 def generate_batch(

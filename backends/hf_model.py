@@ -137,13 +137,22 @@ class TransformersModel(hf_text.HfTokenizing):
 
         Inputs are padded on the right: absolute position embeddings (BERT) then
         see the same positions as for an input alone, and causal models never
-        attend to the padding, so a batch gives the vectors of one-at-a-time.
+        attend to the padding, so a batch gives the vectors of one-at-a-time. They go
+        through in passes of at most one context's padded tokens, the pass warm-up
+        measured (:func:`backends.hf_batch.first_pass`).
         """
         model = self._require(Task.EMBED)
-        if not inputs:
-            return []
         for index, ids in enumerate(inputs):
             self._check_ids(ids, "input", f"input {index}")
+        vectors: list[list[float]] = []
+        while len(vectors) < len(inputs):
+            rest = inputs[len(vectors) :]
+            count = hf_batch.first_pass([len(ids) for ids in rest], self._info.context_length)
+            vectors.extend(self._embed_pass(model, rest[:count]))
+        return vectors
+
+    def _embed_pass(self, model: Any, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One forward pass over ``inputs`` (at most a context's padded tokens)."""
         width = max(len(ids) for ids in inputs)
         pad_id = self._tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id)

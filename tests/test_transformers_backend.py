@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from backends import hf_batch
 from backends.base import Footprint, LoadedModel, LoadSpec
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 from backends.hf_transformers import TransformersBackend
@@ -481,3 +482,18 @@ def test_generate_and_embed_on_cuda(demo_root: Path) -> None:
     [vector] = encoder.embed([encoder.encode_prompt("hello")])
     assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-5)
     encoder.unload()
+
+
+def test_embedding_inputs_go_through_a_context_at_a_time(embed_model: LoadedModel) -> None:
+    """Working memory was measured on one full-context input, so many long inputs are
+    embedded in several passes of at most that — with the vectors of each alone."""
+    context = embed_model.info.context_length
+    lengths = [context // 2 + 10, 10, 12, context // 2 + 20, 100]
+    inputs = [[5 + (i + j) % 90 for j in range(n)] for i, n in enumerate(lengths)]
+    assert hf_batch.first_pass(lengths, context) == 1  # two would pad past one context
+    assert hf_batch.first_pass(lengths[1:], context) == 2
+    together = embed_model.embed(inputs)
+    alone = [embed_model.embed([ids])[0] for ids in inputs]
+    assert len(together) == 5
+    for got, want in zip(together, alone, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
