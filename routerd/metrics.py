@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -33,7 +33,6 @@ from prometheus_client.registry import Collector
 from routerd.model_ids import split_model_id
 from routerd.request_context import RequestContext, current
 from routerd.scheduler import Scheduler
-from routerd.tallies import HistogramTally, Tally, TallyCollector
 from state import VersionRecord
 
 log = logging.getLogger("routerd.api")
@@ -45,6 +44,29 @@ LATENCY_BUCKETS: Final = (
 LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 AGE_BUCKETS: Final = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+Labels = tuple[str, ...]
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class Children(dict[Labels, _M]):
+    """A labelled metric's children by their label values, each made on first use.
+
+    ``metric.labels(...)`` checks its arguments and takes the metric's lock on every
+    call; a request observes up to seven series, so the request path looks each child
+    up here instead, one dictionary lookup, and calls its ``inc`` or ``observe``.
+    A child made twice by two threads at once is the same object: ``labels`` keeps
+    its own map.
+    """
+
+    def __init__(self, metric: _M) -> None:
+        super().__init__()
+        self.metric: _M = metric
+
+    def __missing__(self, labels: Labels) -> _M:
+        child = self.metric.labels(*labels)
+        self[labels] = child
+        return child
 
 
 def note_first_token() -> None:
@@ -74,96 +96,114 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Tally(
-            "routerd_requests",
-            "HTTP requests answered, by served model version, endpoint and status code.",
-            ["model", "version", "endpoint", "status"],
+        self.requests = Children(
+            Counter(
+                "routerd_requests",
+                "HTTP requests answered, by served model version, endpoint and status code.",
+                ["model", "version", "endpoint", "status"],
+                registry=r,
+            )
         )
-        self.request_duration = HistogramTally(
-            "routerd_request_duration_seconds",
-            "Time from receiving a request to the end of its response (streams included).",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
+        self.request_duration = Children(
+            Histogram(
+                "routerd_request_duration_seconds",
+                "Time from receiving a request to the end of its response (streams included).",
+                ["model", "endpoint"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.time_to_first_token = HistogramTally(
-            "routerd_time_to_first_token_seconds",
-            "Time from receiving a streaming request to sending its first text.",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
+        self.time_to_first_token = Children(
+            Histogram(
+                "routerd_time_to_first_token_seconds",
+                "Time from receiving a streaming request to sending its first text.",
+                ["model", "endpoint"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.prompt_tokens = Tally(
-            "routerd_prompt_tokens",
-            "Prompt tokens of answered requests.",
-            ["model", "version"],
+        self.prompt_tokens = Children(
+            Counter(
+                "routerd_prompt_tokens",
+                "Prompt tokens of answered requests.",
+                ["model", "version"],
+                registry=r,
+            )
         )
-        self.generated_tokens = Tally(
-            "routerd_generated_tokens",
-            "Tokens generated for answered requests.",
-            ["model", "version"],
+        self.generated_tokens = Children(
+            Counter(
+                "routerd_generated_tokens",
+                "Tokens generated for answered requests.",
+                ["model", "version"],
+                registry=r,
+            )
         )
-        self.cold_starts = Counter(
-            "routerd_cold_starts",
-            "Requests that waited for their model version to load.",
-            ["model", "version"],
-            registry=r,
+        self.cold_starts = Children(
+            Counter(
+                "routerd_cold_starts",
+                "Requests that waited for their model version to load.",
+                ["model", "version"],
+                registry=r,
+            )
         )
-        self.cold_start_duration = Histogram(
-            "routerd_cold_start_seconds",
-            "How long requests that waited for a load waited.",
-            ["model"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
+        self.cold_start_duration = Children(
+            Histogram(
+                "routerd_cold_start_seconds",
+                "How long requests that waited for a load waited.",
+                ["model"],
+                buckets=LOAD_BUCKETS,
+                registry=r,
+            )
         )
-        self.batch_size = HistogramTally(
-            "routerd_batch_size",
-            "Rows (or embedding requests) in each batch when it starts.",
-            ["model", "version"],
-            buckets=BATCH_BUCKETS,
+        self.batch_size = Children(
+            Histogram(
+                "routerd_batch_size",
+                "Rows (or embedding requests) in each batch when it starts.",
+                ["model", "version"],
+                buckets=BATCH_BUCKETS,
+                registry=r,
+            )
         )
-        self.loads = Counter(
-            "routerd_loads",
-            "Model loads, by result (ok, failed).",
-            ["model", "version", "result"],
-            registry=r,
+        self.loads = Children(
+            Counter(
+                "routerd_loads",
+                "Model loads, by result (ok, failed).",
+                ["model", "version", "result"],
+                registry=r,
+            )
         )
-        self.load_duration = Histogram(
-            "routerd_load_duration_seconds",
-            "Time from placing an instance to it being ready (load and warm-up).",
-            ["model", "version"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
+        self.load_duration = Children(
+            Histogram(
+                "routerd_load_duration_seconds",
+                "Time from placing an instance to it being ready (load and warm-up).",
+                ["model", "version"],
+                buckets=LOAD_BUCKETS,
+                registry=r,
+            )
         )
-        self.evictions = Counter(
-            "routerd_evictions",
-            "Instances unloaded, by reason (lru, ttl, manual, pressure, ...).",
-            ["model", "version", "reason"],
-            registry=r,
+        self.evictions = Children(
+            Counter(
+                "routerd_evictions",
+                "Instances unloaded, by reason (lru, ttl, manual, pressure, ...).",
+                ["model", "version", "reason"],
+                registry=r,
+            )
         )
-        self.eviction_age = Histogram(
-            "routerd_eviction_age_seconds",
-            "How long an instance had been resident when it was evicted.",
-            ["reason"],
-            buckets=AGE_BUCKETS,
-            registry=r,
+        self.eviction_age = Children(
+            Histogram(
+                "routerd_eviction_age_seconds",
+                "How long an instance had been resident when it was evicted.",
+                ["reason"],
+                buckets=AGE_BUCKETS,
+                registry=r,
+            )
         )
-        self.leaks = Counter(
-            "routerd_leaks",
-            "Evictions whose memory the device did not show back in time.",
-            ["device"],
-            registry=r,
-        )
-
-        # Updated on every request, from the event loop only: lock-free tallies.
-        r.register(
-            TallyCollector(
-                [
-                    self.requests,
-                    self.request_duration,
-                    self.time_to_first_token,
-                    self.prompt_tokens,
-                    self.generated_tokens,
-                    self.batch_size,
-                ]
+        self.leaks = Children(
+            Counter(
+                "routerd_leaks",
+                "Evictions whose memory the device did not show back in time.",
+                ["device"],
+                registry=r,
             )
         )
 
@@ -179,25 +219,25 @@ class Metrics:
 
     def event(self, kind: str, record: VersionRecord, fields: Mapping[str, Any]) -> None:
         """One event-log entry of the scheduler (see ``state.records.EVENT_KINDS``)."""
-        labels = (record.name, record.version)
+        name, version = record.name, record.version
         if kind == "load":
-            self.loads.labels(*labels, "ok").inc()
+            self.loads[(name, version, "ok")].inc()
             duration_ms = fields.get("duration_ms")
             if isinstance(duration_ms, int | float):
-                self.load_duration.labels(*labels).observe(duration_ms / 1000)
+                self.load_duration[(name, version)].observe(duration_ms / 1000)
         elif kind == "load_failed":
-            self.loads.labels(*labels, "failed").inc()
+            self.loads[(name, version, "failed")].inc()
         elif kind == "evict":
             reason = str(fields.get("reason") or "unknown")
-            self.evictions.labels(*labels, reason).inc()
+            self.evictions[(name, version, reason)].inc()
             age = (fields.get("detail") or {}).get("resident_s")
             if isinstance(age, int | float):
-                self.eviction_age.labels(reason).observe(age)
+                self.eviction_age[(reason,)].observe(age)
         elif kind == "leak":
-            self.leaks.labels(str(fields.get("device") or "")).inc()
+            self.leaks[(str(fields.get("device") or ""),)].inc()
 
     def batch(self, record: VersionRecord, rows: int) -> None:
-        self.batch_size.observe((record.name, record.version), rows)
+        self.batch_size[(record.name, record.version)].observe(rows)
 
     # -- observed from HTTP --------------------------------------------------------
 
@@ -214,18 +254,18 @@ class Metrics:
         seconds = time.monotonic() - context.started
         served = context.served
         name, version = (served.name, served.version) if served is not None else ("", "")
-        self.requests.inc((name, version, endpoint, str(status)))
-        self.request_duration.observe((name, endpoint), seconds)
+        self.requests[(name, version, endpoint, str(status))].inc()
+        self.request_duration[(name, endpoint)].observe(seconds)
         if context.first_token is not None:
             first_token_s = context.first_token - context.started
-            self.time_to_first_token.observe((name, endpoint), first_token_s)
+            self.time_to_first_token[(name, endpoint)].observe(first_token_s)
         if context.usage is not None and served is not None:
             prompt, completion = context.usage
-            self.prompt_tokens.inc((name, version), prompt)
-            self.generated_tokens.inc((name, version), completion)
+            self.prompt_tokens[(name, version)].inc(prompt)
+            self.generated_tokens[(name, version)].inc(completion)
         if context.cold_start_ms is not None and served is not None:
-            self.cold_starts.labels(name, version).inc()
-            self.cold_start_duration.labels(name).observe(context.cold_start_ms / 1000)
+            self.cold_starts[(name, version)].inc()
+            self.cold_start_duration[(name,)].observe(context.cold_start_ms / 1000)
         if status >= 400:
             log.info(
                 "request failed",

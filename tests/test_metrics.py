@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routerd.api.prometheus import METRICS
 from routerd.app import build_app
+from routerd.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS, Metrics
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
@@ -119,3 +120,32 @@ async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
         first, second = await scrape(c1), await scrape(c2)
     assert value(first, "routerd_requests_total", model="a", status="200") == 1
     assert value(second, "routerd_requests_total", model="a", status="200") == 0
+
+
+def test_children_are_prometheus_clients_own_made_once() -> None:
+    metrics = Metrics()
+    labels = ("a", "1", "/v1/completions", "200")
+    child = metrics.requests[labels]
+    assert metrics.requests[labels] is child
+    assert child is metrics.requests.metric.labels(*labels)
+    child.inc(2)
+    scraped = samples(metrics.render().decode())
+    assert value(scraped, "routerd_requests_total", model="a", status="200") == 2
+
+
+def test_histograms_export_their_buckets() -> None:
+    metrics = Metrics()
+    histograms = {
+        "routerd_request_duration_seconds": (metrics.request_duration, LATENCY_BUCKETS),
+        "routerd_time_to_first_token_seconds": (metrics.time_to_first_token, LATENCY_BUCKETS),
+        "routerd_batch_size": (metrics.batch_size, BATCH_BUCKETS),
+        "routerd_load_duration_seconds": (metrics.load_duration, LOAD_BUCKETS),
+    }
+    for children, _ in histograms.values():
+        children[("a", "x")].observe(3)
+    scraped = samples(metrics.render().decode())
+    for name, (_, buckets) in histograms.items():
+        bounds = [dict(ls)["le"] for n, ls in scraped if n == f"{name}_bucket"]
+        assert bounds == [repr(float(b)) for b in buckets] + ["+Inf"], name
+        assert value(scraped, f"{name}_bucket", le="+Inf") == 1
+        assert value(scraped, f"{name}_sum") == 3
