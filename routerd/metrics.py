@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -33,7 +33,6 @@ from prometheus_client.registry import Collector
 from routerd.model_ids import split_model_id
 from routerd.request_context import RequestContext, current
 from routerd.scheduler import Scheduler
-from routerd.tallies import HistogramTally, Tally, TallyCollector
 from state import VersionRecord
 
 log = logging.getLogger("routerd.api")
@@ -45,6 +44,82 @@ LATENCY_BUCKETS: Final = (
 LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 AGE_BUCKETS: Final = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Every counter and histogram by name, one entry each; the code observes them by that
+# name. name: (label names, help); a counter is exported as ``<name>_total``.
+COUNTERS: Final[Mapping[str, tuple[tuple[str, ...], str]]] = {
+    "routerd_requests": (
+        ("model", "version", "endpoint", "status"),
+        "HTTP requests answered, by served model version, endpoint and status code.",
+    ),
+    "routerd_prompt_tokens": (("model", "version"), "Prompt tokens of answered requests."),
+    "routerd_generated_tokens": (("model", "version"), "Tokens generated for answered requests."),
+    "routerd_cold_starts": (
+        ("model", "version"),
+        "Requests that waited for their model version to load.",
+    ),
+    "routerd_loads": (("model", "version", "result"), "Model loads, by result (ok, failed)."),
+    "routerd_evictions": (
+        ("model", "version", "reason"),
+        "Instances unloaded, by reason (lru, ttl, manual, pressure, ...).",
+    ),
+    "routerd_leaks": (("device",), "Evictions whose memory the device did not show back in time."),
+}
+# name: (label names, the buckets' upper bounds before +Inf, help)
+HISTOGRAMS: Final[Mapping[str, tuple[tuple[str, ...], tuple[float, ...], str]]] = {
+    "routerd_request_duration_seconds": (
+        ("model", "endpoint"),
+        LATENCY_BUCKETS,
+        "Time from receiving a request to the end of its response (streams included).",
+    ),
+    "routerd_time_to_first_token_seconds": (
+        ("model", "endpoint"),
+        LATENCY_BUCKETS,
+        "Time from receiving a streaming request to sending its first text.",
+    ),
+    "routerd_cold_start_seconds": (
+        ("model",),
+        LOAD_BUCKETS,
+        "How long requests that waited for a load waited.",
+    ),
+    "routerd_batch_size": (
+        ("model", "version"),
+        BATCH_BUCKETS,
+        "Rows (or embedding requests) in each batch when it starts.",
+    ),
+    "routerd_load_duration_seconds": (
+        ("model", "version"),
+        LOAD_BUCKETS,
+        "Time from placing an instance to it being ready (load and warm-up).",
+    ),
+    "routerd_eviction_age_seconds": (
+        ("reason",),
+        AGE_BUCKETS,
+        "How long an instance had been resident when it was evicted.",
+    ),
+}
+
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class Children(dict[tuple[str, ...], _M]):
+    """The labelled children of a set of metrics, by ``(metric name, *label values)``,
+    each made on first use.
+
+    ``metric.labels(...)`` checks its arguments and takes the metric's lock on every
+    call, and a request makes up to seven observations: here each is one dictionary
+    lookup before its ``inc`` or ``observe``. Two threads making the same child at once
+    get the same object, as ``labels`` keeps its own map.
+    """
+
+    def __init__(self, metrics: Mapping[str, _M]) -> None:
+        super().__init__()
+        self.metrics: Mapping[str, _M] = metrics
+
+    def __missing__(self, key: tuple[str, ...]) -> _M:
+        child = self.metrics[key[0]].labels(*key[1:])
+        self[key] = child
+        return child
 
 
 def note_first_token() -> None:
@@ -69,102 +144,22 @@ def note_usage(prompt_tokens: int, completion_tokens: int) -> None:
 
 
 class Metrics:
-    """The registry and every metric in it; one per app."""
+    """The registry and every metric in it; one per app. ``counters`` and ``histograms``
+    reach the children of :data:`COUNTERS` and :data:`HISTOGRAMS`."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Tally(
-            "routerd_requests",
-            "HTTP requests answered, by served model version, endpoint and status code.",
-            ["model", "version", "endpoint", "status"],
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.counters = Children(
+            {
+                name: Counter(name, doc, labels, registry=r)
+                for name, (labels, doc) in COUNTERS.items()
+            }
         )
-        self.request_duration = HistogramTally(
-            "routerd_request_duration_seconds",
-            "Time from receiving a request to the end of its response (streams included).",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-        )
-        self.time_to_first_token = HistogramTally(
-            "routerd_time_to_first_token_seconds",
-            "Time from receiving a streaming request to sending its first text.",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-        )
-        self.prompt_tokens = Tally(
-            "routerd_prompt_tokens",
-            "Prompt tokens of answered requests.",
-            ["model", "version"],
-        )
-        self.generated_tokens = Tally(
-            "routerd_generated_tokens",
-            "Tokens generated for answered requests.",
-            ["model", "version"],
-        )
-        self.cold_starts = Counter(
-            "routerd_cold_starts",
-            "Requests that waited for their model version to load.",
-            ["model", "version"],
-            registry=r,
-        )
-        self.cold_start_duration = Histogram(
-            "routerd_cold_start_seconds",
-            "How long requests that waited for a load waited.",
-            ["model"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = HistogramTally(
-            "routerd_batch_size",
-            "Rows (or embedding requests) in each batch when it starts.",
-            ["model", "version"],
-            buckets=BATCH_BUCKETS,
-        )
-        self.loads = Counter(
-            "routerd_loads",
-            "Model loads, by result (ok, failed).",
-            ["model", "version", "result"],
-            registry=r,
-        )
-        self.load_duration = Histogram(
-            "routerd_load_duration_seconds",
-            "Time from placing an instance to it being ready (load and warm-up).",
-            ["model", "version"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self.evictions = Counter(
-            "routerd_evictions",
-            "Instances unloaded, by reason (lru, ttl, manual, pressure, ...).",
-            ["model", "version", "reason"],
-            registry=r,
-        )
-        self.eviction_age = Histogram(
-            "routerd_eviction_age_seconds",
-            "How long an instance had been resident when it was evicted.",
-            ["reason"],
-            buckets=AGE_BUCKETS,
-            registry=r,
-        )
-        self.leaks = Counter(
-            "routerd_leaks",
-            "Evictions whose memory the device did not show back in time.",
-            ["device"],
-            registry=r,
-        )
-
-        # Updated on every request, from the event loop only: lock-free tallies.
-        r.register(
-            TallyCollector(
-                [
-                    self.requests,
-                    self.request_duration,
-                    self.time_to_first_token,
-                    self.prompt_tokens,
-                    self.generated_tokens,
-                    self.batch_size,
-                ]
-            )
+        self.histograms = Children(
+            {
+                name: Histogram(name, doc, labels, buckets=buckets, registry=r)
+                for name, (labels, buckets, doc) in HISTOGRAMS.items()
+            }
         )
 
     def attach(self, scheduler: Scheduler) -> None:
@@ -179,25 +174,27 @@ class Metrics:
 
     def event(self, kind: str, record: VersionRecord, fields: Mapping[str, Any]) -> None:
         """One event-log entry of the scheduler (see ``state.records.EVENT_KINDS``)."""
-        labels = (record.name, record.version)
+        name, version = record.name, record.version
+        counters, histograms = self.counters, self.histograms
         if kind == "load":
-            self.loads.labels(*labels, "ok").inc()
+            counters["routerd_loads", name, version, "ok"].inc()
             duration_ms = fields.get("duration_ms")
             if isinstance(duration_ms, int | float):
-                self.load_duration.labels(*labels).observe(duration_ms / 1000)
+                seconds = duration_ms / 1000
+                histograms["routerd_load_duration_seconds", name, version].observe(seconds)
         elif kind == "load_failed":
-            self.loads.labels(*labels, "failed").inc()
+            counters["routerd_loads", name, version, "failed"].inc()
         elif kind == "evict":
             reason = str(fields.get("reason") or "unknown")
-            self.evictions.labels(*labels, reason).inc()
+            counters["routerd_evictions", name, version, reason].inc()
             age = (fields.get("detail") or {}).get("resident_s")
             if isinstance(age, int | float):
-                self.eviction_age.labels(reason).observe(age)
+                histograms["routerd_eviction_age_seconds", reason].observe(age)
         elif kind == "leak":
-            self.leaks.labels(str(fields.get("device") or "")).inc()
+            counters["routerd_leaks", str(fields.get("device") or "")].inc()
 
     def batch(self, record: VersionRecord, rows: int) -> None:
-        self.batch_size.observe((record.name, record.version), rows)
+        self.histograms["routerd_batch_size", record.name, record.version].observe(rows)
 
     # -- observed from HTTP --------------------------------------------------------
 
@@ -214,18 +211,20 @@ class Metrics:
         seconds = time.monotonic() - context.started
         served = context.served
         name, version = (served.name, served.version) if served is not None else ("", "")
-        self.requests.inc((name, version, endpoint, str(status)))
-        self.request_duration.observe((name, endpoint), seconds)
+        counters, histograms = self.counters, self.histograms
+        counters["routerd_requests", name, version, endpoint, str(status)].inc()
+        histograms["routerd_request_duration_seconds", name, endpoint].observe(seconds)
         if context.first_token is not None:
             first_token_s = context.first_token - context.started
-            self.time_to_first_token.observe((name, endpoint), first_token_s)
+            histograms["routerd_time_to_first_token_seconds", name, endpoint].observe(first_token_s)
         if context.usage is not None and served is not None:
             prompt, completion = context.usage
-            self.prompt_tokens.inc((name, version), prompt)
-            self.generated_tokens.inc((name, version), completion)
+            counters["routerd_prompt_tokens", name, version].inc(prompt)
+            counters["routerd_generated_tokens", name, version].inc(completion)
         if context.cold_start_ms is not None and served is not None:
-            self.cold_starts.labels(name, version).inc()
-            self.cold_start_duration.labels(name).observe(context.cold_start_ms / 1000)
+            counters["routerd_cold_starts", name, version].inc()
+            cold_start_s = context.cold_start_ms / 1000
+            histograms["routerd_cold_start_seconds", name].observe(cold_start_s)
         if status >= 400:
             log.info(
                 "request failed",

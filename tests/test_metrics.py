@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routerd.api.prometheus import METRICS
 from routerd.app import build_app
+from routerd.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, LOAD_BUCKETS, Metrics
+from state import VersionRecord
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
@@ -119,3 +121,50 @@ async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
         first, second = await scrape(c1), await scrape(c2)
     assert value(first, "routerd_requests_total", model="a", status="200") == 1
     assert value(second, "routerd_requests_total", model="a", status="200") == 0
+
+
+def test_children_are_prometheus_clients_own_made_once() -> None:
+    metrics = Metrics()
+    key = ("routerd_requests", "a", "1", "/v1/completions", "200")
+    child = metrics.counters[key]
+    assert metrics.counters[key] is child
+    assert child is metrics.counters.metrics["routerd_requests"].labels(*key[1:])
+    child.inc(2)
+    scraped = samples(metrics.render().decode())
+    assert value(scraped, "routerd_requests_total", model="a", status="200") == 2
+
+
+def test_histograms_export_their_buckets() -> None:
+    metrics = Metrics()
+    histograms = {
+        "routerd_request_duration_seconds": LATENCY_BUCKETS,
+        "routerd_time_to_first_token_seconds": LATENCY_BUCKETS,
+        "routerd_batch_size": BATCH_BUCKETS,
+        "routerd_load_duration_seconds": LOAD_BUCKETS,
+    }
+    for name in histograms:
+        metrics.histograms[name, "a", "x"].observe(3)
+    scraped = samples(metrics.render().decode())
+    for name, buckets in histograms.items():
+        bounds = [dict(ls)["le"] for n, ls in scraped if n == f"{name}_bucket"]
+        assert bounds == [repr(float(b)) for b in buckets] + ["+Inf"], name
+        assert value(scraped, f"{name}_bucket", le="+Inf") == 1
+        assert value(scraped, f"{name}_sum") == 3
+
+
+def test_every_scheduler_event_is_counted() -> None:
+    metrics = Metrics()
+    record = VersionRecord("m", "2", "echo", "/x", {}, "api", 1.0, 1.0)
+    metrics.event("load", record, {"duration_ms": 1500})
+    metrics.event("load_failed", record, {})
+    metrics.event("evict", record, {"reason": "ttl", "detail": {"resident_s": 30}})
+    metrics.event("leak", record, {"device": "cuda:0"})
+    metrics.batch(record, 5)
+    scraped = samples(metrics.render().decode())
+    assert value(scraped, "routerd_loads_total", model="m", version="2", result="ok") == 1
+    assert value(scraped, "routerd_loads_total", model="m", result="failed") == 1
+    assert value(scraped, "routerd_load_duration_seconds_sum", model="m", version="2") == 1.5
+    assert value(scraped, "routerd_evictions_total", model="m", reason="ttl") == 1
+    assert value(scraped, "routerd_eviction_age_seconds_sum", reason="ttl") == 30
+    assert value(scraped, "routerd_leaks_total", device="cuda:0") == 1
+    assert value(scraped, "routerd_batch_size_sum", model="m", version="2") == 5
