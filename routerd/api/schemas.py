@@ -27,8 +27,7 @@ from routerd.serving.requests import (
 
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
-    _refuse_unknown(body, COMPLETION_FIELDS)
-    _refuse_unsupported(body, COMPLETION_UNSUPPORTED)
+    _refuse_fields(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
     if body.get("max_completion_tokens") is not None:
         # Chat's field, absent from the legacy completions API: ignoring it would let
         # the client believe its limit held while max_tokens' default applied.
@@ -37,33 +36,37 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
             "/v1/completions takes max_tokens",
             param="max_completion_tokens",
         )
-    stream, include_usage = _stream_fields(body)
     return CompletionRequest(
-        model=_model(body),
         prompts=_prompts(body.get("prompt"), param="prompt"),
-        sampling=_sampling(body, max_tokens_default=16, max_tokens_keys=("max_tokens",)),
-        stream=stream,
-        include_usage=include_usage,
-        user=_optional_str(body, "user"),
-        keep_alive=_keep_alive(body),
+        **_generation_fields(body, max_tokens_default=16, max_tokens_keys=("max_tokens",)),
     )
 
 
 def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
-    _refuse_unknown(body, CHAT_FIELDS)
-    _refuse_unsupported(body, CHAT_UNSUPPORTED)
-    stream, include_usage = _stream_fields(body)
+    _refuse_fields(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
     return ChatRequest(
-        model=_model(body),
         messages=_messages(body.get("messages")),
-        sampling=_sampling(
+        **_generation_fields(
             body, max_tokens_default=None, max_tokens_keys=("max_completion_tokens", "max_tokens")
         ),
-        stream=stream,
-        include_usage=include_usage,
-        user=_optional_str(body, "user"),
-        keep_alive=_keep_alive(body),
     )
+
+
+def _generation_fields(
+    body: Mapping[str, Any], *, max_tokens_default: int | None, max_tokens_keys: Sequence[str]
+) -> dict[str, Any]:
+    """What completions and chat read alike: ``GenerationRequest``'s fields."""
+    stream, include_usage = _stream_fields(body)
+    return {
+        "model": _model(body),
+        "sampling": _sampling(
+            body, max_tokens_default=max_tokens_default, max_tokens_keys=max_tokens_keys
+        ),
+        "stream": stream,
+        "include_usage": include_usage,
+        "user": _optional_str(body, "user"),
+        "keep_alive": _keep_alive(body),
+    }
 
 
 def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
@@ -130,6 +133,13 @@ EMBEDDING_FIELDS: Final = frozenset(
 )
 
 _MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _refuse_fields(
+    body: Mapping[str, Any], known: frozenset[str], unsupported: Mapping[str, tuple[Any, ...]]
+) -> None:
+    _refuse_unknown(body, known)
+    _refuse_unsupported(body, unsupported)
 
 
 def _refuse_unknown(body: Mapping[str, Any], fields: frozenset[str]) -> None:
