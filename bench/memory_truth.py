@@ -8,8 +8,8 @@ reservations), both taken relative to the daemon's level once it serves, before 
 model is loaded:
 
 1. demo-large under the default batching settings: ``--rows`` (8) and then
-   ``--more-rows`` (32) concurrent long completions (``--prompt-tokens`` 1200 random
-   token ids and up to ``--max-tokens`` 600, near the 2048 context);
+   ``--more-rows`` (32) concurrent long completions (``--prompt-tokens`` 1800 random
+   token ids and up to ``--max-tokens`` 200: 2000 tokens, near the 2048 context);
 2. a mixed swap load over demo-small, demo-medium and demo-large (``--mixed``
    requests, 8 at a time, the model in demand changing every few requests).
 
@@ -157,6 +157,9 @@ async def run_side(args: argparse.Namespace, side: Side, root: Path, work: Path)
     config.write_text(
         f"""log_level = "warning"
 
+[server]
+request_timeout = "1h"
+
 [scheduler]
 min_residency = "0s"
 load_wait_timeout = "120s"
@@ -296,8 +299,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--more-rows", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=1200)
-    parser.add_argument("--max-tokens", type=int, default=600)
+    parser.add_argument("--prompt-tokens", type=int, default=1800)
+    parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--mixed", type=int, default=48, help="requests of the swap load")
     parser.add_argument("--budget", type=int, default=900, help="CPU budget, MiB")
     parser.add_argument("--sample-ms", type=float, default=10.0)
