@@ -14,10 +14,12 @@ Who calls what, and when:
 - ``Backend.load`` — the scheduler, once per instance, in the instance executor.
 - ``LoadedModel.warm_up`` — the scheduler, right after ``load``, before the
   instance accepts its first lease.
-- ``Backend.estimate_footprint`` — the scheduler, before placing a version it has
-  never measured on that kind of device, off the event loop; reads headers only.
+- ``Backend.estimate_footprint`` — the scheduler, before placing a version, off the
+  event loop; reads headers only. Its total is claimed where the version was never
+  measured on that kind of device; its minimum bounds every claim from below.
 - ``LoadedModel.measure_footprint`` — the scheduler, after warm-up, to record what
-  the instance really occupies; later placements use that number (rule 5).
+  the instance really occupies; later placements use that number (rule 5), raised
+  to the estimate's minimum where it is less.
 - ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
   before generation, so prompt-length errors are answered before streaming starts.
 - ``generate`` / ``generate_batch`` / ``embed`` — the instance's batcher, for requests
@@ -158,11 +160,19 @@ class Footprint:
     per token), reserved whether or not it is in use yet. ``working``: activations
     and scratch memory of a forward pass. Estimates and measurements use the same
     split, so they can be compared term by term.
+
+    ``minimum`` (estimates only; 0 in a measurement): the fewest bytes the backend can
+    start the instance in — what it must have whatever the instance later turns out
+    to hold, e.g. vLLM's weights, one sequence's KV cache and the engine's overhead,
+    below which its start is refused. A measurement may come in lower (memory an
+    engine sets aside but has not touched yet), so the scheduler never grants less
+    than this, learned footprint or not.
     """
 
     weights: int
     runtime: int = 0
     working: int = 0
+    minimum: int = 0
 
     @property
     def total(self) -> int:
@@ -280,6 +290,9 @@ class Backend(Protocol):
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         """Bytes ``spec`` will need on ``spec.device``, from headers alone (no weights read).
+
+        ``Footprint.minimum`` says what a load cannot start without; the scheduler
+        grants at least that even where a stored measurement says less.
 
         Raises BackendError when the folder cannot be read.
         """
