@@ -18,8 +18,8 @@ Who calls what, and when:
   event loop; reads headers only. Its total is claimed where the version was never
   measured on that kind of device; its minimum bounds every claim from below.
 - ``LoadedModel.measure_footprint`` — the scheduler, after warm-up, to record what
-  the instance really occupies; later placements use that number (rule 5), raised
-  to the estimate's minimum where it is less.
+  the instance really occupies and needed to start; later placements use that number
+  (rule 5), raised to the estimate's minimum where it is less.
 - ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
   before generation, so prompt-length errors are answered before streaming starts.
 - ``generate`` / ``generate_batch`` / ``embed`` — the instance's batcher, for requests
@@ -33,7 +33,7 @@ Who calls what, and when:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from contract.errors import BackendError
@@ -161,12 +161,13 @@ class Footprint:
     and scratch memory of a forward pass. Estimates and measurements use the same
     split, so they can be compared term by term.
 
-    ``minimum`` (estimates only; 0 in a measurement): the fewest bytes the backend can
-    start the instance in — what it must have whatever the instance later turns out
-    to hold, e.g. vLLM's weights, one sequence's KV cache and the engine's overhead,
-    below which its start is refused. A measurement may come in lower (memory an
-    engine sets aside but has not touched yet), so the scheduler never grants less
-    than this, learned footprint or not.
+    ``minimum``: the fewest bytes the backend can start the instance in, whatever it
+    then turns out to hold (0: nothing beyond what is measured). vLLM refuses a grant
+    without room for its weights, its overhead and a KV cache; its engine may then
+    hold less than that overhead. An estimate's minimum is what any load needs (vLLM:
+    one sequence's KV cache), a measurement's what this instance needed (its own KV
+    cache). The scheduler never grants less than the estimate's, and it learns
+    ``needed()`` of a measurement, not the bytes held alone.
     """
 
     weights: int
@@ -177,6 +178,12 @@ class Footprint:
     @property
     def total(self) -> int:
         return self.weights + self.runtime + self.working
+
+    def needed(self) -> Footprint:
+        """This footprint with ``working`` raised until the total covers ``minimum``:
+        what a later load of the same version must be granted to start as this one did."""
+        short = self.minimum - self.total
+        return self if short <= 0 else replace(self, working=self.working + short)
 
 
 class LoadedModel(Protocol):
@@ -191,7 +198,8 @@ class LoadedModel(Protocol):
         report what the instance really needs."""
 
     def measure_footprint(self) -> Footprint:
-        """What this instance really holds on its device, measured after warm-up."""
+        """What this instance really holds on its device, measured after warm-up; its
+        ``minimum`` is what it needed to start, where that is more than it holds."""
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a raw prompt as the model expects it (special tokens included)."""

@@ -42,6 +42,7 @@ FAKE_OPTIONS = {
     "bytes",  # the measured footprint
     "estimate",  # the estimated footprint (default: the same as bytes)
     "minimum",  # the estimate's minimum to start; a load granted fewer bytes is refused
+    "needed",  # the measurement's minimum: what a load needed to start, beyond what it holds
     "oom_loads",  # this many loads fail with OutOfMemory first
     "leak",  # unloading does not give the GPU memory back
     "inline",  # ModelInfo.inline: request-path calls are made on the event loop
@@ -75,7 +76,10 @@ class FakeModel:
         self.warmed = True
 
     def measure_footprint(self) -> Footprint:
-        return Footprint(weights=int(self.spec.options.get("bytes", 1000)))
+        return Footprint(
+            weights=int(self.spec.options.get("bytes", 1000)),
+            minimum=int(self.spec.options.get("needed", 0)),
+        )
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

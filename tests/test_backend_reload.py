@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backends.base import Footprint
 from routerd.services import Services
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
@@ -47,3 +48,31 @@ async def test_a_measurement_above_the_start_minimum_is_granted_as_it_is(tmp_pat
     await services.scheduler.evict("m@1")
     await _load_and_evict(services, "m@1")
     assert backend.grants == [1000, 900]
+
+
+async def test_what_a_load_needed_to_start_is_learned_not_only_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    # The instance holds 600 bytes but needed 900 to start (an engine's set-aside
+    # overhead it has not touched): the ledger counts the 600 it holds, the store
+    # learns the 900, and the next load is granted 900.
+    spec = fake_spec(tmp_path, "m", bytes=600, estimate=1000, needed=900)
+    backend = FakeBackend()
+    services = fake_services(tmp_path, backend, [spec])
+    snapshot = await services.scheduler.load(services.router.resolve("m"))
+    assert snapshot.measured_bytes == 600 and snapshot.bytes == 600
+    stored = services.store.measured_footprint("m", "1", "cpu")
+    assert stored is not None and stored.measured_bytes == 900
+    assert (stored.weights_bytes, stored.runtime_bytes, stored.working_bytes) == (600, 0, 300)
+    await services.scheduler.evict("m@1")
+    await _load_and_evict(services, "m@1")
+    assert backend.grants == [1000, 900]
+
+
+def test_needed_raises_working_until_the_total_covers_the_minimum() -> None:
+    held = Footprint(weights=10, runtime=5, working=1, minimum=20)
+    assert held.needed() == Footprint(weights=10, runtime=5, working=5, minimum=20)
+    assert held.needed().total == 20
+    roomy = Footprint(weights=10, runtime=5, working=9, minimum=20)
+    assert roomy.needed() == roomy
+    assert Footprint(weights=7).needed() == Footprint(weights=7)
