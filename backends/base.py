@@ -14,10 +14,12 @@ Who calls what, and when:
 - ``Backend.load`` — the scheduler, once per instance, in the instance executor.
 - ``LoadedModel.warm_up`` — the scheduler, right after ``load``, before the
   instance accepts its first lease.
-- ``Backend.estimate_footprint`` — the scheduler, before placing a version it has
-  never measured on that kind of device, off the event loop; reads headers only.
+- ``Backend.estimate_footprint`` — the scheduler, before placing a version, off the
+  event loop; reads headers only. Its total is claimed where the version was never
+  measured on that kind of device; its minimum bounds every claim from below.
 - ``LoadedModel.measure_footprint`` — the scheduler, after warm-up, to record what
-  the instance really occupies; later placements use that number (rule 5).
+  the instance really occupies and needed to start; later placements use that number
+  (rule 5), raised to the estimate's minimum where it is less.
 - ``encode_prompt`` / ``encode_chat`` — request handlers, off the event loop,
   before generation, so prompt-length errors are answered before streaming starts.
 - ``generate`` / ``generate_batch`` / ``embed`` — the instance's batcher, for requests
@@ -31,7 +33,7 @@ Who calls what, and when:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from contract.errors import BackendError
@@ -163,15 +165,30 @@ class Footprint:
     per token), reserved whether or not it is in use yet. ``working``: activations
     and scratch memory of a forward pass. Estimates and measurements use the same
     split, so they can be compared term by term.
+
+    ``minimum``: the fewest bytes the backend can start the instance in, whatever it
+    then turns out to hold (0: nothing beyond what is measured). vLLM refuses a grant
+    without room for its weights, its overhead and a KV cache; its engine may then
+    hold less than that overhead. An estimate's minimum is what any load needs (vLLM:
+    one sequence's KV cache), a measurement's what this instance needed (its own KV
+    cache). The scheduler never grants less than the estimate's, and it learns
+    ``needed()`` of a measurement, not the bytes held alone.
     """
 
     weights: int
     runtime: int = 0
     working: int = 0
+    minimum: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.runtime + self.working
+
+    def needed(self) -> Footprint:
+        """This footprint with ``working`` raised until the total covers ``minimum``:
+        what a later load of the same version must be granted to start as this one did."""
+        short = self.minimum - self.total
+        return self if short <= 0 else replace(self, working=self.working + short)
 
 
 class LoadedModel(Protocol):
@@ -186,7 +203,8 @@ class LoadedModel(Protocol):
         report what the instance really needs."""
 
     def measure_footprint(self) -> Footprint:
-        """What this instance really holds on its device, measured after warm-up."""
+        """What this instance really holds on its device, measured after warm-up; its
+        ``minimum`` is what it needed to start, where that is more than it holds."""
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a raw prompt as the model expects it (special tokens included)."""
@@ -285,6 +303,9 @@ class Backend(Protocol):
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         """Bytes ``spec`` will need on ``spec.device``, from headers alone (no weights read).
+
+        ``Footprint.minimum`` says what a load cannot start without; the scheduler
+        grants at least that even where a stored measurement says less.
 
         Raises BackendError when the folder cannot be read.
         """

@@ -16,7 +16,9 @@ the engine gets an explicit KV cache (``kv_cache_memory_bytes``) fitted into the
 the scheduler granted: grant − weights − runtime overhead, at most what the version
 asks for, at least one full context. Each engine runs in child processes (an engine
 core and a worker); the measured footprint is what those processes hold — NVML's
-per-process bytes on a GPU, the resident memory of the process tree on the CPU.
+per-process bytes on a GPU, the resident memory of the process tree on the CPU — with
+what the start needed (overhead included) as its minimum, so that the footprint
+learned from it is enough for the next start.
 
 Unloading shuts the engine down and checks that its processes are gone (they are
 killed if they linger); a start that fails kills whatever it had spawned.
@@ -78,9 +80,15 @@ class VllmBackend:
         return vllm_plan.validate_options(options)
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
-        """Weights from safetensors headers, the wanted KV cache, the process overhead."""
+        """Weights from safetensors headers, the wanted KV cache, the process overhead;
+        at least weights, overhead and one sequence's KV cache, or the load refuses."""
         plan = vllm_plan.plan_load(spec)
-        return Footprint(weights=plan.weights, runtime=plan.kv_wanted, working=plan.overhead)
+        return Footprint(
+            weights=plan.weights,
+            runtime=plan.kv_wanted,
+            working=plan.overhead,
+            minimum=plan.least_grant,
+        )
 
     def load(self, spec: LoadSpec) -> VllmModel:
         """Start an engine whose KV cache fits the grant; on failure leave no process."""
@@ -284,13 +292,22 @@ class VllmModel(hf_text.HfTokenizing):
         """
 
     def measure_footprint(self) -> Footprint:
-        """What the engine's processes hold: NVML bytes on a GPU, resident memory on cpu."""
+        """What the engine's processes hold (NVML bytes on a GPU, resident memory on
+        cpu), with what this start needed as its ``minimum``.
+
+        The processes may hold less than the planned overhead (a CPU engine's are
+        often smaller than the default), but the next load is granted what is learned
+        here and ``Plan.kv_for`` takes the whole overhead off that grant before the KV
+        cache: the minimum (weights, this KV cache or one sequence's, the overhead)
+        is what the next start needs to get the KV cache this one has.
+        """
         held = vllm_engine.held_bytes(self.pids, self._info.device)
-        weights = self._plan.weights
+        plan = self._plan
         return Footprint(
-            weights=weights,
+            weights=plan.weights,
             runtime=self.kv_bytes,
-            working=max(held - weights - self.kv_bytes, 0),
+            working=max(held - plan.weights - self.kv_bytes, 0),
+            minimum=max(plan.least_grant, plan.weights + plan.overhead + self.kv_bytes),
         )
 
     def unload(self) -> None:

@@ -38,8 +38,9 @@ _POOLING = {"mean": "MEAN", "cls": "CLS", "last": "LAST"}
 _DTYPES = {"auto": 0, "float32": 4, "bfloat16": 2, "float16": 2}
 # What an engine's processes hold beyond weights and KV cache: two Python processes
 # with torch and vLLM imported on the CPU (measured: 1.44 GiB for the two, demo-medium),
-# the CUDA context and activations on a GPU. Only a first estimate: the measured
-# footprint replaces it.
+# the CUDA context and activations on a GPU. Every start sets it aside in its grant
+# (Plan.kv_for), so what is learned for a version never goes below it; the measured
+# footprint raises it where the processes hold more.
 _DEFAULT_OVERHEAD = {"cpu": 1536 << 20, "cuda": 1536 << 20}
 _DEFAULT_MAX_NUM_SEQS = 16
 _DEFAULT_MAX_CONTEXT = 2048
@@ -49,11 +50,11 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check the options; fill in ``dtype``, ``enforce_eager`` and sleep mode defaults.
 
     ``kv_cache_bytes``: the KV cache wanted (default: ``max_num_seqs`` full contexts);
-    the grant may make it smaller. ``overhead_bytes``: the first estimate of what the
-    engine's processes hold besides weights and KV cache. ``task``: ``generate``,
-    ``embed`` or ``auto`` (absent: vLLM decides from the architecture); ``pooling``
-    (``mean``, ``cls``, ``last``; with ``task = "embed"`` only) overrides the
-    pooler's default.
+    the grant may make it smaller. ``overhead_bytes``: what every start sets aside for
+    the engine's processes besides weights and KV cache (they may hold more or less).
+    ``task``: ``generate``, ``embed`` or ``auto`` (absent: vLLM decides from the
+    architecture); ``pooling`` (``mean``, ``cls``, ``last``; with ``task = "embed"``
+    only) overrides the pooler's default.
     """
     reject_unknown(options, _OPTION_KEYS, "vllm")
     dtype = options.get("dtype", "auto")
@@ -108,12 +109,21 @@ class Plan:
         """The smallest KV cache that holds one sequence of the whole context."""
         return self.kv_per_token * self.context_length
 
+    @property
+    def least_grant(self) -> int:
+        """The smallest grant ``kv_for`` accepts: weights, overhead and one sequence of KV.
+
+        The estimate reports it as its minimum, so that no grant (one learned from a
+        measurement included) is smaller than what this engine needs to start.
+        """
+        return self.weights + self.overhead + self.kv_floor
+
     def kv_for(self, grant: int) -> int:
         """The KV cache that fits ``grant`` (0: no grant, take what is wanted)."""
         if grant <= 0:
             return self.kv_wanted
         room = grant - self.weights - self.overhead
-        if room < self.kv_floor:
+        if grant < self.least_grant:
             raise BackendError(
                 f"the {grant} bytes granted leave {max(room, 0)} bytes for the KV cache after "
                 f"{self.weights} bytes of weights and {self.overhead} of overhead; one "

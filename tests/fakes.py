@@ -41,6 +41,8 @@ FAKE_OPTIONS = {
     "token_delay",
     "bytes",  # the measured footprint
     "estimate",  # the estimated footprint (default: the same as bytes)
+    "minimum",  # the estimate's minimum to start; a load granted fewer bytes is refused
+    "needed",  # the measurement's minimum: what a load needed to start, beyond what it holds
     "oom_loads",  # this many loads fail with OutOfMemory first
     "leak",  # unloading does not give the GPU memory back
     "inline",  # ModelInfo.inline: request-path calls are made on the event loop
@@ -76,7 +78,10 @@ class FakeModel:
         self.warmed = True
 
     def measure_footprint(self) -> Footprint:
-        return Footprint(weights=int(self.spec.options.get("bytes", 1000)))
+        return Footprint(
+            weights=int(self.spec.options.get("bytes", 1000)),
+            minimum=int(self.spec.options.get("needed", 0)),
+        )
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -189,6 +194,7 @@ class FakeBackend:
         self.load_threads: list[str] = []
         self.generate_threads: list[str] = []
         self.load_devices: list[str] = []
+        self.grants: list[int] = []  # LoadSpec.grant_bytes of every load, in order
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(options) - FAKE_OPTIONS
@@ -200,7 +206,10 @@ class FakeBackend:
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         if not Path(spec.path).is_dir():
             raise BackendError(f"{spec.path} is not a directory")
-        return Footprint(weights=int(spec.options.get("estimate", spec.options.get("bytes", 1000))))
+        return Footprint(
+            weights=int(spec.options.get("estimate", spec.options.get("bytes", 1000))),
+            minimum=int(spec.options.get("minimum", 0)),
+        )
 
     def on_gpu(self, spec: LoadSpec, nbytes: int) -> None:
         if self.gpus is not None and spec.device.startswith("cuda:"):
@@ -226,8 +235,12 @@ class FakeBackend:
         self.note(self.loads, model_id)
         self.load_devices.append(spec.device)
         self.load_threads.append(threading.current_thread().name)
+        self.grants.append(spec.grant_bytes)
         if not Path(spec.path).is_dir():
             raise BackendError(f"{spec.path} is not a directory")
+        minimum = int(spec.options.get("minimum", 0))
+        if 0 < spec.grant_bytes < minimum:  # as vLLM refuses a grant with no room for KV
+            raise BackendError(f"{spec.grant_bytes} bytes granted; starting needs {minimum}")
         size = int(spec.options.get("bytes", 1000))
         spec.report(READING_WEIGHTS, size // 2, size)  # half read while the gate holds it
         self.load_gate.wait()

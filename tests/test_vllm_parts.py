@@ -15,11 +15,18 @@ import pytest
 
 from backends import proctree, vllm_engine
 from backends.base import AsyncGenerating, LoadSpec
-from backends.vllm import VllmBackend
+from backends.vllm import VllmBackend, VllmModel
 from backends.vllm_engine import kill
 from backends.vllm_plan import plan_load
 from contract.errors import BackendError, InvalidRequest
-from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
+from contract.generation import (
+    Cancellation,
+    Generation,
+    GenerationResult,
+    ModelInfo,
+    SamplingParams,
+    Task,
+)
 from routerd.devices import DeviceReading
 from routerd.memory import build_ledger
 from tests.fakes import FakeBackend
@@ -65,6 +72,44 @@ def test_kv_cache_fits_the_grant(demo_root: Path) -> None:
     assert plan.kv_for(tight) == plan.kv_floor + 10
     with pytest.raises(BackendError, match="granted"):
         plan.kv_for(plan.weights + plan.overhead + plan.kv_floor - 1)
+
+
+def test_the_estimates_minimum_is_the_least_grant_a_start_accepts(demo_root: Path) -> None:
+    spec = _spec(demo_root, max_context=512, overhead_bytes=1000)
+    plan = plan_load(spec)
+    estimate = VllmBackend().estimate_footprint(spec)
+    assert estimate.minimum == plan.weights + 1000 + plan.kv_floor < estimate.total
+    assert plan.kv_for(estimate.minimum) == plan.kv_floor
+    with pytest.raises(BackendError, match="granted"):
+        plan.kv_for(estimate.minimum - 1)
+
+
+@pytest.mark.parametrize("kv_cache", ["wanted", "none"])
+def test_a_measurement_learns_what_the_next_start_needs(demo_root: Path, kv_cache: str) -> None:
+    # The "engine" is one small process: it holds far less than the planned overhead,
+    # as a CPU engine may hold less than the default one. An encoder-only model
+    # (kv_cache "none") keeps no KV cache, yet a start still asks room for one.
+    spec = _spec(demo_root, max_context=512, overhead_bytes=1 << 30)
+    plan = plan_load(spec)
+    kv_bytes = plan.kv_wanted if kv_cache == "wanted" else 0
+    info = ModelInfo(Task.GENERATE, plan.context_length, "cpu", plan.dtype)
+    holding = "import time; held = b'x' * (64 << 20); print('held', flush=True); time.sleep(60)"
+    with subprocess.Popen(
+        [sys.executable, "-c", holding], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "held\n"
+            engine = VllmModel(None, None, info, spec, plan, kv_bytes, {child.pid})
+            measured = engine.measure_footprint()
+        finally:
+            child.kill()
+    assert 0 < measured.working < plan.overhead  # what the process really holds
+    with pytest.raises(BackendError, match="granted"):
+        plan.kv_for(measured.total)  # issue 16: a grant of what was held is refused
+    learned = measured.needed().total
+    assert learned == plan.weights + plan.overhead + max(kv_bytes, plan.kv_floor)
+    # Granted what was learned, the next start gets the KV cache this one had.
+    assert plan.kv_for(learned) == max(kv_bytes, plan.kv_floor)
 
 
 def test_a_grant_too_small_fails_before_any_process_starts(demo_root: Path) -> None:

@@ -215,8 +215,13 @@ class Lifecycle:
 
     def _remember_footprint(self, instance: Instance, measured: Footprint) -> None:
         """Store the measurement for later placements; a database that cannot take it
-        now (locked) costs only the measurement, never the load."""
+        now (locked) costs only the measurement, never the load.
+
+        What is stored is what the instance needed (``Footprint.needed``): later loads
+        are granted it, and one granted only what this instance holds might not start.
+        """
         record = instance.record
+        measured = measured.needed()
         try:
             self._context.store.record_footprint(
                 record.name,

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
-from backends.base import Backend, LoadSpec
+from backends.base import Backend, Footprint, LoadSpec
 from contract.errors import BackendError
 from policies.types import LoadRequest, Plan, Refusal
 from routerd.errors import Draining, LoadFailed, Unavailable
@@ -48,9 +48,9 @@ class Planner:
 
     # -- what a load needs ---------------------------------------------------------
 
-    async def estimates(self, record: VersionRecord, backend: Backend) -> dict[str, int]:
-        """Bytes per device kind from the checkpoint (the backend's estimate)."""
-        estimates: dict[str, int] = {}
+    async def estimates(self, record: VersionRecord, backend: Backend) -> dict[str, Footprint]:
+        """The backend's estimate per device kind, from the checkpoint."""
+        estimates: dict[str, Footprint] = {}
         for device_id in self._context.devices.device_ids():
             kind = device_id.split(":")[0]
             if kind in estimates:
@@ -63,19 +63,26 @@ class Planner:
                     "load_failed", record, device=device_id, reason=str(exc)
                 )
                 raise LoadFailed(f"cannot load {record.model_id}: {exc}") from exc
-            estimates[kind] = estimate.total
+            estimates[kind] = estimate
         return estimates
 
-    def need(self, record: VersionRecord, estimates: Mapping[str, int]) -> dict[str, int]:
-        """Bytes to claim per device: the stored measurement if any, else the estimate."""
+    def need(self, record: VersionRecord, estimates: Mapping[str, Footprint]) -> dict[str, int]:
+        """Bytes to claim per device: the stored measurement if any, else the estimate.
+
+        Never less than the estimate's ``minimum``, what the backend cannot start
+        without: a measurement may miss memory an engine sets aside at start, and a
+        grant learned from it would then be refused by the next load.
+        """
         need: dict[str, int] = {}
         for device_id in self._context.devices.device_ids():
             kind = device_id.split(":")[0]
+            estimate = estimates[kind]
             stored = self._context.store.measured_footprint(record.name, record.version, kind)
             if stored is not None and getattr(stored, "measured_bytes", None):
-                need[device_id] = int(stored.measured_bytes)
+                claim = int(stored.measured_bytes)
             else:
-                need[device_id] = estimates[kind]
+                claim = estimate.total
+            need[device_id] = max(claim, estimate.minimum)
         return need
 
     def spec(self, record: VersionRecord, device: str) -> LoadSpec:
@@ -100,7 +107,7 @@ class Planner:
         record: VersionRecord,
         preferences: Sequence[str],
         need: Mapping[str, int],
-        estimates: Mapping[str, int],
+        estimates: Mapping[str, Footprint],
         eviction_reason: str | None,
         *,
         replica: int = 0,
@@ -160,7 +167,7 @@ class Planner:
         record: VersionRecord,
         plan: Plan,
         need: Mapping[str, int],
-        estimates: Mapping[str, int],
+        estimates: Mapping[str, Footprint],
         eviction_reason: str | None,
         replica: int,
     ) -> Instance:
@@ -169,7 +176,7 @@ class Planner:
             record,
             plan.device,
             reserved=need[plan.device],
-            estimated=estimates[plan.device.split(":")[0]],
+            estimated=estimates[plan.device.split(":")[0]].total,
             replica=replica,
         )
         reason = eviction_reason or self._context.placement.eviction.name

@@ -4,7 +4,8 @@
 among every request that waits for it):
 
 1. estimate — bytes per device kind, from the checkpoint; the stored measurement,
-   where there is one, is what gets claimed (planning).
+   where there is one, is what gets claimed, never less than the backend's minimum
+   to start (planning).
 2. plan and reserve — the placement policy picks a device and victims; the plan is
    committed at once: the instance is ``waiting`` with its bytes claimed, its
    victims ``draining`` (planning, lifecycle).
