@@ -31,7 +31,9 @@ async def _client(
     tmp_path: Path, backend: FakeBackend, *, request_timeout: float = 10.0
 ) -> TestClient:
     models = [
-        fake_spec(tmp_path, "m", context=4096),
+        # max_wait_ms 0: rows queued while a batch runs join it the moment it asks,
+        # never left for a new batch by a 5 ms wait that a busy host may not have run out.
+        fake_spec(tmp_path, "m", context=4096, max_wait_ms=0),
         fake_spec(tmp_path, "other"),
         fake_spec(tmp_path, "broken", fail_load="no weights in folder"),
         fake_spec(tmp_path, "oom-once", oom_loads=1, bytes=2000),
