@@ -21,6 +21,7 @@ from routerd.app import build_app, build_services
 from routerd.clock import Clock, VirtualClock
 from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
+from routerd.memory_audit import MemoryReader
 from routerd.scheduler import Scheduler
 from routerd.services import Services
 from state import VersionSpec
@@ -62,6 +63,8 @@ def fake_services(
     clock: Clock | None = None,
     on_change: Callable[[Scheduler], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    memory_reader: MemoryReader | None = None,
+    audit_clock: Clock | None = None,
     **config: Any,
 ) -> Services:
     """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
@@ -86,6 +89,8 @@ def fake_services(
         clock=clock,
         on_change=on_change,
         wall_clock=wall_clock,
+        memory_reader=memory_reader,
+        audit_clock=audit_clock,
     )
 
 
