@@ -9,14 +9,23 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from routerd.app import build_app
 from routerd.clock import VirtualClock
 from routerd.config import MemoryAuditConfig
 from routerd.devices import DeviceInventory
+from routerd.memory_audit import KEPT_VIOLATIONS, AuditSettings, MemoryAudit
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
-from tests.support import ADMIN_AUTH, fake_services, fake_spec
+from tests.support import (
+    ADMIN_AUTH,
+    STRICT_AUDITS,
+    audit_failures,
+    fake_services,
+    fake_spec,
+)
+from tests.test_memory_audit import FakeLedger, FakeReader, row
 from tests.test_metrics import scrape, value
 
 MiB = 1024**2
@@ -123,3 +132,32 @@ async def test_off_exports_no_figure(tmp_path: Path):
         scraped = await scrape(client)
     assert status["memory_audit"]["mode"] == "off" and status["memory_audit"]["samples"] == 0
     assert not [k for k in scraped if k[0] == "routerd_memory_unaccounted_bytes"]
+
+
+# -- the strict_memory_audit fixture the batching tests use --------------------------
+
+
+@pytest.mark.usefixtures("strict_memory_audit")
+async def test_the_fixture_makes_services_audit_strictly_from_their_start(tmp_path: Path):
+    if not STRICT_AUDITS.active:
+        pytest.skip("--memory-audit off")
+    services = fake_services(tmp_path, FakeBackend(), [fake_spec(tmp_path, "m")])
+    assert services.audit.settings.strict and services.audit.running
+    assert services.audit.settings.tolerance_bytes == 16 * MiB
+    assert STRICT_AUDITS.audits == [services.audit]
+    services.store.close()
+
+
+async def test_the_fixture_check_reports_every_violation():
+    """What ``strict_memory_audit`` fails a test with, on an audit over its ledger."""
+    reader = FakeReader({"cpu": 0})
+    settings = AuditSettings(mode="strict", tolerance_bytes=0)
+    audit = MemoryAudit(FakeLedger(row()), reader, settings, clock=VirtualClock())
+    audit.take_baseline()
+    reader.usage["cpu"] = 300 * MiB
+    for _ in range(KEPT_VIOLATIONS + 1):
+        await audit.sample()
+    failures = await audit_failures([audit])
+    assert len(failures) == KEPT_VIOLATIONS + 1
+    assert "unaccounted 314572800" in failures[0]
+    assert failures[-1] == f"... {KEPT_VIOLATIONS + 1} violations in all"
