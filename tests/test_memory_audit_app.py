@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from routerd.clock import VirtualClock
 from routerd.config import MemoryAuditConfig
 from routerd.devices import DeviceInventory
 from routerd.memory_audit import KEPT_VIOLATIONS, AuditSettings, MemoryAudit
+from routerd.reload import reload_config
 from tests.fakes import MEMINFO, FakeBackend, FakeGpus
 from tests.support import (
     ADMIN_AUTH,
@@ -161,3 +163,15 @@ async def test_the_fixture_check_reports_every_violation():
     assert len(failures) == KEPT_VIOLATIONS + 1
     assert "unaccounted 314572800" in failures[0]
     assert failures[-1] == f"... {KEPT_VIOLATIONS + 1} violations in all"
+
+
+def test_a_reload_leaves_the_audit_as_it_started(tmp_path: Path):
+    """The baseline belongs to the start, so the mode and tolerance need a restart."""
+    services = fake_services(tmp_path, FakeBackend(), [])
+    try:
+        new = replace(services.live.config, memory_audit=STRICT)
+        outcome = reload_config(services, lambda: new)
+        assert outcome.restart_needed == ["memory_audit"]
+        assert services.audit.settings.mode == "on"
+    finally:
+        services.store.close()
