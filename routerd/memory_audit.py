@@ -77,10 +77,10 @@ KEPT_VIOLATIONS: Final = 50  # the first ones are kept whole; the count goes on
 class AuditSettings:
     """How the audit samples and judges; see the module docstring."""
 
-    mode: str = "on"
-    interval: float = 1.0  # seconds between samples
-    tolerance_bytes: int = 64 * 1024**2
-    tolerance_ratio: float = 0.05
+    mode: str = MemoryAuditConfig.mode
+    interval: float = DEFAULT_INTERVAL["on"]  # seconds between samples
+    tolerance_bytes: int = MemoryAuditConfig.tolerance
+    tolerance_ratio: float = MemoryAuditConfig.tolerance_ratio
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
