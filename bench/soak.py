@@ -11,18 +11,24 @@ seconds (shifting demand, as on a real host), so models are loaded and evicted
 throughout; demo-small and demo-embed are used all along.
 
 Every ``--poll`` seconds the admin socket's ``/admin/status`` is read to check the
-memory ledger (``over_budget_bytes`` per device must stay 0). At the end the event
-log gives the loads and evictions, and ``/proc`` the daemon's resident memory.
+memory ledger (``over_budget_bytes`` per device must stay 0). Both daemons run with
+the memory audit strict (``--memory-audit``, default ``strict``: ``ROUTERD_MEMORY_AUDIT``),
+which compares what the daemon really holds with the ledger every 10 ms; its
+violations must stay 0 too. At the end the event log gives the loads and evictions,
+and ``/proc`` the daemon's resident memory.
 
 Usage: python bench/soak.py [--duration 180] [--clients 8] [--phase 20]
-       [--max-requests 200000] [--poll 0.25]
+       [--max-requests 200000] [--poll 0.25] [--memory-audit strict|on|off]
 
 Prints a table, then as its last line one JSON object: ``sent``, ``ok``,
 ``rejected_429``, ``errors_5xx``, ``errors_4xx``, ``lost`` (sent but never answered:
 connection dropped or no answer within the client timeout), ``loads``,
 ``evictions``, ``failed_instances``, ``max_ledger_over_budget_bytes``,
 ``rss_start_mb``, ``rss_end_mb``, ``rss_ratio`` (end ÷ start), ``budget_bytes``,
-``seconds``. Goal: lost 0, errors_5xx 0, never over budget, flat RSS.
+``seconds``, ``audit_violations`` (both daemons), ``audit_samples``,
+``max_unaccounted_bytes`` (per device, the audit's worst measured − baseline −
+accounted; negative: never above the ledger). Goal: lost 0, errors_5xx 0, never over
+budget, no audit violation, flat RSS.
 """
 
 from __future__ import annotations
@@ -53,7 +59,13 @@ class Daemon:
     a client for its admin API on the unix socket there."""
 
     def __init__(
-        self, config: Path, state_dir: Path, port: int, log: Path, root: Path = ROOT
+        self,
+        config: Path,
+        state_dir: Path,
+        port: int,
+        log: Path,
+        audit: str = "strict",
+        root: Path = ROOT,
     ) -> None:
         argv = [sys.executable, "-m", "routerd", "serve", "--demo", "--config", str(config)]
         argv += ["--state-dir", str(state_dir), "--port", str(port)]
@@ -64,7 +76,7 @@ class Daemon:
             log,
             start_timeout=START_TIMEOUT_S,
             poll_s=0.2,
-            env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+            env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ROUTERD_MEMORY_AUDIT": audit},
             append_log=True,  # the calibration run and the soak share one log
             root=root,
         )
@@ -114,11 +126,14 @@ poll_interval = "1s"
     )
 
 
-async def calibrate(work: Path, session: aiohttp.ClientSession) -> dict[str, int]:
-    """Load every demo model once with room to spare; return their measured bytes."""
+async def calibrate(
+    work: Path, session: aiohttp.ClientSession, audit: str
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Load every demo model once with room to spare; return their measured bytes and
+    the memory audit's status."""
     config = work / "calibrate.toml"
     write_config(config, "8GiB")
-    daemon = Daemon(config, work / "state", free_port(), work / "routerd.log")
+    daemon = Daemon(config, work / "state", free_port(), work / "routerd.log", audit)
     try:
         await daemon.wait_ready(session)
         for model in MODELS:
@@ -126,7 +141,8 @@ async def calibrate(work: Path, session: aiohttp.ClientSession) -> dict[str, int
         status = await daemon.call("GET", "/admin/status")
     finally:
         await daemon.stop()
-    return {i["model"]: int(i["measured_bytes"]) for i in status["instances"]}
+    measured = {i["model"]: int(i["measured_bytes"]) for i in status["instances"]}
+    return measured, status["memory_audit"]
 
 
 @dataclass
@@ -211,14 +227,18 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         try:
-            measured = await calibrate(work, session)
+            measured, calibration_audit = await calibrate(work, session, args.memory_audit)
             budget = sum(measured.values()) - measured["demo-medium"] // 2
             config = work / "soak.toml"
             write_config(config, budget)
-            daemon = Daemon(config, work / "state", free_port(), work / "routerd.log")
+            log = work / "routerd.log"  # shared with the calibration run
+            daemon = Daemon(config, work / "state", free_port(), log, args.memory_audit)
             try:
                 await daemon.wait_ready(session)
-                return await drive(args, daemon, session, budget, measured)
+                result = await drive(args, daemon, session, budget, measured)
+                result["audit_violations"] += calibration_audit["violations"]
+                result["audit_first_violations"][:0] = calibration_audit["first_violations"]
+                return result
             finally:
                 await daemon.stop()
         finally:
@@ -279,6 +299,7 @@ async def drive(
     rss_peak = daemon.rss_peak_mb()
     status = await daemon.call("GET", "/admin/status")
     max_over = max([max_over, *(d["over_budget_bytes"] for d in status["devices"])])
+    audit = status["memory_audit"]
     events = (await daemon.call("GET", "/admin/events?limit=10000"))["events"]
     during = [e for e in events if e["ts"] >= started_wall]
     result = {
@@ -297,6 +318,11 @@ async def drive(
         "seconds": round(seconds, 1),
         "clients": args.clients,
         "phase_s": args.phase,
+        "audit_mode": audit["mode"],
+        "audit_violations": audit["violations"],
+        "audit_samples": audit["samples"],
+        "max_unaccounted_bytes": {w["device"]: w["unaccounted_bytes"] for w in audit["worst"]},
+        "audit_first_violations": audit["first_violations"],
     }
     return result
 
@@ -316,6 +342,9 @@ def print_table(result: dict[str, Any]) -> None:
          f"in {result['ledger_polls']} polls"),
         ("RSS start -> end (MiB)", f"{result['rss_start_mb']} -> {result['rss_end_mb']} "
          f"(ratio {result['rss_ratio']}, peak {result['rss_peak_mb']})"),
+        ("memory audit violations / samples", f"{result['audit_violations']} / "
+         f"{result['audit_samples']} ({result['audit_mode']})"),
+        ("most unaccounted (bytes)", str(result["max_unaccounted_bytes"])),
         ("seconds", str(result["seconds"])),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
@@ -331,6 +360,12 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=200_000, help="at most this many")
     parser.add_argument("--poll", type=float, default=0.25, help="ledger check interval (s)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
+    parser.add_argument(
+        "--memory-audit",
+        choices=("strict", "on", "off"),
+        default="strict",
+        help="the daemons' memory audit mode (strict: a reading over the ledger is a violation)",
+    )
     args = parser.parse_args()
     result = asyncio.run(soak(args))
     print_table(result)

@@ -2,30 +2,37 @@
 
 Start-up order: open the store (migrations run), sync config (and demo) models into
 the registry, build router and scheduler, then the traffic parts (per-version stats,
-route manager, shadow runner, rollout controller, which resumes running rollouts).
+route manager, shadow runner, rollout controller, which resumes running rollouts) and
+the memory audit. When the app starts, the backends in use are prepared and the
+audit reads its baseline before the scheduler loads anything (pinned versions).
 Shutdown runs in reverse: aiohttp stops accepting and lets in-flight requests finish
-(``server.shutdown_timeout``), then the cleanup context stops the rollout controller
-and the shadow copies, unloads every instance and closes the store.
+(``server.shutdown_timeout``), then the cleanup context stops the audit, the rollout
+controller and the shadow copies, unloads every instance and closes the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from backends.base import LoadSpec
 from backends.registry import BackendRegistry
 from policies import registry as policy_registry
 from routerd.api import admin, health, keys, openai, openapi, prometheus, traffic_admin
 from routerd.api.keys import SERVICES
 from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
-from routerd.clock import Clock
+from routerd.clock import Clock, LoopClock
 from routerd.config import Config
 from routerd.devices import DeviceInventory, NvmlProbe
+from routerd.memory_audit import AuditSettings, MemoryAudit, MemoryReader
 from routerd.model_ids import split_model_id
+from routerd.process_memory import ProcessMemoryReader
 from routerd.registry import Registry
 from routerd.request_context import StreamSlots
 from routerd.rollout import RolloutController
@@ -33,8 +40,9 @@ from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
 from routerd.services import Live, Services
 from routerd.traffic import RouteManager, ShadowRunner
+from routerd.version_options import SCHEDULER_OPTIONS
 from routerd.version_stats import VersionStats
-from state import Store, VersionSpec
+from state import Store, VersionRecord, VersionSpec
 
 log = logging.getLogger("routerd")
 
@@ -47,12 +55,17 @@ def build_services(
     clock: Clock | None = None,
     on_change: Callable[[Scheduler], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    memory_reader: MemoryReader | None = None,
+    audit_clock: Clock | None = None,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure.
 
     ``clock`` drives the scheduler: its reads and every wait (real time when None).
     ``wall_clock`` drives the per-version statistics and rollout steps, whose times
-    are stored and outlive the process.
+    are stored and outlive the process. ``memory_reader`` and ``audit_clock`` are the
+    memory audit's (this process's /proc and NVML, and real time, when None): the
+    audit samples on a clock of its own so that it never adds a timer to the
+    scheduler's, which virtual-time tests count.
     """
     store = Store.open(config.database_path, busy_timeout=config.busy_timeout)
     try:
@@ -95,6 +108,13 @@ def build_services(
         stats = VersionStats(wall_clock)
         routes = RouteManager(store, registry, router, scheduler)
         rollouts = RolloutController(store, router, routes, scheduler, stats, clock=wall_clock)
+        audit = MemoryAudit(
+            scheduler,
+            memory_reader or ProcessMemoryReader(devices),
+            AuditSettings.from_config(config.memory_audit, os.environ),
+            clock=audit_clock or LoopClock(),
+            wall=wall_clock,
+        )
     except BaseException:
         store.close()
         raise
@@ -110,6 +130,7 @@ def build_services(
         routes=routes,
         shadows=ShadowRunner(stats),
         rollouts=rollouts,
+        audit=audit,
     )
 
 
@@ -145,6 +166,32 @@ def build_app(services: Services) -> web.Application:
     return app
 
 
+async def _prepare_runtimes(services: Services) -> None:
+    """Bring every registered version's runtime into the process before the memory
+    audit reads its baseline: what a backend imports (torch, some 200 MB) and what its
+    runtime loads on first use (transformers' tokenizer stack, some 80 MB, on the first
+    estimate) belong to the daemon, not to any model, and would otherwise read as use
+    beyond the ledger from the first load on. So each backend in use is created and
+    estimates one of its versions (checkpoint headers only; nothing is loaded)."""
+    first: dict[str, VersionRecord] = {}
+    for record in services.registry.versions():
+        first.setdefault(record.backend, record)
+    devices = services.devices.device_ids()
+    for kind, record in sorted(first.items()):
+        spec = LoadSpec(
+            name=record.name,
+            version=record.version,
+            path=record.path,
+            options={k: v for k, v in record.options.items() if k not in SCHEDULER_OPTIONS},
+            device=devices[0] if devices else "cpu",
+        )
+        try:
+            backend = services.backends.get(kind)
+            await asyncio.to_thread(backend.estimate_footprint, spec)
+        except Exception as exc:  # a missing extra or folder: its load will say so
+            log.info("backend %s not prepared at start: %s", kind, exc)
+
+
 async def _stop_accepting(app: web.Application) -> None:
     app[SERVICES].live.accepting = False
     log.info("shutting down: no new requests, waiting for in-flight ones")
@@ -152,11 +199,15 @@ async def _stop_accepting(app: web.Application) -> None:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
+    if services.audit.settings.enabled:
+        await _prepare_runtimes(services)
+        services.audit.start()  # the baseline: before the scheduler loads pinned models
     await services.scheduler.start(services.router.table.versions.get)
     services.rollouts.start()
     yield
     services.live.accepting = False
     try:
+        await services.audit.close()
         await services.rollouts.close()
         await services.shadows.close()
         await services.routes.close()

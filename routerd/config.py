@@ -143,6 +143,19 @@ class DevicesConfig:
     cpu_headroom: int = 0
 
 
+AUDIT_MODES = ("off", "on", "strict")
+
+
+@dataclass(frozen=True)
+class MemoryAuditConfig:
+    """``[memory_audit]``: measured use checked against the ledger (routerd.memory_audit)."""
+
+    mode: str = "on"  # "off"; "on": the gauge and warnings; "strict": violations are errors
+    interval: float | None = None  # between samples; None: 1s on, 10ms strict
+    tolerance: int = 64 * 1024**2  # bytes of use beyond the ledger (and headroom) allowed
+    tolerance_ratio: float = 0.05  # plus this share of the accounted bytes
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, immutable; a reload builds a new one."""
@@ -150,6 +163,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    memory_audit: MemoryAuditConfig = field(default_factory=MemoryAuditConfig)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
@@ -214,12 +228,14 @@ def load_config(path: Path | None) -> Config:
 def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     _reject_unknown(
         raw,
-        {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"},
+        {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"}
+        | {"memory_audit"},
         where="",
     )
     server = _server(_table(raw, "server"), base_dir)
     scheduler = _scheduler(_table(raw, "scheduler"))
     devices = _devices(_table(raw, "devices"))
+    memory_audit = _memory_audit(_table(raw, "memory_audit"))
     state = _table(raw, "state")
     _reject_unknown(state, {"dir", "busy_timeout"}, where="state.")
     busy_timeout = parse_duration(state.get("busy_timeout", 5.0), key="state.busy_timeout")
@@ -253,6 +269,7 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         server=server,
         scheduler=scheduler,
         devices=devices,
+        memory_audit=memory_audit,
         state_dir=state_dir,
         busy_timeout=busy_timeout,
         log_level=log_level,
@@ -441,6 +458,29 @@ def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
         cpu_headroom=parse_size(
             raw.get("cpu_headroom", defaults.cpu_headroom), key="devices.cpu_headroom"
         ),
+    )
+
+
+def _memory_audit(raw: Mapping[str, Any]) -> MemoryAuditConfig:
+    defaults = MemoryAuditConfig()
+    where = "memory_audit."
+    _reject_unknown(raw, {"mode", "interval", "tolerance", "tolerance_ratio"}, where=where)
+    mode = _str(raw.get("mode", defaults.mode), f"{where}mode").lower()
+    if mode not in AUDIT_MODES:
+        raise ConfigError(f"{where}mode: expected one of {', '.join(AUDIT_MODES)}, got {mode!r}")
+    interval = None
+    if "interval" in raw:
+        interval = parse_duration(raw["interval"], key=f"{where}interval")
+        if interval <= 0:
+            raise ConfigError(f"{where}interval: must be positive")
+    ratio = raw.get("tolerance_ratio", defaults.tolerance_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ConfigError(f"{where}tolerance_ratio: expected a number from 0 to 1, got {ratio!r}")
+    return MemoryAuditConfig(
+        mode=mode,
+        interval=interval,
+        tolerance=parse_size(raw.get("tolerance", defaults.tolerance), key=f"{where}tolerance"),
+        tolerance_ratio=float(ratio),
     )
 
 

@@ -12,7 +12,8 @@ well-defined points and nowhere else:
 - the scheduler's event log (:meth:`Metrics.event`): loads by result and duration,
   evictions by reason and age; and its batchers (:meth:`Metrics.batch`);
 - at scrape time, a collector that reads the scheduler's snapshots: queue depth,
-  instances, per-device memory from the ledger, estimated vs measured footprints.
+  instances, per-device memory from the ledger, estimated vs measured footprints;
+  and one that reads the memory audit's latest books (``routerd.memory_audit``).
 
 Names follow the Prometheus conventions: a ``routerd_`` prefix, base units
 (seconds, bytes), ``_total`` on counters.
@@ -30,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from routerd.memory_audit import MemoryAudit, gauge_value
 from routerd.model_ids import split_model_id
 from routerd.request_context import RequestContext, current
 from routerd.scheduler import Scheduler
@@ -166,6 +168,10 @@ class Metrics:
         """Observe ``scheduler``: its events and batches, and its state at scrape time."""
         scheduler.observer = self
         self.registry.register(_StateCollector(scheduler))
+
+    def watch_audit(self, audit: MemoryAudit) -> None:
+        """Export the memory audit's latest books as ``routerd_memory_unaccounted_bytes``."""
+        self.registry.register(_AuditCollector(audit))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -310,3 +316,23 @@ class _StateCollector(Collector):
             ):
                 memory.add_metric([d.id, kind], value)
         yield memory
+
+
+class _AuditCollector(Collector):
+    """Bytes in use beyond the ledger, per device, from the audit's latest sample."""
+
+    def __init__(self, audit: MemoryAudit) -> None:
+        self._audit = audit
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "routerd_memory_unaccounted_bytes",
+            "Memory measured in use beyond what the ledger accounts for (0 when within it).",
+            labels=["device"],
+        )
+        for books in list(self._audit.latest.values()):
+            gauge.add_metric([books.device], gauge_value(books))
+        yield gauge

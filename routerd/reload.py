@@ -9,8 +9,8 @@ and the running configuration stays. Otherwise:
   in flight finish) and unloaded, so the next request loads it as now declared;
 - ``pinned`` follows the file;
 - scheduler settings and policies, and logging, take effect at once;
-- what cannot change in a running process (address, port, state dir, devices) is
-  logged as needing a restart.
+- what cannot change in a running process (address, port, state dir, devices, the
+  memory audit) is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -101,4 +101,6 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
         keys.append("state.dir")
     if (old.devices.cpu_memory, old.devices.gpus) != (new.devices.cpu_memory, new.devices.gpus):
         keys.append("devices")
+    if old.memory_audit != new.memory_audit:
+        keys.append("memory_audit")
     return keys

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from backends.registry import BackendRegistry
 from routerd.config import Config
 from routerd.devices import DeviceInventory
+from routerd.memory_audit import MemoryAudit
 from routerd.registry import Registry
 from routerd.rollout import RolloutController
 from routerd.router import Router
@@ -46,4 +47,4 @@ class Services:
     routes: RouteManager  # route and shadow changes, as rolling updates
     shadows: ShadowRunner  # shadow copies of requests, in the background
     rollouts: RolloutController
-
+    audit: MemoryAudit  # measured memory against the ledger (started with the app)

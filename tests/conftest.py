@@ -1,16 +1,21 @@
-"""Shared fixtures: the demo models (built once per session), the ``gpu`` marker, and
-the ``engine`` marker on every test that runs a real model (it uses the demo models)."""
+"""Shared fixtures: the demo models (built once per session), the ``gpu`` marker, the
+``engine`` marker on every test that runs a real model (it uses the demo models), and
+``strict_memory_audit``: the memory audit strict around a test (``--memory-audit``)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from backends.base import LoadedModel, LoadSpec
 from routerd.demo import ensure_demo_models
+from routerd.memory_audit import AuditSettings, Books, allowance
+from routerd.process_memory import peak_growth, reset_peak, rss_now
+from tests.support import STRICT_AUDITS, STRICT_TEST_AUDIT, audit_failures
 
 # -- the gpu marker -------------------------------------------------------------
 
@@ -41,6 +46,80 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU; NVML finds none")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+# -- the memory audit -------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--memory-audit",
+        choices=("strict", "off"),
+        default="strict",
+        help="strict (default): tests using the strict_memory_audit fixture (the batching "
+        "tests) fail when measured memory use passes the ledger; off: no audit",
+    )
+
+
+IN_PROCESS_MODELS = {"small_model": "demo-small", "embed_model": "demo-embed"}
+"""Session fixtures that load a demo model straight through its backend, without a
+scheduler, so without a ledger: what the backend's estimate says a request may add on
+top of the loaded weights (KV cache and working memory) stands in for it."""
+
+
+@pytest.fixture
+async def strict_memory_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """The memory audit strict around the test: it fails when measured use passes the
+    ledger by more than the tolerance (``routerd.memory_audit``).
+
+    Daemon parts built by ``fake_services`` during the test audit themselves every
+    10 ms and once more at the end. A demo model the test uses directly (``small_model``)
+    has no ledger; there the peak RSS the test reaches over its RSS at the start must stay
+    within the model's estimated KV cache and working memory, plus the tolerance.
+    """
+    if request.config.getoption("--memory-audit") == "off":
+        yield
+        return
+    models = [n for n in IN_PROCESS_MODELS if n in request.fixturenames]
+    accounted = 0
+    if models:
+        demo_root: Path = request.getfixturevalue("demo_root")
+        for name in models:
+            request.getfixturevalue(name)  # loaded before the peak is reset
+            accounted += _request_bytes(demo_root, IN_PROCESS_MODELS[name])
+        if not reset_peak():
+            warnings.warn("cannot reset the peak RSS: in-process models unaudited", stacklevel=1)
+            models = []
+    start = rss_now()
+    STRICT_AUDITS.active = True
+    try:
+        yield
+    finally:
+        STRICT_AUDITS.active = False
+    failures = await audit_failures(STRICT_AUDITS.take())
+    if models:
+        settings = AuditSettings.from_config(STRICT_TEST_AUDIT)
+        books = Books("cpu", peak_growth(start), 0, accounted, allowance(accounted, 0, settings))
+        if books.over:
+            failures.append(f"peak RSS during the test: {books}")
+    if failures:
+        pytest.fail("memory use beyond the ledger:\n" + "\n".join(failures))
+
+
+_REQUEST_BYTES: dict[str, int] = {}
+
+
+def _request_bytes(demo_root: Path, name: str) -> int:
+    """The estimated KV cache and working memory of a demo model on the CPU."""
+    if name not in _REQUEST_BYTES:
+        from backends.hf_transformers import TransformersBackend
+
+        spec = LoadSpec(
+            name=name, version="1", path=str(demo_root / name), options={}, device="cpu"
+        )
+        estimate = TransformersBackend().estimate_footprint(spec)
+        _REQUEST_BYTES[name] = estimate.runtime + estimate.working
+    return _REQUEST_BYTES[name]
 
 
 # -- demo models ----------------------------------------------------------------

@@ -48,6 +48,7 @@ FAKE_OPTIONS = {
     "inline",  # ModelInfo.inline: request-path calls are made on the event loop
     "kv_tokens",  # ModelInfo.kv_tokens: what the batcher keeps a batch within
     "embed_poison",  # "nan", "inf" or "-inf": the first vector's second number, as models overflow
+    "hold",  # bytes the model really allocates and holds until unloaded, left out of its footprint
 }
 
 
@@ -69,6 +70,7 @@ class FakeModel:
         )
         self.unloaded = False
         self.warmed = False
+        self.held = bytearray(int(spec.options.get("hold", 0)))  # touched: resident at once
 
     @property
     def info(self) -> ModelInfo:
@@ -165,6 +167,7 @@ class FakeModel:
 
     def unload(self) -> None:
         self.unloaded = True
+        self.held = bytearray()
         self.backend.note(self.backend.unloads, self.spec.name + "@" + self.spec.version)
         if not self.spec.options.get("leak"):
             self.backend.on_gpu(self.spec, -self.measure_footprint().total)

@@ -19,8 +19,9 @@ from routerd.admin_socket import bind_admin_socket
 from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
 from routerd.clock import Clock, VirtualClock
-from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig
+from routerd.config import Config, DevicesConfig, MemoryAuditConfig, SchedulerConfig, ServerConfig
 from routerd.devices import DeviceInventory
+from routerd.memory_audit import MemoryAudit, MemoryReader
 from routerd.scheduler import Scheduler
 from routerd.services import Services
 from state import VersionSpec
@@ -62,9 +63,18 @@ def fake_services(
     clock: Clock | None = None,
     on_change: Callable[[Scheduler], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    memory_reader: MemoryReader | None = None,
+    audit_clock: Clock | None = None,
     **config: Any,
 ) -> Services:
-    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
+    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay.
+
+    Under the ``strict_memory_audit`` fixture (and unless ``memory_audit`` is given),
+    their memory audit runs strict from here on and is checked after the test.
+    """
+    audited = STRICT_AUDITS.active and "memory_audit" not in config
+    if audited:
+        config["memory_audit"] = STRICT_TEST_AUDIT
     scheduler_settings = {"load_timeout": load_timeout, "min_residency": 0.0, **(scheduler or {})}
     server = config.pop("server", ServerConfig(admin_token=ADMIN_TOKEN))
     if server.model_roots is None:  # models of these tests live under tmp
@@ -79,14 +89,55 @@ def fake_services(
         **config,
     )
     registry = backends or BackendRegistry({"fake": lambda: backend})
-    return build_services(
+    services = build_services(
         cfg,
         backends=registry,
         devices=devices or cpu_only_inventory(tmp),
         clock=clock,
         on_change=on_change,
         wall_clock=wall_clock,
+        memory_reader=memory_reader,
+        audit_clock=audit_clock,
     )
+    if audited:
+        STRICT_AUDITS.adopt(services.audit)
+    return services
+
+
+STRICT_TEST_AUDIT = MemoryAuditConfig(mode="strict", tolerance=16 * 1024**2)
+"""The audit under ``strict_memory_audit``: in a test process nothing but the test's
+own work moves memory, so the slack can be a quarter of the daemon's default."""
+
+
+class StrictAudits:
+    """The memory audits of services built while a test runs under the
+    ``strict_memory_audit`` fixture (tests/conftest.py), which checks them afterwards.
+
+    Tests that drive the scheduler without an app (the batcher tests) never start its
+    audit, so one built here is started at once when a loop runs; an app started
+    later finds it running (``MemoryAudit.start`` is idempotent).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.audits: list[MemoryAudit] = []
+
+    def take(self) -> list[MemoryAudit]:
+        """The audits adopted so far, forgotten here."""
+        audits, self.audits = self.audits, []
+        return audits
+
+    def adopt(self, audit: MemoryAudit) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop yet: the app's start-up starts it
+        else:
+            audit.start()
+        self.audits.append(audit)
+
+
+STRICT_AUDITS = StrictAudits()
 
 
 async def until(scheduler: Scheduler, predicate: Callable[[], bool], limit: float = 5.0) -> None:
@@ -188,3 +239,16 @@ class ServedApp:
             return response.status, response.read()
         finally:
             conn.close()
+
+
+async def audit_failures(audits: Sequence[MemoryAudit]) -> list[str]:
+    """Stop ``audits`` after one last sample each; one line per violation they saw."""
+    failures = []
+    for audit in audits:
+        if audit.running:
+            await audit.sample()  # the state the test ended in
+        await audit.close()
+        failures += [f"{v.books} (sample {audit.samples})" for v in audit.violations]
+        if audit.violation_count > len(audit.violations):
+            failures.append(f"... {audit.violation_count} violations in all")
+    return failures

@@ -15,6 +15,8 @@ from contract.errors import InvalidRequest
 from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
 from tests.fakes import FakeBackend
 
+pytestmark = pytest.mark.usefixtures("strict_memory_audit")  # use beyond the estimate fails
+
 TEXTS = (
     "def main(argv):\n    ",
     "Hello",

@@ -14,6 +14,8 @@ from routerd.errors import BadRequest
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
 
+pytestmark = pytest.mark.usefixtures("strict_memory_audit")  # use beyond the ledger fails
+
 
 @pytest.fixture
 def backend():

@@ -83,6 +83,8 @@ def test_soak_keeps_every_request_and_the_budget():
     assert figures["lost"] == 0 and figures["errors_5xx"] == 0
     assert figures["max_ledger_over_budget_bytes"] == 0 and figures["ledger_polls"] > 0
     assert figures["budget_bytes"] < sum(figures["measured_bytes"].values())  # over budget
+    assert figures["audit_mode"] == "strict" and figures["audit_samples"] > 0
+    assert figures["audit_violations"] == 0, figures["audit_first_violations"]
 
 
 @pytest.mark.vllm

@@ -120,6 +120,7 @@ def test_shipped_configs_load():
     defaults = load_config(repo / "configs" / "default.toml")
     assert defaults.server == Config().server
     assert defaults.scheduler == Config().scheduler
+    assert defaults.memory_audit == Config().memory_audit
     example = load_config(repo / "configs" / "example.toml")
     assert [m.name for m in example.models] == ["my-llm", "my-vllm-llm", "my-vllm-embedder"]
     vllm = example.models[1]

@@ -10,7 +10,14 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 
 from routerd.app import build_app
-from routerd.config import Config, DevicesConfig, SchedulerConfig, ServerConfig, load_config
+from routerd.config import (
+    Config,
+    DevicesConfig,
+    MemoryAuditConfig,
+    SchedulerConfig,
+    ServerConfig,
+    load_config,
+)
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
 
@@ -20,7 +27,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_example_names_every_key_with_its_default() -> None:
     text = (CONFIGS / "example.toml").read_text()
     written = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
-    for section in (ServerConfig, SchedulerConfig, DevicesConfig):
+    for section in (ServerConfig, SchedulerConfig, DevicesConfig, MemoryAuditConfig):
         missing = {f.name for f in dataclasses.fields(section)} - written
         assert not missing, f"{section.__name__} keys missing from example.toml: {missing}"
     assert {"log_level", "log_format", "dir", "pinned", "max_queue"} <= written
@@ -28,6 +35,7 @@ def test_example_names_every_key_with_its_default() -> None:
     defaults = Config()
     assert example.server == defaults.server
     assert example.scheduler == defaults.scheduler
+    assert example.memory_audit == defaults.memory_audit
     assert (example.log_level, example.log_format) == (defaults.log_level, defaults.log_format)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
-from routerd.api.keys import DEVICES, LIVE, REGISTRY, ROUTER, SCHEDULER, STATS, STORE
+from routerd.api.keys import AUDIT, DEVICES, LIVE, REGISTRY, ROUTER, SCHEDULER, STATS, STORE
 from routerd.devices import DeviceInventory
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
@@ -71,6 +71,7 @@ async def status(request: web.Request) -> web.Response:
             "models": len(request.app[ROUTER].table.versions),
             "traffic": request.app[STATS].snapshot(),
             "accepting": request.app[LIVE].accepting,
+            "memory_audit": request.app[AUDIT].status(),
         }
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from routerd.devices import DeviceInventory
+from routerd.memory_audit import MemoryAudit
 from routerd.registry import Registry
 from routerd.rollout import RolloutController
 from routerd.router import Router
@@ -32,6 +33,7 @@ STATS = web.AppKey("stats", VersionStats)
 ROUTES = web.AppKey("routes", RouteManager)
 SHADOWS = web.AppKey("shadows", ShadowRunner)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
+AUDIT = web.AppKey("audit", MemoryAudit)
 
 
 def install(app: web.Application, services: Services) -> None:
@@ -47,3 +49,4 @@ def install(app: web.Application, services: Services) -> None:
     app[ROUTES] = services.routes
     app[SHADOWS] = services.shadows
     app[ROLLOUTS] = services.rollouts
+    app[AUDIT] = services.audit

@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from routerd.api.keys import SCHEDULER
+from routerd.api.keys import AUDIT, SCHEDULER
 from routerd.metrics import Metrics
 
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -30,6 +30,7 @@ def install(app: web.Application) -> Metrics:
     builder hands them to the request middleware (``routerd.api.middleware``)."""
     found = Metrics()
     found.attach(app[SCHEDULER])
+    found.watch_audit(app[AUDIT])
     app[METRICS] = found
     app.add_routes(routes)
     return found
