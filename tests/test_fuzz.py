@@ -181,8 +181,9 @@ def test_embedding_parser_returns_a_valid_request_or_a_400(body):
 )
 def test_numbers_out_of_every_range_are_refused(field, value):
     """NaN and infinities pass naive range checks (every comparison with NaN is false)."""
-    body = {"model": "a", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
-    for parse in (parse_completion, parse_chat):
+    completion = {"model": "a", "prompt": "x"}
+    chat = {"model": "a", "messages": [{"role": "user", "content": "x"}]}
+    for parse, body in ((parse_completion, completion), (parse_chat, chat)):
         try:
             req = parse({**body, field: value})
         except BadRequest as exc:
