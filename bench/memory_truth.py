@@ -21,7 +21,9 @@ Prints a table, then as its last line one JSON object: ``peak_unaccounted_bytes`
 ÷ demo-large's accounted bytes; goal ≤ 0.05), ``peak_over_budget_bytes`` (measured
 over the budget, at worst; goal 0), ``tokens_per_s`` (phase 1), ``throughput_ratio``
 (tokens/s ÷ the baseline's, with ``--baseline``; else absent), the same figures of
-the baseline under ``baseline``, and ``seconds``.
+the baseline under ``baseline``, ``audit_violations`` (what the daemon's own strict
+memory audit, ``ROUTERD_MEMORY_AUDIT=strict``, counted; null for a baseline without
+one), and ``seconds``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Side:
     phase1_s: float = 0.0
     evictions: int = 0
     errors: int = 0
+    audit_violations: int | None = None  # the daemon's own strict memory audit, if it has one
 
     def figures(self) -> dict[str, Any]:
         large = max(self.large_accounted, 1)
@@ -83,6 +86,7 @@ class Side:
             "tokens_per_s": round(self.tokens / self.phase1_s, 1) if self.phase1_s else 0.0,
             "evictions": self.evictions,
             "errors": self.errors,
+            "audit_violations": self.audit_violations,
             "samples": self.books.samples,
         }
 
@@ -221,6 +225,9 @@ poll_interval = "1s"
             await asyncio.gather(*(mixed(i) for i in range(args.mixed)))
             events = (await daemon.call("GET", "/admin/events?limit=10000"))["events"]
             side.evictions = sum(e["kind"] == "evict" for e in events)
+            audit = (await daemon.call("GET", "/admin/status")).get("memory_audit")
+            if isinstance(audit, dict):
+                side.audit_violations = int(audit["violations"])
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -256,6 +263,7 @@ def print_table(sides: list[Side]) -> None:
         ("long requests, tokens/s", "tokens_per_s", None),
         ("evictions (mixed load)", "evictions", None),
         ("errors (mixed load)", "errors", None),
+        ("daemon's strict audit: violations", "audit_violations", None),
     ]
     figures = [side.figures() for side in sides]
     print(f"{'':34}" + "".join(f"{side.name:>14}" for side in sides))
