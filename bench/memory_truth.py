@@ -271,7 +271,7 @@ def print_table(sides: list[Side]) -> None:
         cells = [f[key] / unit if unit else f[key] for f in figures]
         print(
             f"{label:34}"
-            + "".join(f"{c:>14.2f}" if isinstance(c, float) else f"{c:>14}" for c in cells)
+            + "".join(f"{c:>14.2f}" if isinstance(c, float) else f"{c!s:>14}" for c in cells)
         )
 
 
