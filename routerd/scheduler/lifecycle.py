@@ -3,7 +3,9 @@ to the residency table and removes them from it (DESIGN.md rule 1).
 
 Each method is one step of an instance's life; every move goes through
 ``Instance.move_to``, and so through ``routerd.states.TRANSITIONS``, and signals a
-change (observers see every state an instance takes). Who calls what:
+change (observers see every state an instance takes). Every change to the ledger made
+here (a move, a claim, a measurement, a leak) is followed by ``Residency.check``, which
+asserts the ledger's invariant where settings turn checks on (tests). Who calls what:
 
 - ``create`` — planning, when it commits a plan: the instance is ``waiting``, its
   bytes claimed. ``claim_victims`` — planning (and the swap, for an overrun): the
@@ -51,7 +53,9 @@ class Lifecycle:
 
     def _move(self, instance: Instance, target: InstanceState) -> None:
         """Every move is checked against the table and is a change others may wait for."""
+        was = instance.state
         instance.move_to(target)
+        self._residency.check(f"{instance.key} on {instance.device}: {was} → {target}")
         self._context.signals.changed()
 
     # -- coming in --------------------------------------------------------------
@@ -74,6 +78,7 @@ class Lifecycle:
         )
         instance.post = self._post
         self._residency.add(instance)
+        self._residency.check(f"{instance.key} placed on {device}, claiming {reserved} bytes")
         return instance
 
     def claim_victims(self, keys: Sequence[str], claimant: str, reason: str) -> list[Instance]:
@@ -81,6 +86,7 @@ class Lifecycle:
         leaving = [self._residency.instances[key] for key in keys]
         for victim in leaving:
             victim.victim_of = claimant
+            self._residency.check(f"{victim.key} claimed as a victim by {claimant}")
             self._drain(victim)
             self._context.background.spawn(
                 self.evict(victim, reason=reason, trigger=claimant), name=f"evict {victim.key}"
@@ -113,6 +119,10 @@ class Lifecycle:
                 raise LoadFailed(f"loading {record.model_id} failed: {_reason(exc)}") from exc
             raise  # cancelled: it stays a cancellation
         instance.measured = measured
+        self._residency.check(
+            f"{instance.key} measured at {measured.total} bytes, "
+            f"{instance.reserved_bytes} claimed, on {instance.device}"
+        )
         return measured
 
     def ready(self, instance: Instance, why: str) -> None:
@@ -393,6 +403,7 @@ class Lifecycle:
     def _leak(self, instance: Instance, freed: int, reason: str) -> Leak:
         leak = Leak(instance.model_id, instance.device, freed)
         self._residency.leaks.append(leak)
+        self._residency.check(f"{instance.key} leaked {freed} bytes on {instance.device}")
         self._context.journal.record(
             "leak", instance.record, device=instance.device, reason=reason, bytes=freed
         )
@@ -432,6 +443,7 @@ class Lifecycle:
         instance.revoke(f"{instance.model_id} failed and is being restarted: {reason}")
         self._residency.remove(instance)
         self._residency.retiring.append(instance)
+        self._residency.check(f"{instance.key} on {instance.device} failed, retiring")
         self._context.signals.changed()
         return True
 
@@ -471,6 +483,7 @@ class Lifecycle:
         """A stuck unload finished after all: its bytes are free again."""
         if leak in self._residency.leaks:
             self._residency.leaks.remove(leak)
+            self._residency.check(f"{leak.model_id}'s leak of {leak.bytes} bytes came back")
             self._context.signals.changed()
 
 
