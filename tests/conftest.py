@@ -4,6 +4,7 @@ the ``engine`` marker on every test that runs a real model (it uses the demo mod
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU; NVML finds none")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+# -- the ledger's invariant ----------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def ledger_invariant_held() -> Iterator[None]:
+    """Fail a test whose schedulers (built by tests/support.py, which turns the check
+    on) kept a break of the ledger's invariant, wherever it was raised."""
+    yield
+    support = sys.modules.get("tests.support")
+    if support is None:  # no scheduler was built through it
+        return
+    checked = support.CHECKED_SCHEDULERS
+    breaks = [str(b) for s in checked for b in s.residency.invariant_breaks]
+    checked.clear()
+    assert not breaks, "\n".join(breaks)
 
 
 # -- demo models ----------------------------------------------------------------

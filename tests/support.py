@@ -64,7 +64,8 @@ def fake_services(
     wall_clock: Callable[[], float] = time.time,
     **config: Any,
 ) -> Services:
-    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay."""
+    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay,
+    and the ledger's invariant is checked after every change (``check_invariants``)."""
     scheduler_settings = {"load_timeout": load_timeout, "min_residency": 0.0, **(scheduler or {})}
     server = config.pop("server", ServerConfig(admin_token=ADMIN_TOKEN))
     if server.model_roots is None:  # models of these tests live under tmp
@@ -79,7 +80,7 @@ def fake_services(
         **config,
     )
     registry = backends or BackendRegistry({"fake": lambda: backend})
-    return build_services(
+    services = build_services(
         cfg,
         backends=registry,
         devices=devices or cpu_only_inventory(tmp),
@@ -87,6 +88,23 @@ def fake_services(
         on_change=on_change,
         wall_clock=wall_clock,
     )
+    check_invariants(services.scheduler)
+    return services
+
+
+CHECKED_SCHEDULERS: list[Scheduler] = []
+"""Schedulers of the running test that check the ledger's invariant; tests/conftest.py
+fails the test if any of them kept a break (one raised in a background task, such as
+an eviction, is only logged there; one raised in a load is reported as a failed load)."""
+
+
+def check_invariants(scheduler: Scheduler) -> Scheduler:
+    """Turn on the ledger's invariant check (DESIGN.md rule 5) after every change the
+    scheduler makes; every test's scheduler built here checks it."""
+    settings = replace(scheduler.settings, check_invariants=True)
+    scheduler.reconfigure(settings, scheduler.placement)
+    CHECKED_SCHEDULERS.append(scheduler)
+    return scheduler
 
 
 async def until(scheduler: Scheduler, predicate: Callable[[], bool], limit: float = 5.0) -> None:
