@@ -28,6 +28,14 @@ BROKE_IT = {
         (Request(0, 0.0), Request(1, 2.0)),
         scheduler=QUICK,
     ),
+    # m1 waits for m0, evicted for it, whose memory never comes back; when m1 gives up,
+    # its claim (600, never allocated) was counted as held while it left: 1300 on 1000.
+    "a claim given up is counted as held": World(
+        (1000,),
+        (Model(700, leaks=True), Model(600)),
+        (Request(0, 0.0), Request(1, 2.0)),
+        scheduler=QUICK,
+    ),
 }
 
 

@@ -357,7 +357,12 @@ class Lifecycle:
         return True
 
     async def discard(self, instance: Instance) -> None:
-        """Remove an instance that never became ready, giving back what it took."""
+        """Remove an instance that never became ready, giving back what it took.
+
+        One still waiting for its victims holds no memory, only a claim: the claim is
+        withdrawn first, so the ledger never counts it as held while it leaves."""
+        if instance.state is InstanceState.WAITING and instance.loaded_model is None:
+            self._residency.remove(instance)
         try:
             await self._unload(instance)
         finally:
