@@ -36,6 +36,14 @@ BROKE_IT = {
         (Request(0, 0.0), Request(1, 2.0)),
         scheduler=QUICK,
     ),
+    # m1 measures 400 where 350 were planned, m0 is busy, so m1 is discarded: but its
+    # memory never comes back, and the ledger forgot it: the GPU held 628 of 600.
+    "a failed load's memory is not verified back": World(
+        (600,),
+        (Model(228), Model(400, estimate=350, leaks=True)),
+        (Request(0, 0.0, hold=5.0), Request(1, 1.0)),
+        scheduler=QUICK,
+    ),
 }
 
 

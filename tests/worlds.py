@@ -287,8 +287,8 @@ class TimedBackend:
 class Watch:
     """The independent check, after every change the scheduler signals: from its
     published snapshots, and from the memory the fake devices really hold. What a
-    backend took beyond its grant (an overrun) before its load was made ready is the
-    backend's doing, and excused; nothing else is."""
+    backend took beyond its grant (an overrun) before its load was made ready, or
+    never gave back after, is the backend's doing, and excused; nothing else is."""
 
     def __init__(self, world: World, backend: TimedBackend) -> None:
         self.world = world
@@ -315,8 +315,9 @@ class Watch:
         mine = [i for i in instances if i.device == device.id]
         unready = [i for i in mine if i.load_ms is None and i.state != "waiting"]
         leaked = [x for x in leaks if x.device == device.id]
-        excused = sum(max((i.measured_bytes or 0) - i.estimated_bytes, 0) for i in unready)
-        taken = sum(self.backend.model(i.model).overruns for i in unready)
+        kept = sum(x.overrun for x in leaked)
+        excused = kept + sum(max((i.measured_bytes or 0) - i.estimated_bytes, 0) for i in unready)
+        taken = kept + sum(self.backend.model(i.model).overruns for i in unready)
         held = sum(x.bytes for x in leaked)
         for i in mine:
             if i.state == "sleeping":
@@ -389,13 +390,13 @@ async def _live(services: Services, world: World, clock: VirtualClock, watch: Wa
     # A load whose waiters gave up carries on; it must end too, and leave nothing.
     assert await drive(clock, settled), scheduler.ledger()
     loading = [i for i in scheduler.instances() if i.state in ("waiting", "loading", "warming")]
-    assert loading == []
+    assert loading == [], loading
 
     closing = asyncio.create_task(scheduler.close())
     assert await drive(clock, closing.done), "shutdown hung"
     closing.result()
     await drive(clock, lambda: clock.next_deadline() is None)  # hung unloads end
-    assert scheduler.instances() == []
+    assert scheduler.instances() == [], scheduler.instances()
     for row in scheduler.ledger():
         leaked = sum(x.bytes for x in scheduler.leaks() if x.device == row.device)
         assert (row.ours, row.reserved, row.claimed) == (leaked, 0, 0), row
@@ -438,5 +439,5 @@ def run_world(world: World) -> Watch:
             loop.close()
             CHECKED_SCHEDULERS.remove(services.scheduler)  # checked here, world by world
         assert breaks == [], "\n".join(map(str, breaks))
-        assert watch.problems == []
+        assert not watch.problems, "\n".join(watch.problems)
     return watch

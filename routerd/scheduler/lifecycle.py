@@ -286,11 +286,13 @@ class Lifecycle:
         resident_s = clock.now() - instance.loaded_at
         freed = instance.device_bytes
         before = self._residency.our_usage(instance.device)
+        leak: Leak | None = None
         try:
             await self._unload(instance)
-            leaked = await self._verify_release(instance.device, before, freed)
+            if await self._verify_release(instance.device, before, freed):
+                leak = Leak(instance.model_id, instance.device, freed)
         finally:
-            self._forget(instance)
+            self._forget(instance, leak)
         fields: dict[str, Any] = {
             "device": instance.device,
             "reason": reason,
@@ -315,8 +317,8 @@ class Lifecycle:
                 **fields,
             },
         )
-        if leaked:
-            self._leak(instance, freed, f"memory not back after {self._release_timeout:g}s")
+        if leak is not None:
+            self._record_leak(instance, leak, f"memory not back after {self._release_timeout:g}s")
             log.error(
                 "%s: %d bytes on %s not released after eviction; kept in the ledger",
                 instance.model_id,
@@ -360,13 +362,27 @@ class Lifecycle:
         """Remove an instance that never became ready, giving back what it took.
 
         One still waiting for its victims holds no memory, only a claim: the claim is
-        withdrawn first, so the ledger never counts it as held while it leaves."""
+        withdrawn first, so the ledger never counts it as held while it leaves. A
+        loaded model (warm-up failed, or it measured too large) is unloaded and its
+        memory verified back, as an eviction's is: what does not come back stays in
+        the ledger as leaked, or the next plan would count on bytes the device lacks.
+        (A failed wake-up is not verified: what it held is not known.)
+        """
         if instance.state is InstanceState.WAITING and instance.loaded_model is None:
             self._residency.remove(instance)
+        loaded = instance.loaded_model is not None and not instance.host_bytes
+        freed = instance.device_bytes
+        before = self._residency.our_usage(instance.device) if loaded else None
+        leak: Leak | None = None
         try:
             await self._unload(instance)
+            if await self._verify_release(instance.device, before, freed):
+                overrun = max(freed - instance.reserved_bytes, 0)  # measured above its grant
+                leak = Leak(instance.model_id, instance.device, freed, overrun)
         finally:
-            self._forget(instance)
+            self._forget(instance, leak)
+        if leak is not None:
+            self._record_leak(instance, leak, "memory not back after a failed load")
 
     async def _unload(self, instance: Instance) -> None:
         self._move(instance, InstanceState.UNLOADING)
@@ -380,11 +396,15 @@ class Lifecycle:
         finally:
             instance.close_executor()
 
-    def _forget(self, instance: Instance) -> None:
+    def _forget(self, instance: Instance, leak: Leak | None = None) -> None:
         self._residency.remove(instance)
-        self._gone(instance)
+        self._gone(instance, leak)
 
-    def _gone(self, instance: Instance) -> None:
+    def _gone(self, instance: Instance, leak: Leak | None = None) -> None:
+        """``instance`` is gone; ``leak``, if any, holds its bytes from the same step on,
+        so that they neither leave the ledger for an instant nor count twice."""
+        if leak is not None:
+            self._residency.leaks.append(leak)
         self._move(instance, InstanceState.GONE)
         instance.host_bytes = 0
         instance.gone.set()
@@ -405,14 +425,10 @@ class Lifecycle:
                 return True
             await clock.sleep(min(0.05, max(deadline - clock.now(), 0)))
 
-    def _leak(self, instance: Instance, freed: int, reason: str) -> Leak:
-        leak = Leak(instance.model_id, instance.device, freed)
-        self._residency.leaks.append(leak)
-        self._residency.check(f"{instance.key} leaked {freed} bytes on {instance.device}")
+    def _record_leak(self, instance: Instance, leak: Leak, reason: str) -> None:
         self._context.journal.record(
-            "leak", instance.record, device=instance.device, reason=reason, bytes=freed
+            "leak", instance.record, device=leak.device, reason=reason, bytes=leak.bytes
         )
-        return leak
 
     # -- failed instances ---------------------------------------------------------
 
@@ -473,13 +489,14 @@ class Lifecycle:
             log.error("unloading failed %s: %s", instance.key, unload.exception())
         elif done:
             leaked = await self._verify_release(instance.device, before, freed)
+        leak = Leak(instance.model_id, instance.device, freed) if leaked else None
         self._residency.retiring.remove(instance)
-        self._gone(instance)
+        self._gone(instance, leak)
         self._context.journal.record(
             "evict", instance.record, device=instance.device, reason="failed", bytes=freed
         )
-        if leaked:
-            leak = self._leak(instance, freed, "a failed instance did not unload in time")
+        if leak is not None:
+            self._record_leak(instance, leak, "a failed instance did not unload in time")
             if not done:
                 unload.add_done_callback(lambda _: self._unleak(leak))
         self._context.signals.changed()

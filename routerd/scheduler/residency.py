@@ -219,8 +219,8 @@ class Residency:
         promises, not memory, and stay out of it (a claimant allocates only once
         ``used`` + its claim fits). One excuse: a backend that measured more than it
         was granted broke the books itself; until its load is made ready (victims for
-        the difference have left) or discarded, its excess is not routerd's doing
-        (``overrun``).
+        the difference have left) or discarded and its memory back, its excess is not
+        routerd's doing (``overrun``).
 
         Off in production, where nothing would catch the error; on in tests, which
         then check every step of every scheduler they build. A break is raised here,
@@ -238,8 +238,9 @@ class Residency:
 
     def overrun(self, device: str) -> int:
         """Bytes loads on ``device`` took beyond their grant, not made room for: measured
-        above their claim and never made ready (still loading, or being discarded)."""
-        return sum(
+        above their claim and never made ready (still loading, or being discarded), or
+        discarded and never given back (leaked)."""
+        loading = sum(
             max(i.measured.total - i.reserved_bytes, 0)
             for i in self.instances.values()
             if i.device == device
@@ -247,6 +248,7 @@ class Residency:
             and i.load_ms is None
             and (i.state.allocating or i.state is InstanceState.UNLOADING)
         )
+        return loading + sum(leak.overrun for leak in self.leaks if leak.device == device)
 
     def _books(self, device: str) -> str:
         """Who holds what on ``device``, for an error message."""
@@ -267,11 +269,11 @@ class InvariantBroken(AssertionError):
         self.device = row.device
         self.change = change
         self.row = row
+        excuse = f" ({excused} of it taken by backends beyond their grants)" if excused else ""
         super().__init__(
             f"ledger invariant broken on {row.device} by {change}: instances {row.ours} "
             f"(kept {row.kept} + victims {row.victims}) + reservations {row.reserved} = "
             f"{row.used} > capacity {row.capacity} (budget {row.budget} − foreign "
-            f"{row.foreign} − headroom {row.headroom}) by {row.over_budget}"
-            f"{f', {excused} of it an overrun being resolved' if excused else ''}; "
+            f"{row.foreign} − headroom {row.headroom}) by {row.over_budget}{excuse}; "
             f"claims waiting {row.claimed}; holding: {books}"
         )

@@ -78,6 +78,7 @@ class Leak:
     model_id: str
     device: str
     bytes: int
+    overrun: int = 0  # of those, taken beyond its grant by a load that failed (the backend's)
 
 
 @dataclass(frozen=True)
