@@ -44,6 +44,16 @@ BROKE_IT = {
         (Request(0, 0.0, hold=5.0), Request(1, 1.0)),
         scheduler=QUICK,
     ),
+    # m0 waits for room while m1 sleeps for it (31 bytes stay on the GPU); m1's wake-up
+    # evicts m2 and claims its bytes back, which took the 31 it held out of the ledger's
+    # used bytes: m0 allocated counting on them while m2 was still there: 944 on 922.
+    "a waking instance's bytes on the device are held": World(
+        (922,),
+        (Model(409), Model(157, sleeps=True), Model(504)),
+        (Request(1, 0.0, hold=4.0), Request(2, 2.5, 1.5), Request(0, 5.5, 2.0), Request(1, 8.5)),
+        scheduler={**QUICK, "placement": "first-fit", "min_residency": 1.0, "keep_alive": 5.0},
+        host=1500,
+    ),
 }
 
 

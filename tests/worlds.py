@@ -296,6 +296,7 @@ class Watch:
         self.changes = 0
         self.problems: list[str] = []
         self.outcomes: list[str] = []
+        self.asleep: set[str] = set()  # instances that slept and have not woken since
 
     def __call__(self, scheduler: Scheduler) -> None:
         self.changes += 1
@@ -320,7 +321,12 @@ class Watch:
         taken = kept + sum(self.backend.model(i.model).overruns for i in unready)
         held = sum(x.bytes for x in leaked)
         for i in mine:
+            key = f"{i.model}#{i.replica}"
             if i.state == "sleeping":
+                self.asleep.add(key)
+            elif i.state in ("waiting", "loading", "ready"):  # woken, or loaded afresh
+                self.asleep.discard(key)
+            if key in self.asleep:  # asleep, or leaving from sleep: its weights are out
                 held += self.backend.model(i.model).working
             elif i.state != "waiting":
                 held += i.bytes

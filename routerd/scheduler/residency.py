@@ -160,6 +160,11 @@ class Residency:
         for i in self.instances.values():
             if i.host_bytes:
                 holdings.append(Holding("cpu", i.host_bytes, "resident"))
+            if i.state is InstanceState.WAITING and i.host_bytes and i.measured is not None:
+                # waking: what stayed on the device while it slept is held, the rest claimed
+                holdings.append(Holding(i.device, i.measured.working, "resident"))
+                holdings.append(Holding(i.device, i.device_bytes - i.measured.working, "waiting"))
+                continue
             if i.state is InstanceState.WAITING:
                 kind = "waiting"
             elif i.state.allocating:
