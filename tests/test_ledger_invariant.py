@@ -54,6 +54,17 @@ BROKE_IT = {
         scheduler={**QUICK, "placement": "first-fit", "min_residency": 1.0, "keep_alive": 5.0},
         host=1500,
     ),
+    # Not the ledger, but a request that ended without a clear error: m0's wake-up waits
+    # for room while an operator evicts m0; when room came, it was claimed for an
+    # instance already gone (IllegalTransition, gone → waiting).
+    "a wake-up planned while its instance is evicted": World(
+        (1000,),
+        (Model(600, sleeps=True), Model(600)),
+        (Request(0, 0.0), Request(1, 1.0, hold=10.0), Request(0, 2.0)),
+        evictions=((3.0, 0, False),),
+        scheduler={**QUICK, "load_wait_timeout": 30.0},
+        host=1500,
+    ),
 }
 
 

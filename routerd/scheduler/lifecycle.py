@@ -174,13 +174,21 @@ class Lifecycle:
         self._context.signals.changed()
 
     def claim_wake(self, instance: Instance) -> None:
-        """A ``sleeping`` instance claims its device bytes back while its victims leave."""
+        """A ``sleeping`` instance claims its device bytes back while its victims leave.
+
+        Its wake-up may have waited for room while it was evicted (an operator, the
+        reaper): then it is gone and there is nothing to claim (``wake`` does nothing,
+        and the request that wanted it loads it afresh)."""
+        if instance.state is not InstanceState.SLEEPING:
+            return
         self._move(instance, InstanceState.WAITING)
         instance.vacated.clear()
         self._context.signals.changed()
 
     async def wake(self, instance: Instance) -> None:
         """Wake a claimed sleeping instance: its weights return from host RAM."""
+        if instance.state is not InstanceState.WAITING:
+            return  # it left before its wake-up could be claimed (``claim_wake``)
         record = instance.record
         self._move(instance, InstanceState.LOADING)
         model = instance.loaded_model
