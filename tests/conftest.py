@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -120,6 +121,23 @@ def _request_bytes(demo_root: Path, name: str) -> int:
         estimate = TransformersBackend().estimate_footprint(spec)
         _REQUEST_BYTES[name] = estimate.runtime + estimate.working
     return _REQUEST_BYTES[name]
+
+
+# -- the ledger's invariant ----------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def ledger_invariant_held() -> Iterator[None]:
+    """Fail a test whose schedulers (built by tests/support.py, which turns the check
+    on) kept a break of the ledger's invariant, wherever it was raised."""
+    yield
+    support = sys.modules.get("tests.support")
+    if support is None:  # no scheduler was built through it
+        return
+    checked = support.CHECKED_SCHEDULERS
+    breaks = [str(b) for s in checked for b in s.residency.invariant_breaks]
+    checked.clear()
+    assert not breaks, "\n".join(breaks)
 
 
 # -- demo models ----------------------------------------------------------------

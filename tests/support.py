@@ -67,7 +67,8 @@ def fake_services(
     audit_clock: Clock | None = None,
     **config: Any,
 ) -> Services:
-    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay.
+    """Services over a FakeBackend; scheduler settings default to no anti-thrash delay,
+    and the ledger's invariant is checked after every change (``check_invariants``).
 
     Under the ``strict_memory_audit`` fixture (and unless ``memory_audit`` is given),
     their memory audit runs strict from here on and is checked after the test.
@@ -99,6 +100,7 @@ def fake_services(
         memory_reader=memory_reader,
         audit_clock=audit_clock,
     )
+    check_invariants(services.scheduler)
     if audited:
         STRICT_AUDITS.adopt(services.audit)
     return services
@@ -138,6 +140,21 @@ class StrictAudits:
 
 
 STRICT_AUDITS = StrictAudits()
+
+
+CHECKED_SCHEDULERS: list[Scheduler] = []
+"""Schedulers of the running test that check the ledger's invariant; tests/conftest.py
+fails the test if any of them kept a break (one raised in a background task, such as
+an eviction, is only logged there; one raised in a load is reported as a failed load)."""
+
+
+def check_invariants(scheduler: Scheduler) -> Scheduler:
+    """Turn on the ledger's invariant check (DESIGN.md rule 5) after every change the
+    scheduler makes; every test's scheduler built here checks it."""
+    settings = replace(scheduler.settings, check_invariants=True)
+    scheduler.reconfigure(settings, scheduler.placement)
+    CHECKED_SCHEDULERS.append(scheduler)
+    return scheduler
 
 
 async def until(scheduler: Scheduler, predicate: Callable[[], bool], limit: float = 5.0) -> None:

@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from backends.registry import BackendRegistry
@@ -138,8 +139,12 @@ class Scheduler:
         self.context.journal.observer = observer
 
     def reconfigure(self, settings: SchedulerSettings, placement: PlacementPolicy) -> None:
-        """New settings and placement take effect from the next decision (reload)."""
-        self.context.settings = settings
+        """New settings and placement take effect from the next decision (reload).
+
+        ``check_invariants``, once on, stays on: config never sets it, and a test's
+        scheduler must not stop checking because the test reloaded its config."""
+        checks = settings.check_invariants or self.context.settings.check_invariants
+        self.context.settings = replace(settings, check_invariants=checks)
         self.context.placement = placement
         self.context.signals.changed()
 

@@ -3,7 +3,9 @@ to the residency table and removes them from it (DESIGN.md rule 1).
 
 Each method is one step of an instance's life; every move goes through
 ``Instance.move_to``, and so through ``routerd.states.TRANSITIONS``, and signals a
-change (observers see every state an instance takes). Who calls what:
+change (observers see every state an instance takes). Every change to the ledger made
+here (a move, a claim, a measurement, a leak) is followed by ``Residency.check``, which
+asserts the ledger's invariant where settings turn checks on (tests). Who calls what:
 
 - ``create`` — planning, when it commits a plan: the instance is ``waiting``, its
   bytes claimed. ``claim_victims`` — planning (and the swap, for an overrun): the
@@ -51,7 +53,9 @@ class Lifecycle:
 
     def _move(self, instance: Instance, target: InstanceState) -> None:
         """Every move is checked against the table and is a change others may wait for."""
+        was = instance.state
         instance.move_to(target)
+        self._residency.check(f"{instance.key} on {instance.device}: {was} → {target}")
         self._context.signals.changed()
 
     # -- coming in --------------------------------------------------------------
@@ -74,6 +78,7 @@ class Lifecycle:
         )
         instance.post = self._post
         self._residency.add(instance)
+        self._residency.check(f"{instance.key} placed on {device}, claiming {reserved} bytes")
         return instance
 
     def claim_victims(self, keys: Sequence[str], claimant: str, reason: str) -> list[Instance]:
@@ -81,6 +86,7 @@ class Lifecycle:
         leaving = [self._residency.instances[key] for key in keys]
         for victim in leaving:
             victim.victim_of = claimant
+            self._residency.check(f"{victim.key} claimed as a victim by {claimant}")
             self._drain(victim)
             self._context.background.spawn(
                 self.evict(victim, reason=reason, trigger=claimant), name=f"evict {victim.key}"
@@ -113,6 +119,10 @@ class Lifecycle:
                 raise LoadFailed(f"loading {record.model_id} failed: {_reason(exc)}") from exc
             raise  # cancelled: it stays a cancellation
         instance.measured = measured
+        self._residency.check(
+            f"{instance.key} measured at {measured.total} bytes, "
+            f"{instance.reserved_bytes} claimed, on {instance.device}"
+        )
         return measured
 
     def ready(self, instance: Instance, why: str) -> None:
@@ -164,13 +174,21 @@ class Lifecycle:
         self._context.signals.changed()
 
     def claim_wake(self, instance: Instance) -> None:
-        """A ``sleeping`` instance claims its device bytes back while its victims leave."""
+        """A ``sleeping`` instance claims its device bytes back while its victims leave.
+
+        Its wake-up may have waited for room while it was evicted (an operator, the
+        reaper): then it is gone and there is nothing to claim (``wake`` does nothing,
+        and the request that wanted it loads it afresh)."""
+        if instance.state is not InstanceState.SLEEPING:
+            return
         self._move(instance, InstanceState.WAITING)
         instance.vacated.clear()
         self._context.signals.changed()
 
     async def wake(self, instance: Instance) -> None:
         """Wake a claimed sleeping instance: its weights return from host RAM."""
+        if instance.state is not InstanceState.WAITING:
+            return  # it left before its wake-up could be claimed (``claim_wake``)
         record = instance.record
         self._move(instance, InstanceState.LOADING)
         model = instance.loaded_model
@@ -281,11 +299,13 @@ class Lifecycle:
         resident_s = clock.now() - instance.loaded_at
         freed = instance.device_bytes
         before = self._residency.our_usage(instance.device)
+        leak: Leak | None = None
         try:
             await self._unload(instance)
-            leaked = await self._verify_release(instance.device, before, freed)
+            if await self._verify_release(instance.device, before, freed):
+                leak = Leak(instance.model_id, instance.device, freed)
         finally:
-            self._forget(instance)
+            self._forget(instance, leak)
         fields: dict[str, Any] = {
             "device": instance.device,
             "reason": reason,
@@ -310,8 +330,8 @@ class Lifecycle:
                 **fields,
             },
         )
-        if leaked:
-            self._leak(instance, freed, f"memory not back after {self._release_timeout:g}s")
+        if leak is not None:
+            self._record_leak(instance, leak, f"memory not back after {self._release_timeout:g}s")
             log.error(
                 "%s: %d bytes on %s not released after eviction; kept in the ledger",
                 instance.model_id,
@@ -352,11 +372,30 @@ class Lifecycle:
         return True
 
     async def discard(self, instance: Instance) -> None:
-        """Remove an instance that never became ready, giving back what it took."""
+        """Remove an instance that never became ready, giving back what it took.
+
+        One still waiting for its victims holds no memory, only a claim: the claim is
+        withdrawn first, so the ledger never counts it as held while it leaves. A
+        loaded model (warm-up failed, or it measured too large) is unloaded and its
+        memory verified back, as an eviction's is: what does not come back stays in
+        the ledger as leaked, or the next plan would count on bytes the device lacks.
+        (A failed wake-up is not verified: what it held is not known.)
+        """
+        if instance.state is InstanceState.WAITING and instance.loaded_model is None:
+            self._residency.remove(instance)
+        loaded = instance.loaded_model is not None and not instance.host_bytes
+        freed = instance.device_bytes
+        before = self._residency.our_usage(instance.device) if loaded else None
+        leak: Leak | None = None
         try:
             await self._unload(instance)
+            if await self._verify_release(instance.device, before, freed):
+                overrun = max(freed - instance.reserved_bytes, 0)  # measured above its grant
+                leak = Leak(instance.model_id, instance.device, freed, overrun)
         finally:
-            self._forget(instance)
+            self._forget(instance, leak)
+        if leak is not None:
+            self._record_leak(instance, leak, "memory not back after a failed load")
 
     async def _unload(self, instance: Instance) -> None:
         self._move(instance, InstanceState.UNLOADING)
@@ -370,11 +409,15 @@ class Lifecycle:
         finally:
             instance.close_executor()
 
-    def _forget(self, instance: Instance) -> None:
+    def _forget(self, instance: Instance, leak: Leak | None = None) -> None:
         self._residency.remove(instance)
-        self._gone(instance)
+        self._gone(instance, leak)
 
-    def _gone(self, instance: Instance) -> None:
+    def _gone(self, instance: Instance, leak: Leak | None = None) -> None:
+        """``instance`` is gone; ``leak``, if any, holds its bytes from the same step on,
+        so that they neither leave the ledger for an instant nor count twice."""
+        if leak is not None:
+            self._residency.leaks.append(leak)
         self._move(instance, InstanceState.GONE)
         instance.host_bytes = 0
         instance.gone.set()
@@ -395,13 +438,10 @@ class Lifecycle:
                 return True
             await clock.sleep(min(0.05, max(deadline - clock.now(), 0)))
 
-    def _leak(self, instance: Instance, freed: int, reason: str) -> Leak:
-        leak = Leak(instance.model_id, instance.device, freed)
-        self._residency.leaks.append(leak)
+    def _record_leak(self, instance: Instance, leak: Leak, reason: str) -> None:
         self._context.journal.record(
-            "leak", instance.record, device=instance.device, reason=reason, bytes=freed
+            "leak", instance.record, device=leak.device, reason=reason, bytes=leak.bytes
         )
-        return leak
 
     # -- failed instances ---------------------------------------------------------
 
@@ -437,6 +477,7 @@ class Lifecycle:
         instance.revoke(f"{instance.model_id} failed and is being restarted: {reason}")
         self._residency.remove(instance)
         self._residency.retiring.append(instance)
+        self._residency.check(f"{instance.key} on {instance.device} failed, retiring")
         self._context.signals.changed()
         return True
 
@@ -461,13 +502,14 @@ class Lifecycle:
             log.error("unloading failed %s: %s", instance.key, unload.exception())
         elif done:
             leaked = await self._verify_release(instance.device, before, freed)
+        leak = Leak(instance.model_id, instance.device, freed) if leaked else None
         self._residency.retiring.remove(instance)
-        self._gone(instance)
+        self._gone(instance, leak)
         self._context.journal.record(
             "evict", instance.record, device=instance.device, reason="failed", bytes=freed
         )
-        if leaked:
-            leak = self._leak(instance, freed, "a failed instance did not unload in time")
+        if leak is not None:
+            self._record_leak(instance, leak, "a failed instance did not unload in time")
             if not done:
                 unload.add_done_callback(lambda _: self._unleak(leak))
         self._context.signals.changed()
@@ -476,6 +518,7 @@ class Lifecycle:
         """A stuck unload finished after all: its bytes are free again."""
         if leak in self._residency.leaks:
             self._residency.leaks.remove(leak)
+            self._residency.check(f"{leak.model_id}'s leak of {leak.bytes} bytes came back")
             self._context.signals.changed()
 
 

@@ -5,6 +5,10 @@ and the latest failure per version; it answers snapshots, the memory ledger and 
 planning view. It changes only through ``add``/``remove`` and the leak and retiring
 lists, and only ``routerd.scheduler.lifecycle`` calls those (DESIGN.md rule 1);
 everything else reads.
+
+With ``SchedulerSettings.check_invariants`` on (tests), lifecycle calls ``check``
+after every change it makes, and the ledger's invariant (DESIGN.md rule 5) is
+asserted there, from the same ledger planning reads: see ``check``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Residency:
         self.leaks: list[Leak] = []
         self.retiring: list[Instance] = []  # failed, no longer routed to, not yet unloaded
         self.failures: dict[str, Failure] = {}  # by model id
+        self.invariant_breaks: list[InvariantBroken] = []  # what ``check`` raised, kept
 
     # -- changes (lifecycle only) -------------------------------------------------
 
@@ -155,6 +160,11 @@ class Residency:
         for i in self.instances.values():
             if i.host_bytes:
                 holdings.append(Holding("cpu", i.host_bytes, "resident"))
+            if i.state is InstanceState.WAITING and i.host_bytes and i.measured is not None:
+                # waking: what stayed on the device while it slept is held, the rest claimed
+                holdings.append(Holding(i.device, i.measured.working, "resident"))
+                holdings.append(Holding(i.device, i.device_bytes - i.measured.working, "waiting"))
+                continue
             if i.state is InstanceState.WAITING:
                 kind = "waiting"
             elif i.state.allocating:
@@ -202,3 +212,73 @@ class Residency:
             return False
         host = self.row("cpu")
         return host is not None and host.free >= instance.measured.weights
+
+    # -- the invariant (checks on) ---------------------------------------------------
+
+    def check(self, change: str) -> None:
+        """Assert the ledger's invariant after ``change`` (which lifecycle names).
+
+        Per device, instances (resident, victims, retiring, leaked) plus reservations
+        (loads allocating) must stay within the capacity planning gave out: the
+        ledger's ``used`` ≤ ``capacity``. Claims of loads still waiting for victims are
+        promises, not memory, and stay out of it (a claimant allocates only once
+        ``used`` + its claim fits). One excuse: a backend that measured more than it
+        was granted broke the books itself; until its load is made ready (victims for
+        the difference have left) or discarded and its memory back, its excess is not
+        routerd's doing (``overrun``).
+
+        Off in production, where nothing would catch the error; on in tests, which
+        then check every step of every scheduler they build. A break is raised here,
+        at the change that made it, and kept in ``invariant_breaks``: a break raised
+        in a background task (an eviction) is only logged, and tests look there.
+        """
+        if not self._context.settings.check_invariants:
+            return
+        for row in self.ledger(fresh=False):
+            excused = self.overrun(row.device)
+            if row.over_budget > excused:
+                error = InvariantBroken(row, change, excused, self._books(row.device))
+                self.invariant_breaks.append(error)
+                raise error
+
+    def overrun(self, device: str) -> int:
+        """Bytes loads on ``device`` took beyond their grant, not made room for: measured
+        above their claim and never made ready (still loading, or being discarded), or
+        discarded and never given back (leaked)."""
+        loading = sum(
+            max(i.measured.total - i.reserved_bytes, 0)
+            for i in self.instances.values()
+            if i.device == device
+            and i.measured is not None
+            and i.load_ms is None
+            and (i.state.allocating or i.state is InstanceState.UNLOADING)
+        )
+        return loading + sum(leak.overrun for leak in self.leaks if leak.device == device)
+
+    def _books(self, device: str) -> str:
+        """Who holds what on ``device``, for an error message."""
+        instances = self.instances.values()
+        held = [f"{i.key} {i.state} {i.device_bytes}" for i in instances if i.device == device]
+        if device == "cpu":
+            held += [f"{i.key} host tier {i.host_bytes}" for i in instances if i.host_bytes]
+        held += [f"{i.key} retiring {i.bytes}" for i in self.retiring if i.device == device]
+        held += [f"{x.model_id} leaked {x.bytes}" for x in self.leaks if x.device == device]
+        return "; ".join(held) or "nothing"
+
+
+class InvariantBroken(AssertionError):
+    """A device holds more than it may (DESIGN.md rule 5): a bug in routerd, never a
+    client's fault, so an AssertionError. Says the device, its books and the change."""
+
+    def __init__(self, row: LedgerRow, change: str, excused: int, books: str) -> None:
+        self.device = row.device
+        self.change = change
+        self.row = row
+        excuse = f" ({excused} of it taken by backends beyond their grants)" if excused else ""
+        super().__init__(
+            f"ledger invariant broken on {row.device} by {change}: instances {row.ours} "
+            f"(kept {row.kept} + victims {row.victims}) + reservations {row.reserved} = "
+            f"{row.used} > capacity {row.capacity} (budget {row.budget} − foreign "
+            f"{row.foreign} − headroom {row.headroom}) by {row.over_budget}{excuse}; "
+            f"claims waiting {row.claimed}; holding: {books}"
+        )

@@ -34,6 +34,9 @@ class SchedulerSettings:
     stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
+    # Assert the ledger's invariant after every change (Residency.check): tests turn it
+    # on; config never does, and a reload keeps what the scheduler was built with.
+    check_invariants: bool = False
 
     @classmethod
     def from_config(cls, scheduler: SchedulerConfig, devices: DevicesConfig) -> SchedulerSettings:
@@ -75,6 +78,7 @@ class Leak:
     model_id: str
     device: str
     bytes: int
+    overrun: int = 0  # of those, taken beyond its grant by a load that failed (the backend's)
 
 
 @dataclass(frozen=True)

@@ -121,17 +121,18 @@ class Swap:
         except OutOfMemory as exc:
             raise RetryLoad(_grown(need, instance.device, 1.5), f"out of memory: {exc}") from None
         row = self._residency.row(instance.device)
-        over = row.over_budget if row is not None else 0
-        if over > 0:
-            leaving = self._planner.claim_overrun(instance, over)
-            if leaving is None:
+        if row is not None and row.over_budget > 0:
+            leaving = self._planner.claim_overrun(instance, row.over_budget)
+            if leaving is not None:
+                await asyncio.gather(*(v.vacated.wait() for v in leaving))
+                row = self._residency.row(instance.device)  # a victim's bytes may have leaked
+            if leaving is None or (row is not None and row.over_budget > 0):
                 await self._lifecycle.discard(instance)
                 raise RetryLoad(
                     _grown(need, instance.device, 1.0, at_least=measured.total),
                     f"measured {measured.total} bytes, more than the {instance.reserved_bytes} "
                     f"planned, and {instance.device} has no room for the difference",
                 )
-            await asyncio.gather(*(v.vacated.wait() for v in leaving))
         self._lifecycle.ready(instance, why)
         assert instance.load_ms is not None
         self._admission.loaded(instance.model_id, instance.load_ms / 1000)
