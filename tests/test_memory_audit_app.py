@@ -72,7 +72,10 @@ async def test_a_model_holding_memory_it_did_not_account_is_a_violation(tmp_path
             response = await client.post("/admin/load", json={"model": "hog"})
             assert response.status == 200
             [books] = await audit.sample()
-        assert books.over and books.unaccounted >= 200 * MiB and books.accounted == MiB
+        # Half the hold, not all of it: the test process's own heap (earlier tests'
+        # garbage) may shrink below the baseline while the hog is loaded.
+        assert books.over and books.unaccounted >= 128 * MiB and books.accounted == MiB
+        assert books.unaccounted > books.allowance
         assert audit.violation_count >= 1 and audit.violations[0].books.device == "cpu"
         assert "use beyond the ledger on cpu" in caplog.text
         status = await (await client.get("/admin/status")).json()
