@@ -82,7 +82,7 @@ async def test_a_model_holding_memory_it_did_not_account_is_a_violation(tmp_path
         assert status["memory_audit"]["violations"] >= 1
         assert status["memory_audit"]["first_violations"][0]["accounted_bytes"] == MiB
         gauge = value(await scrape(client), "routerd_memory_unaccounted_bytes", device="cpu")
-        assert gauge >= 200 * MiB
+        assert gauge >= 128 * MiB and gauge > books.allowance  # as for the books above
         assert (await client.post("/admin/evict", json={"model": "hog"})).status == 200
         [after] = await audit.sample()  # the hog's bytes went with it
         assert not after.over
