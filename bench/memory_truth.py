@@ -46,6 +46,9 @@ import aiohttp
 from servers import ROOT, free_port
 from soak import Daemon
 
+sys.path.insert(0, str(ROOT))  # run as a script: bench/ is on the path, the repository not
+from backends import proctree
+
 MIB = 1 << 20
 LARGE = "demo-large"
 MIXED_MODELS = ("demo-small", "demo-medium", "demo-large")
@@ -93,23 +96,12 @@ class Side:
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo.extend(children.get(current, []))
+    total = 0
+    for member in (pid, *proctree.descendants(pid)):
         try:
-            pages = int(Path(f"/proc/{current}/statm").read_text().split()[1])
+            pages = int(Path(f"/proc/{member}/statm").read_text().split()[1])
         except (OSError, IndexError, ValueError):
-            continue
+            continue  # exited while we looked
         total += pages * os.sysconf("SC_PAGE_SIZE")
     return total
 
