@@ -65,6 +65,16 @@ BROKE_IT = {
         scheduler={**QUICK, "load_wait_timeout": 30.0},
         host=1500,
     ),
+    # Not the ledger, but a hang: m0 sleeps for m1, expires asleep and unloads; a request
+    # for m0 then found it unloading with its "vacated" event already set (by the sleep)
+    # and looped without ever yielding: the event loop, and every request, stood still.
+    "a request for an instance unloading from sleep": World(
+        (1000,),
+        (Model(600, unload_s=1.0, sleeps=True), Model(600)),
+        (Request(0, 0.0), Request(1, 2.0), Request(0, 3.5)),
+        scheduler={**QUICK, "keep_alive": 1.0},
+        host=1500,
+    ),
 }
 
 

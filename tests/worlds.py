@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import heapq
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,7 @@ PID = os.getpid() + 100_000  # the scheduler's, given to it: no walk of /proc fo
 SHM = "/dev/shm"  # the store's file, where there is one: no disk flushes per event
 BOUND_S = 600.0  # virtual seconds a world gets for each phase (its requests need ~100)
 LIVELOCK_TURNS = 100_000
+REAL_S = 30  # real seconds a world may take (they take milliseconds): past it, a hang
 SETTINGS = {"load_timeout": 60.0, "release_timeout": 2.0, "stop_timeout": 1.0}
 
 
@@ -127,13 +130,18 @@ async def run_dry() -> None:
 
 
 async def drive(clock: VirtualClock, done: Callable[[], bool], limit: float = BOUND_S) -> bool:
-    """Jump from timer to timer until ``done`` or ``limit`` virtual seconds; whether done."""
+    """Jump from timer to timer until ``done`` or ``limit`` virtual seconds; whether done.
+    Timers that keep firing without time moving are a livelock (a hang), and fail."""
     end = clock.now() + limit
     await run_dry()
+    still = 0
     while not done():
         due = clock.next_deadline()
         if due is None or due > end:
             return False
+        still = still + 1 if due <= clock.now() else 0
+        if still > LIVELOCK_TURNS // 100:
+            raise AssertionError(f"timers keep firing at {clock.now()} without time moving")
         await clock.advance(due - clock.now())
     return True
 
@@ -439,7 +447,8 @@ def run_world(world: World) -> Watch:
         services.scheduler.context.pid = PID  # as Scheduler(our_pid=PID) would
         breaks = services.scheduler.residency.invariant_breaks
         try:
-            loop.run_until_complete(_live(services, world, clock, watch))
+            with _real_time_limit(REAL_S):
+                loop.run_until_complete(_live(services, world, clock, watch))
         finally:
             services.store.close()
             loop.close()
@@ -447,3 +456,23 @@ def run_world(world: World) -> Watch:
         assert breaks == [], "\n".join(map(str, breaks))
         assert not watch.problems, "\n".join(watch.problems)
     return watch
+
+
+@contextlib.contextmanager
+def _real_time_limit(seconds: int) -> Iterator[None]:
+    """Fail a world that runs ``seconds`` of real time. Virtual time bounds every wait,
+    but code that loops without yielding stops the clock too: only a signal gets in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hung(signum: int, frame: object) -> None:
+        raise AssertionError(f"the world ran {seconds} real seconds: the loop is stuck")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
