@@ -75,6 +75,15 @@ BROKE_IT = {
         scheduler={**QUICK, "keep_alive": 1.0},
         host=1500,
     ),
+    # m2 needs both m0 and m1 gone; each fits the host tier alone, so both were put to
+    # sleep at once, each counting on the same free host RAM: 640 on 400.
+    "two victims fall asleep into the same host RAM": World(
+        (1000,),
+        (Model(500, sleeps=True), Model(300, sleeps=True), Model(900)),
+        (Request(0, 0.0), Request(1, 0.0), Request(2, 2.0)),
+        scheduler=QUICK,
+        host=400,
+    ),
 }
 
 
