@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import heapq
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,7 @@ PID = os.getpid() + 100_000  # the scheduler's, given to it: no walk of /proc fo
 SHM = "/dev/shm"  # the store's file, where there is one: no disk flushes per event
 BOUND_S = 600.0  # virtual seconds a world gets for each phase (its requests need ~100)
 LIVELOCK_TURNS = 100_000
+REAL_S = 30  # real seconds a world may take (they take milliseconds): past it, a hang
 SETTINGS = {"load_timeout": 60.0, "release_timeout": 2.0, "stop_timeout": 1.0}
 
 
@@ -127,13 +130,18 @@ async def run_dry() -> None:
 
 
 async def drive(clock: VirtualClock, done: Callable[[], bool], limit: float = BOUND_S) -> bool:
-    """Jump from timer to timer until ``done`` or ``limit`` virtual seconds; whether done."""
+    """Jump from timer to timer until ``done`` or ``limit`` virtual seconds; whether done.
+    Timers that keep firing without time moving are a livelock (a hang), and fail."""
     end = clock.now() + limit
     await run_dry()
+    still = 0
     while not done():
         due = clock.next_deadline()
         if due is None or due > end:
             return False
+        still = still + 1 if due <= clock.now() else 0
+        if still > LIVELOCK_TURNS // 100:
+            raise AssertionError(f"timers keep firing at {clock.now()} without time moving")
         await clock.advance(due - clock.now())
     return True
 
@@ -212,10 +220,13 @@ class TimedModel:
         raise ModelCrashed("the fake device fell off the bus")
 
     def unload(self) -> None:
-        if self.model.leaks:
-            self.backend.loop.takes(self.model.unload_s)
-            return
         on_gpu = self.model.working if self.asleep else self.model.size
+        if self.model.leaks:
+            gpu = int(self.spec.device.split(":")[1])
+            self.backend.loop.takes(
+                self.model.unload_s, lambda: self.backend.kept[gpu].append(on_gpu)
+            )
+            return
         on_host = self.model.size - on_gpu
 
         def give_back() -> None:
@@ -256,6 +267,7 @@ class TimedBackend:
         self.world = world
         self.loads: dict[str, int] = {}
         self.host_used = 0  # weights of sleeping models, in host RAM
+        self.kept: list[list[int]] = [[] for _ in world.gpus]  # bytes leaky unloads kept
 
     def model(self, name: str) -> Model:
         return self.world.models[int(name[1:])]
@@ -290,9 +302,10 @@ class Watch:
     backend took beyond its grant (an overrun) before its load was made ready, or
     never gave back after, is the backend's doing, and excused; nothing else is."""
 
-    def __init__(self, world: World, backend: TimedBackend) -> None:
+    def __init__(self, world: World, backend: TimedBackend, *, strict: bool = True) -> None:
         self.world = world
         self.backend = backend
+        self.strict = strict
         self.changes = 0
         self.problems: list[str] = []
         self.outcomes: list[str] = []
@@ -330,7 +343,7 @@ class Watch:
                 held += self.backend.model(i.model).working
             elif i.state != "waiting":
                 held += i.bytes
-        physical = self.backend.gpus.usage[index].get(PID, 0)
+        physical = self.backend.gpus.usage[index].get(PID, 0) - self._unseen(index, leaked)
         books = f"{device.id} after change {self.changes}: {mine} leaks {leaks}"
         if device.capacity_bytes != total:
             self.problems.append(f"capacity {device.capacity_bytes} != {total}: {books}")
@@ -340,6 +353,17 @@ class Watch:
             self.problems.append(f"instances hold {held} > {total}: {books}")
         if physical > total + taken:
             self.problems.append(f"the GPU holds {physical} > {total}: {books}")
+
+    def _unseen(self, gpu: int, leaked: list[Leak]) -> int:
+        """Bytes leaky unloads kept that the scheduler's ledger does not know of — 0 when
+        strict. It verifies a release by this process's total on the GPU going down by
+        the bytes freed, so another release in the same window makes up for a leak and
+        hides it (the kept world ``a leak hidden by another release`` shows this); drawn
+        worlds run into that, and excuse it so as to look for everything else."""
+        if self.strict:
+            return 0
+        known = sum(x.bytes for x in leaked if self.backend.model(x.model_id.split("@")[0]).leaks)
+        return max(sum(self.backend.kept[gpu]) - known, 0)
 
     def _host(self, device: DeviceSnapshot) -> None:
         if device.over_budget_bytes > 0:
@@ -408,13 +432,14 @@ async def _live(services: Services, world: World, clock: VirtualClock, watch: Wa
         assert (row.ours, row.reserved, row.claimed) == (leaked, 0, 0), row
 
 
-def run_world(world: World) -> Watch:
-    """Build the world, live it on its own loop, and check it; returns what it saw."""
+def run_world(world: World, *, strict: bool = True) -> Watch:
+    """Build the world, live it on its own loop, and check it; returns what it saw.
+    ``strict``: leaks the scheduler could not see fail it too (see ``Watch._unseen``)."""
     clock = DryClock()
     loop = VirtualWorkLoop(clock)
     gpus = FakeGpus(list(world.gpus))
     backend = TimedBackend(loop, gpus, world)
-    watch = Watch(world, backend)
+    watch = Watch(world, backend, strict=strict)
     with tempfile.TemporaryDirectory(dir=SHM if os.path.isdir(SHM) else None) as tmp:
         meminfo = Path(tmp) / "meminfo"
         meminfo.write_text(MEMINFO)
@@ -439,7 +464,8 @@ def run_world(world: World) -> Watch:
         services.scheduler.context.pid = PID  # as Scheduler(our_pid=PID) would
         breaks = services.scheduler.residency.invariant_breaks
         try:
-            loop.run_until_complete(_live(services, world, clock, watch))
+            with _real_time_limit(REAL_S):
+                loop.run_until_complete(_live(services, world, clock, watch))
         finally:
             services.store.close()
             loop.close()
@@ -447,3 +473,23 @@ def run_world(world: World) -> Watch:
         assert breaks == [], "\n".join(map(str, breaks))
         assert not watch.problems, "\n".join(watch.problems)
     return watch
+
+
+@contextlib.contextmanager
+def _real_time_limit(seconds: int) -> Iterator[None]:
+    """Fail a world that runs ``seconds`` of real time. Virtual time bounds every wait,
+    but code that loops without yielding stops the clock too: only a signal gets in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hung(signum: int, frame: object) -> None:
+        raise AssertionError(f"the world ran {seconds} real seconds: the loop is stuck")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

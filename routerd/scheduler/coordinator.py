@@ -348,7 +348,10 @@ class Scheduler:
                 InstanceState.UNLOADING,
             ):
                 await instance.vacated.wait()  # gone, or asleep (then woken below)
-                if instance.state is InstanceState.DRAINING and not instance.gone.is_set():
+                # Still leaving: it was asleep (vacated) and is unloading from there. An
+                # unloading one too, or this loop would spin without ever yielding.
+                leaving = instance.state in (InstanceState.DRAINING, InstanceState.UNLOADING)
+                if leaving and not instance.gone.is_set():
                     await instance.gone.wait()
                 continue
             if instance is not None and instance.state is InstanceState.SLEEPING:

@@ -344,17 +344,27 @@ class Lifecycle:
         return self._context.settings.release_timeout
 
     async def _sleep(self, instance: Instance, *, reason: str, trigger: str) -> bool:
-        """Put a victim to sleep; it stays an instance, its device bytes come back."""
+        """Put a victim to sleep; it stays an instance, its device bytes come back.
+
+        Its weights' room in host RAM is claimed in the step that found it free
+        (``may_sleep``), before the weights move: two victims sleeping at once must
+        not both count on the same free host bytes."""
         model = instance.loaded_model
         assert isinstance(model, Sleepable) and instance.measured is not None
         clock = self._context.clock
         started = clock.now()
+        claims = self._residency.host_claims
+        claims[instance.key] = instance.measured.weights
         try:
             await model.sleep()
-        except Exception as exc:
+        except BaseException as exc:
+            del claims[instance.key]
+            self._residency.check(f"{instance.key}'s claim on the host tier given up")
+            if not isinstance(exc, Exception):
+                raise
             log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
             return False
-        instance.host_bytes = instance.measured.weights
+        instance.host_bytes = claims.pop(instance.key)
         self._move(instance, InstanceState.SLEEPING)
         instance.victim_of = None
         instance.vacated.set()

@@ -2,9 +2,9 @@
 
 It holds the instances (by key), pins, leaks, instances retiring after a failure
 and the latest failure per version; it answers snapshots, the memory ledger and the
-planning view. It changes only through ``add``/``remove`` and the leak and retiring
-lists, and only ``routerd.scheduler.lifecycle`` calls those (DESIGN.md rule 1);
-everything else reads.
+planning view. It changes only through ``add``/``remove``, the leak and retiring
+lists and the host tier's claims, and only ``routerd.scheduler.lifecycle`` calls
+those (DESIGN.md rule 1); everything else reads.
 
 With ``SchedulerSettings.check_invariants`` on (tests), lifecycle calls ``check``
 after every change it makes, and the ledger's invariant (DESIGN.md rule 5) is
@@ -39,6 +39,7 @@ class Residency:
         self.leaks: list[Leak] = []
         self.retiring: list[Instance] = []  # failed, no longer routed to, not yet unloaded
         self.failures: dict[str, Failure] = {}  # by model id
+        self.host_claims: dict[str, int] = {}  # host RAM claimed by victims falling asleep
         self.invariant_breaks: list[InvariantBroken] = []  # what ``check`` raised, kept
 
     # -- changes (lifecycle only) -------------------------------------------------
@@ -157,6 +158,7 @@ class Residency:
     def _holdings(self) -> list[Holding]:
         holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self.leaks]
         holdings += [Holding(i.device, i.bytes, "victim") for i in self.retiring]
+        holdings += [Holding("cpu", nbytes, "waiting") for nbytes in self.host_claims.values()]
         for i in self.instances.values():
             if i.host_bytes:
                 holdings.append(Holding("cpu", i.host_bytes, "resident"))
