@@ -16,9 +16,16 @@ Rows join a running batch between steps (continuous batching):
 - Finished rows leave the cache at once, and columns that only padding still
   uses are cut off, so the batch never grows beyond what its live rows need.
 
-Merging needs plain full-attention cache layers (``DynamicLayer``), whose key and
-value tensors can be padded and concatenated. For other caches (sliding windows,
-linear attention) the batch admits new rows only when it is empty.
+The running batch's cache grows in place (:mod:`backends.hf_cache`): a step writes
+its column into room the layer kept, instead of copying the whole cache. Merging needs
+plain full-attention layers, whose keys and values can be padded and stacked; for
+other caches (sliding windows, linear attention) the batch admits new rows only when
+it is empty.
+
+On the CPU, memory a pass freed goes back to the kernel (``Decoder.release_memory``,
+:mod:`backends.heap`) after each large prefill pass, whenever rows leave, and when the
+batch drains: the instance then holds what its ledger entry counts (weights, the KV
+its rows use, one pass's working memory), not the high-water mark of every pass.
 """
 
 from __future__ import annotations
@@ -31,12 +38,15 @@ from typing import Any
 
 import torch
 
+from backends import hf_cache
 from backends.base import GenerationRow, RowSource, free_slots
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 from contract.errors import OutOfMemory
 from contract.generation import GenerationResult, SamplingParams
 
 log = logging.getLogger("routerd.backends")
+
+RELEASE_AFTER_TOKENS = 256  # padded tokens of a prefill pass worth a release after it
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
@@ -68,6 +78,7 @@ class Decoder:
     context_length: int
     decode: Callable[[Sequence[int]], str]
     check: Callable[[Sequence[int]], None]  # raises InvalidRequest for a bad prompt
+    release_memory: Callable[[], None] | None = None  # gives freed heap back (CPU only)
 
 
 class _Seq:
@@ -161,12 +172,7 @@ class _Batch:
     @property
     def can_join(self) -> bool:
         """Whether rows may join now: the batch is empty or its cache can be merged."""
-        if not self.seqs:
-            return True
-        from transformers.cache_utils import DynamicLayer
-
-        layers: list[Any] = list(getattr(self.cache, "layers", None) or [])
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return not self.seqs or hf_cache.is_growing(self.cache)
 
     def join(self, rows: Sequence[GenerationRow]) -> None:
         """Prefill ``rows`` as a batch of their own and merge them into the running one."""
@@ -221,10 +227,14 @@ class _Batch:
             error = _forward_error(exc, len(fresh))
             for seq in fresh:
                 _done(seq.row, None, "", error)
+            self.release_memory()
             return
         start = len(self.seqs)
         self._merge(cache, mask, fresh)
+        del cache
         self._take(start, logits)
+        if ids.numel() >= RELEASE_AFTER_TOKENS:
+            self.release_memory()
 
     def step(self) -> None:
         """One decode step for every row; cancelled rows leave first."""
@@ -246,6 +256,7 @@ class _Batch:
             failed, self.seqs, self.cache, self.mask = self.seqs, [], None, None
             for seq in failed:
                 _done(seq.row, None, "", error)
+            self.release_memory()
             return
         self.mask = mask
         self._take(0, logits)
@@ -271,6 +282,15 @@ class _Batch:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits, new_cache
 
+    def release_memory(self) -> None:
+        """Give the memory freed since the last call back to the kernel (CPU only)."""
+        if self.decoder.release_memory is not None:
+            self.decoder.release_memory()
+
+    def _ceiling(self, seqs: Sequence[_Seq]) -> int:
+        """The most cache columns any of ``seqs`` can need: its prompt and token budget."""
+        return max((len(seq.row.prompt_ids) + seq.budget for seq in seqs), default=0)
+
     def _take(self, start: int, logits: torch.Tensor) -> None:
         """Sample a token for rows ``start:`` (one logits row each); finish those done."""
         seqs = self.seqs[start:]
@@ -294,17 +314,16 @@ class _Batch:
 
     def _merge(self, cache: Any, mask: torch.Tensor, fresh: list[_Seq]) -> None:
         """Append prefilled rows (their cache and mask) to the running batch."""
+        limit = self._ceiling([*self.seqs, *fresh])
         if not self.seqs or self.mask is None:
+            hf_cache.make_growing(cache, limit)  # other kinds stay as the model built them
             self.seqs, self.cache, self.mask = list(fresh), cache, mask
             return
         old, new = self.mask.shape[1], mask.shape[1]
         width = max(old, new)
+        hf_cache.set_limit(self.cache, limit)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                a = torch.nn.functional.pad(a, (0, 0, width - old, 0))
-                b = torch.nn.functional.pad(b, (0, 0, width - new, 0))
-                setattr(mine, name, torch.cat([a, b], dim=0))
+            mine.append_rows(theirs.keys, theirs.values)
         self.mask = torch.cat(
             [
                 torch.nn.functional.pad(self.mask, (width - old, 0)),
@@ -323,18 +342,19 @@ class _Batch:
         self.seqs = [self.seqs[i] for i in keep]
         if not self.seqs or self.mask is None:
             self.seqs, self.cache, self.mask = [], None, None
+            self.release_memory()
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        hf_cache.set_limit(self.cache, self._ceiling(self.seqs))
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
-        if not self.can_join:
-            return  # only plain layers can be cut along the sequence
-        first = int(self.mask.any(dim=0).int().argmax().item())
-        if first > 0:  # columns that are padding for every remaining row
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, first:, :]
-                layer.values = layer.values[:, :, first:, :]
+        if self.can_join:  # only plain layers can be cut along the sequence
+            first = int(self.mask.any(dim=0).int().argmax().item())
+            if first > 0:  # columns that are padding for every remaining row
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.drop_front(first)
+        self.release_memory()
 
 
 def first_pass(lengths: Sequence[int], tokens: int) -> int:

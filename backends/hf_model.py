@@ -18,6 +18,7 @@ import torch
 
 from backends import hf_batch, hf_measure, hf_text
 from backends.base import Footprint, GenerationRow, RowSource, generate_alone
+from backends.heap import glibc_trim
 from contract.errors import BackendError, InvalidRequest, OutOfMemory
 from contract.generation import (
     Generation,
@@ -52,6 +53,8 @@ class TransformersModel(hf_text.HfTokenizing):
         # Embeddings need no KV cache; decoders loaded as AutoModel build one unless told.
         self._no_cache = {"use_cache": False} if "use_cache" in params else {}
         self._profile: hf_measure.Profile | None = None  # what warm_up measured
+        # Freed CPU memory goes back to the kernel after large passes (backends.heap).
+        self._release_memory = glibc_trim() if device.type == "cpu" else None
 
     @property
     def info(self) -> ModelInfo:
@@ -112,6 +115,7 @@ class TransformersModel(hf_text.HfTokenizing):
             context_length=self._info.context_length,
             decode=self._decode,
             check=lambda ids: self._check_ids(ids, "prompt", "the prompt"),
+            release_memory=self._release_memory,
         )
         with torch.inference_mode():
             hf_batch.generate_batch(decoder, rows, admit, max_rows)

@@ -38,8 +38,6 @@ is no trim, and use after an eviction reads as unaccounted until reused.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import sys
@@ -48,6 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backends import proctree
+from backends.heap import glibc_trim
 from routerd.devices import DeviceInventory
 from routerd.memory_audit import Measurement
 
@@ -125,22 +124,6 @@ def torch_reserved(index: int) -> int | None:
         return int(torch.cuda.memory_reserved(index))
     except Exception:  # an old torch, a lost device: no figure rather than no audit
         return None
-
-
-def glibc_trim() -> Callable[[], None] | None:
-    """``malloc_trim(0)`` where the C library is glibc; None elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-
-    def call() -> None:
-        trim(0)
-
-    return call
 
 
 class ProcessMemoryReader:

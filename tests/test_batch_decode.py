@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from backends import hf_batch
+from backends import hf_batch, hf_cache
 from backends.base import GenerationRow, LoadedModel, LoadSpec
 from contract.errors import InvalidRequest
 from contract.generation import Cancellation, Generation, GenerationResult, SamplingParams
@@ -356,3 +356,52 @@ def test_a_prefill_group_takes_what_one_context_holds() -> None:
     assert len(group(seqs(10, 10, 11), 30)) == 2  # 3 × 11 padded tokens
     assert len(group(seqs(5, 20, 1), 30)) == 1  # the second row pads the pair to 40
     assert len(group(seqs(40, 1), 30)) == 1  # a row alone always goes (the context bounds it)
+
+
+# -- the running batch's cache and the memory it gives back ---------------------------
+
+
+def test_a_cache_that_grows_in_small_steps_still_decodes_every_row_as_alone(
+    small_model: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+):
+    """With room for only three columns the cache is moved, joined, cut and narrowed
+    many times over; every row still decodes as it would alone."""
+    monkeypatch.setattr(hf_cache, "DEFAULT_ROOM", 3)
+    placed: list[int] = []
+    original = hf_cache.GrowingLayer._place
+
+    def spy(self: Any, keys: torch.Tensor, values: torch.Tensor, more: int) -> None:
+        placed.append(self.limit)
+        original(self, keys, values, more)
+
+    monkeypatch.setattr(hf_cache.GrowingLayer, "_place", spy)
+    first = [probe(prompts[0], greedy(20)), probe(prompts[7], greedy(3))]
+    late = [probe(prompts[2], greedy(25)), probe(prompts[4], greedy(9))]
+    expected = [alone(small_model, p) for p in first + late]
+    placed.clear()
+    small_model.generate_batch([p.row for p in first], queue_admit({2: [late[0]], 5: [late[1]]}))
+    assert [finished(p) for p in first + late] == expected
+    model: Any = getattr(small_model, "_model")  # noqa: B009 — the wrapped HF module
+    layers = int(model.config.num_hidden_layers)
+    assert len(placed) >= 4 * layers  # room ran out several times in every layer
+    ceiling = max(len(p.row.prompt_ids) + p.row.params.max_tokens for p in first + late)
+    assert max(placed) <= ceiling  # and never reached past what the rows can need
+
+
+def test_memory_is_given_back_after_long_prefills_and_when_rows_leave(
+    small_model: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+):
+    releases: list[str] = []
+    monkeypatch.setattr(small_model, "_release_memory", lambda: releases.append("release"))
+    context = small_model.info.context_length
+    long_prompt = (prompts[6] * context)[: hf_batch.RELEASE_AFTER_TOKENS + 10]
+    short = probe(prompts[1], greedy(2))
+    small_model.generate_batch([short.row], None)
+    finished(short)
+    assert releases == ["release"]  # a short prefill gives nothing back; the drain does
+    releases.clear()
+    rows = [probe(long_prompt, greedy(2)), probe(prompts[3], greedy(6))]
+    small_model.generate_batch([p.row for p in rows], None)
+    for p in rows:
+        finished(p)
+    assert len(releases) == 3  # after the long prefill, when one row left, at the drain

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from backends.heap import glibc_trim
 from routerd.devices import DeviceInventory
 from routerd.process_memory import (
     ProcessMemoryReader,
     children,
     cpu_measurement,
-    glibc_trim,
     peak_growth,
     reset_peak,
     rss_now,
