@@ -339,6 +339,20 @@ def working_bytes(
     return total
 
 
+def reshape_bytes(config: Any, runtime: int) -> int:
+    """The most a batch's cache holds beyond itself while it is reshaped: one layer.
+
+    A running batch's cache (``backends.hf_cache``) is rebuilt layer by layer when
+    rows join or leave and when its room runs out: each layer's new buffer exists
+    beside the old one until the old is freed, so at most one layer of the reserved
+    cache (``runtime`` ÷ layers) is held twice. It happens between forward passes,
+    never during one, so it shares the working memory with the pass's activations:
+    the footprint's ``working`` is the larger of the two.
+    """
+    layers = _positive(_text_config(config), "num_hidden_layers")
+    return -(-runtime // layers) if layers and runtime > 0 else 0
+
+
 # -- the measurement's arithmetic ----------------------------------------------------
 
 

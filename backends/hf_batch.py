@@ -229,12 +229,15 @@ class _Batch:
                 _done(seq.row, None, "", error)
             self.release_memory()
             return
+        large = ids.numel() >= RELEASE_AFTER_TOKENS
+        if large:
+            self.release_memory()  # the pass's activations, before the merge copies
         start = len(self.seqs)
         self._merge(cache, mask, fresh)
         del cache
         self._take(start, logits)
-        if ids.numel() >= RELEASE_AFTER_TOKENS:
-            self.release_memory()
+        if large:
+            self.release_memory()  # the buffers the merge replaced
 
     def step(self) -> None:
         """One decode step for every row; cancelled rows leave first."""

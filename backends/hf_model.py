@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from backends import hf_batch, hf_measure, hf_text
+from backends import footprint, hf_batch, hf_measure, hf_text
 from backends.base import Footprint, GenerationRow, RowSource, generate_alone
-from backends.heap import glibc_trim
+from backends.host_memory import glibc_trim
 from contract.errors import BackendError, InvalidRequest, OutOfMemory
 from contract.generation import (
     Generation,
@@ -228,7 +228,8 @@ class TransformersModel(hf_text.HfTokenizing):
         counted once (tied weights share one). ``runtime``: the KV bytes per token
         the warm-up's cache really held × ``info.kv_tokens``, the tokens the cache is
         reserved for (0 for embeddings), as the estimate counts them. ``working``: what
-        the warm-up's profile measured.
+        the warm-up's profile measured, or one layer of that cache where larger
+        (:func:`backends.footprint.reshape_bytes`), as the estimate counts it.
         An unloaded instance holds nothing.
         """
         if self._model is None:
@@ -237,10 +238,11 @@ class TransformersModel(hf_text.HfTokenizing):
             raise BackendError(f"model {self._name} must be warmed up before it is measured")
         tensors = [*self._model.parameters(), *self._model.buffers()]
         runtime = round(self._profile.kv_bytes_per_token * self._info.kv_tokens)
+        reshape = footprint.reshape_bytes(self._model.config, runtime)
         return Footprint(
             weights=sum(hf_measure.tensor_storages(tensors).values()),
             runtime=runtime,
-            working=self._profile.working,
+            working=max(self._profile.working, reshape),
         )
 
     def unload(self) -> None:

@@ -91,7 +91,8 @@ class TransformersBackend:
         for generation, 0 for embeddings. ``working``:
         :func:`backends.footprint.working_bytes` for one prompt of the whole context —
         the same pass ``warm_up`` measures; no forward pass is larger, as batches are
-        prefilled in groups of at most a context's tokens.
+        prefilled in groups of at most a context's tokens — or, where larger, one layer
+        of the reserved cache (:func:`backends.footprint.reshape_bytes`).
         """
         plan = hf_plan.plan_load(spec)
         if plan.pickled:
@@ -111,6 +112,7 @@ class TransformersBackend:
         working = footprint.working_bytes(
             plan.config, plan.context_length, dtype_bytes, decoder=plan.causal, gated_mlp=gated
         )
+        working = max(working, footprint.reshape_bytes(plan.config, runtime))
         return Footprint(
             weights=footprint.weights_bytes(tensors.values(), dtype_bytes),
             runtime=runtime,

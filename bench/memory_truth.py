@@ -62,6 +62,7 @@ class Books:
     peak_measured: int = 0
     peak_unaccounted: int = 0
     peak_unaccounted_phase1: int = 0
+    peak_unaccounted_anonymous: int = 0  # the same, counting anonymous memory only
     peak_over_budget: int = 0
     accounted: int = 0  # the ledger's latest figure
     phase: str = "idle"
@@ -84,6 +85,7 @@ class Side:
             "peak_unaccounted_bytes": self.books.peak_unaccounted,
             "peak_unaccounted_ratio": round(self.books.peak_unaccounted_phase1 / large, 4),
             "peak_over_budget_bytes": self.books.peak_over_budget,
+            "peak_unaccounted_anonymous_bytes": self.books.peak_unaccounted_anonymous,
             "peak_measured_bytes": self.books.peak_measured,
             "large_accounted_bytes": self.large_accounted,
             "tokens_per_s": round(self.tokens / self.phase1_s, 1) if self.phase1_s else 0.0,
@@ -94,16 +96,20 @@ class Side:
         }
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and every process below it."""
-    total = 0
+def tree_rss(pid: int) -> tuple[int, int]:
+    """Resident bytes of ``pid`` and every process below it: all of them, and those
+    not backed by a file (``statm``'s resident minus shared: anonymous memory)."""
+    total = anonymous = 0
+    page = os.sysconf("SC_PAGE_SIZE")
     for member in (pid, *proctree.descendants(pid)):
         try:
-            pages = int(Path(f"/proc/{member}/statm").read_text().split()[1])
+            fields = Path(f"/proc/{member}/statm").read_text().split()
+            resident, shared = int(fields[1]), int(fields[2])
         except (OSError, IndexError, ValueError):
             continue  # exited while we looked
-        total += pages * os.sysconf("SC_PAGE_SIZE")
-    return total
+        total += resident * page
+        anonymous += (resident - shared) * page
+    return total, anonymous
 
 
 def accounted_bytes(status: dict[str, Any]) -> int:
@@ -114,7 +120,9 @@ def accounted_bytes(status: dict[str, Any]) -> int:
     return 0
 
 
-async def watch(daemon: Daemon, side: Side, base: int, budget: int, sample_s: float) -> None:
+async def watch(
+    daemon: Daemon, side: Side, base: tuple[int, int], budget: int, sample_s: float
+) -> None:
     """Sample RSS every ``sample_s`` and the ledger every fifth sample, until cancelled.
 
     The ledger is read before RSS within a round, so memory a load reserved is already
@@ -125,7 +133,11 @@ async def watch(daemon: Daemon, side: Side, base: int, budget: int, sample_s: fl
     while True:
         if tick % 5 == 0:
             books.accounted = accounted_bytes(await daemon.call("GET", "/admin/status"))
-        measured = tree_rss(pid) - base
+        total, anonymous = tree_rss(pid)
+        measured = total - base[0]
+        books.peak_unaccounted_anonymous = max(
+            books.peak_unaccounted_anonymous, anonymous - base[1] - books.accounted
+        )
         books.samples += 1
         books.peak_measured = max(books.peak_measured, measured)
         unaccounted = measured - books.accounted

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from backends.host_memory import map_large_allocations
 from backends.vllm import use_state_dir as use_vllm_state_dir
 from routerd import __version__, logs, systemd
 from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
@@ -74,6 +75,9 @@ def serve(config: Config, load: ConfigLoader | None = None) -> int:
     """Run until SIGTERM/SIGINT (SIGHUP reloads with ``load``); in-flight requests finish."""
     # vLLM engines keep their caches and sockets in the state dir, not ~/.cache or /tmp.
     use_vllm_state_dir(Path(config.state_dir))
+    exact = config.devices.cpu_memory != 0 and config.devices.cpu_allocation == "exact"
+    if exact and not map_large_allocations():
+        log.warning("devices.cpu_allocation = exact needs glibc; keeping the C library's")
     try:
         services = build_services(config)
     except Exception as exc:

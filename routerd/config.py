@@ -141,8 +141,13 @@ class DevicesConfig:
     poll_interval: float = 2.0
     gpu_headroom: int = 256 * 1024**2  # kept free for the CUDA context and fragmentation
     cpu_headroom: int = 0
+    # "exact": glibc maps every allocation of 1 MiB or more on its own and unmaps it when
+    # freed, so the process holds what its tensors hold (backends.host_memory);
+    # "pooled": glibc's default, faster prefill, but freed memory stays in its heaps.
+    cpu_allocation: str = "exact"
 
 
+CPU_ALLOCATIONS = ("exact", "pooled")
 AUDIT_MODES = ("off", "on", "strict")
 
 
@@ -429,9 +434,17 @@ def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
     defaults = DevicesConfig()
     _reject_unknown(
         raw,
-        {"cpu_memory", "gpus", "poll_interval", "gpu_headroom", "cpu_headroom"},
+        {"cpu_memory", "gpus", "poll_interval", "gpu_headroom", "cpu_headroom", "cpu_allocation"},
         where="devices.",
     )
+    allocation = _str(
+        raw.get("cpu_allocation", defaults.cpu_allocation), "devices.cpu_allocation"
+    ).lower()
+    if allocation not in CPU_ALLOCATIONS:
+        raise ConfigError(
+            f"devices.cpu_allocation: expected one of {', '.join(CPU_ALLOCATIONS)}, "
+            f"got {allocation!r}"
+        )
     cpu_memory = defaults.cpu_memory
     if "cpu_memory" in raw and raw["cpu_memory"] != "auto":
         cpu_memory = parse_size(raw["cpu_memory"], key="devices.cpu_memory")
@@ -458,6 +471,7 @@ def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
         cpu_headroom=parse_size(
             raw.get("cpu_headroom", defaults.cpu_headroom), key="devices.cpu_headroom"
         ),
+        cpu_allocation=allocation,
     )
 
 

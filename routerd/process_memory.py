@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backends import proctree
-from backends.heap import glibc_trim
+from backends.host_memory import glibc_trim, status_fields
 from routerd.devices import DeviceInventory
 from routerd.memory_audit import Measurement
 
@@ -85,22 +85,6 @@ def tree(pid: int, proc: Path = PROC) -> set[int]:
             found.add(child)
             stack.append(child)
     return found
-
-
-def status_fields(pid: int, keys: Sequence[str], proc: Path = PROC) -> dict[str, int]:
-    """Fields of ``/proc/<pid>/status`` in bytes (absent ones left out; none once gone)."""
-    values: dict[str, int] = {}
-    try:
-        text = (proc / str(pid) / "status").read_text()
-    except OSError:
-        return values
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in keys:
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                values[key] = int(parts[0]) * 1024
-    return values
 
 
 def cpu_measurement(pids: Sequence[int] | set[int], proc: Path = PROC) -> Measurement:
@@ -184,25 +168,3 @@ class ProcessMemoryReader:
     def trim(self) -> None:
         if self._trim is not None:
             self._trim()
-
-
-def reset_peak(proc: Path = PROC) -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its RSS now; False where the kernel
-    does not allow it. With :func:`peak_growth`, a test measures the most a stretch of
-    synchronous work added, without a thread sampling beside it."""
-    try:
-        (proc / "self" / "clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def rss_now(proc: Path = PROC) -> int:
-    """This process's resident memory (``VmRSS``) in bytes."""
-    return status_fields(os.getpid(), ("VmRSS",), proc).get("VmRSS", 0)
-
-
-def peak_growth(start_rss: int, proc: Path = PROC) -> int:
-    """How far the peak RSS since :func:`reset_peak` rose above ``start_rss``."""
-    peak = status_fields(os.getpid(), ("VmHWM",), proc).get("VmHWM", start_rss)
-    return max(peak - start_rss, 0)

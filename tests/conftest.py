@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from backends.base import LoadedModel, LoadSpec
+from backends.host_memory import peak_growth, reset_peak, rss_now
 from routerd.demo import ensure_demo_models
 from routerd.memory_audit import AuditSettings, Books, allowance
-from routerd.process_memory import peak_growth, reset_peak, rss_now
 from tests.support import STRICT_AUDITS, STRICT_TEST_AUDIT, audit_failures
 
 # -- the gpu marker -------------------------------------------------------------

@@ -144,6 +144,7 @@ placement = "spread"
 cpu_memory = "512MiB"
 gpus = [1]
 gpu_headroom = "1GiB"
+cpu_allocation = "Pooled"
 [[models]]
 name = "m"
 path = "/m"
@@ -159,6 +160,8 @@ pinned = true
     assert config.devices.cpu_memory == 512 * 1024**2
     assert config.devices.gpus == (1,)
     assert config.devices.gpu_headroom == 1024**3
+    assert config.devices.cpu_allocation == "pooled"
+    assert load_config(None).devices.cpu_allocation == "exact"
     assert config.models[0].options == {"keep_alive": "10m", "devices": ["cuda", "cpu"]}
     assert config.pinned == {"m@1"}
 
@@ -171,6 +174,7 @@ pinned = true
         ("[scheduler]\nkeep_alive = -5\n", "never"),
         ("[devices]\ncpu_memory = 'lots'\n", "devices.cpu_memory"),
         ("[devices]\ngpus = 'some'\n", "devices.gpus"),
+        ("[devices]\ncpu_allocation = 'tcmalloc'\n", "devices.cpu_allocation: expected one of"),
     ],
 )
 def test_bad_scheduling_settings(tmp_path, text, message):

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from backends.heap import glibc_trim
+from backends.host_memory import (
+    glibc_trim,
+    peak_growth,
+    reset_peak,
+    rss_now,
+)
 from routerd.devices import DeviceInventory
 from routerd.process_memory import (
     ProcessMemoryReader,
     children,
     cpu_measurement,
-    peak_growth,
-    reset_peak,
-    rss_now,
     tree,
 )
 from tests.fakes import MEMINFO, FakeGpus, cpu_only_inventory
@@ -123,3 +125,38 @@ def test_peak_growth_sees_memory_already_freed():
     del held
     assert rss_now() - start < 32 * MiB  # given back (a large block is its own mapping)
     assert peak_growth(start) >= 90 * MiB
+
+
+def test_exact_allocation_returns_a_freed_block_of_two_mebibytes_at_once() -> None:
+    """With the 1 MiB threshold set, freed 2 MiB blocks leave RSS at once, with no trim:
+    each was its own mapping. Without it they stay in glibc's heap. (A child process:
+    the setting is process-wide, the daemon's, and must not change this one.)"""
+    script = """
+import sys
+from backends.host_memory import map_large_allocations, rss_now
+if sys.argv[1] == "exact" and not map_large_allocations():
+    print("no-glibc"); raise SystemExit
+first = bytearray(2 << 20)
+del first  # freed once: glibc's own threshold rises past 2 MiB
+blocks, keep = [], []
+for _ in range(40):  # each block under a small one that stays: no heap top to trim
+    blocks.append(bytearray(2 << 20))
+    keep.append(bytearray(64 << 10))
+held = rss_now()
+del blocks
+print(held - rss_now())
+"""
+    freed = {}
+    for mode in ("exact", "pooled"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout.strip()
+        if out == "no-glibc":
+            pytest.skip("not glibc")
+        freed[mode] = int(out)
+    assert freed["exact"] >= 60 * MiB
+    assert freed["pooled"] < 20 * MiB  # the default keeps them (threshold raised to 2 MiB)

@@ -78,9 +78,7 @@ async def daemon(
     devices = DeviceInventory(None, meminfo=meminfo, cpu_budget=estimate * 3 // 2)
     config = Config(
         state_dir=tmp / "state",
-        models=(
-            VersionSpec(NAME, "1", "vllm", str(demo_root / NAME), options=dict(OPTIONS)),
-        ),
+        models=(VersionSpec(NAME, "1", "vllm", str(demo_root / NAME), options=dict(OPTIONS)),),
         scheduler=SchedulerConfig(min_residency=0.0),
         server=ServerConfig(model_roots=(demo_root,)),
     )
