@@ -18,7 +18,8 @@ temporary git worktree), so the two sides share the machine and the minute.
 
 Prints a table, then as its last line one JSON object: ``peak_unaccounted_bytes``
 (measured − accounted, at worst), ``peak_unaccounted_ratio`` (that, during phase 1,
-÷ demo-large's accounted bytes; goal ≤ 0.05), ``peak_over_budget_bytes`` (measured
+÷ demo-large's accounted bytes; goal ≤ 0.05), ``peak_unaccounted_anonymous_bytes``
+(the same, anonymous memory only), ``peak_over_budget_bytes`` (measured
 over the budget, at worst; goal 0), ``tokens_per_s`` (phase 1), ``throughput_ratio``
 (tokens/s ÷ the baseline's, with ``--baseline``; else absent), the same figures of
 the baseline under ``baseline``, ``audit_violations`` (what the daemon's own strict
