@@ -85,6 +85,11 @@ class LoadSpec:
     # KV cache sizes it for them (README: concurrency, batch limits and reserved memory).
     batch_rows: int = 1
     batch_tokens: int = 0
+    # What this version was measured to hold on this kind of device, under the same
+    # estimate (so the same options, batch limits and context), when it was loaded
+    # before; None for a first load or when the operator asked for a new profile. A
+    # backend that can trust it skips its profile: warm-up is one tiny real request.
+    known: Footprint | None = None
 
     def report(self, phase: str, done_bytes: int = 0, total_bytes: int = 0) -> None:
         if self.progress is not None:

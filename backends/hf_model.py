@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import inspect
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,8 @@ class TransformersModel(hf_text.HfTokenizing):
         info: ModelInfo,
         device: torch.device,
         name: str,
+        known: Footprint | None = None,
+        on_unload: Callable[[Any], None] | None = None,
     ) -> None:
         self._model: Any = model
         self._tokenizer: Any = tokenizer
@@ -53,6 +55,9 @@ class TransformersModel(hf_text.HfTokenizing):
         # Embeddings need no KV cache; decoders loaded as AutoModel build one unless told.
         self._no_cache = {"use_cache": False} if "use_cache" in params else {}
         self._profile: hf_measure.Profile | None = None  # what warm_up measured
+        self._known = known  # a footprint measured before, which spares the profile
+        self.profiled = False  # whether warm_up ran the profile pass
+        self._on_unload = on_unload  # given the tokenizer back (the backend's shelf)
         # Freed CPU memory goes back to the kernel after large passes (backends.heap).
         self._release_memory = glibc_trim() if device.type == "cpu" else None
 
@@ -180,6 +185,11 @@ class TransformersModel(hf_text.HfTokenizing):
     def warm_up(self) -> None:
         """Profile the largest pass the instance admits, then run one tiny real request.
 
+        Where the load was given the footprint this version was measured at before
+        (``LoadSpec.known``), the profile is taken from it instead of from a pass:
+        the same options, batch limits and context give the same KV bytes per token
+        and working memory, and the profile pass is most of a load's time.
+
         The profile is a prompt of the whole context: for generation, the prefill
         forward (the same ``_step`` requests use) and the sampling of its token;
         for embeddings, one input of that length through ``embed``. While it runs,
@@ -202,6 +212,14 @@ class TransformersModel(hf_text.HfTokenizing):
             hf_batch.sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
             return cache
 
+        if self._known is not None:
+            self._profile = self._profile_from(self._known)
+            if generating:
+                self.generate(Generation(ids, SamplingParams(max_tokens=2, temperature=0.0)))
+            else:
+                self.embed([ids])
+            return
+        self.profiled = True
         try:
             if generating:
                 self._profile = hf_measure.measure(
@@ -220,6 +238,12 @@ class TransformersModel(hf_text.HfTokenizing):
                 f"model {self._name} cannot process a prompt of its whole context "
                 f"({length} tokens) on {self._info.device}: {exc}"
             ) from exc
+
+    def _profile_from(self, known: Footprint) -> hf_measure.Profile:
+        """The profile a footprint measured before implies (``measure_footprint`` inverted)."""
+        tokens = self._info.kv_tokens
+        per_token = known.runtime / tokens if tokens else 0.0
+        return hf_measure.Profile(kv_bytes_per_token=per_token, working=known.working)
 
     def measure_footprint(self) -> Footprint:
         """What the instance holds, measured; call after ``warm_up``.
@@ -246,9 +270,11 @@ class TransformersModel(hf_text.HfTokenizing):
         )
 
     def unload(self) -> None:
+        tokenizer, self._tokenizer = self._tokenizer, None
         self._model = None
-        self._tokenizer = None
         release_memory(self._device)
+        if tokenizer is not None and self._on_unload is not None:
+            self._on_unload(tokenizer)
 
     def _require(self, task: Task) -> Any:
         if self._model is None:

@@ -21,6 +21,7 @@ import torch
 
 from backends import footprint
 from backends.base import LoadSpec
+from backends.hf_shelf import Shelf
 from backends.options import invalid, is_positive_int, reject_unknown
 from contract.errors import BackendError
 from contract.generation import Task
@@ -79,26 +80,30 @@ class Plan:
     pickled: bool = False  # weights in pickle files (``allow_pickle``), not safetensors
 
 
-def plan_load(spec: LoadSpec) -> Plan:
+def plan_load(spec: LoadSpec, shelf: Shelf | None = None) -> Plan:
     """What ``load`` will do with ``spec``, decided from small files only.
 
     ``TransformersBackend.load`` and ``estimate_footprint`` both start here, so the task, dtype
-    and context length they use cannot disagree.
+    and context length they use cannot disagree. With a ``shelf`` the parsed config is
+    reused while the folder's small files stay as they were.
     """
     options = validate_options(spec.options)
     device_type = _parse_device(spec.device)[0]
     folder = Path(spec.path)
-    raw_config = _read_config(folder)
-    pickled = _check_weights(folder, allow_pickle=bool(options.get("allow_pickle")))
-    AutoConfig = auto_classes()[0]
+    if not folder.is_dir():
+        raise BackendError(f"model folder {folder} does not exist or is not a directory")
 
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # unknown model_type, bad values: one clear error
-        raise BackendError(f"cannot read the config in {folder}: {exc}") from exc
-    context = footprint.context_length(
-        config, footprint.tokenizer_max_length(folder), options.get("max_context")
-    )
+    def build() -> tuple[dict[str, Any], Any, int | None]:
+        raw = _read_config(folder)
+        try:
+            parsed = auto_classes()[0].from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # unknown model_type, bad values: one clear error
+            raise BackendError(f"cannot read the config in {folder}: {exc}") from exc
+        return raw, parsed, footprint.tokenizer_max_length(folder)
+
+    raw_config, config, tokenizer_max = build() if shelf is None else shelf.config(folder, build)
+    pickled = _check_weights(folder, allow_pickle=bool(options.get("allow_pickle")))
+    context = footprint.context_length(config, tokenizer_max, options.get("max_context"))
     return Plan(
         folder=folder,
         config=config,

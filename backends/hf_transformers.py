@@ -25,9 +25,12 @@ measuring, in :mod:`backends.hf_model`; this module estimates and loads.
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import threading
 import traceback
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ import torch
 from backends import footprint, hf_measure, hf_plan
 from backends.base import MOVING_TO_DEVICE, READING_WEIGHTS, Footprint, LoadSpec
 from backends.hf_model import TransformersModel, release_memory
+from backends.hf_shelf import Shelf
 from contract.errors import BackendError, OutOfMemory
 from contract.generation import ModelInfo, Task
 
@@ -78,6 +82,9 @@ class TransformersBackend:
 
     kind = "transformers"
 
+    def __init__(self) -> None:
+        self._shelf = Shelf()  # configs and tokenizers kept for reloads (backends.hf_shelf)
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """See :func:`backends.hf_plan.validate_options`."""
         return hf_plan.validate_options(options)
@@ -94,7 +101,7 @@ class TransformersBackend:
         prefilled in groups of at most a context's tokens — or, where larger, one layer
         of the reserved cache (:func:`backends.footprint.reshape_bytes`).
         """
-        plan = hf_plan.plan_load(spec)
+        plan = hf_plan.plan_load(spec, self._shelf)
         if plan.pickled:
             # No headers to read: the files' size stands in until warm-up measures.
             files = hf_plan.pickle_files(plan.folder)
@@ -121,7 +128,7 @@ class TransformersBackend:
 
     def load(self, spec: LoadSpec) -> TransformersModel:
         """Load tokenizer and model from ``spec.path`` onto ``spec.device``."""
-        plan = hf_plan.plan_load(spec)
+        plan = hf_plan.plan_load(spec, self._shelf)
         device = hf_plan.resolve_device(spec.device)
         task, dtype, folder = plan.task, plan.dtype, plan.folder
 
@@ -129,13 +136,18 @@ class TransformersBackend:
 
         auto_class: Any = AutoModelForCausalLM if task is Task.GENERATE else AutoModel
         model: Any = None
-        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        files = sorted(folder.glob("*.safetensors"))
+        weights = sum(p.stat().st_size for p in files)
+        _read_ahead(files)
         try:
             spec.report(READING_WEIGHTS, 0, weights)
+            shelf_key, tokenizer = self._shelf.take_tokenizer(folder)
             with _PROGRESS_BARS.hidden():
-                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
                 model = auto_class.from_pretrained(
                     str(folder),
+                    config=copy.deepcopy(plan.config),  # from_pretrained writes into it
                     local_files_only=True,
                     use_safetensors=not plan.pickled,
                     dtype=dtype,
@@ -163,7 +175,37 @@ class TransformersBackend:
             vocab_size=int(model.get_input_embeddings().num_embeddings),
             kv_tokens=plan.kv_tokens if task is Task.GENERATE else 0,
         )
-        return TransformersModel(model, tokenizer, info, device, spec.name)
+        shelf = self._shelf
+        return TransformersModel(
+            model,
+            tokenizer,
+            info,
+            device,
+            spec.name,
+            known=spec.known,
+            on_unload=lambda kept: shelf.put_tokenizer(shelf_key, kept),
+        )
+
+
+def _read_ahead(files: list[Path]) -> None:
+    """Ask the kernel to start reading the weight files into the page cache now.
+
+    On the CPU the weights stay memory-mapped and are read by page faults as the first
+    passes touch them, a few pages at a time; told first, the kernel reads the files
+    in large sequential requests while the model is still being built. Best effort:
+    where the hint is not supported nothing changes.
+    """
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # from_pretrained will say what is wrong with it
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
 
 
 def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:

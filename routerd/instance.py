@@ -67,6 +67,7 @@ class Instance:
         self.reserved_bytes = reserved_bytes  # what placement planned for it
         self.estimated_bytes = estimated_bytes  # the estimate from headers
         self.measured: Footprint | None = None
+        self.profile_known = False  # its load trusted a footprint measured before
         self.keep_alive = keep_alive
         self.in_flight = 0
         self.placed_at = now  # scheduler clock

@@ -198,6 +198,7 @@ class FakeBackend:
         self.generate_threads: list[str] = []
         self.load_devices: list[str] = []
         self.grants: list[int] = []  # LoadSpec.grant_bytes of every load, in order
+        self.knowns: list[Footprint | None] = []  # LoadSpec.known of every load, in order
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(options) - FAKE_OPTIONS
@@ -239,6 +240,7 @@ class FakeBackend:
         self.load_devices.append(spec.device)
         self.load_threads.append(threading.current_thread().name)
         self.grants.append(spec.grant_bytes)
+        self.knowns.append(spec.known)
         if not Path(spec.path).is_dir():
             raise BackendError(f"{spec.path} is not a directory")
         minimum = int(spec.options.get("minimum", 0))

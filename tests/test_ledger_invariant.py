@@ -14,13 +14,15 @@ stalls); then no reservation or claim is left; after shutdown, nothing but leaks
 
 Every world is one interleaving: the order of events follows from the drawn times
 alone, so a failure replays and shrinks. 1,000 worlds run in about half a minute on
-two cores; the ``slow`` run tries 3,000. The worlds that once broke the invariant
+two cores; the ``slow`` run tries 3,000. Both draw the same worlds every run unless
+``ROUTERD_EXPLORE=1`` asks for new ones. The worlds that once broke the invariant
 (or a request) are kept below, each saying what broke.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -77,19 +79,34 @@ def worlds(draw: st.DrawFn) -> World:
     return World(gpus, drawn, tuple(requests), tuple(evictions), draw(SETTINGS), draw(HOSTS))
 
 
+# The same worlds on every run (``derandomize``), so a test run passes or fails on the
+# code alone; ROUTERD_EXPLORE=1 draws new ones each run instead, to search further.
+EXPLORE = os.environ.get("ROUTERD_EXPLORE") == "1"
+
+
 def _live(world: World) -> None:
     note(repr(world))  # hypothesis prints a composite's value empty
     run_world(world, strict=False)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=1000,
+    deadline=None,
+    derandomize=not EXPLORE,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(worlds())
 def test_no_interleaving_puts_a_device_over_its_budget(world: World) -> None:
     _live(world)
 
 
 @pytest.mark.slow
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=3000,
+    deadline=None,
+    derandomize=not EXPLORE,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(worlds())
 def test_no_interleaving_puts_a_device_over_its_budget_thoroughly(world: World) -> None:
     _live(world)
@@ -162,6 +179,21 @@ BROKE_IT = {
         (Model(500, sleeps=True), Model(300, sleeps=True), Model(900)),
         (Request(0, 0.0), Request(1, 0.0), Request(2, 2.0)),
         scheduler=QUICK,
+        host=400,
+    ),
+    # m3 evicts m0 (whose 50 bytes never come back) and puts m1 to sleep; a request for
+    # m1 wakes it, planned while m0 was still leaving, so counting on m0's bytes: the
+    # wake-up did not wait, as a load does, for its bytes to fit: 601 on 600.
+    "a wake-up counts on a victim that leaks": World(
+        (600,),
+        (Model(50, leaks=True), Model(103, sleeps=True), Model(50), Model(448)),
+        (Request(0, 0.0), Request(1, 0.0), Request(3, 1.0), Request(1, 1.0)),
+        scheduler={
+            "placement": "best-fit",
+            "min_residency": 0.0,
+            "keep_alive": 5.0,
+            "load_wait_timeout": 1.0,
+        },
         host=400,
     ),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -497,3 +498,30 @@ def test_embedding_inputs_go_through_a_context_at_a_time(embed_model: LoadedMode
     assert len(together) == 5
     for got, want in zip(together, alone, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+# -- reloads ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["generate", "embed"])
+def test_a_known_footprint_spares_the_profile_and_changes_nothing_else(
+    demo_root: Path, task: str
+) -> None:
+    """Loaded with the footprint a first load measured, warm-up runs no profile pass,
+    the footprint comes out the same, and the model answers as the profiled one did."""
+    backend = TransformersBackend()
+    first_spec = spec(demo_root / "demo-small", task=task)
+    first: Any = backend.load(first_spec)
+    first.warm_up()
+    measured = first.measure_footprint()
+    again: Any = backend.load(dataclasses.replace(first_spec, known=measured))
+    again.warm_up()
+    assert first.profiled and not again.profiled
+    assert again.measure_footprint() == measured
+    if task == "generate":
+        assert run(again, greedy(12))[0] == run(first, greedy(12))[0]
+    else:
+        ids = first.encode_prompt(PROMPT)
+        assert again.embed([ids]) == first.embed([ids])
+    first.unload()
+    again.unload()

@@ -109,6 +109,14 @@ async def register(request: web.Request) -> web.Response:
     return web.json_response(_version_json(record, request), status=201)
 
 
+def _known_fields(body: dict[str, Any], *fields: str) -> None:
+    """Refuse a field this endpoint does not take: it would otherwise be ignored."""
+    unknown = body.keys() - set(fields)
+    if unknown:
+        key = min(unknown)
+        raise BadRequest(f"Unrecognized request argument supplied: {key}", param=key)
+
+
 def _model_param(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -142,12 +150,17 @@ def _force_param(body: dict[str, Any]) -> bool:
 
 @routes.post("/admin/load")
 async def load(request: web.Request) -> web.Response:
-    """Load ``model`` now, on ``device`` if given (else where placement puts it)."""
+    """Load ``model`` now, on ``device`` if given (else where placement puts it);
+    ``reprofile``: measure its footprint anew instead of trusting the stored one."""
     body = await read_json_object(request)
+    _known_fields(body, "model", "device", "reprofile")
     model = _model_param(body)
     device = _device_param(body, request.app[DEVICES])
+    reprofile = body.get("reprofile", False)
+    if not isinstance(reprofile, bool):
+        raise BadRequest(f"reprofile must be a boolean, got {reprofile!r}", param="reprofile")
     record = request.app[ROUTER].resolve(model)
-    snapshot = await request.app[SCHEDULER].load(record, device=device)
+    snapshot = await request.app[SCHEDULER].load(record, device=device, reprofile=reprofile)
     return web.json_response(_instance_json(snapshot))
 
 
@@ -159,6 +172,7 @@ async def evict(request: web.Request) -> web.Response:
     A pinned version is evicted too (a pin only keeps the scheduler from choosing it).
     """
     body = await read_json_object(request)
+    _known_fields(body, "model", "force")
     model = _model_param(body)
     force = _force_param(body)
     router, scheduler = request.app[ROUTER], request.app[SCHEDULER]

@@ -232,6 +232,10 @@ SCHEMAS: Final[dict[str, Any]] = {
             "model": _MODEL_ID,
             "device": {"type": "string", "description": "load only: cpu, cuda or cuda:N"},
             "force": {"type": "boolean", "description": "evict only: end live requests"},
+            "reprofile": {
+                "type": "boolean",
+                "description": "load only: measure the footprint anew (409 if resident)",
+            },
         },
     },
 }
@@ -344,7 +348,7 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             "admin",
             _json("Instance"),
             body="ModelRequest",
-            errors=(400, 404, 503),
+            errors=(400, 404, 409, 503),
         )
     },
     "/admin/evict": {

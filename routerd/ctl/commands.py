@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> str:
         body = {"model": args.model}
         if args.device is not None:
             body["device"] = args.device
+        if args.reprofile:
+            body["reprofile"] = True
         if as_json:
             return json.dumps(request(url, "POST", "/admin/load", body), indent=2)
         result = load_with_progress(url, body, sys.stderr)
@@ -196,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", parents=[common], help="load and warm up a model")
     load.add_argument("model", metavar="NAME[@VERSION]")
     load.add_argument("--device", help="cpu, cuda or cuda:N (default: where placement puts it)")
+    load.add_argument(
+        "--reprofile",
+        action="store_true",
+        help="measure the footprint anew instead of trusting the stored one (evict it first)",
+    )
     evict = commands.add_parser("evict", parents=[common], help="drain and unload a model")
     evict.add_argument("model", metavar="NAME[@VERSION]")
     evict.add_argument(

@@ -48,7 +48,7 @@ from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from routerd.clock import Clock, LoopClock
 from routerd.devices import DeviceInventory
-from routerd.errors import Draining, NotFound, Unavailable
+from routerd.errors import Conflict, Draining, NotFound, Unavailable
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import LedgerRow
 from routerd.messages import InstanceFailed, LoadProgressed, Message
@@ -300,7 +300,7 @@ class Scheduler:
         )
 
     async def _ready_instance(
-        self, record: VersionRecord, *, device: str | None, why: str
+        self, record: VersionRecord, *, device: str | None, why: str, reprofile: bool = False
     ) -> tuple[Instance, bool]:
         """A READY instance, and whether this call had to wait for it.
 
@@ -316,7 +316,7 @@ class Scheduler:
         self.admission.start_waiting(record.model_id)
         self.context.signals.changed(wake_reaper=False)  # a queue grew (observers)
         try:
-            return await self._wait_ready(record, device=device, why=why)
+            return await self._wait_ready(record, device=device, why=why, reprofile=reprofile)
         finally:
             self.admission.stop_waiting(record.model_id)
 
@@ -335,7 +335,7 @@ class Scheduler:
         return chosen
 
     async def _wait_ready(
-        self, record: VersionRecord, *, device: str | None, why: str
+        self, record: VersionRecord, *, device: str | None, why: str, reprofile: bool = False
     ) -> tuple[Instance, bool]:
         """Wait until ``_ready_now`` has an instance: for a drain, a wake-up or a load."""
         while True:
@@ -358,7 +358,7 @@ class Scheduler:
                 wake = functools.partial(self._swap.wake, instance)
                 await self._single_flight(instance.key, wake, "waking")
                 continue
-            load = functools.partial(self._swap.load, record, device, why)
+            load = functools.partial(self._swap.load, record, device, why, reprofile=reprofile)
             await self._single_flight(record.model_id, load, "loading")
 
     async def _single_flight(self, key: str, start: _Start, doing: str) -> Instance:
@@ -430,9 +430,29 @@ class Scheduler:
     # -- operators --------------------------------------------------------------
 
     async def load(
-        self, record: VersionRecord, *, device: str | None = None, why: str = "manual"
+        self,
+        record: VersionRecord,
+        *,
+        device: str | None = None,
+        why: str = "manual",
+        reprofile: bool = False,
     ) -> InstanceSnapshot:
-        """Make ``record`` resident (on ``device`` if given) or return the resident one."""
+        """Make ``record`` resident (on ``device`` if given) or return the resident one.
+
+        ``reprofile``: measure its footprint anew instead of trusting the stored one
+        (``Planner.known``). It needs a load of its own, so a version already resident
+        or loading is a ``Conflict``: evict it first.
+        """
+        if reprofile:
+            busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
+            if busy:
+                raise Conflict(
+                    f"{record.model_id} is loaded or loading; evict it first to load it "
+                    "with a new profile",
+                    param="reprofile",
+                )
+            instance, _ = await self._ready_instance(record, device=device, why=why, reprofile=True)
+            return self.residency.snapshot(instance)
         instance, _ = await self._ready_instance(record, device=device, why=why)
         return self.residency.snapshot(instance)
 

@@ -103,6 +103,7 @@ class Lifecycle:
         self._move(instance, InstanceState.LOADING)
         log.debug("loading %s on %s", record.model_id, instance.device)
         spec = replace(spec, progress=instance.report_progress, grant_bytes=instance.reserved_bytes)
+        instance.profile_known = spec.known is not None
         try:
             model = await instance.run(backend.load, spec)
             instance.attach(model)
@@ -155,6 +156,9 @@ class Lifecycle:
                 "weights": measured.weights,
                 "runtime": measured.runtime,
                 "working": measured.working,
+                # "stored": the backend was given the footprint measured at an earlier
+                # load and may skip its profile; "measured": it profiled this load.
+                "profile": "stored" if instance.profile_known else "measured",
             },
         )
         log.info(

@@ -23,7 +23,7 @@ from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.residency import Residency
 from routerd.version_options import SCHEDULER_OPTIONS, batching_policy, options_of
-from state import VersionRecord
+from state import StoreError, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
@@ -84,6 +84,26 @@ class Planner:
                 claim = estimate.total
             need[device_id] = max(claim, estimate.minimum)
         return need
+
+    def known(self, record: VersionRecord, device: str, estimate: Footprint) -> Footprint | None:
+        """The footprint a load on ``device`` may trust instead of profiling: the stored
+        measurement for that kind of device, if it was made when the backend estimated
+        what it estimates now. An equal estimate means the same checkpoint, options,
+        batch limits and context; any change to them changes the estimate, and the
+        instance profiles again (as it does where nothing was stored, or the store
+        cannot be read)."""
+        kind = device.split(":")[0]
+        try:
+            stored = self._context.store.measured_footprint(record.name, record.version, kind)
+        except StoreError:
+            return None
+        if stored is None or stored.estimated_bytes != estimate.total:
+            return None
+        return Footprint(
+            weights=stored.weights_bytes,
+            runtime=stored.runtime_bytes,
+            working=stored.working_bytes,
+        )
 
     def spec(self, record: VersionRecord, device: str) -> LoadSpec:
         """What the backend loads (or estimates) for ``record`` on ``device``: the

@@ -28,16 +28,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 
-from backends.base import Backend
+from backends.base import Backend, Footprint
 from contract.errors import OutOfMemory
-from routerd.errors import LoadFailed
+from routerd.errors import LoadFailed, Unavailable
 from routerd.instance import Instance
 from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.planning import Planner
 from routerd.scheduler.residency import Residency
+from routerd.states import InstanceState
 from routerd.version_options import options_of
 from state import VersionRecord
 
@@ -74,9 +76,18 @@ class Swap:
         self._lifecycle = lifecycle
 
     async def load(
-        self, record: VersionRecord, device: str | None, why: str, *, replica: int = 0
+        self,
+        record: VersionRecord,
+        device: str | None,
+        why: str,
+        *,
+        replica: int = 0,
+        reprofile: bool = False,
     ) -> Instance:
-        """Estimate, place, wait for victims, load, warm up, measure; retry once on OOM."""
+        """Estimate, place, wait for victims, load, warm up, measure; retry once on OOM.
+
+        A footprint measured before under the same estimate spares the warm-up its
+        profile (``Planner.known``), unless ``reprofile`` asks for a new one."""
         try:
             backend = self._context.backends.get(record.backend)
         except ValueError as exc:
@@ -96,7 +107,11 @@ class Swap:
                 replica=replica,
             )
             try:
-                return await self._bring_up(instance, backend, need, why)
+                known = None
+                if not reprofile:
+                    kind = instance.device.split(":")[0]
+                    known = self._planner.known(record, instance.device, estimates[kind])
+                return await self._bring_up(instance, backend, need, why, known)
             except RetryLoad as retry:
                 if retried is not None:
                     self._context.journal.record(
@@ -112,10 +127,15 @@ class Swap:
                 need = dict(retry.need)
 
     async def _bring_up(
-        self, instance: Instance, backend: Backend, need: Mapping[str, int], why: str
+        self,
+        instance: Instance,
+        backend: Backend,
+        need: Mapping[str, int],
+        why: str,
+        known: Footprint | None,
     ) -> Instance:
         await self._wait_for_room(instance, need)
-        spec = self._planner.spec(instance.record, instance.device)
+        spec = replace(self._planner.spec(instance.record, instance.device), known=known)
         try:
             measured = await self._lifecycle.load(instance, backend, spec)
         except OutOfMemory as exc:
@@ -138,18 +158,22 @@ class Swap:
         self._admission.loaded(instance.model_id, instance.load_ms / 1000)
         return instance
 
-    async def _wait_for_room(self, instance: Instance, need: Mapping[str, int]) -> None:
+    async def _wait_for_room(
+        self, instance: Instance, need: Mapping[str, int], claim: int | None = None
+    ) -> None:
         """Wait for this load's victims to leave, then until its bytes fit the device.
 
         Other loads' victims may still be leaving, and a leak may have kept bytes:
-        allocation starts only once used + this reservation fits the capacity.
+        allocation starts only once used + this reservation (``claim``, by default the
+        instance's reserved bytes) fits the capacity.
         """
         victims = [i for i in self._residency.instances.values() if i.victim_of == instance.key]
         await asyncio.gather(*(v.vacated.wait() for v in victims))
         clock = self._context.clock
         deadline = clock.now() + self._context.settings.load_wait_timeout
+        claim = instance.reserved_bytes if claim is None else claim
         while (row := self._residency.row(instance.device)) is not None and (
-            row.used + instance.reserved_bytes > row.capacity
+            row.used + claim > row.capacity
         ):
             if clock.now() >= deadline:
                 await self._lifecycle.discard(instance)
@@ -160,6 +184,17 @@ class Swap:
         """Make room on its device (evicting by the policy, as a load does), then wake it."""
         leaving = await self._planner.place_wake(instance)
         await asyncio.gather(*(v.vacated.wait() for v in leaving))
+        if instance.state is InstanceState.WAITING:
+            # As for a load: a victim's memory may not have come back (a leak).
+            need = instance.bytes - instance.device_bytes
+            try:
+                await self._wait_for_room(instance, {instance.device: need}, claim=need)
+            except RetryLoad as exc:
+                raise Unavailable(
+                    f"{instance.model_id} was asleep and could not wake: {exc.reason}",
+                    code="insufficient_memory",
+                    retry_after=max(self._context.settings.min_residency, 1.0),
+                ) from None
         await self._lifecycle.wake(instance)
         return instance
 
