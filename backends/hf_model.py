@@ -40,7 +40,7 @@ class TransformersModel(hf_text.HfTokenizing):
         device: torch.device,
         name: str,
         known: Footprint | None = None,
-        on_unload: Callable[[Any], None] | None = None,
+        on_unload: Callable[[Any, Any], None] | None = None,
     ) -> None:
         self._model: Any = model
         self._tokenizer: Any = tokenizer
@@ -57,7 +57,7 @@ class TransformersModel(hf_text.HfTokenizing):
         self._profile: hf_measure.Profile | None = None  # what warm_up measured
         self._known = known  # a footprint measured before, which spares the profile
         self.profiled = False  # whether warm_up ran the profile pass
-        self._on_unload = on_unload  # given the tokenizer back (the backend's shelf)
+        self._on_unload = on_unload  # given the tokenizer and module (the backend's shelf)
         # Freed CPU memory goes back to the kernel after large passes (backends.heap).
         self._release_memory = glibc_trim() if device.type == "cpu" else None
 
@@ -213,9 +213,10 @@ class TransformersModel(hf_text.HfTokenizing):
             return cache
 
         if self._known is not None:
+            # One token: the prefill path every request takes, nothing more to measure.
             self._profile = self._profile_from(self._known)
             if generating:
-                self.generate(Generation(ids, SamplingParams(max_tokens=2, temperature=0.0)))
+                self.generate(Generation(ids, SamplingParams(max_tokens=1, temperature=0.0)))
             else:
                 self.embed([ids])
             return
@@ -271,10 +272,11 @@ class TransformersModel(hf_text.HfTokenizing):
 
     def unload(self) -> None:
         tokenizer, self._tokenizer = self._tokenizer, None
-        self._model = None
-        release_memory(self._device)
+        model, self._model = self._model, None
         if tokenizer is not None and self._on_unload is not None:
-            self._on_unload(tokenizer)
+            self._on_unload(tokenizer, model)  # the model's weights are emptied there
+        del model
+        release_memory(self._device)
 
     def _require(self, task: Task) -> Any:
         if self._model is None:

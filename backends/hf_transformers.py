@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from backends import footprint, hf_measure, hf_plan
+from backends import footprint, hf_measure, hf_plan, hf_shelf
 from backends.base import MOVING_TO_DEVICE, READING_WEIGHTS, Footprint, LoadSpec
 from backends.hf_model import TransformersModel, release_memory
 from backends.hf_shelf import Shelf
@@ -142,16 +142,22 @@ class TransformersBackend:
         try:
             spec.report(READING_WEIGHTS, 0, weights)
             shelf_key, tokenizer = self._shelf.take_tokenizer(folder)
+            skeleton_key = hf_shelf.skeleton_key(folder, task.value, dtype)
+            reusable = device.type == "cpu" and not plan.pickled
+            model = self._shelf.take_skeleton(skeleton_key) if reusable else None
+            if model is not None and not hf_shelf.fill_skeleton(model, files):
+                model = None  # its checkpoint does not fill it: built afresh below
             with _PROGRESS_BARS.hidden():
                 if tokenizer is None:
                     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-                model = auto_class.from_pretrained(
-                    str(folder),
-                    config=copy.deepcopy(plan.config),  # from_pretrained writes into it
-                    local_files_only=True,
-                    use_safetensors=not plan.pickled,
-                    dtype=dtype,
-                )
+                if model is None:
+                    model = auto_class.from_pretrained(
+                        str(folder),
+                        config=copy.deepcopy(plan.config),  # from_pretrained writes into it
+                        local_files_only=True,
+                        use_safetensors=not plan.pickled,
+                        dtype=dtype,
+                    )
             spec.report(READING_WEIGHTS, weights, weights)
             _move_to(model, device, spec)
         except Exception as exc:  # whatever failed, the caller needs one clear BackendError
@@ -183,8 +189,23 @@ class TransformersBackend:
             device,
             spec.name,
             known=spec.known,
-            on_unload=lambda kept: shelf.put_tokenizer(shelf_key, kept),
+            on_unload=lambda kept, module: _shelve(
+                shelf, shelf_key, kept, skeleton_key if reusable else None, module
+            ),
         )
+
+
+def _shelve(
+    shelf: hf_shelf.Shelf,
+    tokenizer_key: hf_shelf.Key,
+    tokenizer: Any,
+    skeleton_key: hf_shelf.Key | None,
+    model: Any,
+) -> None:
+    """Keep an unloaded instance's tokenizer, and its modules emptied where reusable."""
+    shelf.put_tokenizer(tokenizer_key, tokenizer)
+    if skeleton_key is not None and model is not None:
+        shelf.put_skeleton(skeleton_key, model)
 
 
 def _read_ahead(files: list[Path]) -> None:

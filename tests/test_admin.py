@@ -437,3 +437,36 @@ def test_instance_table_without_the_new_fields():
     assert header.split()[3:5] == ["ESTIMATED", "SIZE"] and header.endswith("EXPIRES")
     assert row.split()[:6] == ["m@1", "cpu", "ready,", "pinned", "-", "-"]
     assert row.endswith("in 10m")
+
+
+async def test_routerctl_reprofile_reloads_with_a_new_profile(client, capsys, backend):
+    code, _, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    code, _, err = await routerctl(client, capsys, "load", "a", "--reprofile")
+    assert code == 1 and "HTTP 409" in err and "evict it first" in err
+    code, _, err = await routerctl(client, capsys, "evict", "a")
+    assert code == 0, err
+    code, _, err = await routerctl(client, capsys, "load", "a")  # trusts the stored one
+    assert code == 0, err
+    await routerctl(client, capsys, "evict", "a")
+    code, _, err = await routerctl(client, capsys, "load", "a", "--reprofile")
+    assert code == 0, err
+    assert [known is not None for known in backend.knowns] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/admin/load", {"model": "a", "reprofile": "yes"}, "reprofile"),
+        ("/admin/load", {"model": "a", "force": True}, "force"),
+        ("/admin/evict", {"model": "a", "device": "cpu"}, "device"),
+    ],
+)
+async def test_admin_load_and_evict_refuse_what_they_do_not_take(
+    client, backend, path, body, param
+):
+    response = await client.post(path, json=body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == param
+    assert backend.loads == []

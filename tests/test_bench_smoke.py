@@ -121,3 +121,11 @@ def test_memory_truth_reports_its_keys():
     assert figures["tokens_per_s"] > 0 and figures["samples"] > 0
     assert 0 <= figures["peak_unaccounted_ratio"] <= 1
     assert figures["errors"] == 0 and figures["peak_over_budget_bytes"] == 0
+
+
+def test_swap_reports_its_keys():
+    figures = _last_json_line("bench/swap.py", "--rounds", "1", timeout=300)
+    for key in ("raw_read_gbps", "weights_gbps", "floor_s", "reload_s", "first_load_s"):
+        assert figures[key] > 0, key
+    assert figures["reload_over_floor"] > 0 and figures["read_ratio"] > 0
+    assert "host_swap_s" in figures

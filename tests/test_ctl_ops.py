@@ -55,7 +55,8 @@ def test_completion_knows_every_command_and_flag() -> None:
     parser = ctl.build_parser()
     commands = {c.name: c for c in commands_of(parser)}
     assert {"status", "ps", "load", "evict", "completion", "events"} <= set(commands)
-    assert ("--device", commands["load"].options[-1][1], True) in commands["load"].options
+    load_options = {name: takes_value for name, _, takes_value in commands["load"].options}
+    assert load_options["--device"] is True and load_options["--reprofile"] is False
     assert commands["completion"].choices == ["bash", "zsh"]
     zsh = completion_script("zsh", parser)
     assert zsh.startswith("#compdef routerctl") and "'ps:" in zsh and "--force[" in zsh

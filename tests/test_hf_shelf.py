@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from backends.base import LoadSpec
 from backends.hf_shelf import Shelf, folder_key
 
@@ -61,7 +63,7 @@ def test_the_shelf_keeps_at_most_its_capacity(tmp_path: Path) -> None:
         path.mkdir()
         paths.append(path)
         shelf.config(path, object)
-    assert shelf.sizes == (2, 0)
+    assert shelf.sizes == (2, 0, 0)
     built: list[Any] = []
     shelf.config(paths[0], lambda: built.append(1))  # the oldest left; built again
     assert built == [1]
@@ -82,3 +84,67 @@ def test_a_reload_reuses_the_tokenizer_of_the_unloaded_instance(demo_root: Path)
     assert third.encode_prompt("hello") == second.encode_prompt("hello")
     second.unload()
     third.unload()
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("demo-small", {}), ("demo-small", {"task": "embed"}), ("demo-embed", {})],
+)
+def test_a_reload_fills_the_unloaded_modules_and_answers_the_same(
+    demo_root: Path, name: str, options: dict[str, str]
+) -> None:
+    """The second load reuses the first one's modules, emptied when it unloaded (no
+    weight memory kept) and filled again from the checkpoint; it answers the same."""
+    import torch
+
+    from backends.hf_transformers import TransformersBackend
+
+    backend = TransformersBackend()
+    spec = LoadSpec("s", "1", str(demo_root / name), options, "cpu")
+    first: Any = backend.load(spec)
+    ids = first.encode_prompt("hello there")
+    before = _answer(first, ids)
+    modules = first._model
+    first.unload()
+    assert all(p.device.type == "meta" for p in modules.parameters())  # nothing kept
+    again: Any = backend.load(spec)
+    assert again._model is modules
+    assert all(p.device.type == "cpu" for p in again._model.parameters())
+    assert _answer(again, ids) == before
+    with torch.inference_mode():
+        assert not any(torch.isnan(p).any() for p in again._model.parameters())
+    again.unload()
+
+
+def _answer(model: Any, ids: list[int]) -> Any:
+    from contract.generation import Generation, SamplingParams, Task
+
+    if model.info.task is Task.EMBED:
+        return model.embed([ids])
+    return model.generate(Generation(ids, SamplingParams(max_tokens=8, temperature=0.0))).text
+
+
+def test_a_skeleton_its_checkpoint_does_not_fill_is_built_afresh(demo_root: Path) -> None:
+    from backends.hf_transformers import TransformersBackend
+
+    backend = TransformersBackend()
+    small = LoadSpec("s", "1", str(demo_root / "demo-small"), {}, "cpu")
+    first: Any = backend.load(small)
+    first.unload()
+    # The kept modules are demo-small's; hand them to a load of demo-medium's folder
+    # under demo-small's key, as if the folder's weights had changed shape.
+    shelf = backend._shelf
+    skeleton = shelf.take_skeleton(shelf_key_of(demo_root / "demo-small"))
+    assert skeleton is not None
+    from backends import hf_shelf
+
+    medium_files = sorted((demo_root / "demo-medium").glob("*.safetensors"))
+    assert not hf_shelf.fill_skeleton(skeleton, medium_files)
+
+
+def shelf_key_of(folder: Path) -> Any:
+    import torch
+
+    from backends import hf_shelf
+
+    return hf_shelf.skeleton_key(folder, "generate", torch.float32)
