@@ -104,6 +104,14 @@ class Instance:
         self.state = target
 
     @property
+    def wake_bytes(self) -> int:
+        """Bytes a wake-up brings back to its device: all but the working memory that
+        stayed there while it slept (0 for an instance that never slept)."""
+        if self.host_bytes and self.measured is not None:
+            return self.bytes - self.measured.working
+        return 0
+
+    @property
     def device_bytes(self) -> int:
         """Bytes held on its device now: all of them, or what stays there while asleep."""
         if (

@@ -57,7 +57,8 @@ class SleepyModel(FakeModel):
     def unload(self) -> None:
         self.unloaded = True
         self.backend.unloads.append(self.spec.name + "@" + self.spec.version)
-        self.backend.on_gpu(self.spec, -(WORKING if self.asleep else MODEL))
+        if not self.spec.options.get("leak"):
+            self.backend.on_gpu(self.spec, -(WORKING if self.asleep else MODEL))
 
 
 class SleepyBackend(FakeBackend):
@@ -69,13 +70,22 @@ class SleepyBackend(FakeBackend):
         return model
 
 
-def _services(tmp: Path, cpu_budget: int, watch: LedgerWatch) -> tuple[Services, SleepyBackend]:
+def _services(
+    tmp: Path,
+    cpu_budget: int,
+    watch: LedgerWatch,
+    leaky: tuple[str, ...] = (),
+    scheduler: dict[str, float] | None = None,
+) -> tuple[Services, SleepyBackend]:
     gpus = FakeGpus([GPU])
     backend = SleepyBackend(gpus)
     meminfo = tmp / "meminfo"
     meminfo.write_text(MEMINFO)
     devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=cpu_budget)
-    specs = [fake_spec(tmp, n, bytes=MODEL, devices=["cuda"]) for n in ("a", "b")]
+    specs = [
+        fake_spec(tmp, n, bytes=MODEL, devices=["cuda"], **({"leak": True} if n in leaky else {}))
+        for n in ("a", "b")
+    ]
     services = fake_services(
         tmp,
         backend,
@@ -84,6 +94,7 @@ def _services(tmp: Path, cpu_budget: int, watch: LedgerWatch) -> tuple[Services,
         on_change=watch,
         devices_config={"gpu_headroom": 0},
         clock=VirtualClock(),
+        scheduler=scheduler,
     )
     return services, backend
 
@@ -115,8 +126,12 @@ async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) ->
         await _ask(services, "a")  # wakes a (b goes to sleep for it), no second load
         assert _state(services) == {"a": "ready", "b": "sleeping"}
         assert sleeper.wakes == 1 and backend.loads == ["a@1", "b@1"]
-        kinds = [e.kind for e in reversed(services.store.events(limit=20))]
+        events = list(reversed(services.store.events(limit=20)))
+        kinds = [e.kind for e in events]
         assert kinds.count("sleep") == 2 and kinds.count("wake") == 1
+        # Each moved the weights: what left the GPU, and what came back.
+        moved = [e.bytes for e in events if e.kind in ("sleep", "wake")]
+        assert moved == [MODEL - WORKING] * 3
         assert watch.worst_over == 0
     finally:
         await services.scheduler.close()
@@ -164,6 +179,49 @@ async def test_a_failed_wake_unloads_it_and_answers_clearly(tmp_path: Path) -> N
         assert not services.scheduler.leaks()
     finally:
         await services.scheduler.close()
+        services.store.close()
+
+
+async def test_a_wake_up_waits_for_memory_its_victim_never_gives_back(tmp_path: Path) -> None:
+    """a sleeps for b; a's next request evicts b (the host has no room for b's weights
+    too), but b's memory never comes back. The wake-up must not allocate on top of it:
+    it waits for room as a load does, then gives up with a clear 503, never over."""
+    from routerd.errors import Unavailable
+
+    watch = LedgerWatch()
+    services, backend = _services(
+        tmp_path,
+        cpu_budget=MODEL,  # a's weights fit the host; b's would not as well
+        watch=watch,
+        leaky=("b",),
+        scheduler={"release_timeout": 2, "load_wait_timeout": 3},
+    )
+    clock = services.scheduler.context.clock
+    assert isinstance(clock, VirtualClock)
+    try:
+        await _ask(services, "a")
+        await _ask(services, "b")
+        assert _state(services) == {"a": "sleeping", "b": "ready"}
+        waking = asyncio.create_task(_ask(services, "a"))
+        for _ in range(40):  # virtual time, half a second at a time, until it gives up
+            if waking.done():
+                break
+            await clock.advance(0.5)
+        assert waking.done(), "the wake-up neither woke nor gave up"
+        try:
+            await waking
+        except Unavailable as exc:
+            assert "could not wake" in exc.message
+        else:
+            raise AssertionError("a wake-up without room should have failed")
+        assert [leak.model_id for leak in services.scheduler.leaks()] == ["b@1"]
+        assert backend.models[0].wakes == 0  # type: ignore[attr-defined]
+        assert watch.worst_over == 0
+        assert not services.scheduler.instances()  # a was discarded, b leaked
+    finally:
+        # Real seconds, only to bound a broken scheduler: its shutdown may wait forever
+        # on an instance a broken wake-up left behind.
+        await asyncio.wait_for(services.scheduler.close(), 10)
         services.store.close()
 
 

@@ -199,7 +199,7 @@ class Lifecycle:
         assert isinstance(model, Sleepable)
         clock = self._context.clock
         started = clock.now()
-        need = instance.bytes - instance.device_bytes
+        need = instance.wake_bytes
         try:
             await model.wake_up()
         except BaseException as exc:
@@ -377,7 +377,7 @@ class Lifecycle:
             instance.record,
             device=instance.device,
             reason=reason,
-            bytes=instance.bytes - instance.device_bytes,
+            bytes=instance.wake_bytes,
             trigger=trigger,
             duration_ms=round((clock.now() - started) * 1000, 1),
         )

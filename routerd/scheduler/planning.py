@@ -219,7 +219,7 @@ class Planner:
         record = instance.record
         clock = self._context.clock
         settings = self._context.settings
-        need = instance.bytes - instance.device_bytes
+        need = instance.wake_bytes
         request = LoadRequest(instance.key, [instance.device], {instance.device: need})
         deadline = clock.now() + settings.load_wait_timeout
         while True:

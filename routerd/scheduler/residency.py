@@ -165,7 +165,7 @@ class Residency:
             if i.state is InstanceState.WAITING and i.host_bytes and i.measured is not None:
                 # waking: what stayed on the device while it slept is held, the rest claimed
                 holdings.append(Holding(i.device, i.measured.working, "resident"))
-                holdings.append(Holding(i.device, i.device_bytes - i.measured.working, "waiting"))
+                holdings.append(Holding(i.device, i.wake_bytes, "waiting"))
                 continue
             if i.state is InstanceState.WAITING:
                 kind = "waiting"

@@ -186,7 +186,7 @@ class Swap:
         await asyncio.gather(*(v.vacated.wait() for v in leaving))
         if instance.state is InstanceState.WAITING:
             # As for a load: a victim's memory may not have come back (a leak).
-            need = instance.bytes - instance.device_bytes
+            need = instance.wake_bytes
             try:
                 await self._wait_for_room(instance, {instance.device: need}, claim=need)
             except RetryLoad as exc:
