@@ -37,17 +37,20 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     buffer of its own.
     """
 
+    _key_buffer: torch.Tensor
+    _value_buffer: torch.Tensor
+    _key_view: torch.Tensor
+    _value_view: torch.Tensor
+    _start: int  # live columns are start:end of the buffers
+    _end: int
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, limit: int, room: int) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.limit = limit
         self.room = room
-        self._key_buffer = keys
-        self._value_buffer = values
-        self._start = 0
-        self._end = 0
-        self._place(keys, values, more=0)
+        self._place(keys, values, more=0)  # sets the buffers, their bounds and views
 
     @property
     def capacity(self) -> int:

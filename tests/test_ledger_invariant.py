@@ -84,29 +84,30 @@ def worlds(draw: st.DrawFn) -> World:
 EXPLORE = os.environ.get("ROUTERD_EXPLORE") == "1"
 
 
+def searching(worlds: int) -> settings:
+    """Hypothesis settings for a search of ``worlds`` worlds (each takes real threads,
+    so neither a deadline nor the too-slow health check applies)."""
+    return settings(
+        max_examples=worlds,
+        deadline=None,
+        derandomize=not EXPLORE,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
 def _live(world: World) -> None:
     note(repr(world))  # hypothesis prints a composite's value empty
     run_world(world, strict=False)
 
 
-@settings(
-    max_examples=1000,
-    deadline=None,
-    derandomize=not EXPLORE,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@searching(1000)
 @given(worlds())
 def test_no_interleaving_puts_a_device_over_its_budget(world: World) -> None:
     _live(world)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=3000,
-    deadline=None,
-    derandomize=not EXPLORE,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@searching(3000)
 @given(worlds())
 def test_no_interleaving_puts_a_device_over_its_budget_thoroughly(world: World) -> None:
     _live(world)

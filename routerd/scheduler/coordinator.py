@@ -443,17 +443,16 @@ class Scheduler:
         (``Planner.known``). It needs a load of its own, so a version already resident
         or loading is a ``Conflict``: evict it first.
         """
-        if reprofile:
-            busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
-            if busy:
-                raise Conflict(
-                    f"{record.model_id} is loaded or loading; evict it first to load it "
-                    "with a new profile",
-                    param="reprofile",
-                )
-            instance, _ = await self._ready_instance(record, device=device, why=why, reprofile=True)
-            return self.residency.snapshot(instance)
-        instance, _ = await self._ready_instance(record, device=device, why=why)
+        busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
+        if reprofile and busy:
+            raise Conflict(
+                f"{record.model_id} is loaded or loading; evict it first to load it "
+                "with a new profile",
+                param="reprofile",
+            )
+        instance, _ = await self._ready_instance(
+            record, device=device, why=why, reprofile=reprofile
+        )
         return self.residency.snapshot(instance)
 
     async def evict(
