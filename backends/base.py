@@ -27,6 +27,8 @@ Who calls what, and when:
 - ``generate_async`` / ``embed_async`` (``AsyncGenerating`` / ``AsyncEmbedding``, models
   whose engine batches by itself) — the instance's batcher, on the event loop, instead
   of ``generate_batch`` / ``embed``.
+- ``offload`` / ``restore`` (``Offloadable``) — the scheduler, in the instance
+  executor, when an evicted instance goes to the host-RAM tier and when it comes back.
 - ``unload`` — the scheduler, in the instance executor, when the instance leaves.
 """
 
@@ -286,8 +288,8 @@ class Sleepable(Protocol):
 
     ``sleep`` moves the weights to host RAM and drops the KV cache (vLLM's level 1);
     ``wake_up`` brings them back, much faster than a load. Both run on the event loop.
-    While asleep, the scheduler counts ``Footprint.weights`` against the host (the CPU
-    device) and only ``Footprint.working`` against the device.
+    While asleep, the scheduler counts ``Footprint.weights`` against its host-RAM tier
+    (``[devices] host_cache``) and only ``Footprint.working`` against the device.
     """
 
     @property
@@ -296,6 +298,29 @@ class Sleepable(Protocol):
     async def sleep(self) -> None: ...
 
     async def wake_up(self) -> None: ...
+
+
+@runtime_checkable
+class Offloadable(Protocol):
+    """A loaded model that can leave its device for routerd's host-RAM tier and come back
+    without reading its checkpoint or warming up again.
+
+    ``offload`` — the scheduler, on the instance thread, once the instance is drained
+    and idle: keep the weights in host memory (on a GPU, copied to pinned host memory;
+    on the CPU they already are host memory and stay as they are), give back everything
+    else (caches, working memory, allocator pools). ``restore`` — the scheduler, on the
+    instance thread, when a request wants it back: the same weights onto the device
+    (non-blocking copies from pinned memory on a GPU). Meanwhile the scheduler counts
+    ``Footprint.weights`` against the tier and nothing against the device.
+    ``can_offload``: whether this model and device allow it (read before offloading).
+    """
+
+    @property
+    def can_offload(self) -> bool: ...
+
+    def offload(self) -> None: ...
+
+    def restore(self) -> None: ...
 
 
 class Backend(Protocol):

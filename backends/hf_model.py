@@ -270,6 +270,43 @@ class TransformersModel(hf_text.HfTokenizing):
             working=max(self._profile.working, reshape),
         )
 
+    # -- the host-RAM tier (backends.base.Offloadable) ---------------------------------
+
+    @property
+    def can_offload(self) -> bool:
+        """On the CPU the weights already are host memory; on a GPU they need pinned
+        host memory to come back at copy speed, which CUDA provides."""
+        return self._model is not None and self._device.type in ("cpu", "cuda")
+
+    def offload(self) -> None:
+        """Keep the weights in host memory, give back the rest.
+
+        On a GPU each parameter and buffer is copied into pinned host memory and the
+        device's copy freed, then the caching allocator's blocks are returned. On the
+        CPU the weights stay where they are (host memory, often the checkpoint's own
+        mapped pages); what a batch left in the allocator's pools goes back."""
+        model = self._require(self._info.task)
+        if self._device.type == "cuda":
+            with torch.inference_mode():
+                for tensor in _storages(model):
+                    host = torch.empty_like(tensor.data, device="cpu", pin_memory=True)
+                    host.copy_(tensor.data)
+                    tensor.data = host
+            torch.cuda.synchronize(self._device)
+        release_memory(self._device)
+        if self._release_memory is not None:
+            self._release_memory()
+
+    def restore(self) -> None:
+        """The offloaded weights back onto the device: non-blocking copies from pinned
+        memory, one synchronisation at the end (nothing to do on the CPU)."""
+        model = self._require(self._info.task)
+        if self._device.type == "cuda":
+            with torch.inference_mode():
+                for tensor in _storages(model):
+                    tensor.data = tensor.data.to(self._device, non_blocking=True)
+            torch.cuda.synchronize(self._device)
+
     def unload(self) -> None:
         tokenizer, self._tokenizer = self._tokenizer, None
         model, self._model = self._model, None
@@ -300,6 +337,18 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     if isinstance(value, int):
         return frozenset({value})
     return frozenset(int(v) for v in value)
+
+
+def _storages(model: Any) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model``, a tied weight once (moving it once keeps
+    it tied: both modules hold the same ``Parameter``)."""
+    seen: set[int] = set()
+    tensors: list[torch.Tensor] = []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors.append(tensor)
+    return tensors
 
 
 def release_memory(device: torch.device) -> None:

@@ -31,6 +31,14 @@ class ModelCrashed(BackendError):
     """
 
 
+class LoadCancelled(BackendError):
+    """Raised into a backend's load by its progress sink (``LoadSpec.report``) once
+    nobody waits for the load any more. A backend lets it propagate, freeing what it
+    built, as for any other failure; the scheduler gives the reservation back only
+    after the load's thread has returned.
+    """
+
+
 class InvalidRequest(ValueError):
     """The request cannot be served by this model (e.g. no chat template).
 

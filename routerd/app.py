@@ -29,7 +29,7 @@ from routerd.api.limits import DEADLINES, STREAM_SLOTS, Deadlines
 from routerd.api.middleware import request_middleware
 from routerd.clock import Clock, LoopClock
 from routerd.config import Config
-from routerd.devices import DeviceInventory, NvmlProbe
+from routerd.devices import DeviceInventory, NvmlProbe, cpu_budget_beside_tier
 from routerd.memory_audit import AuditSettings, MemoryAudit, MemoryReader
 from routerd.model_ids import split_model_id
 from routerd.process_memory import ProcessMemoryReader
@@ -72,7 +72,7 @@ def build_services(
         backends = backends or BackendRegistry()
         devices = devices or DeviceInventory(
             NvmlProbe.open(),
-            cpu_budget=config.devices.cpu_memory,
+            cpu_budget=cpu_budget_beside_tier(config.devices.cpu_memory, config.devices.host_cache),
             gpu_indices=config.devices.gpus,
         )
         placement = policy_registry.create(

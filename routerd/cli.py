@@ -22,6 +22,7 @@ from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_
 from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
 from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
+from routerd.devices import HostMemoryTooSmall, cpu_budget_beside_tier
 from routerd.reload import ConfigLoader, reload_config
 
 log = logging.getLogger("routerd")
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load()
-    except ConfigError as exc:
+        cpu_budget_beside_tier(config.devices.cpu_memory, config.devices.host_cache)
+    except (ConfigError, HostMemoryTooSmall) as exc:
         print(f"routerd: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, config.log_format)

@@ -145,6 +145,9 @@ class DevicesConfig:
     # freed, so the process holds what its tensors hold (backends.host_memory);
     # "pooled": glibc's default, faster prefill, but freed memory stays in its heaps.
     cpu_allocation: str = "exact"
+    # The host-RAM tier: evicted instances keep their weights here (pinned on a GPU host)
+    # and come back without a load. Its own budget, beside ``cpu_memory``; 0: off.
+    host_cache: int = 0
 
 
 CPU_ALLOCATIONS = ("exact", "pooled")
@@ -434,7 +437,15 @@ def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
     defaults = DevicesConfig()
     _reject_unknown(
         raw,
-        {"cpu_memory", "gpus", "poll_interval", "gpu_headroom", "cpu_headroom", "cpu_allocation"},
+        {
+            "cpu_memory",
+            "gpus",
+            "poll_interval",
+            "gpu_headroom",
+            "cpu_headroom",
+            "cpu_allocation",
+            "host_cache",
+        },
         where="devices.",
     )
     allocation = _str(
@@ -472,6 +483,7 @@ def _devices(raw: Mapping[str, Any]) -> DevicesConfig:
             raw.get("cpu_headroom", defaults.cpu_headroom), key="devices.cpu_headroom"
         ),
         cpu_allocation=allocation,
+        host_cache=parse_size(raw.get("host_cache", defaults.host_cache), key="devices.host_cache"),
     )
 
 

@@ -160,6 +160,46 @@ def default_cpu_budget(
     return int(available * CPU_BUDGET_SHARE)
 
 
+class HostMemoryTooSmall(ValueError):
+    """``cpu_memory`` and ``host_cache`` together ask for more RAM than the host has."""
+
+
+def cpu_budget_beside_tier(
+    cpu_memory: int | None,
+    host_cache: int,
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroup_dir: Path = Path("/sys/fs/cgroup"),
+) -> int | None:
+    """The CPU device's budget with the host-RAM tier beside it in the same RAM.
+
+    Both are host memory, so ``cpu_memory + host_cache`` must fit ``MemTotal``
+    (``HostMemoryTooSmall`` otherwise). Left to ``auto`` (None), the CPU budget is the
+    usual share of what is available once the tier's bytes are set aside. Without a
+    tier, None stays None (the inventory's own default)."""
+    if host_cache <= 0:
+        return cpu_memory
+    fields = read_meminfo(meminfo)
+    total = fields.get("MemTotal", 0)
+    if cpu_memory is not None:
+        if total and cpu_memory + host_cache > total:
+            raise HostMemoryTooSmall(
+                f"devices.cpu_memory ({cpu_memory} bytes) + devices.host_cache ({host_cache} "
+                f"bytes) = {cpu_memory + host_cache} bytes, more than this host's {total} "
+                "bytes of RAM: lower one of them"
+            )
+        return cpu_memory
+    available = fields.get("MemAvailable", fields.get("MemFree", 0))
+    cgroup = cgroup_available_bytes(cgroup_dir)
+    if cgroup is not None:
+        available = min(available, cgroup)
+    if total and host_cache >= available:
+        raise HostMemoryTooSmall(
+            f"devices.host_cache ({host_cache} bytes) is not less than the {available} bytes "
+            "of RAM available: lower it, or set devices.cpu_memory = 0 on a GPU host"
+        )
+    return int((available - host_cache) * CPU_BUDGET_SHARE)
+
+
 def read_cpu_memory(meminfo: Path = Path("/proc/meminfo"), budget: int = 0) -> DeviceReading:
     """Host memory from the kernel: MemTotal and MemAvailable (what can still be used)."""
     fields = read_meminfo(meminfo)

@@ -112,3 +112,8 @@ class TooManyStreams(RouterdError, status=429, code="too_many_streams"):
 
 class StoreUnavailable(Unavailable, code="store_unavailable"):
     """The database cannot be written now (locked by another process, disk full…)."""
+
+
+class ClientClosed(RouterdError, status=499, code="client_closed_request"):
+    """The client closed its connection while its request waited (nginx's 499): the
+    answer goes nowhere, and the wait it gave up is not kept alive for it."""

@@ -29,6 +29,7 @@ from backends.base import (
     LoadedModel,
     LoadProgress,
 )
+from contract.errors import LoadCancelled
 from contract.generation import Cancellation
 from routerd.instance_handle import InstanceHandle
 from routerd.messages import InstanceFailed, LoadProgressed, Post
@@ -79,6 +80,7 @@ class Instance:
         self.revoked: str | None = None  # why live leases were ended (forced eviction)
         # Set from the instance thread while loading (one atomic assignment), read on the loop.
         self.progress: LoadProgress | None = None
+        self.load_cancelled = False  # nobody waits for its load any more (``cancel_load``)
         self._cancellations: set[Cancellation] = set()
         self.stop_timeout = 30.0  # cancelled work must stop this soon, or the instance is hung
         self.max_failures = 3  # consecutive backend failures before the instance is failed
@@ -87,15 +89,14 @@ class Instance:
         self._model: LoadedModel | None = None
         self._inline = False  # the attached model's ``info.inline``, read once per load
         self._batcher: Batcher | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"routerd-{record.model_id}-{replica}"
-        )
+        self._executor: ThreadPoolExecutor | None = None  # started by the first ``run``
         self.idle = asyncio.Event()
         self.idle.set()
         self.gone = asyncio.Event()
         # Set when the instance stops holding its device bytes: gone, or asleep.
         self.vacated = asyncio.Event()
-        self.host_bytes = 0  # host RAM held while asleep
+        self.host_bytes = 0  # host RAM its weights hold in the tier (asleep or offloaded)
+        self.tier: str | None = None  # "sleep" or "host" while its weights are in the tier
         self.handle = InstanceHandle(self)  # what a lease hands to serving
 
     def move_to(self, target: InstanceState) -> None:
@@ -104,22 +105,30 @@ class Instance:
         self.state = target
 
     @property
+    def kept_bytes(self) -> int:
+        """Bytes that stay on its device while its weights are in the host tier: an
+        engine asleep keeps its working memory; an offloaded instance keeps nothing."""
+        if self.tier == "sleep" and self.measured is not None:
+            return self.measured.working
+        return 0
+
+    @property
     def wake_bytes(self) -> int:
-        """Bytes a wake-up brings back to its device: all but the working memory that
-        stayed there while it slept (0 for an instance that never slept)."""
-        if self.host_bytes and self.measured is not None:
-            return self.bytes - self.measured.working
+        """Bytes that coming back from the host tier brings to its device: all but what
+        stayed there (0 for an instance that is not in the tier)."""
+        if self.tier is not None:
+            return self.bytes - self.kept_bytes
         return 0
 
     @property
     def device_bytes(self) -> int:
-        """Bytes held on its device now: all of them, or what stays there while asleep."""
-        if (
-            self.host_bytes
-            and self.measured is not None
-            and self.state not in (InstanceState.WAITING, InstanceState.LOADING)  # waking
+        """Bytes held on its device now: all of them, or what stays there while its
+        weights are in the host tier (until it starts coming back)."""
+        if self.tier is not None and self.state not in (
+            InstanceState.WAITING,
+            InstanceState.LOADING,
         ):
-            return self.measured.working
+            return self.kept_bytes
         return self.bytes
 
     @property
@@ -180,7 +189,13 @@ class Instance:
         return model
 
     async def run(self, fn: Callable[..., T], /, *args: object) -> T:
-        """Run blocking ``fn(*args)`` on this instance's own thread."""
+        """Run blocking ``fn(*args)`` on this instance's own thread (started again if
+        ``close_executor`` stopped it: an instance back from the host tier)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"routerd-{self.record.model_id}-{self.replica}",
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
@@ -195,8 +210,15 @@ class Instance:
             return fn(*args)
         return await self.run(fn, *args)
 
+    def cancel_load(self) -> None:
+        """Its load is no longer wanted: the backend's next progress report stops it."""
+        self.load_cancelled = True
+
     def report_progress(self, progress: LoadProgress) -> None:
-        """A backend's ``LoadSpec.progress`` (instance thread): post it to the scheduler."""
+        """A backend's ``LoadSpec.progress`` (instance thread): post it to the scheduler,
+        or raise ``LoadCancelled`` into the backend's load when it is no longer wanted."""
+        if self.load_cancelled:
+            raise LoadCancelled(f"the load of {self.model_id} was cancelled: nobody waits for it")
         if self.post is not None:
             self.post(LoadProgressed(self, progress))
 
@@ -244,7 +266,9 @@ class Instance:
 
     def close_executor(self) -> None:
         """Stop the thread once its queued work is done; never blocks the loop."""
-        self._executor.shutdown(wait=False)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
 
 @dataclass(frozen=True)
@@ -268,6 +292,8 @@ class InstanceSnapshot:
     queued: int = 0  # requests in its batch queue, not yet running
     progress: LoadProgress | None = None  # while loading: the backend's latest phase
     load_percent: int | None = None  # while loading: an overall estimate, 0..99
+    tier: str | None = None  # "sleep" or "host" while its weights wait in the host tier
+    host_bytes: int = 0  # what they hold there
 
     @classmethod
     def of(
@@ -301,6 +327,8 @@ class InstanceSnapshot:
             queued=instance.queued,
             progress=instance.progress if instance.state.loading else None,
             load_percent=load_percent(instance) if instance.state.loading else None,
+            tier=instance.tier,
+            host_bytes=instance.host_bytes,
         )
 
 

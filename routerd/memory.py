@@ -19,6 +19,9 @@ Per device:
 - ``used`` = ours + reserved, which must never exceed ``capacity``.
 - ``free`` (for planning) = min(measured free − headroom, capacity − kept − reserved −
   claimed), never negative: DESIGN.md's formula, with victims already promised away.
+- ``tier`` (the CPU device's row only): host RAM that routerd's host-RAM tier holds or
+  has claimed. It has its own budget (``[devices] host_cache``), so it is outside
+  ``used``; it is shown because it is host memory this process holds all the same.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class Holding:
 
     device: str
     bytes: int
-    kind: str  # "resident" | "victim" | "loading" | "waiting"
+    kind: str  # "resident" | "victim" | "loading" | "waiting" | "tier"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class LedgerRow:
     victims: int
     reserved: int
     claimed: int
+    tier: int = 0
 
     @property
     def ours(self) -> int:
@@ -113,6 +117,7 @@ def build_ledger(
                 victims=sums.get((r.id, "victim"), 0),
                 reserved=sums.get((r.id, "loading"), 0),
                 claimed=sums.get((r.id, "waiting"), 0),
+                tier=sums.get((r.id, "tier"), 0),
             )
         )
     return rows

@@ -99,7 +99,8 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
         keys.append("server.max_body_bytes")
     if old.state_dir != new.state_dir:
         keys.append("state.dir")
-    if (old.devices.cpu_memory, old.devices.gpus) != (new.devices.cpu_memory, new.devices.gpus):
+    devices = ("cpu_memory", "gpus", "host_cache")
+    if any(getattr(old.devices, k) != getattr(new.devices, k) for k in devices):
         keys.append("devices")
     if old.memory_audit != new.memory_audit:
         keys.append("memory_audit")

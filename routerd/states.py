@@ -7,19 +7,23 @@ bug, raised as ``IllegalTransition`` rather than left to corrupt residency.
 ::
 
     waiting ─▶ loading ─▶ warming ─▶ ready ─▶ draining ─▶ unloading ─▶ gone
-       ▲          │          │         │          │  │          ▲
-       │          └──────────┴─────────┼──────────┼──┼──────────┤  (a failed load)
-       │                               ▼          │  ▼          │
-       │                             failed ──────┼─ sleeping ──┘  (via draining)
-       │                                          ▼
-       └──── offloaded ◀── offloading ◀───────────┘
+    loading, warming ─▶ unloading                      (a failed load)
+    ready ─▶ failed ─▶ unloading                       (a failed instance)
+    draining ─▶ sleeping                               (into the host tier, engine's sleep)
+    draining ─▶ offloading ─▶ offloaded                (into the host tier, routerd's offload)
+    offloading ─▶ unloading                            (an offload that failed)
+    sleeping, offloaded ─▶ waiting                     (brought back by a request)
+    sleeping, offloaded ─▶ draining                    (dropped from the tier)
 
-``sleeping`` is an engine's own sleep (vLLM): the weights wait in host RAM inside
-the engine, which keeps the rest. ``offloading``/``offloaded`` are routerd's host-RAM
-tier: the whole instance leaves the device and its weights wait in host memory until
-a request brings them back (``offloaded → waiting``) or room is needed there too
-(``offloaded → gone``). A LoRA adapter resident in a base instance moves through the
-same states; a base's adapters leave before it does.
+``sleeping`` and ``offloaded`` are the two ways of resting in routerd's host-RAM tier
+(``[devices] host_cache``): ``sleeping`` is an engine's own sleep (vLLM), where the
+weights wait in host RAM inside the engine, which keeps its working memory on the
+device; ``offloading``/``offloaded`` is routerd's offload, where the whole instance
+leaves the device and only its weights stay in host memory. Either comes back when a
+request wants it (``→ waiting``, no load, no warm-up) or leaves the tier when room is
+needed there or an operator evicts it (``→ draining → unloading → gone``). A LoRA
+adapter resident in a base instance moves through the same states; a base's adapters
+leave before it does.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     _S.DRAINING: frozenset({_S.SLEEPING, _S.OFFLOADING, _S.UNLOADING}),
     _S.SLEEPING: frozenset({_S.WAITING, _S.DRAINING}),
     _S.OFFLOADING: frozenset({_S.OFFLOADED, _S.UNLOADING}),
-    _S.OFFLOADED: frozenset({_S.WAITING, _S.GONE}),
+    _S.OFFLOADED: frozenset({_S.WAITING, _S.DRAINING}),
     _S.FAILED: frozenset({_S.UNLOADING}),
     _S.UNLOADING: frozenset({_S.GONE}),
     _S.GONE: frozenset(),

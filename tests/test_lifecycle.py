@@ -137,7 +137,7 @@ async def test_a_victim_that_sleeps_and_wakes(tmp_path: Path) -> None:
     from tests.test_sleep_tier import _ask, _services
 
     log = StateLog()
-    services, _ = _services(tmp_path, cpu_budget=100_000, watch=log)  # type: ignore[arg-type]
+    services, _ = _services(tmp_path, host_cache=100_000, watch=log)  # type: ignore[arg-type]
     try:
         await _ask(services, "a")
         await _ask(services, "b")  # a sleeps for b

@@ -1,6 +1,7 @@
-"""The sleep tier with fakes: eviction under pressure puts a sleep-capable instance to
-sleep (weights to host RAM) when the host has room, the ledger counts it against the
-host, the next request wakes it without a load, and the eviction policy prefers it."""
+"""The host-RAM tier for engines that sleep, with fakes: eviction under pressure puts a
+sleep-capable instance to sleep (weights to host RAM) when the tier (``host_cache``)
+has room, the tier counts its weights, the next request wakes it without a load, and
+the eviction policy prefers it."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class SleepyBackend(FakeBackend):
 
 def _services(
     tmp: Path,
-    cpu_budget: int,
+    host_cache: int,
     watch: LedgerWatch,
     leaky: tuple[str, ...] = (),
     scheduler: dict[str, float] | None = None,
@@ -81,7 +82,7 @@ def _services(
     backend = SleepyBackend(gpus)
     meminfo = tmp / "meminfo"
     meminfo.write_text(MEMINFO)
-    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=cpu_budget)
+    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=100_000)
     specs = [
         fake_spec(tmp, n, bytes=MODEL, devices=["cuda"], **({"leak": True} if n in leaky else {}))
         for n in ("a", "b")
@@ -92,7 +93,7 @@ def _services(
         specs,
         devices=devices,
         on_change=watch,
-        devices_config={"gpu_headroom": 0},
+        devices_config={"gpu_headroom": 0, "host_cache": host_cache},
         clock=VirtualClock(),
         scheduler=scheduler,
     )
@@ -110,7 +111,7 @@ def _state(services: Services) -> dict[str, str]:
 
 async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) -> None:
     watch = LedgerWatch()
-    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
         await _ask(services, "a")
         await _ask(services, "b")  # no room for both: a sleeps instead of unloading
@@ -120,17 +121,26 @@ async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) ->
         assert isinstance(sleeper, SleepyModel) and isinstance(sleeper, Sleepable)
         assert sleeper.sleeps == 1
         rows = {r.device: r for r in services.scheduler.ledger()}
-        assert rows["cpu"].ours == MODEL - WORKING  # a's weights, in host RAM
+        assert rows["cpu"].tier == MODEL - WORKING  # a's weights, in the host tier
+        assert rows["cpu"].ours == 0  # which has its own budget
         assert rows["cuda:0"].ours == MODEL + WORKING  # b, and what a keeps there
 
         await _ask(services, "a")  # wakes a (b goes to sleep for it), no second load
         assert _state(services) == {"a": "ready", "b": "sleeping"}
         assert sleeper.wakes == 1 and backend.loads == ["a@1", "b@1"]
         events = list(reversed(services.store.events(limit=20)))
-        kinds = [e.kind for e in events]
-        assert kinds.count("sleep") == 2 and kinds.count("wake") == 1
+        moves = [
+            (e.kind, (e.detail or {}).get("tier") or (e.detail or {}).get("source")) for e in events
+        ]
+        assert moves == [
+            ("load", "disk"),
+            ("evict", "sleep"),
+            ("load", "disk"),
+            ("evict", "sleep"),
+            ("load", "sleep"),
+        ]
         # Each moved the weights: what left the GPU, and what came back.
-        moved = [e.bytes for e in events if e.kind in ("sleep", "wake")]
+        moved = [e.bytes for e, (_, where) in zip(events, moves, strict=True) if where == "sleep"]
         assert moved == [MODEL - WORKING] * 3
         assert watch.worst_over == 0
     finally:
@@ -142,7 +152,7 @@ async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) ->
 
 async def test_without_host_room_the_victim_is_unloaded(tmp_path: Path) -> None:
     watch = LedgerWatch()
-    services, backend = _services(tmp_path, cpu_budget=1_000, watch=watch)
+    services, backend = _services(tmp_path, host_cache=1_000, watch=watch)
     try:
         await _ask(services, "a")
         await _ask(services, "b")
@@ -156,7 +166,7 @@ async def test_without_host_room_the_victim_is_unloaded(tmp_path: Path) -> None:
 
 async def test_a_failed_wake_unloads_it_and_answers_clearly(tmp_path: Path) -> None:
     watch = LedgerWatch()
-    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
         await _ask(services, "a")
         await _ask(services, "b")
@@ -174,7 +184,7 @@ async def test_a_failed_wake_unloads_it_and_answers_clearly(tmp_path: Path) -> N
         assert _state(services) == {"b": "sleeping"}  # b made room for a's wake
         assert "a@1" in backend.unloads
         rows = {r.device: r for r in services.scheduler.ledger()}
-        assert rows["cpu"].ours == MODEL - WORKING  # b's weights only
+        assert rows["cpu"].tier == MODEL - WORKING  # b's weights only
         assert rows["cuda:0"].ours == WORKING
         assert not services.scheduler.leaks()
     finally:
@@ -191,7 +201,7 @@ async def test_a_wake_up_waits_for_memory_its_victim_never_gives_back(tmp_path: 
     watch = LedgerWatch()
     services, backend = _services(
         tmp_path,
-        cpu_budget=MODEL,  # a's weights fit the host; b's would not as well
+        host_cache=MODEL,  # a's weights fit the tier; b's would not as well
         watch=watch,
         leaky=("b",),
         scheduler={"release_timeout": 2, "load_wait_timeout": 3},
@@ -248,7 +258,7 @@ def test_lru_prefers_victims_that_only_sleep() -> None:
 
 async def test_an_operator_eviction_unloads_a_sleeping_instance(tmp_path: Path) -> None:
     watch = LedgerWatch()
-    services, backend = _services(tmp_path, cpu_budget=100_000, watch=watch)
+    services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
         await _ask(services, "a")
         await _ask(services, "b")
@@ -257,7 +267,7 @@ async def test_an_operator_eviction_unloads_a_sleeping_instance(tmp_path: Path) 
         assert _state(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"]
         rows = {r.device: r for r in services.scheduler.ledger()}
-        assert rows["cpu"].ours == 0 and rows["cuda:0"].ours == MODEL
+        assert rows["cpu"].tier == 0 and rows["cuda:0"].ours == MODEL
         assert not services.scheduler.leaks()
     finally:
         await services.scheduler.close()

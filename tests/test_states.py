@@ -94,7 +94,7 @@ def test_the_swap_and_adapter_states_have_their_place() -> None:
     s = InstanceState
     assert TRANSITIONS[s.DRAINING] >= {s.OFFLOADING, s.SLEEPING, s.UNLOADING}
     assert TRANSITIONS[s.OFFLOADING] == {s.OFFLOADED, s.UNLOADING}
-    assert TRANSITIONS[s.OFFLOADED] == {s.WAITING, s.GONE}  # reload, or dropped from RAM
+    assert TRANSITIONS[s.OFFLOADED] == {s.WAITING, s.DRAINING}  # back, or dropped from the tier
     assert TRANSITIONS[s.READY] == {s.DRAINING, s.FAILED}  # nothing else leaves ready
     assert s.LOADING.allocating and s.WARMING.allocating and not s.WAITING.allocating
     assert {x for x in s if x.loading} == {s.WAITING, s.LOADING, s.WARMING}

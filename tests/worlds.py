@@ -190,7 +190,7 @@ class World:
     requests: tuple[Request, ...]
     evictions: tuple[tuple[float, int, bool], ...] = ()  # (at, model, force)
     scheduler: Mapping[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
-    host: int = 0  # the host tier's (CPU device's) budget; 0: none
+    host: int = 0  # the host tier's budget (host_cache, and the CPU device's); 0: none
 
 
 # -- the fake backend -------------------------------------------------------------------
@@ -337,7 +337,7 @@ class Watch:
             key = f"{i.model}#{i.replica}"
             if i.state == "sleeping":
                 self.asleep.add(key)
-            elif i.state in ("waiting", "loading", "ready"):  # woken, or loaded afresh
+            elif i.state in ("loading", "warming", "ready"):  # woken, or loaded afresh
                 self.asleep.discard(key)
             if key in self.asleep:  # asleep, or leaving from sleep: its weights are out
                 held += self.backend.model(i.model).working
@@ -456,7 +456,12 @@ def run_world(world: World, *, strict: bool = True) -> Watch:
             specs,
             backends=BackendRegistry({"fake": lambda: backend}),  # type: ignore[dict-item]
             devices=DeviceInventory(gpus, meminfo=meminfo, cpu_budget=world.host),
-            devices_config={"gpu_headroom": 0, "cpu_headroom": 0, "poll_interval": 30.0},
+            devices_config={
+                "gpu_headroom": 0,
+                "cpu_headroom": 0,
+                "poll_interval": 30.0,
+                "host_cache": world.host,
+            },
             scheduler={**SETTINGS, **world.scheduler},
             clock=clock,
             on_change=watch,

@@ -18,7 +18,7 @@ served without waiting that long are answered exactly as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
@@ -46,7 +46,9 @@ class ColdStream:
         self, scheduler: Scheduler, *, keep_alive: float | None
     ) -> AbstractAsyncContextManager[Lease]:
         """The scheduler's lease; for a stream, one that sends comments while it waits."""
-        context = scheduler.lease(self._record, keep_alive=keep_alive)
+        context = scheduler.lease(
+            self._record, keep_alive=keep_alive, connected=client_connected(self._request)
+        )
         if not self._stream:
             return context  # nothing to keep alive: no extra layer on the common path
         return self._with_heartbeat(scheduler, context)
@@ -92,6 +94,17 @@ class ColdStream:
         """End a stream already begun with ``exc`` as an error event, then ``[DONE]``."""
         assert self.response is not None
         return await fail_stream(self.response, exc)
+
+
+def client_connected(request: web.Request) -> Callable[[], bool]:
+    """Whether ``request``'s client is still connected, asked while it waits for a
+    load: the server tells a handler of a closed connection only when it next writes."""
+
+    def connected() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return connected
 
 
 def _percent(scheduler: Scheduler, record: VersionRecord) -> int:

@@ -21,8 +21,10 @@ that ``_consume`` handles in its own loop turn.
 
 1. The version has a READY instance → lease it at once.
 2. A load of that version is in flight → wait for that same load (single flight).
-3. Its instance is being evicted → wait until it is gone (or asleep), then go on.
-4. Its instance sleeps → one wake-up (single flight), then lease it.
+3. Its instance is being evicted (draining, offloading, unloading) → wait until it
+   is gone or resting in the host tier, then go on.
+4. Its instance rests in the host tier (sleeping, offloaded) → one wake-up (single
+   flight) brings it back without a load, then lease it.
 5. Nothing is resident → one load (``Swap.load``): a plan is committed at once; a
    refusal that may pass is waited out up to ``load_wait_timeout`` (then 503 with
    Retry-After); a final refusal (too large, pinned) is 503 at once.
@@ -48,7 +50,7 @@ from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from routerd.clock import Clock, LoopClock
 from routerd.devices import DeviceInventory
-from routerd.errors import Conflict, Draining, NotFound, Unavailable
+from routerd.errors import ClientClosed, Conflict, Draining, NotFound, Unavailable
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import LedgerRow
 from routerd.messages import InstanceFailed, LoadProgressed, Message
@@ -76,6 +78,9 @@ log = logging.getLogger("routerd.scheduler")
 
 _Start = Callable[[], Coroutine[Any, Any, Instance]]
 """Starts a load or a wake-up: the coroutine a single-flight task runs."""
+
+CONNECTION_POLL_S = 0.25
+"""How often a request waiting for a load checks that its client is still connected."""
 
 
 class Scheduler:
@@ -116,6 +121,7 @@ class Scheduler:
         self._reaper = Reaper(self.context, self.residency, self.admission, self._lifecycle)
         self._replicas = Replicas(self.context)
         self._loads: dict[str, asyncio.Task[Instance]] = {}  # single flight, by instance key
+        self._waiters: dict[str, int] = {}  # callers waiting on each of ``_loads``
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -266,22 +272,35 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------
 
-    def lease(self, record: VersionRecord, *, keep_alive: float | None = None) -> LeaseHold:
+    def lease(
+        self,
+        record: VersionRecord,
+        *,
+        keep_alive: float | None = None,
+        connected: Callable[[], bool] | None = None,
+    ) -> LeaseHold:
         """Hold a READY instance of ``record`` for the whole ``async with`` body.
 
         ``keep_alive`` (a request's own) replaces the instance's from now on. When
         ``max_queue`` requests already wait for the version, 429 (``QueueFull``).
+        ``connected``: whether the client is still there; a request that has to wait
+        (for a load, a wake-up) gives up once it is not (``ClientClosed``), and a load
+        nobody else waits for is cancelled.
         """
-        return LeaseHold(self, record, keep_alive)
+        return LeaseHold(self, record, keep_alive, connected)
 
-    async def _take_lease(self, record: VersionRecord) -> tuple[Lease, float]:
+    async def _take_lease(
+        self, record: VersionRecord, connected: Callable[[], bool] | None
+    ) -> tuple[Lease, float]:
         """Entering a lease (``LeaseHold``): the instance, and when it was acquired."""
         clock = self.context.clock
         self.admission.admit(
             record, self.residency.version_replicas(record), self.context.settings, clock.now()
         )
         started = clock.now()
-        instance, waited = await self._ready_instance(record, device=None, why="request")
+        instance, waited = await self._ready_instance(
+            record, device=None, why="request", connected=connected
+        )
         acquired = clock.now()
         instance.acquire(acquired)
         cold_start_ms = (acquired - started) * 1000 if waited else None
@@ -300,7 +319,13 @@ class Scheduler:
         )
 
     async def _ready_instance(
-        self, record: VersionRecord, *, device: str | None, why: str, reprofile: bool = False
+        self,
+        record: VersionRecord,
+        *,
+        device: str | None,
+        why: str,
+        reprofile: bool = False,
+        connected: Callable[[], bool] | None = None,
     ) -> tuple[Instance, bool]:
         """A READY instance, and whether this call had to wait for it.
 
@@ -315,8 +340,11 @@ class Scheduler:
             return chosen, False  # the common case: no wait, so no demand to count
         self.admission.start_waiting(record.model_id)
         self.context.signals.changed(wake_reaper=False)  # a queue grew (observers)
+        waiting = self._wait_ready(record, device=device, why=why, reprofile=reprofile)
         try:
-            return await self._wait_ready(record, device=device, why=why, reprofile=reprofile)
+            if connected is None:
+                return await waiting
+            return await _while_connected(waiting, connected, record.model_id)
         finally:
             self.admission.stop_waiting(record.model_id)
 
@@ -345,31 +373,43 @@ class Scheduler:
             instance = self.residency.get(record.model_id)
             if instance is not None and instance.state in (
                 InstanceState.DRAINING,
+                InstanceState.OFFLOADING,
                 InstanceState.UNLOADING,
             ):
-                await instance.vacated.wait()  # gone, or asleep (then woken below)
+                await instance.vacated.wait()  # gone, or in the host tier (woken below)
                 # Still leaving: it was asleep (vacated) and is unloading from there. An
                 # unloading one too, or this loop would spin without ever yielding.
                 leaving = instance.state in (InstanceState.DRAINING, InstanceState.UNLOADING)
                 if leaving and not instance.gone.is_set():
                     await instance.gone.wait()
                 continue
-            if instance is not None and instance.state is InstanceState.SLEEPING:
+            if instance is not None and instance.state in (
+                InstanceState.SLEEPING,
+                InstanceState.OFFLOADED,
+            ):
                 wake = functools.partial(self._swap.wake, instance)
                 await self._single_flight(instance.key, wake, "waking")
                 continue
             load = functools.partial(self._swap.load, record, device, why, reprofile=reprofile)
-            await self._single_flight(record.model_id, load, "loading")
+            await self._single_flight(record.model_id, load, "loading", cancellable=True)
 
-    async def _single_flight(self, key: str, start: _Start, doing: str) -> Instance:
+    async def _single_flight(
+        self, key: str, start: _Start, doing: str, *, cancellable: bool = False
+    ) -> Instance:
         """Join the load (or wake-up) of ``key`` in flight, or start it.
 
-        A waiter gives up after ``load_timeout`` (503); the load carries on for the
-        others, so the wait is shielded from the waiter's own cancellation.
+        A waiter gives up after ``load_timeout`` (503 with Retry-After); the load
+        carries on for the others and for that waiter's retry. A waiter cancelled (its
+        client gone) leaves too; when it was the last, a ``cancellable`` load is
+        cancelled (``Swap.load`` gives its reservation back once its thread returned).
+        A wake-up is never cancelled: it would cost the instance its place in the host
+        tier.
         """
         task = self._loads.get(key)
         if task is None:
             task = self._start_load(key, start, name=f"{doing} {key}")
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        cancelled = False
         try:
             return await self.context.clock.wait_for(
                 asyncio.shield(task), self.settings.load_timeout
@@ -380,6 +420,16 @@ class Scheduler:
                 f"{model_id} is still {doing} after {self.settings.load_timeout:.0f}s",
                 retry_after=5,
             ) from None
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            left = self._waiters.pop(key) - 1
+            if left:
+                self._waiters[key] = left
+            elif cancelled and cancellable and not task.done() and self._loads.get(key) is task:
+                log.info("cancelling the load of %s: nobody waits for it any more", key)
+                task.cancel()
 
     def _start_load(self, key: str, start: _Start, *, name: str) -> asyncio.Task[Instance]:
         if self._loop is None:
@@ -481,11 +531,16 @@ class Scheduler:
             if self.residency.get(instance.key) is not instance:
                 return self.residency.snapshot(instance)
         snapshot = self.residency.snapshot(instance)
-        if instance.state not in (InstanceState.READY, InstanceState.SLEEPING):
+        resting = (InstanceState.SLEEPING, InstanceState.OFFLOADED)
+        if instance.state is not InstanceState.READY and instance.state not in resting:
+            # Already leaving: wait until it is gone, or until it rests in the host
+            # tier (then it leaves the tier too, below).
             if force:
                 instance.revoke(f"{instance.model_id} was evicted by an operator")
-            await instance.gone.wait()
-            return snapshot
+            await instance.vacated.wait()
+            if instance.state not in resting:
+                await instance.gone.wait()
+                return snapshot
         await self._lifecycle.evict(instance, reason=reason, trigger=None, force=force)
         return snapshot
 
@@ -510,24 +565,53 @@ class LeaseHold:
     context manager, because every request enters one and a generator costs each of
     them a frame, a generator object and two extra awaits."""
 
-    __slots__ = ("_acquired", "_keep_alive", "_lease", "_record", "_scheduler")
+    __slots__ = ("_acquired", "_connected", "_keep_alive", "_lease", "_record", "_scheduler")
 
     def __init__(
-        self, scheduler: Scheduler, record: VersionRecord, keep_alive: float | None
+        self,
+        scheduler: Scheduler,
+        record: VersionRecord,
+        keep_alive: float | None,
+        connected: Callable[[], bool] | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._record = record
         self._keep_alive = keep_alive
+        self._connected = connected
         self._lease: Lease | None = None
         self._acquired = 0.0
 
     async def __aenter__(self) -> Lease:
         if self._lease is not None:
             raise RuntimeError("a lease is entered once")
-        self._lease, self._acquired = await self._scheduler._take_lease(self._record)
+        self._lease, self._acquired = await self._scheduler._take_lease(
+            self._record, self._connected
+        )
         return self._lease
 
     async def __aexit__(self, *exc_info: object) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
             self._scheduler._give_back(lease, self._acquired, self._keep_alive)
+
+
+async def _while_connected(
+    waiting: Coroutine[Any, Any, tuple[Instance, bool]],
+    connected: Callable[[], bool],
+    model_id: str,
+) -> tuple[Instance, bool]:
+    """``waiting``, given up (cancelled, then ``ClientClosed``) once ``connected`` says
+    the client left: its client polled, as the web server tells a handler of a closed
+    connection only when it next writes."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=CONNECTION_POLL_S)
+            if not task.done() and not connected():
+                task.cancel()
+                await asyncio.wait([task])
+                raise ClientClosed(f"the client left while waiting for {model_id}")
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    return task.result()

@@ -1,9 +1,11 @@
 """Keep-alive: idle instances leave once their time is up.
 
 An instance idle (no lease, nothing queued, nobody waiting for its version) for
-its ``keep_alive`` is unloaded (``ttl``); a replica beyond a model's ``replicas``
-leaves after ``scale_down_idle`` if that is sooner (``scale-down``). Pinned
-versions never expire. The reaper sleeps on the scheduler's clock until the next
+its ``keep_alive`` leaves its device (``ttl``): to the host-RAM tier where it can go
+there, else unloaded; in the tier, the tier's own LRU decides how long it stays. A
+replica beyond a model's ``replicas`` is unloaded after ``scale_down_idle`` if that is
+sooner (``scale-down``): the version stays on its device. Pinned versions never
+expire. The reaper sleeps on the scheduler's clock until the next
 instance runs out (a second at most), or until a change wakes it.
 """
 
@@ -68,7 +70,7 @@ class Reaper:
         for instance in list(self._residency.instances.values()):
             limit, reason = self.idle_limit(instance)
             if (
-                instance.state not in (InstanceState.READY, InstanceState.SLEEPING)
+                instance.state is not InstanceState.READY
                 or instance.in_flight
                 or instance.queued
                 or instance.model_id in self._admission.waiting

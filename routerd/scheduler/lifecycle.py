@@ -12,9 +12,12 @@ asserts the ledger's invariant where settings turn checks on (tests). Who calls 
   victims start ``draining`` and leave in the background (``evict``).
 - ``load`` then ``ready`` — the swap, once its victims are gone: ``loading`` →
   ``warming`` → measured → ``ready``. ``discard`` undoes a load that failed.
-- ``claim_wake`` then ``wake`` — the swap, for a ``sleeping`` instance.
-- ``evict`` — operators and claims: drain, then sleep (vLLM) or unload, verify the
-  memory came back, ``gone``. ``expire`` — the keep-alive reaper.
+- ``claim_wake`` then ``wake`` — the swap, for an instance in the host tier
+  (``sleeping`` or ``offloaded``): it comes back without a load.
+- ``evict`` — operators and claims: drain, then move to the host-RAM tier (the
+  engine's sleep, or routerd's offload) or unload, verify the memory came back.
+  ``expire`` — the keep-alive reaper. The tier makes room for a newcomer by
+  dropping what it holds, least recently used first (``gone``).
 - ``fail`` then ``retire`` — the coordinator, on an ``InstanceFailed`` message.
 """
 
@@ -23,12 +26,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
-from backends.base import WARMING_UP, Backend, Footprint, LoadProgress, LoadSpec, Sleepable
-from contract.errors import OutOfMemory
+from backends.base import (
+    WARMING_UP,
+    Backend,
+    Footprint,
+    LoadProgress,
+    LoadSpec,
+    Offloadable,
+    Sleepable,
+)
+from contract.errors import LoadCancelled, OutOfMemory
 from routerd.batcher import Batcher
 from routerd.errors import LoadFailed
 from routerd.instance import Instance
@@ -42,6 +53,8 @@ from state import StoreError, VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
+T = TypeVar("T")
+
 
 class Lifecycle:
     """Moves instances through their states; see the module docstring."""
@@ -50,6 +63,7 @@ class Lifecycle:
         self._context = context
         self._residency = residency
         self._post = post  # where instances send health and progress
+        self._tier_lock = asyncio.Lock()  # one victim at a time makes room in the host tier
 
     def _move(self, instance: Instance, target: InstanceState) -> None:
         """Every move is checked against the table and is a change others may wait for."""
@@ -105,14 +119,14 @@ class Lifecycle:
         spec = replace(spec, progress=instance.report_progress, grant_bytes=instance.reserved_bytes)
         instance.profile_known = spec.known is not None
         try:
-            model = await instance.run(backend.load, spec)
+            model = await self._settled(instance, backend.load, spec, keep=instance.attach)
             instance.attach(model)
             self._move(instance, InstanceState.WARMING)
             instance.progress = LoadProgress(WARMING_UP)
-            await instance.run(model.warm_up)
-            measured: Footprint = await instance.run(model.measure_footprint)
+            await self._settled(instance, model.warm_up)
+            measured: Footprint = await self._settled(instance, model.measure_footprint)
         except BaseException as exc:
-            await self.discard(instance)
+            await until_done(asyncio.ensure_future(self.discard(instance)))
             if isinstance(exc, OutOfMemory):
                 raise
             self._load_failed(instance, "loading", exc)
@@ -126,14 +140,38 @@ class Lifecycle:
         )
         return measured
 
+    async def _settled(
+        self,
+        instance: Instance,
+        fn: Callable[..., T],
+        /,
+        *args: object,
+        keep: Callable[[T], object] | None = None,
+    ) -> T:
+        """``fn(*args)`` on the instance's thread, cancellable only at its end.
+
+        A cancellation (nobody waits for the load any more) is passed to the backend
+        (its next progress report raises ``LoadCancelled``), but this still waits for
+        the thread to return: only then is it known what the thread holds, and only
+        then may the caller unload it and give its reservation back. ``keep`` gets what
+        the thread returned after a cancellation (a loaded model, to be unloaded)."""
+        work = asyncio.ensure_future(instance.run(fn, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            instance.cancel_load()
+            await until_done(work)
+            if keep is not None and not work.cancelled() and work.exception() is None:
+                keep(work.result())
+            raise
+
     def ready(self, instance: Instance, why: str) -> None:
         """A loaded, measured instance starts taking leases."""
         record = instance.record
         measured = instance.measured
         assert measured is not None
         self._remember_footprint(instance, measured)
-        policy = batching_policy(options_of(record).batching, instance.device)
-        instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
+        self._attach_batcher(instance)
         instance.max_failures = self._context.settings.max_failures
         instance.stop_timeout = self._context.settings.stop_timeout
         now = self._context.clock.now()
@@ -159,6 +197,7 @@ class Lifecycle:
                 # "stored": the backend was given the footprint measured at an earlier
                 # load and may skip its profile; "measured": it profiled this load.
                 "profile": "stored" if instance.profile_known else "measured",
+                "source": "disk",
             },
         )
         log.info(
@@ -177,31 +216,42 @@ class Lifecycle:
         )
         self._context.signals.changed()
 
-    def claim_wake(self, instance: Instance) -> None:
-        """A ``sleeping`` instance claims its device bytes back while its victims leave.
+    def _attach_batcher(self, instance: Instance) -> None:
+        policy = batching_policy(options_of(instance.record).batching, instance.device)
+        instance.attach_batcher(Batcher(instance, policy, on_batch=self._observe_batch))
 
-        Its wake-up may have waited for room while it was evicted (an operator, the
-        reaper): then it is gone and there is nothing to claim (``wake`` does nothing,
-        and the request that wanted it loads it afresh)."""
-        if instance.state is not InstanceState.SLEEPING:
+    def claim_wake(self, instance: Instance) -> None:
+        """An instance in the host tier claims its device bytes back while its victims
+        leave.
+
+        It may have been dropped while its wake-up waited for room (an operator, the
+        tier making room): then it is gone and there is nothing to claim (``wake``
+        does nothing, and the request that wanted it loads it afresh)."""
+        if instance.state not in (InstanceState.SLEEPING, InstanceState.OFFLOADED):
             return
         self._move(instance, InstanceState.WAITING)
         instance.vacated.clear()
         self._context.signals.changed()
 
-    async def wake(self, instance: Instance) -> None:
-        """Wake a claimed sleeping instance: its weights return from host RAM."""
+    async def wake(self, instance: Instance, why: str = "request") -> None:
+        """Bring a claimed instance back from the host tier: its weights return to the
+        device, with neither a read from disk nor a warm-up. A ``load`` event says
+        where they came from (``source``: ``sleep`` or ``host``)."""
         if instance.state is not InstanceState.WAITING:
             return  # it left before its wake-up could be claimed (``claim_wake``)
         record = instance.record
         self._move(instance, InstanceState.LOADING)
         model = instance.loaded_model
-        assert isinstance(model, Sleepable)
         clock = self._context.clock
         started = clock.now()
         need = instance.wake_bytes
+        source = instance.tier
         try:
-            await model.wake_up()
+            if isinstance(model, Sleepable) and source == "sleep":
+                await model.wake_up()
+            else:
+                assert isinstance(model, Offloadable)
+                await instance.run(model.restore)
         except BaseException as exc:
             await self.discard(instance)
             self._load_failed(instance, "waking", exc)
@@ -209,22 +259,38 @@ class Lifecycle:
                 raise LoadFailed(f"waking {record.model_id} failed: {_reason(exc)}") from exc
             raise
         instance.host_bytes = 0
+        instance.tier = None
+        if source == "host":
+            self._attach_batcher(instance)
         self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
+        duration_ms = round((clock.now() - started) * 1000, 1)
         self._context.journal.record(
-            "wake",
+            "load",
             record,
             device=instance.device,
-            reason="request",
+            reason=why,
             bytes=need,
-            duration_ms=round((clock.now() - started) * 1000, 1),
+            duration_ms=duration_ms,
+            detail={"source": source},
+        )
+        log.info(
+            "%s back on %s from the host tier (%s) in %.0f ms",
+            record.model_id,
+            instance.device,
+            source,
+            duration_ms,
+            extra={"event": "load", "model": record.model_id, "source": source},
         )
         self._context.signals.changed()
 
     def _load_failed(self, instance: Instance, doing: str, exc: BaseException) -> None:
         """Log a failed load or wake-up (the instance is already discarded)."""
         record = instance.record
-        reason = _reason(exc)
+        if isinstance(exc, asyncio.CancelledError | LoadCancelled):
+            reason = "cancelled: nobody waits for it any more"
+        else:
+            reason = _reason(exc)
         self._context.journal.record("load_failed", record, device=instance.device, reason=reason)
         log.warning(
             "%s %s on %s failed: %s",
@@ -271,29 +337,42 @@ class Lifecycle:
             self._move(instance, InstanceState.DRAINING)
 
     def expire(self, instance: Instance, reason: str) -> None:
-        """The reaper found ``instance`` idle past its limit: drain and unload it."""
+        """The reaper found ``instance`` idle past its limit: drain it, then move it to
+        the host tier or unload it."""
         self._drain(instance)
+        keep = reason == "ttl"  # an extra replica leaving (scale-down) is not worth keeping
         self._context.background.spawn(
-            self.evict(instance, reason=reason, trigger=None), name=f"expire {instance.key}"
+            self.evict(instance, reason=reason, trigger=None, keep=keep),
+            name=f"expire {instance.key}",
         )
 
     async def evict(
-        self, instance: Instance, *, reason: str, trigger: str | None, force: bool = False
+        self,
+        instance: Instance,
+        *,
+        reason: str,
+        trigger: str | None,
+        force: bool = False,
+        keep: bool | None = None,
     ) -> None:
-        """Drain ``instance`` (``force``: end its live requests), then sleep or unload it.
+        """Drain ``instance`` (``force``: end its live requests), then move it to the
+        host tier or unload it.
 
-        A victim whose model can sleep and whose weights fit in host RAM sleeps
-        instead of unloading; everything else unloads, and its memory is verified back.
+        ``keep`` (by default: when a load claimed it, ``trigger``): its weights may
+        stay in the host-RAM tier if its model can leave them there and they fit the
+        tier (``Residency.tier_for``). An operator's eviction does not keep them, and
+        an instance already in the tier leaves it. Whatever is unloaded has its memory
+        verified back.
         """
         self._drain(instance)
         if force:
             instance.revoke(f"{instance.model_id} was evicted by an operator")
         self._context.signals.changed()
         await instance.idle.wait()
-        if trigger is not None and not force and self._residency.may_sleep(instance):
-            if await self._sleep(instance, reason=reason, trigger=trigger):
-                return
-            trigger = None  # could not sleep: it leaves as an ordinary victim
+        keep = trigger is not None if keep is None else keep
+        tier = self._residency.tier_for(instance) if keep and not force else None
+        if tier is not None and await self._to_tier(instance, tier, reason=reason, trigger=trigger):
+            return
         await self._unload_and_verify(instance, reason=reason, trigger=trigger)
 
     async def _unload_and_verify(
@@ -302,6 +381,7 @@ class Lifecycle:
         clock = self._context.clock
         resident_s = clock.now() - instance.loaded_at
         freed = instance.device_bytes
+        host_bytes = instance.host_bytes
         before = self._residency.our_usage(instance.device)
         leak: Leak | None = None
         try:
@@ -316,9 +396,10 @@ class Lifecycle:
             "bytes": freed,
             "trigger": trigger,
         }
-        self._context.journal.record(
-            "evict", instance.record, **fields, detail={"resident_s": round(resident_s, 1)}
-        )
+        detail: dict[str, Any] = {"resident_s": round(resident_s, 1), "tier": "gone"}
+        if host_bytes:
+            detail["host_bytes"] = host_bytes  # what it freed in the host tier
+        self._context.journal.record("evict", instance.record, **fields, detail=detail)
         log.info(
             "evicted %s from %s (%s%s) after %.0fs, %d bytes",
             instance.model_id,
@@ -347,43 +428,100 @@ class Lifecycle:
     def _release_timeout(self) -> float:
         return self._context.settings.release_timeout
 
-    async def _sleep(self, instance: Instance, *, reason: str, trigger: str) -> bool:
-        """Put a victim to sleep; it stays an instance, its device bytes come back.
+    async def _to_tier(
+        self, instance: Instance, tier: str, *, reason: str, trigger: str | None
+    ) -> bool:
+        """Move a drained instance's weights to the host tier (``tier``: ``"sleep"``,
+        the engine's own sleep, or ``"host"``, routerd's offload); it stays an
+        instance, its device bytes come back. False if it could not (it then unloads).
 
-        Its weights' room in host RAM is claimed in the step that found it free
-        (``may_sleep``), before the weights move: two victims sleeping at once must
-        not both count on the same free host bytes."""
-        model = instance.loaded_model
-        assert isinstance(model, Sleepable) and instance.measured is not None
+        The tier's room is made and claimed before the weights move, one victim at a
+        time: what the tier holds least recently used is dropped first (gone), and two
+        victims entering at once never count on the same free bytes."""
+        measured = instance.measured
+        assert measured is not None
+        claims = self._residency.host_claims
+        async with self._tier_lock:
+            dropping = self._residency.tier_room(measured.weights)
+            if dropping is None:
+                return False
+            for resting in dropping:
+                self._drain(resting)  # in this step: none of them may start coming back
+            await asyncio.gather(
+                *(
+                    self.evict(r, reason="host-tier-full", trigger=instance.key, keep=False)
+                    for r in dropping
+                )
+            )
+            if self._residency.tier_capacity - self._residency.tier_used() < measured.weights:
+                return False
+            claims[instance.key] = measured.weights
+            self._residency.check(f"{instance.key} claimed {measured.weights} bytes of the tier")
         clock = self._context.clock
         started = clock.now()
-        claims = self._residency.host_claims
-        claims[instance.key] = instance.measured.weights
         try:
-            await model.sleep()
+            if tier == "sleep":
+                model = instance.loaded_model
+                assert isinstance(model, Sleepable)
+                await model.sleep()
+            else:
+                await self._offload(instance)
         except BaseException as exc:
             del claims[instance.key]
             self._residency.check(f"{instance.key}'s claim on the host tier given up")
             if not isinstance(exc, Exception):
                 raise
-            log.warning("%s could not sleep (%s); unloading it", instance.model_id, exc)
+            log.warning(
+                "%s could not move to the host tier (%s); unloading it", instance.model_id, exc
+            )
             return False
         instance.host_bytes = claims.pop(instance.key)
-        self._move(instance, InstanceState.SLEEPING)
+        instance.tier = tier
+        self._move(instance, InstanceState.SLEEPING if tier == "sleep" else InstanceState.OFFLOADED)
         instance.victim_of = None
         instance.vacated.set()
         self._context.journal.record(
-            "sleep",
+            "evict",
             instance.record,
             device=instance.device,
             reason=reason,
             bytes=instance.wake_bytes,
             trigger=trigger,
             duration_ms=round((clock.now() - started) * 1000, 1),
+            detail={
+                "tier": tier,
+                "host_bytes": instance.host_bytes,
+                "resident_s": round(clock.now() - instance.loaded_at, 1),
+            },
         )
-        log.info("%s sleeps (weights in host RAM) to make room for %s", instance.model_id, trigger)
+        log.info(
+            "%s left %s for the host tier (%s), %d bytes kept in host RAM",
+            instance.model_id,
+            instance.device,
+            tier,
+            instance.host_bytes,
+            extra={"event": "evict", "model": instance.model_id, "tier": tier},
+        )
         self._context.signals.changed()
         return True
+
+    async def _offload(self, instance: Instance) -> None:
+        """routerd's own offload: the batcher and the thread go, the model keeps its
+        weights in host memory and releases the rest; on a GPU the device must show
+        all of the instance's bytes back, or the offload failed (and it unloads)."""
+        self._move(instance, InstanceState.OFFLOADING)
+        batcher = instance.detach_batcher()
+        if batcher is not None:
+            await batcher.close()
+        model = instance.loaded_model
+        assert isinstance(model, Offloadable)
+        before = self._residency.our_usage(instance.device)
+        await instance.run(model.offload)
+        instance.close_executor()
+        if await self._verify_release(instance.device, before, instance.bytes):
+            raise RuntimeError(
+                f"{instance.device} did not show {instance.bytes} bytes back after the offload"
+            )
 
     async def discard(self, instance: Instance) -> None:
         """Remove an instance that never became ready, giving back what it took.
@@ -534,6 +672,14 @@ class Lifecycle:
             self._residency.leaks.remove(leak)
             self._residency.check(f"{leak.model_id}'s leak of {leak.bytes} bytes came back")
             self._context.signals.changed()
+
+
+async def until_done(work: asyncio.Future[Any]) -> None:
+    """Wait for ``work`` to finish, whatever cancels the waiter meanwhile (its result or
+    error stays in ``work``): for what must end before anything is given back."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([work])
 
 
 def _reason(exc: BaseException) -> str:

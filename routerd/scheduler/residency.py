@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from backends import proctree
-from backends.base import Sleepable
+from backends.base import Offloadable, Sleepable
 from policies.types import DeviceRoom, Resident
 from routerd.devices import DeviceReading
 from routerd.instance import Instance, InstanceSnapshot
@@ -39,7 +39,7 @@ class Residency:
         self.leaks: list[Leak] = []
         self.retiring: list[Instance] = []  # failed, no longer routed to, not yet unloaded
         self.failures: dict[str, Failure] = {}  # by model id
-        self.host_claims: dict[str, int] = {}  # host RAM claimed by victims falling asleep
+        self.host_claims: dict[str, int] = {}  # the tier's room claimed by victims entering it
         self.invariant_breaks: list[InvariantBroken] = []  # what ``check`` raised, kept
 
     # -- changes (lifecycle only) -------------------------------------------------
@@ -158,13 +158,13 @@ class Residency:
     def _holdings(self) -> list[Holding]:
         holdings = [Holding(leak.device, leak.bytes, "resident") for leak in self.leaks]
         holdings += [Holding(i.device, i.bytes, "victim") for i in self.retiring]
-        holdings += [Holding("cpu", nbytes, "waiting") for nbytes in self.host_claims.values()]
+        holdings += [Holding("cpu", nbytes, "tier") for nbytes in self.host_claims.values()]
         for i in self.instances.values():
             if i.host_bytes:
-                holdings.append(Holding("cpu", i.host_bytes, "resident"))
-            if i.state is InstanceState.WAITING and i.host_bytes and i.measured is not None:
-                # waking: what stayed on the device while it slept is held, the rest claimed
-                holdings.append(Holding(i.device, i.measured.working, "resident"))
+                holdings.append(Holding("cpu", i.host_bytes, "tier"))
+            if i.state is InstanceState.WAITING and i.tier is not None:
+                # coming back: what stayed on the device is held, the rest claimed
+                holdings.append(Holding(i.device, i.kept_bytes, "resident"))
                 holdings.append(Holding(i.device, i.wake_bytes, "waiting"))
                 continue
             if i.state is InstanceState.WAITING:
@@ -195,25 +195,64 @@ class Residency:
                 in_flight=i.in_flight + waiting.get(i.model_id, 0),
                 pinned=i.model_id in self.pinned,
                 ready=i.state is InstanceState.READY,
-                sleeps=self.may_sleep(i),
+                sleeps=self.tier_for(i) is not None,
             )
             for i in self.instances.values()
         ]
         return rooms, residents
 
-    def may_sleep(self, instance: Instance) -> bool:
-        """Whether evicting ``instance`` for room may put it to sleep instead: its model
-        can, it is measured, and the host (the CPU device) has room for its weights."""
+    # -- the host-RAM tier ------------------------------------------------------------
+
+    @property
+    def tier_capacity(self) -> int:
+        """The tier's budget in bytes (``[devices] host_cache``); 0: no tier."""
+        return self._context.settings.host_cache
+
+    def tier_used(self) -> int:
+        """Bytes the tier holds (weights asleep or offloaded) or has promised to victims
+        on their way in."""
+        held = sum(i.host_bytes for i in self.instances.values())
+        return held + sum(self.host_claims.values())
+
+    def tier_for(self, instance: Instance) -> str | None:
+        """Where evicting ``instance`` would keep its weights: ``"sleep"`` (its engine's
+        own sleep), ``"host"`` (routerd's offload), or None (it would be gone).
+
+        Only a measured instance that is serving or draining, whose model can do it,
+        and whose weights fit the tier at all: room is made by dropping what the tier
+        holds (``tier_room``), least recently used first."""
         model = instance.loaded_model
-        if not (
-            isinstance(model, Sleepable)
-            and model.can_sleep
-            and instance.measured is not None
-            and instance.state in (InstanceState.READY, InstanceState.DRAINING)
+        measured = instance.measured
+        if (
+            measured is None
+            or instance.tier is not None
+            or instance.state not in (InstanceState.READY, InstanceState.DRAINING)
+            or measured.weights > self.tier_capacity - sum(self.host_claims.values())
         ):
-            return False
-        host = self.row("cpu")
-        return host is not None and host.free >= instance.measured.weights
+            return None
+        if isinstance(model, Sleepable) and model.can_sleep:
+            return "sleep"
+        if isinstance(model, Offloadable) and model.can_offload:
+            return "host"
+        return None
+
+    def tier_room(self, need: int) -> list[Instance] | None:
+        """Instances to drop from the tier, least recently used first, so that ``need``
+        more bytes fit it; None if dropping all it may drop would not do (others'
+        bytes are on their way in or out). Instances coming back are not dropped."""
+        free = self.tier_capacity - self.tier_used()
+        chosen: list[Instance] = []
+        resting = (
+            i
+            for i in self.instances.values()
+            if i.state in (InstanceState.SLEEPING, InstanceState.OFFLOADED)
+        )
+        for instance in sorted(resting, key=lambda i: (i.touched, i.key)):
+            if free >= need:
+                break
+            chosen.append(instance)
+            free += instance.host_bytes
+        return chosen if free >= need else None
 
     # -- the invariant (checks on) ---------------------------------------------------
 
@@ -261,8 +300,6 @@ class Residency:
         """Who holds what on ``device``, for an error message."""
         instances = self.instances.values()
         held = [f"{i.key} {i.state} {i.device_bytes}" for i in instances if i.device == device]
-        if device == "cpu":
-            held += [f"{i.key} host tier {i.host_bytes}" for i in instances if i.host_bytes]
         held += [f"{i.key} retiring {i.bytes}" for i in self.retiring if i.device == device]
         held += [f"{x.model_id} leaked {x.bytes}" for x in self.leaks if x.device == device]
         return "; ".join(held) or "nothing"

@@ -34,6 +34,7 @@ class SchedulerSettings:
     stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
+    host_cache: int = 0  # bytes of the host-RAM tier (``[devices] host_cache``); 0: off
     # Assert the ledger's invariant after every change (Residency.check): tests turn it
     # on; config never does, and a reload keeps what the scheduler was built with.
     check_invariants: bool = False
@@ -47,6 +48,7 @@ class SchedulerSettings:
             **{name: getattr(scheduler, name) for name in _FROM_SCHEDULER_CONFIG},
             poll_interval=devices.poll_interval,
             headroom={"cuda": devices.gpu_headroom, "cpu": devices.cpu_headroom},
+            host_cache=devices.host_cache,
         )
 
 

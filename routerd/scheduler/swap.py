@@ -19,6 +19,11 @@ among every request that waits for it):
 6. ready — a batcher is attached, the footprint stored, the event logged; waiting
    requests take their leases (the coordinator).
 
+A load nobody waits for any more is cancelled (the coordinator): wherever the
+cancellation finds it, the instance is discarded, and a backend call in flight is
+first waited for to return (``Lifecycle._settled``), so the reservation is given back
+only once no thread may still allocate and the memory is verified free.
+
 ``wake`` is the same path for a ``sleeping`` instance: claim room on its own
 device, wait for the victims, wake it (no warm-up, no measuring).
 """
@@ -36,7 +41,7 @@ from routerd.errors import LoadFailed, Unavailable
 from routerd.instance import Instance
 from routerd.scheduler.admission import Admission
 from routerd.scheduler.context import Context
-from routerd.scheduler.lifecycle import Lifecycle
+from routerd.scheduler.lifecycle import Lifecycle, until_done
 from routerd.scheduler.planning import Planner
 from routerd.scheduler.residency import Residency
 from routerd.states import InstanceState
@@ -134,7 +139,11 @@ class Swap:
         why: str,
         known: Footprint | None,
     ) -> Instance:
-        await self._wait_for_room(instance, need)
+        try:
+            await self._wait_for_room(instance, need)
+        except asyncio.CancelledError:
+            await until_done(asyncio.ensure_future(self._lifecycle.discard(instance)))
+            raise
         spec = replace(self._planner.spec(instance.record, instance.device), known=known)
         try:
             measured = await self._lifecycle.load(instance, backend, spec)
@@ -144,7 +153,11 @@ class Swap:
         if row is not None and row.over_budget > 0:
             leaving = self._planner.claim_overrun(instance, row.over_budget)
             if leaving is not None:
-                await asyncio.gather(*(v.vacated.wait() for v in leaving))
+                try:
+                    await asyncio.gather(*(v.vacated.wait() for v in leaving))
+                except asyncio.CancelledError:
+                    await until_done(asyncio.ensure_future(self._lifecycle.discard(instance)))
+                    raise
                 row = self._residency.row(instance.device)  # a victim's bytes may have leaked
             if leaving is None or (row is not None and row.over_budget > 0):
                 await self._lifecycle.discard(instance)

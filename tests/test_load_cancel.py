@@ -1,0 +1,183 @@
+"""Loads nobody waits for are cancelled, and give their reservation back only once the
+loading thread has returned: a backend whose load blocks until the test releases it
+(``FakeBackend.load_gate``) stands in for a slow read or a child process still
+allocating."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from backends.base import LoadSpec
+from routerd.app import build_app
+from routerd.errors import ClientClosed
+from routerd.services import Services
+from tests.fakes import FakeBackend, FakeModel
+from tests.support import fake_services, fake_spec
+
+MODEL = 4_000
+
+
+class Client:
+    """A request's client, as the scheduler asks about it (``connected``)."""
+
+    def __init__(self) -> None:
+        self.here = True
+
+    def connected(self) -> bool:
+        return self.here
+
+
+class SilentBackend(FakeBackend):
+    """Reports no progress: a cancellation cannot reach its load, which returns a model."""
+
+    def load(self, spec: LoadSpec) -> FakeModel:
+        return super().load(replace(spec, progress=None))
+
+
+def _services(tmp: Path, backend: FakeBackend) -> Services:
+    return fake_services(tmp, backend, [fake_spec(tmp, "a", bytes=MODEL)])
+
+
+async def _ask(services: Services, client: Client | None = None) -> None:
+    record = services.router.resolve("a")
+    connected = None if client is None else client.connected
+    async with services.scheduler.lease(record, connected=connected):
+        pass
+
+
+def _failed(services: Services) -> list[str]:
+    return [e.reason or "" for e in services.store.events() if e.kind == "load_failed"]
+
+
+def _reserved(services: Services) -> int:
+    """Bytes the ledger holds for the load (claimed, reserved or held) on the CPU."""
+    row = {r.device: r for r in services.scheduler.ledger()}["cpu"]
+    return row.used + row.claimed
+
+
+async def _until(services: Services, done: object) -> None:
+    """Wait on the scheduler's signals (no fixed sleep) until ``done()`` holds."""
+    assert callable(done)
+    for _ in range(200):
+        if done():
+            return
+        await services.scheduler.context.signals.wait(0.05)
+    raise AssertionError("the scheduler never got there")
+
+
+async def test_a_load_whose_client_left_is_cancelled_after_its_thread_returns(
+    tmp_path: Path,
+) -> None:
+    backend = FakeBackend()
+    services = _services(tmp_path, backend)
+    try:
+        backend.load_gate.clear()  # the load blocks mid-read until released
+        client = Client()
+        waiting = asyncio.create_task(_ask(services, client))
+        await backend.began(backend.loads, 1)
+        client.here = False
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(waiting, 5)
+        # Nobody waits: the load is cancelled, but its thread is still in the backend
+        # (it may still be allocating), so the instance and its bytes stay.
+        instance = services.scheduler.instance("a@1")
+        assert instance is not None and instance.state == "loading"
+        assert _reserved(services) == MODEL
+        backend.load_gate.set()  # the thread goes on, and its next report stops it
+        await _until(services, lambda: _failed(services))
+        assert "cancelled" in _failed(services)[0]
+        assert services.scheduler.instance("a@1") is None and _reserved(services) == 0
+        assert backend.models == []  # it never finished: nothing to unload
+        # The version loads normally for the next request.
+        await _ask(services)
+        assert backend.loads == ["a@1", "a@1"]
+    finally:
+        backend.load_gate.set()
+        await services.scheduler.close()
+        services.store.close()
+
+
+async def test_a_load_that_still_has_a_waiter_carries_on(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    services = _services(tmp_path, backend)
+    try:
+        backend.load_gate.clear()
+        leaving, staying = Client(), Client()
+        first = asyncio.create_task(_ask(services, leaving))
+        await backend.began(backend.loads, 1)
+        second = asyncio.create_task(_ask(services, staying))
+        leaving.here = False
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(first, 5)
+        backend.load_gate.set()
+        await asyncio.wait_for(second, 5)
+        assert backend.loads == ["a@1"]
+        instance = services.scheduler.instance("a@1")
+        assert instance is not None and instance.state == "ready"
+    finally:
+        backend.load_gate.set()
+        await services.scheduler.close()
+        services.store.close()
+
+
+async def test_a_loaded_model_of_a_cancelled_load_is_unloaded(tmp_path: Path) -> None:
+    """The cancellation arrives after the backend's last progress report: its load
+    returns a model, which is unloaded before the reservation goes back."""
+    backend = SilentBackend()
+    services = _services(tmp_path, backend)
+    try:
+        backend.load_gate.clear()
+        client = Client()
+        waiting = asyncio.create_task(_ask(services, client))
+        await backend.began(backend.loads, 1)
+        instance = services.scheduler.residency.get("a@1")
+        assert instance is not None
+        client.here = False
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(waiting, 5)
+        assert instance.state == "loading" and _reserved(services) == MODEL
+        backend.load_gate.set()
+        await _until(services, lambda: services.scheduler.instance("a@1") is None)
+        assert backend.unloads == ["a@1"] and _reserved(services) == 0
+    finally:
+        backend.load_gate.set()
+        await services.scheduler.close()
+        services.store.close()
+
+
+async def test_an_http_client_that_disconnects_cancels_the_load(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    services = _services(tmp_path, backend)
+    app = build_app(services)
+    async with TestClient(TestServer(app)) as client:
+        backend.load_gate.clear()
+        body = b'{"model": "a", "prompt": "hi", "max_tokens": 2}'
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        port = client.server.port
+        assert port is not None
+        sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            sock.sendall(request)
+            await backend.began(backend.loads, 1)
+        finally:
+            sock.close()  # the client gives up while the model loads
+        # The handler notices within a poll and the load is cancelled; its thread is
+        # still blocked, so the instance keeps its bytes until the gate opens.
+        instance = services.scheduler.residency.get("a@1")
+        assert instance is not None
+        await _until(services, lambda: instance.load_cancelled)
+        assert instance.state == "loading" and _reserved(services) == MODEL
+        backend.load_gate.set()
+        await _until(services, lambda: _failed(services))
+        assert "cancelled" in _failed(services)[0]
+        assert services.scheduler.instance("a@1") is None and _reserved(services) == 0
