@@ -316,6 +316,16 @@ class _StateCollector(Collector):
             ):
                 memory.add_metric([d.id, kind], value)
         yield memory
+        tier = scheduler.host_tier()
+        host_cache = GaugeMetricFamily(
+            "routerd_host_cache_bytes",
+            "The host-RAM tier ([devices] host_cache): its capacity, and the bytes of "
+            "weights resting there (or promised to instances on their way in).",
+            labels=["kind"],
+        )
+        host_cache.add_metric(["capacity"], tier.capacity_bytes)
+        host_cache.add_metric(["used"], tier.used_bytes)
+        yield host_cache
 
 
 class _AuditCollector(Collector):

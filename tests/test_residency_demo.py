@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -96,3 +97,52 @@ def _ctl_json(state_dir: Path, command: str) -> str:
         code = ctl.main(["--state-dir", str(state_dir), command, "--json"])
     assert code == 0
     return out.getvalue()
+
+
+async def test_a_demo_model_comes_back_from_the_host_tier(demo_root, tmp_path):
+    """Two real demo models that do not fit the CPU budget together, with a host tier
+    that holds either's weights: the evicted one rests there and its next request is
+    served from it (no read, no warm-up), with the same greedy answer as before."""
+    state_dir = tmp_path / "state"
+    pair = ("demo-small", "demo-medium")
+    config = demo_config(state_dir, demo_root)
+    first = build_services(config, devices=inventory(tmp_path, 4 * 1024**3))
+    try:
+        for name in pair:
+            await first.scheduler.load(first.router.resolve(name))
+            await first.scheduler.evict(f"{name}@1")
+        stored = {n: first.store.measured_footprint(n, "1", "cpu") for n in pair}
+    finally:
+        await first.scheduler.close()
+        first.store.close()
+    small, medium = (stored[n].measured_bytes for n in pair)
+    weights = max(stored[n].weights_bytes for n in pair)
+    tiered = replace(config, devices=replace(config.devices, host_cache=2 * weights))
+    watch = LedgerWatch()
+    budget = medium + small // 2  # either fits, both do not
+    services = build_services(tiered, devices=inventory(tmp_path, budget), on_change=watch)
+    body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
+    async with TestClient(TestServer(build_app(services), host="127.0.0.1")) as client:
+        answers = []
+        for name in ("demo-small", "demo-medium", "demo-small"):
+            response = await client.post("/v1/completions", json={**body, "model": name})
+            assert response.status == 200, await response.text()
+            answers.append((await response.json())["choices"][0]["text"])
+        tier = services.scheduler.host_tier()
+        events = list(reversed(services.store.events(limit=20)))
+    assert answers[0] == answers[2]  # the same weights came back
+    moves = [
+        (e.kind, e.model, (e.detail or {}).get("source") or (e.detail or {}).get("tier"))
+        for e in events
+        if e.kind in ("load", "evict")
+    ]
+    assert moves[-5:] == [  # the first phase's loads and manual evictions before these
+        ("load", "demo-small", "disk"),
+        ("evict", "demo-small", "host"),
+        ("load", "demo-medium", "disk"),
+        ("evict", "demo-medium", "host"),
+        ("load", "demo-small", "host"),
+    ]
+    assert tier.models == ("demo-medium@1",)
+    assert tier.used_bytes == stored["demo-medium"].weights_bytes
+    assert watch.checks > 0 and watch.worst_over == 0

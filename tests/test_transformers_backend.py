@@ -15,6 +15,7 @@ import torch
 
 from backends import hf_batch
 from backends.base import Footprint, LoadedModel, LoadSpec
+from backends.hf_model import TransformersModel
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 from backends.hf_transformers import TransformersBackend
 from contract.errors import BackendError, InvalidRequest
@@ -483,6 +484,36 @@ def test_generate_and_embed_on_cuda(demo_root: Path) -> None:
     [vector] = encoder.embed([encoder.encode_prompt("hello")])
     assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-5)
     encoder.unload()
+
+
+@pytest.mark.gpu
+def test_offload_to_pinned_host_memory_and_back_on_cuda(demo_root: Path) -> None:
+    """The host tier on a GPU: the weights leave the device for pinned host memory,
+    the device's memory goes back, and the restored model answers as before."""
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    model = TransformersBackend().load(spec(demo_root / "demo-small", device="cuda:0"))
+    assert isinstance(model, TransformersModel) and model.can_offload
+    model.warm_up()
+    before = run(model, greedy(16))[0]
+    model.offload()
+    assert torch.cuda.memory_allocated(0) == 0
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in model._model.parameters())
+    model.restore()
+    assert all(p.device.type == "cuda" for p in model._model.parameters())
+    assert run(model, greedy(16))[0] == before
+    model.unload()
+
+
+def test_offload_and_restore_on_the_cpu_keep_the_weights(small_model: LoadedModel) -> None:
+    """On the CPU the weights stay where they are: the model answers the same after."""
+    assert isinstance(small_model, TransformersModel) and small_model.can_offload
+    before = run(small_model, greedy(8))[0]
+    weights = [p.data_ptr() for p in small_model._model.parameters()]
+    small_model.offload()
+    small_model.restore()
+    assert [p.data_ptr() for p in small_model._model.parameters()] == weights
+    assert run(small_model, greedy(8))[0] == before
 
 
 def test_embedding_inputs_go_through_a_context_at_a_time(embed_model: LoadedModel) -> None:

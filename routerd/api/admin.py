@@ -65,6 +65,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "devices": [dataclasses.asdict(d) for d in scheduler.devices()],
+            "host_tier": dataclasses.asdict(scheduler.host_tier()),
             "instances": [_instance_json(i) for i in scheduler.instances()],
             "leaked": [dataclasses.asdict(leak) for leak in scheduler.leaks()],
             "failed": [dataclasses.asdict(f) for f in scheduler.failures()],

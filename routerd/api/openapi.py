@@ -13,6 +13,7 @@ from aiohttp import web
 
 from routerd import __version__
 from routerd.api.schemas import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED
+from routerd.states import InstanceState
 
 routes = web.RouteTableDef()
 
@@ -167,7 +168,9 @@ SCHEMAS: Final[dict[str, Any]] = {
             "replica": _INT,
             "backend": _STRING,
             "device": _STRING,
-            "state": {"enum": ["waiting", "loading", "warming", "ready", "draining", "unloading"]},
+            "state": {
+                "enum": [str(state) for state in InstanceState if state is not InstanceState.GONE]
+            },
             "bytes": _INT,
             "estimated_bytes": _INT,
             "measured_bytes": {"type": ["integer", "null"]},
@@ -186,12 +189,26 @@ SCHEMAS: Final[dict[str, Any]] = {
                 },
             },
             "load_percent": {"type": ["integer", "null"]},
+            "tier": {
+                "enum": ["sleep", "host", None],
+                "description": "Where its weights rest in the host-RAM tier, if they do.",
+            },
+            "host_bytes": _INT,
         },
     },
     "Status": {
         "type": "object",
         "properties": {
             "devices": {"type": "array", "items": {"type": "object"}},
+            "host_tier": {
+                "type": "object",
+                "description": "The host-RAM tier ([devices] host_cache).",
+                "properties": {
+                    "capacity_bytes": _INT,
+                    "used_bytes": _INT,
+                    "models": {"type": "array", "items": _STRING},
+                },
+            },
             "instances": {"type": "array", "items": {"$ref": "#/components/schemas/Instance"}},
             "leaked": {"type": "array", "items": {"type": "object"}},
             "models": _INT,

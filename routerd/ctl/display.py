@@ -33,8 +33,20 @@ def format_status(status: dict[str, Any]) -> str:
     )
     instances = status["instances"]
     traffic = _format_traffic(status.get("traffic") or [])
-    text = devices + "\n\n" + (format_instances(instances) if instances else "no models loaded")
+    text = devices + _format_tier(status.get("host_tier"))
+    text += "\n\n" + (format_instances(instances) if instances else "no models loaded")
     return text + _format_failed(status.get("failed") or []) + traffic
+
+
+def _format_tier(tier: dict[str, Any] | None) -> str:
+    """One line for the host-RAM tier, when there is one."""
+    if not tier or not tier.get("capacity_bytes"):
+        return ""
+    resting = ", ".join(tier.get("models") or []) or "nothing"
+    return (
+        f"\nhost tier: {human_bytes(tier['used_bytes'])} of "
+        f"{human_bytes(tier['capacity_bytes'])} (holds {resting})"
+    )
 
 
 def _format_failed(failed: Sequence[dict[str, Any]]) -> str:
@@ -191,6 +203,8 @@ def _state(instance: dict[str, Any]) -> str:
     percent = instance.get("load_percent")
     if percent is not None and instance["state"] in ("waiting", "loading", "warming"):
         return f"{instance['state']} {percent}%"
+    if instance.get("tier"):  # resting in the host tier: where its weights wait
+        return f"{instance['state']} ({human_bytes(instance.get('host_bytes') or 0)} in host RAM)"
     return str(instance["state"])
 
 

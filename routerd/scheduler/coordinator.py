@@ -68,6 +68,7 @@ from routerd.scheduler.settings import (
     Lease,
     SchedulerObserver,
     SchedulerSettings,
+    TierSnapshot,
 )
 from routerd.scheduler.swap import Swap
 from routerd.states import InstanceState
@@ -265,6 +266,10 @@ class Scheduler:
 
     def devices(self) -> list[DeviceSnapshot]:
         return self.residency.device_snapshots()
+
+    def host_tier(self) -> TierSnapshot:
+        """The host-RAM tier: its budget, what it holds, and whose weights rest there."""
+        return self.residency.tier_snapshot()
 
     def queue_depths(self) -> dict[str, int]:
         """Requests waiting per version: for a lease (a load) or in a batch queue."""

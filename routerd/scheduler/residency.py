@@ -23,7 +23,7 @@ from routerd.devices import DeviceReading
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import Holding, LedgerRow, build_ledger
 from routerd.scheduler.context import Context
-from routerd.scheduler.settings import DeviceSnapshot, Failure, Leak
+from routerd.scheduler.settings import DeviceSnapshot, Failure, Leak, TierSnapshot
 from routerd.states import InstanceState
 from routerd.version_options import options_of
 from state import VersionRecord
@@ -213,6 +213,17 @@ class Residency:
         on their way in."""
         held = sum(i.host_bytes for i in self.instances.values())
         return held + sum(self.host_claims.values())
+
+    def tier_snapshot(self) -> TierSnapshot:
+        resting = sorted(
+            (i for i in self.instances.values() if i.tier is not None),
+            key=lambda i: (i.touched, i.key),
+        )
+        return TierSnapshot(
+            capacity_bytes=self.tier_capacity,
+            used_bytes=self.tier_used(),
+            models=tuple(i.key for i in resting),
+        )
 
     def tier_for(self, instance: Instance) -> str | None:
         """Where evicting ``instance`` would keep its weights: ``"sleep"`` (its engine's

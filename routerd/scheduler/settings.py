@@ -111,3 +111,12 @@ class DeviceSnapshot:
     capacity_bytes: int
     free_for_planning_bytes: int
     over_budget_bytes: int  # used (ours + loads allocating) beyond capacity; should stay 0
+
+
+@dataclass(frozen=True)
+class TierSnapshot:
+    """The host-RAM tier (``[devices] host_cache``) as status pages show it."""
+
+    capacity_bytes: int  # its budget; 0: no tier
+    used_bytes: int  # weights resting there, and room promised to victims on their way in
+    models: tuple[str, ...]  # instance keys resting there, least recently used first
