@@ -124,8 +124,13 @@ def test_memory_truth_reports_its_keys():
 
 
 def test_swap_reports_its_keys():
-    figures = _last_json_line("bench/swap.py", "--rounds", "1", timeout=300)
+    figures = _last_json_line(
+        "bench/swap.py", "--rounds", "1", "--rows", "2", "--swap-s", "3", timeout=400
+    )
     for key in ("raw_read_gbps", "weights_gbps", "floor_s", "reload_s", "first_load_s"):
         assert figures[key] > 0, key
     assert figures["reload_over_floor"] > 0 and figures["read_ratio"] > 0
-    assert "host_swap_s" in figures
+    assert figures["host_swap_s"] > 0 and figures["host_swap_speedup"] > 0
+    assert figures["offload_freed_ratio"] > 0
+    assert figures["max_over_budget_bytes"] >= 0  # its goal (0) is the benchmark's to judge
+    assert figures["swap_load_requests"] > 0 and figures["evictions_to_host"] > 0
