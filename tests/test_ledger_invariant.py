@@ -38,7 +38,7 @@ UNLOADS = st.sampled_from([0.0, 0.5, 1.0, 3.0])  # 3 s: past the release timeout
 FAILED_LOADS = st.sampled_from([0] * 8 + [1, 9])
 OOM_LOADS = st.sampled_from([0] * 6 + [1, 2])
 LEAKS = st.sampled_from([False] * 12 + [True])
-SLEEPS = st.sampled_from([False, False, True])
+TIERS = st.sampled_from(["", "", "sleep", "host"])  # how a model may rest in the host tier
 CRASHES = st.sampled_from([False] * 9 + [True])
 SETTINGS = st.fixed_dictionaries(
     {
@@ -48,12 +48,13 @@ SETTINGS = st.fixed_dictionaries(
         "load_wait_timeout": st.sampled_from([1.0, 5.0, 10.0]),
     }
 )
-HOSTS = st.sampled_from([0, 0, 400, 1500])  # the host tier's budget, for models that sleep
+HOSTS = st.sampled_from([0, 0, 400, 1500])  # the host tier's budget, for models that rest there
 
 
 @st.composite
 def models(draw: st.DrawFn, gpus: int) -> Model:
     size = draw(SIZES)
+    tier = draw(TIERS)
     return Model(
         size=size,
         estimate=int(size / draw(OVERRUNS)),
@@ -63,7 +64,8 @@ def models(draw: st.DrawFn, gpus: int) -> Model:
         oom_loads=draw(OOM_LOADS),
         leaks=draw(LEAKS),
         device=draw(st.sampled_from([None, None, *(f"cuda:{i}" for i in range(gpus))])),
-        sleeps=draw(SLEEPS),
+        sleeps=tier == "sleep",
+        offloads=tier == "host",
     )
 
 
@@ -228,3 +230,15 @@ def test_a_busy_world_ends_clean(overrun: float) -> None:
     requests = tuple(Request(i % 2, i * 0.5, hold=1.0) for i in range(6))
     watch = run_world(World((1000,), models, requests, scheduler=QUICK))
     assert watch.changes > 20 and "served" in watch.outcomes
+
+
+def test_models_take_turns_through_a_host_tier_that_holds_one() -> None:
+    """Three models on a device that holds one, a tier that holds one's weights: each
+    load offloads the last (the tier dropping the one before), one model's offload
+    never gives its device memory back (it is unloaded, and leaks), and requests
+    come back for models resting in the tier or on their way there."""
+    models = (Model(600, offloads=True), Model(500, offloads=True, leaks=True), Model(400))
+    requests = tuple(Request(i % 3, i * 0.7, hold=0.5) for i in range(9))
+    watch = run_world(World((1000,), models, requests, scheduler=QUICK, host=600))
+    assert {"offloading", "offloaded"} <= watch.states
+    assert watch.changes > 30 and "served" in watch.outcomes

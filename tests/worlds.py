@@ -160,6 +160,7 @@ class Model:
     leaks: bool = False  # unloading never gives the memory back
     device: str | None = None  # its placement preference, if any
     sleeps: bool = False  # it can sleep: weights to the host tier, a fifth stays
+    offloads: bool = False  # it can offload: weights (four fifths) to the host tier, all leaves
 
     @property
     def estimated(self) -> int:
@@ -171,8 +172,12 @@ class Model:
 
     @property
     def working(self) -> int:
-        """What stays on the device while it sleeps."""
+        """What stays on the device while it sleeps (and what is not weights)."""
         return self.size // 5
+
+    @property
+    def weights(self) -> int:
+        return self.size - self.working
 
 
 @dataclass(frozen=True)
@@ -205,12 +210,13 @@ class TimedModel:
         self.backend = backend
         self.info = ModelInfo(Task.GENERATE, 64, spec.device, "float32", inline=True)
         self.asleep = False
+        self.offloaded = False
 
     def warm_up(self) -> None:
         self.backend.loop.takes(0.5)
 
     def measure_footprint(self) -> Footprint:
-        if self.model.sleeps:
+        if self.model.sleeps or self.model.offloads:
             return Footprint(
                 weights=self.model.size - self.model.working, working=self.model.working
             )
@@ -221,13 +227,15 @@ class TimedModel:
 
     def unload(self) -> None:
         on_gpu = self.model.working if self.asleep else self.model.size
+        if self.offloaded:
+            on_gpu = 0
         if self.model.leaks:
             gpu = int(self.spec.device.split(":")[1])
             self.backend.loop.takes(
                 self.model.unload_s, lambda: self.backend.kept[gpu].append(on_gpu)
             )
             return
-        on_host = self.model.size - on_gpu
+        on_host = self.model.weights if self.asleep or self.offloaded else 0
 
         def give_back() -> None:
             self.backend.hold(self.spec, -on_gpu)
@@ -254,6 +262,32 @@ class TimedModel:
         self.backend.hold(self.spec, moved)
         self.backend.host_used -= moved
         self.asleep = False
+
+    # Offloadable, for models that offload; the scheduler asks ``can_offload`` first.
+
+    @property
+    def can_offload(self) -> bool:
+        return self.model.offloads
+
+    def offload(self) -> None:
+        if self.model.leaks:  # its device memory never comes back: the offload is not trusted
+            self.backend.loop.takes(self.model.load_s / 4)
+            return
+
+        def move() -> None:
+            self.backend.hold(self.spec, -self.model.size)
+            self.backend.host_used += self.model.weights
+            self.offloaded = True
+
+        self.backend.loop.takes(self.model.load_s / 4, move)
+
+    def restore(self) -> None:
+        def move() -> None:
+            self.backend.hold(self.spec, self.model.size)
+            self.backend.host_used -= self.model.weights
+            self.offloaded = False
+
+        self.backend.loop.takes(self.model.load_s / 4, move)
 
 
 class TimedBackend:
@@ -310,6 +344,8 @@ class Watch:
         self.problems: list[str] = []
         self.outcomes: list[str] = []
         self.asleep: set[str] = set()  # instances that slept and have not woken since
+        self.offloaded: set[str] = set()  # instances offloaded and not back since
+        self.states: set[str] = set()  # every state an instance was seen in
 
     def __call__(self, scheduler: Scheduler) -> None:
         self.changes += 1
@@ -335,12 +371,18 @@ class Watch:
         held = sum(x.bytes for x in leaked)
         for i in mine:
             key = f"{i.model}#{i.replica}"
+            self.states.add(i.state)
             if i.state == "sleeping":
                 self.asleep.add(key)
+            elif i.state == "offloaded":
+                self.offloaded.add(key)
             elif i.state in ("loading", "warming", "ready"):  # woken, or loaded afresh
                 self.asleep.discard(key)
+                self.offloaded.discard(key)
             if key in self.asleep:  # asleep, or leaving from sleep: its weights are out
                 held += self.backend.model(i.model).working
+            elif key in self.offloaded:  # offloaded, or leaving from there: nothing held
+                pass
             elif i.state != "waiting":
                 held += i.bytes
         physical = self.backend.gpus.usage[index].get(PID, 0) - self._unseen(index, leaked)
