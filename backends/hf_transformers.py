@@ -144,12 +144,15 @@ class TransformersBackend:
             shelf_key, tokenizer = self._shelf.take_tokenizer(folder)
             skeleton_key = hf_shelf.skeleton_key(folder, task.value, dtype)
             reusable = device.type == "cpu" and not plan.pickled
-            model = self._shelf.take_skeleton(skeleton_key) if reusable else None
-            if model is not None and not hf_shelf.fill_skeleton(model, files):
-                model = None  # its checkpoint does not fill it: built afresh below
             with _PROGRESS_BARS.hidden():
                 if tokenizer is None:
                     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                if reusable:
+                    model = self._shelf.take_skeleton(skeleton_key)
+                    if model is None:
+                        model = _fresh_skeleton(auto_class, plan)
+                if model is not None and not hf_shelf.fill_skeleton(model, files):
+                    model = None  # its checkpoint does not fill it: built afresh below
                 if model is None:
                     model = auto_class.from_pretrained(
                         str(folder),
@@ -206,6 +209,33 @@ def _shelve(
     shelf.put_tokenizer(tokenizer_key, tokenizer)
     if skeleton_key is not None and model is not None:
         shelf.put_skeleton(skeleton_key, model)
+
+
+def _fresh_skeleton(auto_class: Any, plan: hf_plan.Plan) -> Any | None:
+    """Modules for ``plan`` with no weight in them yet (:func:`backends.hf_shelf.build_skeleton`),
+    set up as ``from_pretrained`` sets up what it returns; None where they cannot be."""
+    model = hf_shelf.build_skeleton(auto_class, copy.deepcopy(plan.config), plan.dtype)
+    if model is None:
+        return None
+    model.config.name_or_path = str(plan.folder)
+    if model.can_generate():
+        # What from_pretrained reads for a model that generates: its folder's
+        # generation_config.json, else the generation settings in config.json.
+        from transformers import GenerationConfig
+
+        hf_generation: Any = GenerationConfig  # untyped
+        try:
+            model.generation_config = hf_generation.from_pretrained(
+                str(plan.folder), local_files_only=True
+            )
+        except OSError:
+            model.generation_config = hf_generation.from_pretrained(
+                str(plan.folder),
+                config_file_name="config.json",
+                _from_model_config=True,
+                local_files_only=True,
+            )
+    return model
 
 
 def _read_ahead(files: list[Path]) -> None:
