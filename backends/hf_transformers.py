@@ -157,7 +157,11 @@ class TransformersBackend:
             reusable = device.type == "cpu" and not plan.pickled
             with _PROGRESS_BARS.hidden():
                 if tokenizer is None:
-                    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        str(folder),
+                        config=plan.config,  # parsed already; read, not written
+                        local_files_only=True,
+                    )
                 if reusable:
                     model = self._shelf.take_skeleton(skeleton_key)
                     if model is None:
@@ -310,18 +314,24 @@ class _WeightReader:
 
 
 def _move_to(model: Any, device: torch.device, spec: LoadSpec) -> None:
-    """``model.to(device)``, one top-level module at a time so progress can be told in bytes."""
+    """``model.to(device)``, one top-level module at a time so progress can be told in bytes.
+
+    A model already all on ``device`` (a CPU load) is left as it is: walking its modules
+    to move nothing costs milliseconds.
+    """
 
     def size(module: Any) -> int:
         tensors = [*module.parameters(), *module.buffers()]
         return sum(hf_measure.tensor_storages(tensors).values())
 
-    total = size(model)
+    tensors = [*model.parameters(), *model.buffers()]
+    total = sum(hf_measure.tensor_storages(tensors).values())
     done = 0
     spec.report(MOVING_TO_DEVICE, 0, total)
-    for child in model.children():
-        child.to(device)
-        done = min(done + size(child), total)
-        spec.report(MOVING_TO_DEVICE, done, total)
-    model.to(device)  # whatever the root module holds itself
+    if any(tensor.device != device for tensor in tensors):
+        for child in model.children():
+            child.to(device)
+            done = min(done + size(child), total)
+            spec.report(MOVING_TO_DEVICE, done, total)
+        model.to(device)  # whatever the root module holds itself
     spec.report(MOVING_TO_DEVICE, total, total)
