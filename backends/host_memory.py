@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,8 +27,11 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
+@functools.cache
 def glibc_trim() -> Callable[[], None] | None:
-    """``malloc_trim(0)`` where the C library is glibc; None elsewhere (musl has none)."""
+    """``malloc_trim(0)`` where the C library is glibc; None elsewhere (musl has none).
+    Looked up once per process: finding the library runs a subprocess, and every
+    loaded model asks."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim

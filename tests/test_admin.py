@@ -159,7 +159,9 @@ async def test_events_filter_and_carry_the_new_fields(client, capsys):
         duration_ms=12.5,
         trigger="b@1",
     )
-    store.record_event("load", "a", "2", device="cpu", detail={"bytes": 3 * 1024 * 1024})
+    store.record_event(
+        "load", "a", "2", device="cpu", detail={"bytes": 3 * 1024 * 1024, "source": "host"}
+    )
 
     response = await client.get("/admin/events", params={"model": "a"})
     assert response.status == 200
@@ -194,10 +196,11 @@ async def test_events_filter_and_carry_the_new_fields(client, capsys):
     code, out, err = await routerctl(client, capsys, "events", "--model", "a", "--limit", "2")
     assert code == 0, err
     header, *rows = out.splitlines()
-    assert header.split() == ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR"]
+    headers = ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR", "WHERE"]
+    assert header.split() == headers
     assert len(rows) == 2
-    assert rows[0].split()[2:] == ["load", "a@2", "cpu", "-", "3.0", "MiB", "-"]
-    assert rows[1].split()[2:] == ["evict", "a@1", "cuda:0", "lru", "2.0", "GiB", "b@1"]
+    assert rows[0].split()[2:] == ["load", "a@2", "cpu", "-", "3.0", "MiB", "-", "host"]
+    assert rows[1].split()[2:] == ["evict", "a@1", "cuda:0", "lru", "2.0", "GiB", "b@1", "-"]
 
     code, out, err = await routerctl(client, capsys, "events", "--json")
     assert code == 0, err

@@ -24,6 +24,7 @@ EXPECTED = {
     "Forbidden": (403, "invalid_request_error", "forbidden"),
     "TooManyStreams": (429, "rate_limit_error", "too_many_streams"),
     "StoreUnavailable": (503, "server_error", "store_unavailable"),
+    "ClientClosed": (499, "invalid_request_error", "client_closed_request"),
 }
 
 

@@ -151,7 +151,7 @@ def format_events(events: Sequence[dict[str, Any]]) -> str:
     if not events:
         return "no events"
     return table(
-        ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR"],
+        ["TIME", "KIND", "MODEL", "DEVICE", "REASON", "BYTES", "FOR", "WHERE"],
         [
             [
                 human_age(e["ts"]),
@@ -161,10 +161,19 @@ def format_events(events: Sequence[dict[str, Any]]) -> str:
                 clip(e.get("reason") or "-"),
                 bytes_or_dash(_event_bytes(e)),
                 e.get("trigger") or "-",
+                _where(e),
             ]
             for e in events
         ],
     )
+
+
+def _where(event: dict[str, Any]) -> str:
+    """Where a load's weights came from (``disk``, ``host``, ``sleep``) or where an
+    eviction's went (``host``, ``sleep``, ``gone``); ``-`` for other events."""
+    detail = event.get("detail") or {}
+    where = detail.get("source") if event["kind"] == "load" else detail.get("tier")
+    return str(where) if where else "-"
 
 
 def _event_bytes(event: dict[str, Any]) -> int | None:
