@@ -24,13 +24,13 @@ MODEL = 4_000
 
 
 class Client:
-    """A request's client, as the scheduler asks about it (``connected``)."""
+    """A request's client, as the scheduler waits on it (``client_gone``)."""
 
     def __init__(self) -> None:
-        self.here = True
+        self.left = asyncio.Event()
 
-    def connected(self) -> bool:
-        return self.here
+    async def gone(self) -> None:
+        await self.left.wait()
 
 
 class SilentBackend(FakeBackend):
@@ -46,8 +46,8 @@ def _services(tmp: Path, backend: FakeBackend) -> Services:
 
 async def _ask(services: Services, client: Client | None = None) -> None:
     record = services.router.resolve("a")
-    connected = None if client is None else client.connected
-    async with services.scheduler.lease(record, connected=connected):
+    gone = None if client is None else client.gone
+    async with services.scheduler.lease(record, client_gone=gone):
         pass
 
 
@@ -81,7 +81,7 @@ async def test_a_load_whose_client_left_is_cancelled_after_its_thread_returns(
         client = Client()
         waiting = asyncio.create_task(_ask(services, client))
         await backend.began(backend.loads, 1)
-        client.here = False
+        client.left.set()
         with pytest.raises(ClientClosed):
             await asyncio.wait_for(waiting, 5)
         # Nobody waits: the load is cancelled, but its thread is still in the backend
@@ -112,7 +112,7 @@ async def test_a_load_that_still_has_a_waiter_carries_on(tmp_path: Path) -> None
         first = asyncio.create_task(_ask(services, leaving))
         await backend.began(backend.loads, 1)
         second = asyncio.create_task(_ask(services, staying))
-        leaving.here = False
+        leaving.left.set()
         with pytest.raises(ClientClosed):
             await asyncio.wait_for(first, 5)
         backend.load_gate.set()
@@ -138,7 +138,7 @@ async def test_a_loaded_model_of_a_cancelled_load_is_unloaded(tmp_path: Path) ->
         await backend.began(backend.loads, 1)
         instance = services.scheduler.residency.get("a@1")
         assert instance is not None
-        client.here = False
+        client.left.set()
         with pytest.raises(ClientClosed):
             await asyncio.wait_for(waiting, 5)
         assert instance.state == "loading" and _reserved(services) == MODEL

@@ -129,7 +129,8 @@ def test_transformers_backend_reports_bytes_read_and_moved(demo_root: Path) -> N
             READING_WEIGHTS, 0, file_bytes,
         )  # fmt: skip
         moves = [p for p in seen if p.phase == MOVING_TO_DEVICE]
-        assert len(moves) >= 3, "one report per top-level module at least"
+        # On the CPU nothing moves: the phase is reported as it starts and as it ends.
+        assert len(moves) >= 2, "the move phase starts and ends"
         assert [p.done_bytes for p in moves] == sorted(p.done_bytes for p in moves)
         assert moves[-1].done_bytes == moves[-1].total_bytes > 0
     finally:

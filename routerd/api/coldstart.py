@@ -18,7 +18,7 @@ served without waiting that long are answered exactly as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
@@ -47,7 +47,7 @@ class ColdStream:
     ) -> AbstractAsyncContextManager[Lease]:
         """The scheduler's lease; for a stream, one that sends comments while it waits."""
         context = scheduler.lease(
-            self._record, keep_alive=keep_alive, connected=client_connected(self._request)
+            self._record, keep_alive=keep_alive, client_gone=client_gone(self._request)
         )
         if not self._stream:
             return context  # nothing to keep alive: no extra layer on the common path
@@ -96,15 +96,20 @@ class ColdStream:
         return await fail_stream(self.response, exc)
 
 
-def client_connected(request: web.Request) -> Callable[[], bool]:
-    """Whether ``request``'s client is still connected, asked while it waits for a
-    load: the server tells a handler of a closed connection only when it next writes."""
+CONNECTION_POLL_S = 0.25
+"""How often a request waiting for a load looks whether its client is still there."""
 
-    def connected() -> bool:
-        transport = request.transport
-        return transport is not None and not transport.is_closing()
 
-    return connected
+def client_gone(request: web.Request) -> Callable[[], Awaitable[None]]:
+    """What the scheduler awaits beside a request's wait for a load: it returns once
+    the client's connection closed. The web server tells a handler of that only when
+    it next writes, and a request waiting for a load writes nothing, so this looks."""
+
+    async def gone() -> None:
+        while (transport := request.transport) is not None and not transport.is_closing():
+            await asyncio.sleep(CONNECTION_POLL_S)
+
+    return gone
 
 
 def _percent(scheduler: Scheduler, record: VersionRecord) -> int:

@@ -25,7 +25,7 @@ from aiohttp import web
 from contract.errors import BackendError
 from contract.generation import GenerationResult, Task
 from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
-from routerd.api.coldstart import ColdStream, client_connected
+from routerd.api.coldstart import ColdStream, client_gone
 from routerd.api.errors import read_json_object
 from routerd.api.keys import LIVE, ROUTER, SCHEDULER
 from routerd.api.limits import claim_stream, streaming
@@ -369,8 +369,8 @@ async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await read_json_object(request))
     shadow = functools.partial(_shadow_embeddings, scheduler, req)
     record = route_request(request, req.model, req.user, shadow)
-    connected = client_connected(request)
-    async with scheduler.lease(record, keep_alive=req.keep_alive, connected=connected) as lease:
+    gone = client_gone(request)
+    async with scheduler.lease(record, keep_alive=req.keep_alive, client_gone=gone) as lease:
         require_task(lease.handle, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.handle.embed(
             functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)

@@ -10,14 +10,19 @@ version serves at once. That arithmetic is pure, so it is tested without a clock
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from routerd.errors import QueueFull
+from routerd.errors import ClientClosed, QueueFull
 from routerd.instance import Instance
 from routerd.scheduler.settings import SchedulerSettings
 from routerd.states import InstanceState
 from routerd.version_options import options_of
 from state import VersionRecord
+
+T = TypeVar("T")
 
 ALPHA = 0.2
 """Weight of the newest sample in the moving averages: recent enough to follow a
@@ -117,3 +122,26 @@ class Admission:
                 key = instance.model_id
                 depths[key] = depths.get(key, 0) + instance.queued
         return depths
+
+
+ClientGone = Callable[[], Awaitable[None]]
+"""Returns once a request's client has left (the web layer watches its connection)."""
+
+
+async def unless_gone(waiting: Coroutine[Any, Any, T], client_gone: ClientGone, model_id: str) -> T:
+    """``waiting``, given up once ``client_gone`` returns: the wait is cancelled (so
+    the load it joined loses a waiter) and the request ends with ``ClientClosed``."""
+    task = asyncio.ensure_future(waiting)
+    watch = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+        raise ClientClosed(f"the client left while waiting for {model_id}")
+    return task.result()

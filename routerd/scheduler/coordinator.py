@@ -50,11 +50,11 @@ from backends.registry import BackendRegistry
 from policies.placement import PlacementPolicy
 from routerd.clock import Clock, LoopClock
 from routerd.devices import DeviceInventory
-from routerd.errors import ClientClosed, Conflict, Draining, NotFound, Unavailable
+from routerd.errors import Conflict, Draining, NotFound, Unavailable
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import LedgerRow
 from routerd.messages import InstanceFailed, LoadProgressed, Message
-from routerd.scheduler.admission import Admission
+from routerd.scheduler.admission import Admission, ClientGone, unless_gone
 from routerd.scheduler.context import Context, Journal, Signals
 from routerd.scheduler.keepalive import Reaper
 from routerd.scheduler.lifecycle import Lifecycle
@@ -79,9 +79,6 @@ log = logging.getLogger("routerd.scheduler")
 
 _Start = Callable[[], Coroutine[Any, Any, Instance]]
 """Starts a load or a wake-up: the coroutine a single-flight task runs."""
-
-CONNECTION_POLL_S = 0.25
-"""How often a request waiting for a load checks that its client is still connected."""
 
 
 class Scheduler:
@@ -282,20 +279,20 @@ class Scheduler:
         record: VersionRecord,
         *,
         keep_alive: float | None = None,
-        connected: Callable[[], bool] | None = None,
+        client_gone: ClientGone | None = None,
     ) -> LeaseHold:
         """Hold a READY instance of ``record`` for the whole ``async with`` body.
 
         ``keep_alive`` (a request's own) replaces the instance's from now on. When
         ``max_queue`` requests already wait for the version, 429 (``QueueFull``).
-        ``connected``: whether the client is still there; a request that has to wait
-        (for a load, a wake-up) gives up once it is not (``ClientClosed``), and a load
-        nobody else waits for is cancelled.
+        ``client_gone``: returns once the client has left; a request that has to wait
+        (for a load, a wake-up) gives up then (``ClientClosed``), and a load nobody
+        else waits for is cancelled.
         """
-        return LeaseHold(self, record, keep_alive, connected)
+        return LeaseHold(self, record, keep_alive, client_gone)
 
     async def _take_lease(
-        self, record: VersionRecord, connected: Callable[[], bool] | None
+        self, record: VersionRecord, client_gone: ClientGone | None
     ) -> tuple[Lease, float]:
         """Entering a lease (``LeaseHold``): the instance, and when it was acquired."""
         clock = self.context.clock
@@ -304,7 +301,7 @@ class Scheduler:
         )
         started = clock.now()
         instance, waited = await self._ready_instance(
-            record, device=None, why="request", connected=connected
+            record, device=None, why="request", client_gone=client_gone
         )
         acquired = clock.now()
         instance.acquire(acquired)
@@ -330,7 +327,7 @@ class Scheduler:
         device: str | None,
         why: str,
         reprofile: bool = False,
-        connected: Callable[[], bool] | None = None,
+        client_gone: ClientGone | None = None,
     ) -> tuple[Instance, bool]:
         """A READY instance, and whether this call had to wait for it.
 
@@ -347,9 +344,9 @@ class Scheduler:
         self.context.signals.changed(wake_reaper=False)  # a queue grew (observers)
         waiting = self._wait_ready(record, device=device, why=why, reprofile=reprofile)
         try:
-            if connected is None:
+            if client_gone is None:
                 return await waiting
-            return await _while_connected(waiting, connected, record.model_id)
+            return await unless_gone(waiting, client_gone, record.model_id)
         finally:
             self.admission.stop_waiting(record.model_id)
 
@@ -570,19 +567,19 @@ class LeaseHold:
     context manager, because every request enters one and a generator costs each of
     them a frame, a generator object and two extra awaits."""
 
-    __slots__ = ("_acquired", "_connected", "_keep_alive", "_lease", "_record", "_scheduler")
+    __slots__ = ("_acquired", "_client_gone", "_keep_alive", "_lease", "_record", "_scheduler")
 
     def __init__(
         self,
         scheduler: Scheduler,
         record: VersionRecord,
         keep_alive: float | None,
-        connected: Callable[[], bool] | None = None,
+        client_gone: ClientGone | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._record = record
         self._keep_alive = keep_alive
-        self._connected = connected
+        self._client_gone = client_gone
         self._lease: Lease | None = None
         self._acquired = 0.0
 
@@ -590,7 +587,7 @@ class LeaseHold:
         if self._lease is not None:
             raise RuntimeError("a lease is entered once")
         self._lease, self._acquired = await self._scheduler._take_lease(
-            self._record, self._connected
+            self._record, self._client_gone
         )
         return self._lease
 
@@ -598,25 +595,3 @@ class LeaseHold:
         lease, self._lease = self._lease, None
         if lease is not None:
             self._scheduler._give_back(lease, self._acquired, self._keep_alive)
-
-
-async def _while_connected(
-    waiting: Coroutine[Any, Any, tuple[Instance, bool]],
-    connected: Callable[[], bool],
-    model_id: str,
-) -> tuple[Instance, bool]:
-    """``waiting``, given up (cancelled, then ``ClientClosed``) once ``connected`` says
-    the client left: its client polled, as the web server tells a handler of a closed
-    connection only when it next writes."""
-    task = asyncio.ensure_future(waiting)
-    try:
-        while not task.done():
-            await asyncio.wait([task], timeout=CONNECTION_POLL_S)
-            if not task.done() and not connected():
-                task.cancel()
-                await asyncio.wait([task])
-                raise ClientClosed(f"the client left while waiting for {model_id}")
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    return task.result()

@@ -39,17 +39,18 @@ from backends.base import (
     Offloadable,
     Sleepable,
 )
-from contract.errors import LoadCancelled, OutOfMemory
+from contract.errors import OutOfMemory
 from routerd.batcher import Batcher
 from routerd.errors import LoadFailed
 from routerd.instance import Instance
 from routerd.messages import Post
+from routerd.scheduler import records
 from routerd.scheduler.context import Context
 from routerd.scheduler.residency import Residency
 from routerd.scheduler.settings import Failure, Leak
 from routerd.states import InstanceState
 from routerd.version_options import batching_policy, options_of
-from state import StoreError, VersionRecord
+from state import VersionRecord
 
 log = logging.getLogger("routerd.scheduler")
 
@@ -129,9 +130,11 @@ class Lifecycle:
             await until_done(asyncio.ensure_future(self.discard(instance)))
             if isinstance(exc, OutOfMemory):
                 raise
-            self._load_failed(instance, "loading", exc)
+            records.load_failed(self._context, instance, "loading", exc)
             if isinstance(exc, Exception):
-                raise LoadFailed(f"loading {record.model_id} failed: {_reason(exc)}") from exc
+                raise LoadFailed(
+                    f"loading {record.model_id} failed: {records.reason_of(exc)}"
+                ) from exc
             raise  # cancelled: it stays a cancellation
         instance.measured = measured
         self._residency.check(
@@ -167,10 +170,9 @@ class Lifecycle:
 
     def ready(self, instance: Instance, why: str) -> None:
         """A loaded, measured instance starts taking leases."""
-        record = instance.record
         measured = instance.measured
         assert measured is not None
-        self._remember_footprint(instance, measured)
+        records.remember_footprint(self._context, instance, measured)
         self._attach_batcher(instance)
         instance.max_failures = self._context.settings.max_failures
         instance.stop_timeout = self._context.settings.stop_timeout
@@ -179,41 +181,7 @@ class Lifecycle:
         instance.progress = None
         instance.loaded_at = instance.touched = now
         self._move(instance, InstanceState.READY)
-        fields: dict[str, Any] = {
-            "device": instance.device,
-            "reason": why,
-            "bytes": measured.total,
-            "duration_ms": round(instance.load_ms, 1),
-        }
-        self._context.journal.record(
-            "load",
-            record,
-            **fields,
-            detail={
-                "estimated_bytes": instance.estimated_bytes,
-                "weights": measured.weights,
-                "runtime": measured.runtime,
-                "working": measured.working,
-                # "stored": the backend was given the footprint measured at an earlier
-                # load and may skip its profile; "measured": it profiled this load.
-                "profile": "stored" if instance.profile_known else "measured",
-                "source": "disk",
-            },
-        )
-        log.info(
-            "loaded %s on %s: %d bytes (estimated %d) in %.0f ms",
-            record.model_id,
-            instance.device,
-            measured.total,
-            instance.estimated_bytes,
-            instance.load_ms,
-            extra={
-                "event": "load",
-                "model": record.model_id,
-                "estimated_bytes": instance.estimated_bytes,
-                **fields,
-            },
-        )
+        records.loaded(self._context, instance, why)
         self._context.signals.changed()
 
     def _attach_batcher(self, instance: Instance) -> None:
@@ -254,9 +222,11 @@ class Lifecycle:
                 await instance.run(model.restore)
         except BaseException as exc:
             await self.discard(instance)
-            self._load_failed(instance, "waking", exc)
+            records.load_failed(self._context, instance, "waking", exc)
             if isinstance(exc, Exception):
-                raise LoadFailed(f"waking {record.model_id} failed: {_reason(exc)}") from exc
+                raise LoadFailed(
+                    f"waking {record.model_id} failed: {records.reason_of(exc)}"
+                ) from exc
             raise
         instance.host_bytes = 0
         instance.tier = None
@@ -264,66 +234,8 @@ class Lifecycle:
             self._attach_batcher(instance)
         self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
-        duration_ms = round((clock.now() - started) * 1000, 1)
-        self._context.journal.record(
-            "load",
-            record,
-            device=instance.device,
-            reason=why,
-            bytes=need,
-            duration_ms=duration_ms,
-            detail={"source": source},
-        )
-        log.info(
-            "%s back on %s from the host tier (%s) in %.0f ms",
-            record.model_id,
-            instance.device,
-            source,
-            duration_ms,
-            extra={"event": "load", "model": record.model_id, "source": source},
-        )
+        records.back(self._context, instance, source, why, need, clock.now() - started)
         self._context.signals.changed()
-
-    def _load_failed(self, instance: Instance, doing: str, exc: BaseException) -> None:
-        """Log a failed load or wake-up (the instance is already discarded)."""
-        record = instance.record
-        if isinstance(exc, asyncio.CancelledError | LoadCancelled):
-            reason = "cancelled: nobody waits for it any more"
-        else:
-            reason = _reason(exc)
-        self._context.journal.record("load_failed", record, device=instance.device, reason=reason)
-        log.warning(
-            "%s %s on %s failed: %s",
-            doing,
-            record.model_id,
-            instance.device,
-            reason,
-            extra={"event": "load_failed", "model": record.model_id, "device": instance.device},
-        )
-
-    def _remember_footprint(self, instance: Instance, measured: Footprint) -> None:
-        """Store the measurement for later placements; a database that cannot take it
-        now (locked) costs only the measurement, never the load.
-
-        What is stored is what the instance needed (``Footprint.needed``): later loads
-        are granted it, and one granted only what this instance holds might not start.
-        """
-        record = instance.record
-        measured = measured.needed()
-        try:
-            self._context.store.record_footprint(
-                record.name,
-                record.version,
-                instance.device.split(":")[0],
-                measured={
-                    "weights": measured.weights,
-                    "runtime": measured.runtime,
-                    "working": measured.working,
-                },
-                estimated_bytes=instance.estimated_bytes,
-            )
-        except StoreError as exc:
-            log.warning("%s: footprint not stored: %s", record.model_id, exc)
 
     def _observe_batch(self, instance: Instance, rows: int) -> None:
         observer = self._context.journal.observer
@@ -390,31 +302,7 @@ class Lifecycle:
                 leak = Leak(instance.model_id, instance.device, freed)
         finally:
             self._forget(instance, leak)
-        fields: dict[str, Any] = {
-            "device": instance.device,
-            "reason": reason,
-            "bytes": freed,
-            "trigger": trigger,
-        }
-        detail: dict[str, Any] = {"resident_s": round(resident_s, 1), "tier": "gone"}
-        if host_bytes:
-            detail["host_bytes"] = host_bytes  # what it freed in the host tier
-        self._context.journal.record("evict", instance.record, **fields, detail=detail)
-        log.info(
-            "evicted %s from %s (%s%s) after %.0fs, %d bytes",
-            instance.model_id,
-            instance.device,
-            reason,
-            f", for {trigger}" if trigger else "",
-            resident_s,
-            freed,
-            extra={
-                "event": "evict",
-                "model": instance.model_id,
-                "resident_s": round(resident_s, 1),
-                **fields,
-            },
-        )
+        records.evicted(self._context, instance, reason, trigger, freed, host_bytes, resident_s)
         if leak is not None:
             self._record_leak(instance, leak, f"memory not back after {self._release_timeout:g}s")
             log.error(
@@ -480,28 +368,7 @@ class Lifecycle:
         self._move(instance, InstanceState.SLEEPING if tier == "sleep" else InstanceState.OFFLOADED)
         instance.victim_of = None
         instance.vacated.set()
-        self._context.journal.record(
-            "evict",
-            instance.record,
-            device=instance.device,
-            reason=reason,
-            bytes=instance.wake_bytes,
-            trigger=trigger,
-            duration_ms=round((clock.now() - started) * 1000, 1),
-            detail={
-                "tier": tier,
-                "host_bytes": instance.host_bytes,
-                "resident_s": round(clock.now() - instance.loaded_at, 1),
-            },
-        )
-        log.info(
-            "%s left %s for the host tier (%s), %d bytes kept in host RAM",
-            instance.model_id,
-            instance.device,
-            tier,
-            instance.host_bytes,
-            extra={"event": "evict", "model": instance.model_id, "tier": tier},
-        )
+        records.rested(self._context, instance, reason, trigger, clock.now() - started)
         self._context.signals.changed()
         return True
 
@@ -680,7 +547,3 @@ async def until_done(work: asyncio.Future[Any]) -> None:
     while not work.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([work])
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
