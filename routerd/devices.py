@@ -152,12 +152,14 @@ def default_cpu_budget(
     Not all of it: the daemon itself, tokenizers and the page cache of memory-mapped
     weights need room too.
     """
-    fields = read_meminfo(meminfo)
+    return int(_available(read_meminfo(meminfo), cgroup_dir) * CPU_BUDGET_SHARE)
+
+
+def _available(fields: Mapping[str, int], cgroup_dir: Path) -> int:
+    """Memory available now (``fields``: /proc/meminfo's), within the cgroup limit."""
     available = fields.get("MemAvailable", fields.get("MemFree", 0))
     cgroup = cgroup_available_bytes(cgroup_dir)
-    if cgroup is not None:
-        available = min(available, cgroup)
-    return int(available * CPU_BUDGET_SHARE)
+    return available if cgroup is None else min(available, cgroup)
 
 
 class HostMemoryTooSmall(ValueError):
@@ -188,10 +190,7 @@ def cpu_budget_beside_tier(
                 "bytes of RAM: lower one of them"
             )
         return cpu_memory
-    available = fields.get("MemAvailable", fields.get("MemFree", 0))
-    cgroup = cgroup_available_bytes(cgroup_dir)
-    if cgroup is not None:
-        available = min(available, cgroup)
+    available = _available(fields, cgroup_dir)
     if total and host_cache >= available:
         raise HostMemoryTooSmall(
             f"devices.host_cache ({host_cache} bytes) is not less than the {available} bytes "

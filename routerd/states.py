@@ -50,6 +50,11 @@ class InstanceState(StrEnum):
         return self in (InstanceState.LOADING, InstanceState.WARMING)
 
     @property
+    def resting(self) -> bool:
+        """In the host-RAM tier: asleep in its engine, or offloaded by routerd."""
+        return self in (InstanceState.SLEEPING, InstanceState.OFFLOADED)
+
+    @property
     def loading(self) -> bool:
         """Not ready yet: placed, loading or warming up."""
         return self in (InstanceState.WAITING, InstanceState.LOADING, InstanceState.WARMING)

@@ -98,3 +98,8 @@ def test_the_swap_and_adapter_states_have_their_place() -> None:
     assert TRANSITIONS[s.READY] == {s.DRAINING, s.FAILED}  # nothing else leaves ready
     assert s.LOADING.allocating and s.WARMING.allocating and not s.WAITING.allocating
     assert {x for x in s if x.loading} == {s.WAITING, s.LOADING, s.WARMING}
+
+
+def test_resting_is_the_host_tier() -> None:
+    s = InstanceState
+    assert {state for state in s if state.resting} == {s.SLEEPING, s.OFFLOADED}

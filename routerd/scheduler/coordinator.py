@@ -385,10 +385,7 @@ class Scheduler:
                 if leaving and not instance.gone.is_set():
                     await instance.gone.wait()
                 continue
-            if instance is not None and instance.state in (
-                InstanceState.SLEEPING,
-                InstanceState.OFFLOADED,
-            ):
+            if instance is not None and instance.state.resting:
                 wake = functools.partial(self._swap.wake, instance)
                 await self._single_flight(instance.key, wake, "waking")
                 continue
@@ -533,14 +530,13 @@ class Scheduler:
             if self.residency.get(instance.key) is not instance:
                 return self.residency.snapshot(instance)
         snapshot = self.residency.snapshot(instance)
-        resting = (InstanceState.SLEEPING, InstanceState.OFFLOADED)
-        if instance.state is not InstanceState.READY and instance.state not in resting:
+        if instance.state is not InstanceState.READY and not instance.state.resting:
             # Already leaving: wait until it is gone, or until it rests in the host
             # tier (then it leaves the tier too, below).
             if force:
                 instance.revoke(f"{instance.model_id} was evicted by an operator")
             await instance.vacated.wait()
-            if instance.state not in resting:
+            if not instance.state.resting:
                 await instance.gone.wait()
                 return snapshot
         await self._lifecycle.evict(instance, reason=reason, trigger=None, force=force)

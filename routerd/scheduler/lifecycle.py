@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -127,7 +127,7 @@ class Lifecycle:
             await self._settled(instance, model.warm_up)
             measured: Footprint = await self._settled(instance, model.measure_footprint)
         except BaseException as exc:
-            await until_done(asyncio.ensure_future(self.discard(instance)))
+            await until_done(self.discard(instance))
             if isinstance(exc, OutOfMemory):
                 raise
             records.load_failed(self._context, instance, "loading", exc)
@@ -195,7 +195,7 @@ class Lifecycle:
         It may have been dropped while its wake-up waited for room (an operator, the
         tier making room): then it is gone and there is nothing to claim (``wake``
         does nothing, and the request that wanted it loads it afresh)."""
-        if instance.state not in (InstanceState.SLEEPING, InstanceState.OFFLOADED):
+        if not instance.state.resting:
             return
         self._move(instance, InstanceState.WAITING)
         instance.vacated.clear()
@@ -341,7 +341,7 @@ class Lifecycle:
                     for r in dropping
                 )
             )
-            if self._residency.tier_capacity - self._residency.tier_used() < measured.weights:
+            if self._residency.tier_free() < measured.weights:
                 return False
             claims[instance.key] = measured.weights
             self._residency.check(f"{instance.key} claimed {measured.weights} bytes of the tier")
@@ -541,9 +541,11 @@ class Lifecycle:
             self._context.signals.changed()
 
 
-async def until_done(work: asyncio.Future[Any]) -> None:
-    """Wait for ``work`` to finish, whatever cancels the waiter meanwhile (its result or
-    error stays in ``work``): for what must end before anything is given back."""
+async def until_done(work: Awaitable[Any]) -> None:
+    """Wait for ``work`` (a future, or a coroutine run as a task) to finish, whatever
+    cancels the waiter meanwhile (its result or error stays in the future): for what
+    must end before anything is given back."""
+    work = asyncio.ensure_future(work)
     while not work.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([work])

@@ -214,6 +214,10 @@ class Residency:
         held = sum(i.host_bytes for i in self.instances.values())
         return held + sum(self.host_claims.values())
 
+    def tier_free(self) -> int:
+        """Bytes the tier can still take without dropping anything."""
+        return self.tier_capacity - self.tier_used()
+
     def tier_snapshot(self) -> TierSnapshot:
         resting = sorted(
             (i for i in self.instances.values() if i.tier is not None),
@@ -251,13 +255,9 @@ class Residency:
         """Instances to drop from the tier, least recently used first, so that ``need``
         more bytes fit it; None if dropping all it may drop would not do (others'
         bytes are on their way in or out). Instances coming back are not dropped."""
-        free = self.tier_capacity - self.tier_used()
+        free = self.tier_free()
         chosen: list[Instance] = []
-        resting = (
-            i
-            for i in self.instances.values()
-            if i.state in (InstanceState.SLEEPING, InstanceState.OFFLOADED)
-        )
+        resting = (i for i in self.instances.values() if i.state.resting)
         for instance in sorted(resting, key=lambda i: (i.touched, i.key)):
             if free >= need:
                 break

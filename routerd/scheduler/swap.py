@@ -142,7 +142,7 @@ class Swap:
         try:
             await self._wait_for_room(instance, need)
         except asyncio.CancelledError:
-            await until_done(asyncio.ensure_future(self._lifecycle.discard(instance)))
+            await until_done(self._lifecycle.discard(instance))
             raise
         spec = replace(self._planner.spec(instance.record, instance.device), known=known)
         try:
@@ -156,7 +156,7 @@ class Swap:
                 try:
                     await asyncio.gather(*(v.vacated.wait() for v in leaving))
                 except asyncio.CancelledError:
-                    await until_done(asyncio.ensure_future(self._lifecycle.discard(instance)))
+                    await until_done(self._lifecycle.discard(instance))
                     raise
                 row = self._residency.row(instance.device)  # a victim's bytes may have leaked
             if leaving is None or (row is not None and row.over_budget > 0):
