@@ -25,7 +25,7 @@ from routerd.memory_audit import MemoryAudit, MemoryReader
 from routerd.scheduler import Scheduler
 from routerd.services import Services
 from state import VersionSpec
-from tests.fakes import FakeBackend, cpu_only_inventory
+from tests.fakes import MEMINFO, FakeBackend, cpu_only_inventory
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -104,6 +104,51 @@ def fake_services(
     if audited:
         STRICT_AUDITS.adopt(services.audit)
     return services
+
+
+def one_gpu_services(
+    tmp: Path,
+    backend: FakeBackend,
+    *,
+    size: int,
+    host_cache: int,
+    watch: LedgerWatch,
+    names: Sequence[str] = ("a", "b"),
+    leaky: Sequence[str] = (),
+    clock: Clock | None = None,
+    scheduler: dict[str, Any] | None = None,
+) -> Services:
+    """Services whose models ``names`` (``size`` bytes each; ``leaky`` ones never give
+    their memory back) go on the one fake GPU of ``backend.gpus``, with a host-RAM tier
+    of ``host_cache`` bytes and ``watch`` checking the ledger after every change."""
+    assert backend.gpus is not None
+    meminfo = tmp / "meminfo"
+    meminfo.write_text(MEMINFO)
+    specs = [
+        fake_spec(tmp, n, bytes=size, devices=["cuda"], **({"leak": True} if n in leaky else {}))
+        for n in names
+    ]
+    return fake_services(
+        tmp,
+        backend,
+        specs,
+        devices=DeviceInventory(backend.gpus, meminfo=meminfo, cpu_budget=100_000),
+        on_change=watch,
+        devices_config={"gpu_headroom": 0, "host_cache": host_cache},
+        clock=clock,
+        scheduler=scheduler,
+    )
+
+
+async def ask(services: Services, name: str) -> None:
+    """One request's lease on ``name``, taken and given back."""
+    async with services.scheduler.lease(services.router.resolve(name)):
+        pass
+
+
+def states(services: Services) -> dict[str, str]:
+    """Each resident model's state, by model name."""
+    return {i.model: i.state for i in services.scheduler.instances()}
 
 
 STRICT_TEST_AUDIT = MemoryAuditConfig(mode="strict", tolerance=16 * 1024**2)

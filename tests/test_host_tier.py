@@ -12,12 +12,11 @@ from pathlib import Path
 
 from backends.base import Footprint, LoadSpec, Offloadable
 from routerd.clock import VirtualClock
-from routerd.devices import DeviceInventory
 from routerd.errors import Unavailable
 from routerd.services import Services
 from state import Event
-from tests.fakes import MEMINFO, FakeBackend, FakeGpus, FakeModel
-from tests.support import LedgerWatch, fake_services, fake_spec
+from tests.fakes import FakeBackend, FakeGpus, FakeModel
+from tests.support import LedgerWatch, ask, one_gpu_services, states
 
 GPU = 10_000
 WEIGHTS = 4_000
@@ -96,35 +95,19 @@ def _services(
     scheduler: dict[str, float] | None = None,
     leaky: tuple[str, ...] = (),
 ) -> tuple[Services, OffloadingBackend]:
-    gpus = FakeGpus([GPU])
-    backend = OffloadingBackend(gpus)
-    meminfo = tmp / "meminfo"
-    meminfo.write_text(MEMINFO)
-    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=100_000)
-    specs = [
-        fake_spec(tmp, n, bytes=MODEL, devices=["cuda"], **({"leak": True} if n in leaky else {}))
-        for n in names
-    ]
-    services = fake_services(
+    backend = OffloadingBackend(FakeGpus([GPU]))
+    services = one_gpu_services(
         tmp,
         backend,
-        specs,
-        devices=devices,
-        on_change=watch,
-        devices_config={"gpu_headroom": 0, "host_cache": host_cache},
+        size=MODEL,
+        host_cache=host_cache,
+        watch=watch,
+        names=names,
+        leaky=leaky,
         clock=clock,
         scheduler=scheduler,
     )
     return services, backend
-
-
-async def _ask(services: Services, name: str) -> None:
-    async with services.scheduler.lease(services.router.resolve(name)):
-        pass
-
-
-def _state(services: Services) -> dict[str, str]:
-    return {i.model: i.state for i in services.scheduler.instances()}
 
 
 def _moves(services: Services) -> list[tuple[str, str, str | None]]:
@@ -146,9 +129,9 @@ async def test_a_victim_is_offloaded_and_comes_back_without_a_load(tmp_path: Pat
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=10_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")  # no room for both: a goes to the host tier
-        assert _state(services) == {"a": "offloaded", "b": "ready"}
+        await ask(services, "a")
+        await ask(services, "b")  # no room for both: a goes to the host tier
+        assert states(services) == {"a": "offloaded", "b": "ready"}
         first = backend.models[0]
         assert isinstance(first, OffloadingModel) and isinstance(first, Offloadable)
         assert first.offloads == 1 and backend.unloads == []
@@ -159,8 +142,8 @@ async def test_a_victim_is_offloaded_and_comes_back_without_a_load(tmp_path: Pat
         assert snapshot is not None and snapshot.tier == "host"
         assert snapshot.host_bytes == WEIGHTS
 
-        await _ask(services, "a")  # back from the tier; b goes there to make room
-        assert _state(services) == {"a": "ready", "b": "offloaded"}
+        await ask(services, "a")  # back from the tier; b goes there to make room
+        assert states(services) == {"a": "ready", "b": "offloaded"}
         assert first.restores == 1 and backend.loads == ["a@1", "b@1"]
         assert _moves(services) == [
             ("load", "a", "disk"),
@@ -187,19 +170,19 @@ async def test_a_full_tier_drops_its_least_recently_used(tmp_path: Path) -> None
         tmp_path, host_cache=WEIGHTS + WEIGHTS // 2, watch=watch, names=("a", "b", "c")
     )
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")  # a to the tier
-        await _ask(services, "c")  # b to the tier, which drops a (gone) to make room
-        assert _state(services) == {"b": "offloaded", "c": "ready"}
+        await ask(services, "a")
+        await ask(services, "b")  # a to the tier
+        await ask(services, "c")  # b to the tier, which drops a (gone) to make room
+        assert states(services) == {"b": "offloaded", "c": "ready"}
         assert backend.unloads == ["a@1"]
         assert _tier_bytes(services) == WEIGHTS
         dropped = next(e for e in services.store.events(model="a") if e.kind == "evict")
         assert dropped.reason == "host-tier-full" and dropped.trigger == "b@1"
         assert dropped.detail is not None and dropped.detail["tier"] == "gone"
         assert dropped.detail["host_bytes"] == WEIGHTS
-        await _ask(services, "a")  # from disk again; c to the tier, dropping b
+        await ask(services, "a")  # from disk again; c to the tier, dropping b
         assert backend.loads == ["a@1", "b@1", "c@1", "a@1"]
-        assert _state(services) == {"a": "ready", "c": "offloaded"}
+        assert states(services) == {"a": "ready", "c": "offloaded"}
         assert watch.worst_over == 0
     finally:
         await services.scheduler.close()
@@ -211,9 +194,9 @@ async def test_without_a_tier_a_victim_is_unloaded(tmp_path: Path) -> None:
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=0, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
-        assert _state(services) == {"b": "ready"}
+        await ask(services, "a")
+        await ask(services, "b")
+        assert states(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"]
         assert backend.models[0].offloads == 0  # type: ignore[attr-defined]
         assert _moves(services)[1] == ("evict", "a", "gone")
@@ -226,17 +209,17 @@ async def test_a_request_during_the_offload_waits_then_brings_it_back(tmp_path: 
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=10_000, watch=watch)
     try:
-        await _ask(services, "a")
+        await ask(services, "a")
         backend.offload_gate.clear()  # a's offload will hold until released
-        wants_b = asyncio.create_task(_ask(services, "b"))
-        while _state(services).get("a") != "offloading":
+        wants_b = asyncio.create_task(ask(services, "b"))
+        while states(services).get("a") != "offloading":
             await services.scheduler.context.signals.wait(1.0)
-        wants_a = asyncio.create_task(_ask(services, "a"))
+        wants_a = asyncio.create_task(ask(services, "a"))
         await asyncio.sleep(0)
         assert not wants_a.done()  # it waits for the offload to finish
         backend.offload_gate.set()
         await asyncio.wait_for(asyncio.gather(wants_b, wants_a), 10)
-        assert _state(services) == {"a": "ready", "b": "offloaded"}
+        assert states(services) == {"a": "ready", "b": "offloaded"}
         assert backend.loads == ["a@1", "b@1"]  # a came back from the tier, not from disk
         assert watch.worst_over == 0
     finally:
@@ -249,10 +232,10 @@ async def test_an_offload_that_fails_unloads_the_instance(tmp_path: Path) -> Non
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=10_000, watch=watch)
     try:
-        await _ask(services, "a")
+        await ask(services, "a")
         backend.fail_offload = True
-        await _ask(services, "b")
-        assert _state(services) == {"b": "ready"}
+        await ask(services, "b")
+        assert states(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"]
         assert _tier_bytes(services) == 0  # the claim on the tier was given back
         assert not services.scheduler.leaks()
@@ -277,13 +260,13 @@ async def test_an_offload_that_keeps_device_memory_is_undone(tmp_path: Path) -> 
         scheduler={"release_timeout": 1, "load_wait_timeout": 5},
     )
     try:
-        await _ask(services, "a")
-        wants_b = asyncio.create_task(_ask(services, "b"))
+        await ask(services, "a")
+        wants_b = asyncio.create_task(ask(services, "b"))
         for _ in range(100):  # virtual time, until b gives up: a's bytes never come back
             if wants_b.done():
                 break
             await clock.advance(0.5)
-        assert _state(services).get("a") is None
+        assert states(services).get("a") is None
         assert [leak.model_id for leak in services.scheduler.leaks()] == ["a@1"]
         assert _tier_bytes(services) == 0
         assert watch.worst_over == 0
@@ -302,15 +285,15 @@ async def test_an_operator_eviction_drops_an_offloaded_instance(tmp_path: Path) 
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=10_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
-        assert _state(services)["a"] == "offloaded"
+        await ask(services, "a")
+        await ask(services, "b")
+        assert states(services)["a"] == "offloaded"
         await services.scheduler.evict("a@1")
-        assert _state(services) == {"b": "ready"}
+        assert states(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"] and backend.host_used == 0
         assert _tier_bytes(services) == 0
         await services.scheduler.evict("b@1")  # an operator's eviction skips the tier
-        assert _state(services) == {} and backend.unloads == ["a@1", "b@1"]
+        assert states(services) == {} and backend.unloads == ["a@1", "b@1"]
     finally:
         await services.scheduler.close()
         services.store.close()
@@ -324,15 +307,15 @@ async def test_an_idle_instance_expires_into_the_tier(tmp_path: Path) -> None:
     )
     await services.scheduler.start(services.router.table.versions.get)
     try:
-        await _ask(services, "a")
+        await ask(services, "a")
         for _ in range(20):
-            if _state(services).get("a") == "offloaded":
+            if states(services).get("a") == "offloaded":
                 break
             await clock.advance(1)
-        assert _state(services) == {"a": "offloaded"}
+        assert states(services) == {"a": "offloaded"}
         assert _moves(services)[-1] == ("evict", "a", "host")
-        await _ask(services, "a")
-        assert backend.loads == ["a@1"] and _state(services) == {"a": "ready"}
+        await ask(services, "a")
+        assert backend.loads == ["a@1"] and states(services) == {"a": "ready"}
     finally:
         await asyncio.wait_for(services.scheduler.close(), 10)
         services.store.close()

@@ -13,8 +13,8 @@ from routerd.config import ConfigError, load_config
 from routerd.ctl.display import format_ps, format_status
 from routerd.devices import CPU_BUDGET_SHARE, HostMemoryTooSmall, cpu_budget_beside_tier
 from routerd.metrics import Metrics
-from tests.support import LedgerWatch
-from tests.test_host_tier import WEIGHTS, _ask, _services
+from tests.support import LedgerWatch, ask
+from tests.test_host_tier import WEIGHTS, _services
 
 GIB = 1024**3
 
@@ -70,8 +70,8 @@ def test_routerd_refuses_to_start_with_a_tier_the_host_cannot_hold(
 async def test_status_ps_and_metrics_show_the_tier(tmp_path: Path) -> None:
     services, _ = _services(tmp_path, host_cache=10_000, watch=LedgerWatch())
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")  # a rests in the tier
+        await ask(services, "a")
+        await ask(services, "b")  # a rests in the tier
         tier = services.scheduler.host_tier()
         assert (tier.capacity_bytes, tier.used_bytes, tier.models) == (10_000, WEIGHTS, ("a@1",))
         instances = [{**i.__dict__, "progress": None} for i in services.scheduler.instances()]

@@ -17,7 +17,7 @@ from routerd.instance import Instance
 from routerd.scheduler import Scheduler
 from routerd.services import Services
 from tests.fakes import MEMINFO, FakeBackend
-from tests.support import fake_services, fake_spec, until
+from tests.support import ask, fake_services, fake_spec, until
 
 LOAD = ["waiting", "loading", "warming", "ready"]
 LEAVE = ["draining", "unloading", "gone"]
@@ -134,14 +134,14 @@ async def test_an_expired_instance_and_an_operator_eviction(tmp_path: Path) -> N
 
 
 async def test_a_victim_that_sleeps_and_wakes(tmp_path: Path) -> None:
-    from tests.test_sleep_tier import _ask, _services
+    from tests.test_sleep_tier import _services
 
     log = StateLog()
     services, _ = _services(tmp_path, host_cache=100_000, watch=log)  # type: ignore[arg-type]
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")  # a sleeps for b
-        await _ask(services, "a")  # a wakes; b sleeps for it
+        await ask(services, "a")
+        await ask(services, "b")  # a sleeps for b
+        await ask(services, "a")  # a wakes; b sleeps for it
         assert log.lives("a@1") == [[*LOAD, "draining", "sleeping", "waiting", "loading", "ready"]]
         assert log.lives("b@1") == [[*LOAD, "draining", "sleeping"]]
     finally:

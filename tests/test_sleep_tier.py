@@ -12,10 +12,9 @@ from backends.base import LoadSpec, Sleepable
 from policies.eviction import LeastRecentlyUsed
 from policies.types import Resident
 from routerd.clock import VirtualClock
-from routerd.devices import DeviceInventory
 from routerd.services import Services
-from tests.fakes import MEMINFO, FakeBackend, FakeGpus, FakeModel
-from tests.support import LedgerWatch, fake_services, fake_spec
+from tests.fakes import FakeBackend, FakeGpus, FakeModel
+from tests.support import LedgerWatch, ask, one_gpu_services, states
 
 GPU = 10_000
 MODEL = 6_000  # two do not fit on the GPU
@@ -78,44 +77,27 @@ def _services(
     leaky: tuple[str, ...] = (),
     scheduler: dict[str, float] | None = None,
 ) -> tuple[Services, SleepyBackend]:
-    gpus = FakeGpus([GPU])
-    backend = SleepyBackend(gpus)
-    meminfo = tmp / "meminfo"
-    meminfo.write_text(MEMINFO)
-    devices = DeviceInventory(gpus, meminfo=meminfo, cpu_budget=100_000)
-    specs = [
-        fake_spec(tmp, n, bytes=MODEL, devices=["cuda"], **({"leak": True} if n in leaky else {}))
-        for n in ("a", "b")
-    ]
-    services = fake_services(
+    backend = SleepyBackend(FakeGpus([GPU]))
+    services = one_gpu_services(
         tmp,
         backend,
-        specs,
-        devices=devices,
-        on_change=watch,
-        devices_config={"gpu_headroom": 0, "host_cache": host_cache},
+        size=MODEL,
+        host_cache=host_cache,
+        watch=watch,
+        leaky=leaky,
         clock=VirtualClock(),
         scheduler=scheduler,
     )
     return services, backend
 
 
-async def _ask(services: Services, name: str) -> None:
-    async with services.scheduler.lease(services.router.resolve(name)):
-        pass
-
-
-def _state(services: Services) -> dict[str, str]:
-    return {i.model: i.state for i in services.scheduler.instances()}
-
-
 async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) -> None:
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")  # no room for both: a sleeps instead of unloading
-        assert _state(services) == {"a": "sleeping", "b": "ready"}
+        await ask(services, "a")
+        await ask(services, "b")  # no room for both: a sleeps instead of unloading
+        assert states(services) == {"a": "sleeping", "b": "ready"}
         assert backend.unloads == []
         sleeper = backend.models[0]
         assert isinstance(sleeper, SleepyModel) and isinstance(sleeper, Sleepable)
@@ -125,8 +107,8 @@ async def test_a_victim_sleeps_then_wakes_on_its_next_request(tmp_path: Path) ->
         assert rows["cpu"].ours == 0  # which has its own budget
         assert rows["cuda:0"].ours == MODEL + WORKING  # b, and what a keeps there
 
-        await _ask(services, "a")  # wakes a (b goes to sleep for it), no second load
-        assert _state(services) == {"a": "ready", "b": "sleeping"}
+        await ask(services, "a")  # wakes a (b goes to sleep for it), no second load
+        assert states(services) == {"a": "ready", "b": "sleeping"}
         assert sleeper.wakes == 1 and backend.loads == ["a@1", "b@1"]
         events = list(reversed(services.store.events(limit=20)))
         moves = [
@@ -154,9 +136,9 @@ async def test_without_host_room_the_victim_is_unloaded(tmp_path: Path) -> None:
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=1_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
-        assert _state(services) == {"b": "ready"}
+        await ask(services, "a")
+        await ask(services, "b")
+        assert states(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"]
         assert backend.models[0].sleeps == 0  # type: ignore[attr-defined]
     finally:
@@ -168,20 +150,20 @@ async def test_a_failed_wake_unloads_it_and_answers_clearly(tmp_path: Path) -> N
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
+        await ask(services, "a")
+        await ask(services, "b")
         sleeper = backend.models[0]
         assert isinstance(sleeper, SleepyModel)
         sleeper.fail_wake = True
         from routerd.errors import LoadFailed
 
         try:
-            await _ask(services, "a")
+            await ask(services, "a")
         except LoadFailed as exc:
             assert "waking a@1 failed" in str(exc)
         else:
             raise AssertionError("waking should have failed")
-        assert _state(services) == {"b": "sleeping"}  # b made room for a's wake
+        assert states(services) == {"b": "sleeping"}  # b made room for a's wake
         assert "a@1" in backend.unloads
         rows = {r.device: r for r in services.scheduler.ledger()}
         assert rows["cpu"].tier == MODEL - WORKING  # b's weights only
@@ -209,10 +191,10 @@ async def test_a_wake_up_waits_for_memory_its_victim_never_gives_back(tmp_path: 
     clock = services.scheduler.context.clock
     assert isinstance(clock, VirtualClock)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
-        assert _state(services) == {"a": "sleeping", "b": "ready"}
-        waking = asyncio.create_task(_ask(services, "a"))
+        await ask(services, "a")
+        await ask(services, "b")
+        assert states(services) == {"a": "sleeping", "b": "ready"}
+        waking = asyncio.create_task(ask(services, "a"))
         for _ in range(40):  # virtual time, half a second at a time, until it gives up
             if waking.done():
                 break
@@ -260,11 +242,11 @@ async def test_an_operator_eviction_unloads_a_sleeping_instance(tmp_path: Path) 
     watch = LedgerWatch()
     services, backend = _services(tmp_path, host_cache=100_000, watch=watch)
     try:
-        await _ask(services, "a")
-        await _ask(services, "b")
-        assert _state(services)["a"] == "sleeping"
+        await ask(services, "a")
+        await ask(services, "b")
+        assert states(services)["a"] == "sleeping"
         await services.scheduler.evict("a@1")
-        assert _state(services) == {"b": "ready"}
+        assert states(services) == {"b": "ready"}
         assert backend.unloads == ["a@1"]
         rows = {r.device: r for r in services.scheduler.ledger()}
         assert rows["cpu"].tier == 0 and rows["cuda:0"].ours == MODEL
