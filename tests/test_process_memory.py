@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 import sys
@@ -12,9 +11,6 @@ import pytest
 
 from backends.host_memory import (
     glibc_trim,
-    peak_growth,
-    reset_peak,
-    rss_now,
 )
 from routerd.devices import DeviceInventory
 from routerd.process_memory import (
@@ -119,14 +115,36 @@ def test_trim_calls_the_trimmer_and_glibc_has_one(tmp_path: Path):
 
 
 def test_peak_growth_sees_memory_already_freed():
-    if not reset_peak():
+    """In a child process: this one's RSS moves with whatever earlier tests' threads
+    are still doing, and the test must see only its own mapping come and go."""
+    script = """
+import mmap
+from backends.host_memory import peak_growth, reset_peak, rss_now
+if not reset_peak():
+    print("no-reset"); raise SystemExit
+start = rss_now()
+held = mmap.mmap(-1, 96 << 20)  # a mapping of its own, whatever malloc would do
+held.write(b"x" * (96 << 20))  # touched: resident
+held.close()  # unmapped: gone from RSS at once
+print(rss_now() - start, peak_growth(start))
+"""
+    out = _run_child(script)
+    if out == "no-reset":
         pytest.skip("the kernel does not let this process reset its peak RSS")
-    start = rss_now()
-    held = mmap.mmap(-1, 96 * MiB)  # a mapping of its own, whatever malloc would do
-    held.write(b"x" * (96 * MiB))  # touched: resident
-    held.close()  # unmapped: gone from RSS at once
-    assert rss_now() - start < 32 * MiB
-    assert peak_growth(start) >= 90 * MiB
+    after, peak = (int(x) for x in out.split())
+    assert after < 32 * MiB
+    assert peak >= 90 * MiB
+
+
+def _run_child(script: str, *args: str) -> str:
+    """``script`` run by a fresh interpreter in the repository; its output."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.strip()
 
 
 def test_exact_allocation_returns_a_freed_block_of_two_mebibytes_at_once() -> None:
@@ -150,13 +168,7 @@ print(held - rss_now())
 """
     freed = {}
     for mode in ("exact", "pooled"):
-        out = subprocess.run(
-            [sys.executable, "-c", script, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        ).stdout.strip()
+        out = _run_child(script, mode)
         if out == "no-glibc":
             pytest.skip("not glibc")
         freed[mode] = int(out)
