@@ -332,7 +332,7 @@ class Store(RoutesMixin):
                 "working_bytes": parts["working"],
                 "measured_at": self._now(),
             }
-            db.table("footprints").insert(row, replace=True)
+            db.execute(_REPLACE_FOOTPRINT, [row[c] for c in _FOOTPRINT_COLUMNS])
 
     def measured_footprint(
         self, name: str, version: str, device_kind: str
@@ -342,14 +342,10 @@ class Store(RoutesMixin):
         check_version(version)
         check_identifier("device_kind", device_kind, _DEVICE_KIND_MAX_LEN)
         with self._read(f"reading the footprint of {name}@{version}") as db:
-            rows = list(
-                db.table("footprints").rows_where(
-                    "name = ? AND version = ? AND device_kind = ?",
-                    [name, version, device_kind],
-                    limit=1,
-                )
-            )
-        return _footprint(rows[0]) if rows else None
+            cursor = db.execute(_SELECT_FOOTPRINT, [name, version, device_kind])
+            found = cursor.fetchone()
+            columns = [d[0] for d in cursor.description]
+        return _footprint(dict(zip(columns, found, strict=True))) if found else None
 
     # -- events ----------------------------------------------------------------------
 
@@ -400,9 +396,9 @@ class Store(RoutesMixin):
         }
         with self._write(f"recording a {kind} event for {model}@{version}") as db:
             row["ts"] = self._now()
-            table = db.table("events")
-            table.insert(row)
-            event_id = table.last_rowid
+            # Plain SQL rather than sqlite-utils' insert, which reads the table's shape
+            # on every call: a simulation records tens of thousands of these.
+            event_id = db.execute(_INSERT_EVENT, [row[c] for c in _EVENT_COLUMNS]).lastrowid
         assert event_id is not None
         return _event({**row, "id": event_id})
 
@@ -455,6 +451,28 @@ class Store(RoutesMixin):
 
 
 # -- rows ----------------------------------------------------------------------------
+
+_EVENT_COLUMNS = (
+    "ts", "kind", "model", "version", "device", "reason", "detail", "bytes", "duration_ms",
+    "trigger",
+)  # fmt: skip
+# Footprints are read and written at every load (plain SQL, as events are).
+_FOOTPRINT_COLUMNS = (
+    "name", "version", "device_kind", "estimated_bytes", "measured_bytes", "weights_bytes",
+    "runtime_bytes", "working_bytes", "measured_at",
+)  # fmt: skip
+_REPLACE_FOOTPRINT = (
+    f"INSERT OR REPLACE INTO footprints ({', '.join(_FOOTPRINT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_FOOTPRINT_COLUMNS))})"
+)
+_SELECT_FOOTPRINT = (
+    "SELECT * FROM footprints WHERE name = ? AND version = ? AND device_kind = ? LIMIT 1"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events ("
+    + ", ".join(f'"{c}"' for c in _EVENT_COLUMNS)
+    + f") VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
+)
 
 _SPEC_COLUMNS = ("backend", "path", "options", "source")
 
