@@ -188,6 +188,7 @@ def reload_plugins() -> None:
     """Forget the cached entry points and loaded plug-ins; the next lookup reads them again."""
     _plugins.cache_clear()
     _loaded.clear()
+    _refusal.cache_clear()
 
 
 # -- the API -----------------------------------------------------------------------
@@ -229,20 +230,28 @@ def create(kind: str, name: str, **params: Any) -> Any:
     ValueError for an unknown or broken policy, or for parameters it does not take.
     """
     factory = _factory(kind, name)
+    refusal = _refusal(factory, tuple(sorted(params)))
+    if refusal is not None:
+        raise ValueError(f"{kind} policy {name!r}: {refusal}")
+    return factory(**params)
+
+
+@functools.lru_cache(maxsize=256)
+def _refusal(factory: Factory, keywords: tuple[str, ...]) -> str | None:
+    """Why ``factory`` cannot be called with these keywords, or None; read once per
+    factory and set of keywords: batchers and loads create policies often, and
+    reading a signature costs more than building most policies."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # some callables have no signature to read
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(**params)
-        except TypeError as exc:
-            accepted = ", ".join(
-                p.name
-                for p in signature.parameters.values()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            )
-            raise ValueError(
-                f"{kind} policy {name!r}: {exc} (parameters: {accepted or 'none'})"
-            ) from None
-    return factory(**params)
+        return None
+    try:
+        signature.bind(**dict.fromkeys(keywords))
+    except TypeError as exc:
+        accepted = ", ".join(
+            p.name
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+        return f"{exc} (parameters: {accepted or 'none'})"
+    return None
