@@ -179,11 +179,20 @@ def remember_footprint(context: Context, instance: Instance, measured: Footprint
     """
     record = instance.record
     measured = measured.needed()
+    kind = instance.device.split(":")[0]
     try:
+        stored = context.store.measured_footprint(record.name, record.version, kind)
+        if stored is not None and (
+            stored.weights_bytes,
+            stored.runtime_bytes,
+            stored.working_bytes,
+            stored.estimated_bytes,
+        ) == (measured.weights, measured.runtime, measured.working, instance.estimated_bytes):
+            return  # a reload measured what was stored: nothing to write
         context.store.record_footprint(
             record.name,
             record.version,
-            instance.device.split(":")[0],
+            kind,
             measured={
                 "weights": measured.weights,
                 "runtime": measured.runtime,
