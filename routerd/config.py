@@ -8,6 +8,7 @@ with settings nobody chose.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -105,6 +106,18 @@ class MemoryAuditConfig:
 
 
 @dataclass(frozen=True)
+class RequestLogConfig:
+    """``[request_log]``: the per-request log in SQLite (``routerd.request_log``).
+
+    Every key takes effect on a reload (SIGHUP)."""
+
+    enabled: bool = True  # False: nothing is recorded (rows already kept still age out)
+    max_rows: int = 1_000_000  # the oldest rows beyond this are deleted; 0: no limit
+    max_age: float = 30 * 86400.0  # rows older than this are deleted; inf: no limit
+    flush_interval: float = 1.0  # how often the rows in memory are written
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, immutable; a reload builds a new one."""
 
@@ -112,6 +125,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     memory_audit: MemoryAuditConfig = field(default_factory=MemoryAuditConfig)
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
@@ -177,13 +191,14 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     _reject_unknown(
         raw,
         {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"}
-        | {"memory_audit"},
+        | {"memory_audit", "request_log"},
         where="",
     )
     server = _server(_table(raw, "server"), base_dir)
     scheduler = _scheduler(_table(raw, "scheduler"))
     devices = _devices(_table(raw, "devices"))
     memory_audit = _memory_audit(_table(raw, "memory_audit"))
+    request_log = _request_log(_table(raw, "request_log"))
     state = _table(raw, "state")
     _reject_unknown(state, {"dir", "busy_timeout"}, where="state.")
     busy_timeout = parse_duration(state.get("busy_timeout", 5.0), key="state.busy_timeout")
@@ -218,6 +233,7 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         scheduler=scheduler,
         devices=devices,
         memory_audit=memory_audit,
+        request_log=request_log,
         state_dir=state_dir,
         busy_timeout=busy_timeout,
         log_level=log_level,
@@ -447,6 +463,32 @@ def _memory_audit(raw: Mapping[str, Any]) -> MemoryAuditConfig:
         interval=interval,
         tolerance=parse_size(raw.get("tolerance", defaults.tolerance), key=f"{where}tolerance"),
         tolerance_ratio=float(ratio),
+    )
+
+
+def _request_log(raw: Mapping[str, Any]) -> RequestLogConfig:
+    defaults = RequestLogConfig()
+    where = "request_log."
+    _reject_unknown(raw, {"enabled", "max_rows", "max_age", "flush_interval"}, where=where)
+    enabled = raw.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}enabled: expected true or false, got {enabled!r}")
+    max_rows = _int(raw.get("max_rows", defaults.max_rows), f"{where}max_rows")
+    if max_rows < 0:
+        raise ConfigError(f"{where}max_rows: must be 0 (no limit) or more")
+    max_age = parse_duration(raw.get("max_age", defaults.max_age), key=f"{where}max_age")
+    if max_age < 0:
+        raise ConfigError(f"{where}max_age: must be 0 (no limit) or a positive duration")
+    flush = parse_duration(
+        raw.get("flush_interval", defaults.flush_interval), key=f"{where}flush_interval"
+    )
+    if flush <= 0:
+        raise ConfigError(f"{where}flush_interval: must be positive")
+    return RequestLogConfig(
+        enabled=enabled,
+        max_rows=max_rows,
+        max_age=max_age or math.inf,
+        flush_interval=flush,
     )
 
 

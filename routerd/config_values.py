@@ -16,12 +16,13 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file and key."""
 
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: str | int | float, *, key: str) -> float:
-    """Seconds from ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
+    """Seconds from ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"30d"`` or a bare number of
+    seconds."""
     if isinstance(value, bool):
         raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
     if isinstance(value, int | float):
