@@ -5,10 +5,11 @@ yet), which model version served it (none when it never reached one: an unknown
 model, a body that did not parse), on which endpoint, how it ended (the final HTTP
 status, the OpenAI error code of a failure, ``stream_failed`` for a stream that
 answered 200 and then ended with an error event), its tokens, how long it waited for
-a load or a wake-up (``waited_ms``; NULL when its model was ready) and how long it
-took in all. One record serves three uses: replaying a host's own traffic in the
-simulator (``requests`` / ``iter_requests``, oldest first), usage accounting and
-error rates (``request_usage``).
+a load or a wake-up before its lease (``waited_ms``; NULL when its model was ready,
+or when no lease came: a load that failed) and how long it took in all. One record
+serves three uses: replaying a host's own traffic in the simulator (``requests`` /
+``iter_requests``, oldest first), usage accounting and error rates
+(``request_usage``).
 
 The daemon writes rows in batches (``routerd.request_log``), so a write is one
 transaction of many rows; retention is by rows and by age (``prune_requests``).
@@ -71,7 +72,7 @@ class RequestRow(NamedTuple):
     error: str | None  # the OpenAI error code (else type) of a failure
     prompt_tokens: int
     completion_tokens: int
-    waited_ms: float | None  # waited for a load or wake-up; None: its model was ready
+    waited_ms: float | None  # waited for a load or wake-up; None: it got a ready model, or none
     duration_ms: float  # arrival to response end
     stream_failed: bool = False  # answered 200, then ended with an error event
 
