@@ -1,9 +1,12 @@
 """The request log through the real app: what each inference request leaves in the
-database, and what other requests do not."""
+database, what other requests do not, the usage view and ``routerctl usage``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from routerd import ctl
 from routerd.api.keys import SERVICES
 from routerd.app import build_app
 from routerd.config import RequestLogConfig
@@ -18,7 +22,7 @@ from routerd.reload import reload_config
 from routerd.services import Services
 from state import RequestEntry
 from tests.fakes import FakeBackend
-from tests.support import ADMIN_AUTH, fake_services, fake_spec
+from tests.support import ADMIN_AUTH, ADMIN_TOKEN, fake_services, fake_spec
 
 CHAT = "/v1/chat/completions"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -173,3 +177,73 @@ async def test_shutdown_writes_what_is_buffered(tmp_path: Path, backend: FakeBac
         assert [r.model_id for r in reopened.requests()] == ["echo@1"]
     finally:
         reopened.close()
+
+
+async def test_usage_over_the_admin_api(client: TestClient, backend: FakeBackend) -> None:
+    for _ in range(2):
+        assert (await client.post(CHAT, json={"model": "echo", **HELLO})).status == 200
+    assert (await client.post(CHAT, json={"model": "broken", **HELLO})).status == 503
+    assert (await client.post(CHAT, json={"model": "nope", **HELLO})).status == 404
+    response = await client.get("/admin/requests/usage", params={"since": "1h"})
+    assert response.status == 200
+    body = await response.json()
+    assert body["now"] - body["since"] == pytest.approx(3600.0)
+    usage = {(u["model"], u["version"]): u for u in body["usage"]}
+    assert list(usage) == [("broken", "1"), ("echo", "1"), (None, None)]
+    echo = usage["echo", "1"]
+    assert (echo["requests"], echo["errors"], echo["rejected"], echo["cold_starts"]) == (2, 0, 0, 1)
+    assert echo["completion_tokens"] == 6 and echo["error_rate"] == 0.0
+    assert echo["mean_waited_ms"] >= 0
+    broken = usage["broken", "1"]
+    assert (broken["requests"], broken["errors"], broken["error_rate"]) == (1, 1, 1.0)
+    assert usage[None, None]["rejected"] == 1
+    everything = await (await client.get("/admin/requests/usage")).json()
+    assert everything["since"] is None and everything["usage"] == body["usage"]
+    recent = await (await client.get("/admin/requests/usage?since=0s")).json()
+    assert recent["usage"] == []  # nothing arrived after now
+
+
+@pytest.mark.parametrize("since", ["yesterday", "-5m", "1 week", ""])
+async def test_a_bad_since_is_a_400_naming_it(client: TestClient, since: str) -> None:
+    response = await client.get("/admin/requests/usage", params={"since": since})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == "since" and "since" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_routerctl_usage(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUTERD_ADMIN_TOKEN", ADMIN_TOKEN)
+    url = str(client.make_url("")).rstrip("/")
+    assert await asyncio.to_thread(ctl.main, ["usage", "--url", url]) == 0
+    assert capsys.readouterr().out.strip() == "no requests in the last 24h"
+    for _ in range(3):
+        served = await client.post(CHAT, json={"model": "echo", **HELLO})
+        assert served.status == 200
+    prompt_tokens = (await served.json())["usage"]["prompt_tokens"]
+    assert (await client.post(CHAT, json={"model": "broken", **HELLO})).status == 503
+    assert (await client.post(CHAT, json={"model": "nope", **HELLO})).status == 404
+    assert await asyncio.to_thread(ctl.main, ["usage", "--url", url, "--since", "2h"]) == 0
+    title, header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert title == "5 requests in the last 2h"
+    assert header.split() == [
+        *("MODEL", "REQUESTS", "ERRORS", "ERROR", "RATE", "REJECTED"),
+        *("TOKENS", "IN", "TOKENS", "OUT", "COLD", "STARTS", "MEAN", "WAIT"),
+    ]
+    cells = {row.split()[0]: row.split()[1:] for row in rows}
+    assert cells["echo@1"][:5] == ["3", "0", "0.0%", "0", str(3 * prompt_tokens)]
+    assert cells["echo@1"][5:7] == ["9", "1"]
+    assert cells["broken@1"][:3] == ["1", "1", "100.0%"]
+    assert cells["broken@1"][-1] == "-"  # a load that failed gave no lease: no wait recorded
+    assert cells["(no"][1:4] == ["1", "0", "0.0%"]  # "(no model)", rejected
+    assert await asyncio.to_thread(ctl.main, ["usage", "--url", url, "--since", "all"]) == 0
+    assert capsys.readouterr().out.startswith("5 requests in the request log\n")
+    assert await asyncio.to_thread(ctl.main, ["usage", "--url", url, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {u["model"] for u in result["usage"]} == {"echo", "broken", None}
+    assert math.isclose(result["now"] - result["since"], 86400.0)
+    assert await asyncio.to_thread(ctl.main, ["usage", "--url", url, "--since", "soon"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "since" in err and "HTTP 400" in err
