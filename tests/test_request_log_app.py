@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,17 +122,7 @@ async def test_health_metrics_admin_and_model_lists_are_not_recorded(
     assert len(logged(client)) == 1
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """A reload reconfigures logging; give the test process its own back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.usefixtures("restore_logging")  # a reload reconfigures logging
 async def test_turned_off_it_records_nothing_and_a_reload_turns_it_on(
     tmp_path: Path, backend: FakeBackend
 ) -> None:
