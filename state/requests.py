@@ -253,7 +253,11 @@ class RequestsMixin:
     ) -> int:
         """Delete the rows that arrived before ``now - max_age``, then the oldest beyond
         ``max_rows``; return how many were deleted. ``max_rows`` 0 or ``max_age`` inf:
-        no limit of that kind. ``busy_timeout`` as for ``record_requests``."""
+        no limit of that kind. ``busy_timeout`` as for ``record_requests``.
+
+        Its cost is the rows it deletes (an index range each) plus, with ``max_rows``,
+        counting the rows (the ts index: some 10 ms a million rows): meant for every
+        minute or so, not every write."""
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
             raise ValueError(f"max_rows must be 0 (no limit) or more, got {max_rows!r}")
         if isinstance(max_age, bool) or not isinstance(max_age, int | float) or not max_age > 0:
