@@ -2,12 +2,14 @@
 
 Start-up order: open the store (migrations run), sync config (and demo) models into
 the registry, build router and scheduler, then the traffic parts (per-version stats,
-route manager, shadow runner, rollout controller, which resumes running rollouts) and
-the memory audit. When the app starts, the backends in use are prepared and the
-audit reads its baseline before the scheduler loads anything (pinned versions).
-Shutdown runs in reverse: aiohttp stops accepting and lets in-flight requests finish
+route manager, shadow runner, rollout controller, which resumes running rollouts),
+the memory audit and the request log. When the app starts, the backends in use are
+prepared and the audit reads its baseline before the scheduler loads anything
+(pinned versions); the request log's flusher starts. Shutdown runs in reverse:
+aiohttp stops accepting and lets in-flight requests finish
 (``server.shutdown_timeout``), then the cleanup context stops the audit, the rollout
-controller and the shadow copies, unloads every instance and closes the store.
+controller and the shadow copies, unloads every instance, writes the request log's
+last rows and closes the store.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from routerd.model_ids import split_model_id
 from routerd.process_memory import ProcessMemoryReader
 from routerd.registry import Registry
 from routerd.request_context import StreamSlots
+from routerd.request_log import RequestLog
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler, SchedulerSettings
@@ -57,6 +60,7 @@ def build_services(
     wall_clock: Callable[[], float] = time.time,
     memory_reader: MemoryReader | None = None,
     audit_clock: Clock | None = None,
+    request_log_clock: Clock | None = None,
 ) -> Services:
     """Open the store and build every part; the store is closed again on failure.
 
@@ -65,7 +69,8 @@ def build_services(
     are stored and outlive the process. ``memory_reader`` and ``audit_clock`` are the
     memory audit's (this process's /proc and NVML, and real time, when None): the
     audit samples on a clock of its own so that it never adds a timer to the
-    scheduler's, which virtual-time tests count.
+    scheduler's, which virtual-time tests count; so does the request log's flusher
+    (``request_log_clock``, real time when None).
     """
     store = Store.open(config.database_path, busy_timeout=config.busy_timeout)
     try:
@@ -115,6 +120,7 @@ def build_services(
             clock=audit_clock or LoopClock(),
             wall=wall_clock,
         )
+        request_log = RequestLog(store, config.request_log, clock=request_log_clock or LoopClock())
     except BaseException:
         store.close()
         raise
@@ -131,6 +137,7 @@ def build_services(
         shadows=ShadowRunner(stats),
         rollouts=rollouts,
         audit=audit,
+        request_log=request_log,
     )
 
 
@@ -158,7 +165,14 @@ def build_app(services: Services) -> web.Application:
     app.add_routes(traffic_admin.routes)
     app.add_routes(health.routes)
     app.middlewares.append(
-        request_middleware(services.live, services.stats, prometheus.install(app), deadlines, slots)
+        request_middleware(
+            services.live,
+            services.stats,
+            prometheus.install(app),
+            deadlines,
+            slots,
+            services.request_log,
+        )
     )
     app.add_routes(openapi.routes)
     app.on_shutdown.append(_stop_accepting)
@@ -204,6 +218,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.audit.start()  # the baseline: before the scheduler loads pinned models
     await services.scheduler.start(services.router.table.versions.get)
     services.rollouts.start()
+    services.request_log.start()
     yield
     services.live.accepting = False
     try:
@@ -214,5 +229,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.scheduler.close()
     finally:
         app[DEADLINES].close()
+        await services.request_log.close()  # never raises
         services.store.close()
         log.info("stopped")

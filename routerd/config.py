@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,73 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from policies import registry as policy_registry
+from routerd.config_values import ConfigError as ConfigError
+from routerd.config_values import parse_duration as parse_duration
+from routerd.config_values import parse_keep_alive as parse_keep_alive
+from routerd.config_values import parse_size as parse_size
 from state import VersionSpec
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8400
 SOCKET_NAME = "routerd.sock"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the file and key."""
-
-
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: str | int | float, *, key: str) -> float:
-    """Seconds from ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
-        return float(value)
-    match = _DURATION.match(value)
-    if match is None:
-        raise ConfigError(f'{key}: expected a duration such as "30s" or "5m", got {value!r}')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_size(value: str | int, *, key: str) -> int:
-    """Bytes from ``"8GiB"``, ``"512MiB"``, ``"2GB"`` or a bare number of bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(f'{key}: expected a size such as "8GiB", got {value!r}')
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{key}: a size cannot be negative")
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(f'{key}: expected a size such as "8GiB" or "512MiB", got {value!r}')
-    unit = (match.group(2) or "b").lower()
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_keep_alive(value: str | int | float, *, key: str) -> float:
-    """Seconds an idle instance stays loaded: a duration, ``0`` (unload when idle) or
-    ``-1`` (never unload), the values Ollama users already know. Never is ``inf``."""
-    seconds = parse_duration(value, key=key)
-    if seconds < 0:
-        if seconds != -1:
-            raise ConfigError(f"{key}: use -1 for never, or a duration >= 0, got {value!r}")
-        return math.inf
-    return seconds
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -165,6 +106,18 @@ class MemoryAuditConfig:
 
 
 @dataclass(frozen=True)
+class RequestLogConfig:
+    """``[request_log]``: the per-request log in SQLite (``routerd.request_log``).
+
+    Every key takes effect on a reload (SIGHUP)."""
+
+    enabled: bool = True  # False: nothing is recorded (rows already kept still age out)
+    max_rows: int = 1_000_000  # the oldest rows beyond this are deleted; 0: no limit
+    max_age: float = 30 * 86400.0  # rows older than this are deleted; inf: no limit
+    flush_interval: float = 1.0  # how often the rows in memory are written
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, immutable; a reload builds a new one."""
 
@@ -172,6 +125,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     memory_audit: MemoryAuditConfig = field(default_factory=MemoryAuditConfig)
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
@@ -237,13 +191,14 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
     _reject_unknown(
         raw,
         {"server", "scheduler", "devices", "state", "log_level", "log_format", "models"}
-        | {"memory_audit"},
+        | {"memory_audit", "request_log"},
         where="",
     )
     server = _server(_table(raw, "server"), base_dir)
     scheduler = _scheduler(_table(raw, "scheduler"))
     devices = _devices(_table(raw, "devices"))
     memory_audit = _memory_audit(_table(raw, "memory_audit"))
+    request_log = _request_log(_table(raw, "request_log"))
     state = _table(raw, "state")
     _reject_unknown(state, {"dir", "busy_timeout"}, where="state.")
     busy_timeout = parse_duration(state.get("busy_timeout", 5.0), key="state.busy_timeout")
@@ -278,6 +233,7 @@ def _from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> Config:
         scheduler=scheduler,
         devices=devices,
         memory_audit=memory_audit,
+        request_log=request_log,
         state_dir=state_dir,
         busy_timeout=busy_timeout,
         log_level=log_level,
@@ -507,6 +463,32 @@ def _memory_audit(raw: Mapping[str, Any]) -> MemoryAuditConfig:
         interval=interval,
         tolerance=parse_size(raw.get("tolerance", defaults.tolerance), key=f"{where}tolerance"),
         tolerance_ratio=float(ratio),
+    )
+
+
+def _request_log(raw: Mapping[str, Any]) -> RequestLogConfig:
+    defaults = RequestLogConfig()
+    where = "request_log."
+    _reject_unknown(raw, {"enabled", "max_rows", "max_age", "flush_interval"}, where=where)
+    enabled = raw.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}enabled: expected true or false, got {enabled!r}")
+    max_rows = _int(raw.get("max_rows", defaults.max_rows), f"{where}max_rows")
+    if max_rows < 0:
+        raise ConfigError(f"{where}max_rows: must be 0 (no limit) or more")
+    max_age = parse_duration(raw.get("max_age", defaults.max_age), key=f"{where}max_age")
+    if max_age < 0:
+        raise ConfigError(f"{where}max_age: must be 0 (no limit) or a positive duration")
+    flush = parse_duration(
+        raw.get("flush_interval", defaults.flush_interval), key=f"{where}flush_interval"
+    )
+    if flush <= 0:
+        raise ConfigError(f"{where}flush_interval: must be positive")
+    return RequestLogConfig(
+        enabled=enabled,
+        max_rows=max_rows,
+        max_age=max_age or math.inf,
+        flush_interval=flush,
     )
 
 

@@ -8,7 +8,8 @@ and the running configuration stays. Otherwise:
   removed); a resident version that was removed or changed is drained (its requests
   in flight finish) and unloaded, so the next request loads it as now declared;
 - ``pinned`` follows the file;
-- scheduler settings and policies, and logging, take effect at once;
+- scheduler settings and policies, logging and the request log's settings (on or
+  off, retention, flush interval) take effect at once;
 - what cannot change in a running process (address, port, state dir, devices, the
   memory audit) is logged as needing a restart.
 """
@@ -77,6 +78,7 @@ def reload_config(services: Services, load: ConfigLoader) -> Reloaded:
         if scheduler.instance(model_id) is not None:
             scheduler.evict_later(model_id, reason="reload")
     logs.configure(new.log_level, new.log_format)
+    services.request_log.configure(new.request_log)
     restart = _needs_restart(old, new)
     services.live.config = new
     log.info(

@@ -11,10 +11,11 @@ the middleware's task. The handler, and the helpers it calls, leave notes on it:
   ``stream_failed`` when a stream already answered 200 ends with an error event;
 - ``routerd.api.limits``: the stream slot the request holds, and its stream once
   begun (so a deadline becomes an SSE error event instead of a 504);
-- ``routerd.metrics``: usage, the first token's time, a cold start.
+- ``routerd.metrics``: usage, the first token's time, a cold start;
+- ``routerd.request_log.note_error``: the OpenAI error code of a failure.
 
 Once the response is final, the middleware acts on the notes: per-version
-statistics, metrics, the stream slot given back.
+statistics, metrics, the request log's row, the stream slot given back.
 
 One object with slots, rather than a context variable per concern and keys on the
 aiohttp request (each a Python-level lookup): every request pays for these, and
@@ -24,6 +25,7 @@ on a daemon whose own work per request is tens of microseconds
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 
@@ -44,7 +46,9 @@ class RequestContext:
     """What the request path learned about one request; see the module docstring."""
 
     __slots__ = (
+        "arrived",
         "cold_start_ms",
+        "error",
         "first_token",
         "served",
         "slots",
@@ -57,6 +61,7 @@ class RequestContext:
 
     def __init__(self, started: float, slots: StreamSlots) -> None:
         self.started = started  # time.monotonic() when it arrived
+        self.arrived = time.time()  # the same moment on the wall clock, for stored records
         self.served: VersionRecord | None = None  # the version routed to, even if it failed
         self.stream_failed = False
         self.slots = slots
@@ -67,6 +72,7 @@ class RequestContext:
         self.usage: tuple[int, int] | None = None  # (prompt, completion) tokens
         self.first_token: float | None = None
         self.cold_start_ms: float | None = None
+        self.error: str | None = None  # the OpenAI error code (else type) it failed with
 
     def release_stream(self) -> None:
         """Give back the stream slot, if the request holds one."""

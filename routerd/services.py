@@ -14,6 +14,7 @@ from routerd.config import Config
 from routerd.devices import DeviceInventory
 from routerd.memory_audit import MemoryAudit
 from routerd.registry import Registry
+from routerd.request_log import RequestLog
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler
@@ -48,3 +49,4 @@ class Services:
     shadows: ShadowRunner  # shadow copies of requests, in the background
     rollouts: RolloutController
     audit: MemoryAudit  # measured memory against the ledger (started with the app)
+    request_log: RequestLog  # one row per inference request, written in batches

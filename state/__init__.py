@@ -1,5 +1,6 @@
 """routerd's persistent state: the registry of model versions, pins, measured
-footprints, the event log, and routes, shadows and rollouts (``state.routes``).
+footprints, the event log, routes, shadows and rollouts (``state.routes``), and the
+per-request log (``state.requests``).
 
 One SQLite file (through sqlite-utils) holds what must outlive the process: which
 models and versions exist and where they came from, which versions are pinned, what
@@ -26,6 +27,14 @@ from state.records import (
     VersionRecord,
     VersionSpec,
 )
+from state.requests import (
+    REQUEST_COLUMNS,
+    RequestEntry,
+    RequestRow,
+    RequestTuple,
+    RequestUsage,
+    check_request_row,
+)
 from state.routes import (
     LIVE_ROLLOUT_STATUSES,
     ROLLOUT_STATUSES,
@@ -43,12 +52,17 @@ __all__ = [
     "FOOTPRINT_PARTS",
     "LIVE_ROLLOUT_STATUSES",
     "NAME_MAX_LEN",
+    "REQUEST_COLUMNS",
     "ROLLOUT_STATUSES",
     "SOURCES",
     "VERSION_MAX_LEN",
     "VERSION_STATES",
     "Event",
     "FootprintRecord",
+    "RequestEntry",
+    "RequestRow",
+    "RequestTuple",
+    "RequestUsage",
     "RolloutRecord",
     "RolloutStep",
     "RouteChange",
@@ -59,4 +73,5 @@ __all__ = [
     "SyncResult",
     "VersionRecord",
     "VersionSpec",
+    "check_request_row",
 ]

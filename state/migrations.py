@@ -1,7 +1,7 @@
 """Numbered schema migrations, and the runner that applies the pending ones.
 
 The database outlives the code that created it: a host upgrades routerd and keeps its
-registry, events, pins and measured footprints (and later routes). So the schema only ever
+registry, events, pins and measured footprints, routes and its request log. So the schema only ever
 moves forward through this list. Each migration is applied once, in its own
 transaction together with its row in ``schema_migrations``, so a failure leaves the
 database at the previous version, never half-way. A released migration is never
@@ -188,10 +188,37 @@ _ROUTES_ROLLOUTS = (
     "CREATE INDEX rollout_steps_rollout ON rollout_steps (rollout_id, id)",
 )
 
+# The per-request log (state.requests): one row per request to the OpenAI inference
+# endpoints, written in batches and pruned by rows and age. ``ts`` is when the request
+# arrived (wall clock); the index on it serves windows, ordering and pruning alike (an
+# index holds the rowid, so it orders by (ts, id)). No foreign keys: a row outlives
+# the version it names, and a request for an unknown model names none.
+_REQUEST_LOG = (
+    """
+    CREATE TABLE request_log (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts                REAL NOT NULL,
+        tenant            TEXT,
+        model             TEXT,
+        version           TEXT,
+        endpoint          TEXT NOT NULL,
+        status            INTEGER NOT NULL CHECK (status BETWEEN 100 AND 999),
+        error             TEXT,
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0 CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER NOT NULL DEFAULT 0 CHECK (completion_tokens >= 0),
+        waited_ms         REAL CHECK (waited_ms IS NULL OR waited_ms >= 0),
+        duration_ms       REAL NOT NULL CHECK (duration_ms >= 0),
+        stream_failed     INTEGER NOT NULL DEFAULT 0 CHECK (stream_failed IN (0, 1))
+    )
+    """,
+    "CREATE INDEX request_log_ts ON request_log (ts)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", _run(_INITIAL)),
     Migration(2, "pins_footprints_event_details", _run(_PINS_FOOTPRINTS_EVENT_DETAILS)),
     Migration(3, "routes_rollouts", _run(_ROUTES_ROLLOUTS)),
+    Migration(4, "request_log", _run(_REQUEST_LOG)),
 )
 """Every migration, in order, numbered 1, 2, 3, … without gaps."""
 

@@ -47,6 +47,7 @@ from state.records import (
     dump_json_object,
     load_json_object,
 )
+from state.requests import RequestsMixin
 from state.routes import RoutesMixin, initial_state
 
 _VERSION_ORDER = "name, created_at, rowid"  # rowid: insertion order, for equal timestamps
@@ -54,10 +55,11 @@ _EVENT_KIND_MAX_LEN = 64
 _DEVICE_KIND_MAX_LEN = 32
 
 
-class Store(RoutesMixin):
+class Store(RoutesMixin, RequestsMixin):
     """Models, versions, pins, footprints and events over SQLite. Create with ``Store.open``.
 
-    Routes, shadows and rollouts come from ``RoutesMixin`` (``state.routes``)."""
+    Routes, shadows and rollouts come from ``RoutesMixin`` (``state.routes``); the
+    per-request log from ``RequestsMixin`` (``state.requests``)."""
 
     def __init__(
         self, db: Database, path: Path, clock: Callable[[], float], busy_timeout: float, schema: int

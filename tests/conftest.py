@@ -1,10 +1,12 @@
 """Shared fixtures: the demo models (built once per session), the ``gpu`` marker, the
-``engine`` marker on every test that runs a real model (it uses the demo models), and
-``strict_memory_audit``: the memory audit strict around a test (``--memory-audit``)."""
+``engine`` marker on every test that runs a real model (it uses the demo models),
+``strict_memory_audit``: the memory audit strict around a test (``--memory-audit``),
+and ``restore_logging`` for tests that reload the config."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -138,6 +140,19 @@ def ledger_invariant_held() -> Iterator[None]:
     breaks = [str(b) for s in checked for b in s.residency.invariant_breaks]
     checked.clear()
     assert not breaks, "\n".join(breaks)
+
+
+# -- logging ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """A config reload reconfigures logging; give the test process its own back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # -- demo models ----------------------------------------------------------------

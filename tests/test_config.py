@@ -11,6 +11,7 @@ from backends.registry import BackendRegistry
 from routerd.config import (
     Config,
     ConfigError,
+    RequestLogConfig,
     default_state_dir,
     load_config,
     parse_duration,
@@ -40,7 +41,16 @@ def test_state_dir_precedence(env, expected):
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("1h", 3600), ("7", 7), (3, 3)]
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("30d", 30 * 86400),
+        ("7", 7),
+        (3, 3),
+    ],
 )
 def test_durations(text, seconds):
     assert parse_duration(text, key="k") == seconds
@@ -121,6 +131,7 @@ def test_shipped_configs_load():
     assert defaults.server == Config().server
     assert defaults.scheduler == Config().scheduler
     assert defaults.memory_audit == Config().memory_audit
+    assert defaults.request_log == Config().request_log
     example = load_config(repo / "configs" / "example.toml")
     assert [m.name for m in example.models] == ["my-llm", "my-vllm-llm", "my-vllm-embedder"]
     vllm = example.models[1]
@@ -221,3 +232,41 @@ def test_scheduler_settings_carry_every_scheduler_and_device_setting_they_share(
         poll_interval=9.0,
         headroom={"cuda": 10, "cpu": 11},
     )
+
+
+def test_request_log_defaults_and_table(tmp_path):
+    defaults = load_config(None).request_log
+    assert defaults == RequestLogConfig(
+        enabled=True, max_rows=1_000_000, max_age=30 * 86400.0, flush_interval=1.0
+    )
+    path = tmp_path / "routerd.toml"
+    path.write_text(
+        "[request_log]\nenabled = false\nmax_rows = 500\nmax_age = '12h'\n"
+        "flush_interval = '250ms'\n"
+    )
+    assert load_config(path).request_log == RequestLogConfig(
+        enabled=False, max_rows=500, max_age=12 * 3600.0, flush_interval=0.25
+    )
+    path.write_text("[request_log]\nmax_rows = 0\nmax_age = 0\n")  # 0: no limit
+    unlimited = load_config(path).request_log
+    assert (unlimited.max_rows, unlimited.max_age) == (0, math.inf)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[request_log]\nmax_row = 5\n", "unknown key request_log.max_row"),
+        ("[request_log]\nenabled = 'yes'\n", "request_log.enabled: expected true or false"),
+        ("[request_log]\nmax_rows = -1\n", "request_log.max_rows: must be 0"),
+        ("[request_log]\nmax_rows = '1M'\n", "request_log.max_rows: expected an integer"),
+        ("[request_log]\nmax_age = 'forever'\n", "request_log.max_age: expected a duration"),
+        ("[request_log]\nmax_age = '-1d'\n", "request_log.max_age: must be 0"),
+        ("[request_log]\nflush_interval = 0\n", "request_log.flush_interval: must be positive"),
+        ("request_log = 3\n", r"request_log: expected a table"),
+    ],
+)
+def test_bad_request_log_settings_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -85,6 +85,12 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_event(client, backe
     assert len(events) > 3, "the stream had begun before the deadline"
     await _until(lambda: client.app[SERVICES].scheduler.instance("slow@1").in_flight == 0)
     assert backend.generated == 1
+    services = client.app[SERVICES]
+    (version,) = services.stats.snapshot()
+    assert version["primary"]["errors"] == 1  # an error event in a stream is a failure
+    services.request_log.flush()
+    (row,) = services.store.requests()
+    assert (row.status, row.error, row.stream_failed) == (200, "timeout", True)
 
 
 async def test_streams_over_the_cap_get_429_with_retry_after(patient_client):

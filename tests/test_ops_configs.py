@@ -14,6 +14,7 @@ from routerd.config import (
     Config,
     DevicesConfig,
     MemoryAuditConfig,
+    RequestLogConfig,
     SchedulerConfig,
     ServerConfig,
     load_config,
@@ -27,7 +28,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_example_names_every_key_with_its_default() -> None:
     text = (CONFIGS / "example.toml").read_text()
     written = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
-    for section in (ServerConfig, SchedulerConfig, DevicesConfig, MemoryAuditConfig):
+    sections = (ServerConfig, SchedulerConfig, DevicesConfig, MemoryAuditConfig, RequestLogConfig)
+    for section in sections:
         missing = {f.name for f in dataclasses.fields(section)} - written
         assert not missing, f"{section.__name__} keys missing from example.toml: {missing}"
     assert {"log_level", "log_format", "dir", "pinned", "max_queue"} <= written
@@ -36,6 +38,7 @@ def test_example_names_every_key_with_its_default() -> None:
     assert example.server == defaults.server
     assert example.scheduler == defaults.scheduler
     assert example.memory_audit == defaults.memory_audit
+    assert example.request_log == defaults.request_log
     assert (example.log_level, example.log_format) == (defaults.log_level, defaults.log_format)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,15 +16,7 @@ from routerd.reload import reload_config
 from tests.fakes import FakeBackend
 from tests.support import ADMIN_AUTH, fake_services, fake_spec
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """A reload reconfigures logging; give the test process its own back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # a reload reconfigures logging
 
 
 async def test_reload_syncs_models_and_applies_settings(tmp_path: Path) -> None:

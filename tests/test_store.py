@@ -86,7 +86,7 @@ def model_rows(path: Path) -> list[str]:
 def test_open_creates_dir_wal_and_foreign_keys(store: Store, db_path: Path) -> None:
     assert store.is_open
     assert db_path.is_file()
-    assert store.schema_version == migrations.latest_version() == 3
+    assert store.schema_version == migrations.latest_version() == 4
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
@@ -118,7 +118,7 @@ def test_reopen_keeps_data_and_applies_nothing_twice(db_path: Path, clock: FakeC
     clock.advance()
     again = Store.open(db_path, clock=clock)
     try:
-        assert again.schema_version == 3
+        assert again.schema_version == 4
         assert [r.model_id for r in again.list_versions()] == ["llama@1"]
         assert [e.kind for e in again.events()] == ["load"]
     finally:
@@ -129,6 +129,7 @@ def test_reopen_keeps_data_and_applies_nothing_twice(db_path: Path, clock: FakeC
         (1, "initial", 1_000.0),
         (2, "pins_footprints_event_details", 1_000.0),
         (3, "routes_rollouts", 1_000.0),
+        (4, "request_log", 1_000.0),
     ]
 
 
@@ -241,14 +242,14 @@ def test_upgrade_from_schema_1_keeps_every_row(
         new.close()
     with sqlite3.connect(db_path) as conn:
         applied = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
-    assert applied == [(1, 1_000.0), (2, 1_061.0), (3, 1_061.0)]
+    assert applied == [(1, 1_000.0), (2, 1_061.0), (3, 1_061.0), (4, 1_061.0)]
 
 
 def test_newer_schema_is_refused(db_path: Path, clock: FakeClock) -> None:
     Store.open(db_path, clock=clock).close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', 0)")
-    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(3\)"):
+    with pytest.raises(StoreError, match=r"database schema 7 is newer than this routerd \(4\)"):
         Store.open(db_path, clock=clock)
 
 

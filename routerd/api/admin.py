@@ -15,13 +15,24 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd.api.errors import read_json_object
-from routerd.api.keys import AUDIT, DEVICES, LIVE, REGISTRY, ROUTER, SCHEDULER, STATS, STORE
+from routerd.api.keys import (
+    AUDIT,
+    DEVICES,
+    LIVE,
+    REGISTRY,
+    REQUEST_LOG,
+    ROUTER,
+    SCHEDULER,
+    STATS,
+    STORE,
+)
+from routerd.config import ConfigError, parse_duration
 from routerd.devices import DeviceInventory
 from routerd.errors import BadRequest, NotFound
 from routerd.explain import explain
 from routerd.model_ids import split_model_id
 from routerd.scheduler import InstanceSnapshot
-from state import VersionRecord, VersionSpec
+from state import RequestUsage, VersionRecord, VersionSpec
 
 routes = web.RouteTableDef()
 
@@ -261,3 +272,30 @@ async def why(request: web.Request) -> web.Response:
     return web.json_response(
         {"model": model_id, "explanation": explain(model_id, history, time.time())}
     )
+
+
+@routes.get("/admin/requests/usage")
+async def request_usage(request: web.Request) -> web.Response:
+    """The request log added up per model version over the last ``since`` (a duration
+    such as ``24h``; without it, every row kept): what ``routerctl usage`` prints."""
+    now = time.time()
+    window = _since_param(request.query.get("since"))
+    since = None if window is None else now - window
+    usage = await request.app[REQUEST_LOG].usage(since=since)
+    return web.json_response({"since": since, "now": now, "usage": [_usage_json(u) for u in usage]})
+
+
+def _since_param(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text, key="since")
+    except ConfigError as exc:
+        raise BadRequest(str(exc), param="since") from None
+    if seconds < 0:
+        raise BadRequest(f"since must not be negative, got {text!r}", param="since")
+    return seconds
+
+
+def _usage_json(usage: RequestUsage) -> dict[str, Any]:
+    return {**dataclasses.asdict(usage), "error_rate": usage.error_rate}

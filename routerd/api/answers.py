@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from routerd.api.errors import as_routerd_error, error_body
+from routerd.request_log import note_error
 
 to_json: Callable[[Any], bytes] = orjson.dumps
 """Answers and stream chunks as compact UTF-8 JSON bytes, ready to send.
@@ -69,6 +70,7 @@ async def fail_stream(response: web.StreamResponse, exc: BaseException) -> web.S
     A client that left meanwhile is no error of ours: nothing more is written.
     """
     error = as_routerd_error(exc)
+    note_error(error.code or error.type)
     body = error_body(error.message, type=error.type, param=error.param, code=error.code)
     try:
         await send_event(response, body)

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from contract.errors import BackendError, InvalidRequest
 from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, StoreUnavailable
+from routerd.request_log import note_error
 from state import StoreError
 
 log = logging.getLogger("routerd.api")
@@ -58,7 +59,8 @@ def as_routerd_error(exc: BaseException) -> RouterdError:
 
 
 def response_for(exc: Exception, request: web.Request) -> web.Response:
-    """The OpenAI-shaped answer for what a handler raised (logged when it is our fault).
+    """The OpenAI-shaped answer for what a handler raised (logged when it is our fault),
+    its code noted for the request log.
 
     Called by the request middleware (``routerd.api.middleware``) for every exception
     but cancellation and aiohttp's redirects, which it lets through.
@@ -68,6 +70,7 @@ def response_for(exc: Exception, request: web.Request) -> web.Response:
     error = as_routerd_error(exc)
     if error.status >= 500 and not isinstance(exc, RouterdError):
         log.error("%s %s failed", request.method, request.path, exc_info=exc)
+    note_error(error.code or error.type)
     return error_response(error)
 
 
@@ -76,9 +79,11 @@ def _http_exception_response(exc: web.HTTPException) -> web.Response:
     code, type_ = status_types.get(
         exc.status, (None, "invalid_request_error" if exc.status < 500 else "server_error")
     )
+    code = code or _default_code(exc.status)
+    note_error(code or type_)
     message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
     response = web.json_response(
-        error_body(message or exc.reason, type=type_, code=code or _default_code(exc.status)),
+        error_body(message or exc.reason, type=type_, code=code),
         status=exc.status,
     )
     if exc.status == 405 and "Allow" in exc.headers:

@@ -12,6 +12,7 @@ from aiohttp import web
 from routerd.devices import DeviceInventory
 from routerd.memory_audit import MemoryAudit
 from routerd.registry import Registry
+from routerd.request_log import RequestLog
 from routerd.rollout import RolloutController
 from routerd.router import Router
 from routerd.scheduler import Scheduler
@@ -34,6 +35,7 @@ ROUTES = web.AppKey("routes", RouteManager)
 SHADOWS = web.AppKey("shadows", ShadowRunner)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
 AUDIT = web.AppKey("audit", MemoryAudit)
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
 
 
 def install(app: web.Application, services: Services) -> None:
@@ -50,3 +52,4 @@ def install(app: web.Application, services: Services) -> None:
     app[SHADOWS] = services.shadows
     app[ROLLOUTS] = services.rollouts
     app[AUDIT] = services.audit
+    app[REQUEST_LOG] = services.request_log

@@ -147,6 +147,7 @@ async def within_limits(
         message = f"the request did not finish within {timeout:g}s"
         if not isinstance(context.stream, web.StreamResponse):  # not begun: still a status
             raise GatewayTimeout(message) from None
+        context.stream_failed = True  # answered 200, ends with an error event: failed
         return await fail_stream(context.stream, GatewayTimeout(message))
     finally:
         deadlines.forget(watch)

@@ -1,28 +1,31 @@
 """The one middleware every request passes through.
 
-Five concerns wrap each request, each kept in its own module as plain functions:
+Six concerns wrap each request, each kept in its own module as plain functions:
 
 1. metrics (``routerd.metrics``): finished last, so they see the final status,
    errors included;
-2. per-version traffic statistics (``routerd.api.traffic.record_served``), which
+2. the request log (``routerd.request_log``): one row per request to the OpenAI
+   inference endpoints, from the same final status, buffered after the metrics;
+3. per-version traffic statistics (``routerd.api.traffic.record_served``), which
    rollouts judge: recorded from the final response;
-3. the OpenAI error shape (``routerd.api.errors.response_for``): whatever a handler
+4. the OpenAI error shape (``routerd.api.errors.response_for``): whatever a handler
    or the steps below raise becomes a response here;
-4. access control (``routerd.api.auth.check_access``): 401/403 before any work;
-5. limits (``routerd.api.limits.within_limits``): the request's deadline and the
+5. access control (``routerd.api.auth.check_access``): 401/403 before any work;
+6. limits (``routerd.api.limits.within_limits``): the request's deadline and the
    cap on open streams, around the handler itself.
 
 What the handler learns about the request (the version it was routed to, its
 usage, its stream slot) lives on one ``RequestContext`` (``routerd.request_context``),
 made here and current while the handler runs.
 
-They run in that order inside one coroutine rather than as five aiohttp
+They run in that order inside one coroutine rather than as six aiohttp
 middlewares: every middleware layer costs each request a coroutine, a frame and a
 try block, and on a daemon whose own work per request is a fraction of a
 millisecond (``bench/router_overhead.py``) five layers were a fifth of it.
 
 Cancellation (a client gone, a shutdown) and aiohttp's redirects pass through
-untouched: there is no response to shape, and metrics count them as they end.
+untouched: there is no response to shape, and metrics count them as they end (the
+request log as 499 ``cancelled``).
 """
 
 from __future__ import annotations
@@ -39,16 +42,23 @@ from routerd.api.limits import Deadlines, within_limits
 from routerd.api.traffic import record_served
 from routerd.metrics import Metrics
 from routerd.request_context import RequestContext, StreamSlots, enter, leave
+from routerd.request_log import CANCELLED, RequestLog
 from routerd.services import Live
 from routerd.version_stats import VersionStats
 
 
 def request_middleware(
-    live: Live, stats: VersionStats, metrics: Metrics, deadlines: Deadlines, slots: StreamSlots
+    live: Live,
+    stats: VersionStats,
+    metrics: Metrics,
+    deadlines: Deadlines,
+    slots: StreamSlots,
+    requests: RequestLog,
 ) -> Middleware:
     """The app's only middleware: limits and access from ``live``'s config (a reload
     replaces it), served requests counted in ``stats`` and reported to ``metrics``;
-    request deadlines watched by ``deadlines``; streams counted in ``slots``."""
+    request deadlines watched by ``deadlines``; streams counted in ``slots``; inference
+    requests recorded in ``requests`` (while its config has it on)."""
 
     @web.middleware
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -68,6 +78,7 @@ def request_middleware(
                     raise  # a redirect: aiohttp sends it as it is
                 response = response_for(exc, request)
             except asyncio.CancelledError:
+                context.error = CANCELLED
                 raise
             except Exception as exc:
                 response = response_for(exc, request)
@@ -79,5 +90,7 @@ def request_middleware(
             route = request.match_info.route.resource
             endpoint = route.canonical if route is not None else "unmatched"
             metrics.finish(endpoint, status, context, method=request.method, path=request.path)
+            if endpoint in requests.endpoints:
+                requests.add(context, endpoint, status)
 
     return serve

@@ -397,6 +397,24 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             ],
         )
     },
+    "/admin/requests/usage": {
+        "get": _op(
+            "The request log added up per model version: requests, errors (5xx and failed "
+            "streams), error_rate, rejected (4xx), prompt and completion tokens, cold starts "
+            "and mean_waited_ms; model null: requests that reached no model",
+            "admin",
+            {"description": "{since, now, usage: [{model, version, requests, errors, ...}]}"},
+            errors=(400, 503),
+            parameters=[
+                {
+                    "name": "since",
+                    "in": "query",
+                    "description": 'a duration back from now, e.g. "24h" (default: every row kept)',
+                    "schema": _STRING,
+                }
+            ],
+        )
+    },
     "/admin/why/{model_id}": {
         "get": _op(
             "Why a version was last loaded or evicted",

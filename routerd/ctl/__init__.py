@@ -10,7 +10,8 @@ The modules, each importing only those listed before it:
 - ``client``: where routerd is (``Target``, ``resolve_target``) and ``request``, which
   turns every failure into a one-line ``CtlError``;
 - ``formatting``: times, durations and plain tables shared by every view;
-- ``display``: ``status``, ``ps``, ``models``, ``events`` and load progress for people;
+- ``display``: ``status``, ``ps``, ``models``, ``events``, ``usage`` and load progress
+  for people;
 - ``traffic``: the ``route`` and ``rollout`` commands, parser and output;
 - ``commands``: the parser, the other commands, and ``main`` (the ``routerctl`` script).
 """

@@ -25,6 +25,7 @@ from routerd.ctl.display import (
     format_models,
     format_ps,
     format_status,
+    format_usage,
     load_progress,
 )
 from routerd.ctl.formatting import human_duration
@@ -145,6 +146,10 @@ def run(args: argparse.Namespace) -> str:
             query["model"] = args.model
         result = request(url, "GET", "/admin/events?" + urllib.parse.urlencode(query))
         return json.dumps(result, indent=2) if as_json else format_events(result["events"])
+    if args.command == "usage":
+        since = "" if args.since == "all" else "?" + urllib.parse.urlencode({"since": args.since})
+        result = request(url, "GET", "/admin/requests/usage" + since)
+        return json.dumps(result, indent=2) if as_json else format_usage(result, args.since)
     if args.command == "why":
         path = "/admin/why/" + urllib.parse.quote(args.model, safe="@:")
         result = request(url, "GET", path)
@@ -222,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     events.add_argument("--model", metavar="NAME[@VERSION]", help="only this model's events")
     events.add_argument("--limit", type=_positive_int, default=50, help="how many (default 50)")
+    usage = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="requests, errors, tokens and cold starts per model version, from the request log",
+    )
+    usage.add_argument(
+        "--since", default="24h", help='this far back, e.g. 1h, 7d, or "all" kept (default 24h)'
+    )
     traffic.add_commands(commands, common)
     return parser
 

@@ -1,6 +1,6 @@
 """What routerctl prints for people about models and memory, from the admin API's JSON.
 
-``status``, ``ps``, ``models``, ``events`` and ``load``'s progress line. Kept apart from
+``status``, ``ps``, ``models``, ``events``, ``usage`` and ``load``'s progress line. Kept apart from
 the command plumbing so each view can be tested on plain data.
 """
 
@@ -270,3 +270,46 @@ def load_progress(instances: Sequence[dict[str, Any]], model: str) -> tuple[str,
         amount = f" {human_bytes(done)} / {human_bytes(total)}" if total else ""
         return phase, f"{where}: {phase}{amount} ({percent}%)"
     return None
+
+
+# -- usage ------------------------------------------------------------------------
+
+
+_USAGE_COLUMNS = [
+    "MODEL",
+    "REQUESTS",
+    "ERRORS",
+    "ERROR RATE",
+    "REJECTED",
+    "TOKENS IN",
+    "TOKENS OUT",
+    "COLD STARTS",
+    "MEAN WAIT",
+]
+
+
+def format_usage(result: dict[str, Any], since: str) -> str:
+    """The request log per model version, as ``GET /admin/requests/usage`` adds it up."""
+    rows = result["usage"]
+    window = "in the request log" if since == "all" else f"in the last {since}"
+    if not rows:
+        return f"no requests {window}"
+    body = table(
+        _USAGE_COLUMNS,
+        [
+            [
+                "(no model)" if u["model"] is None else f"{u['model']}@{u['version']}",
+                str(u["requests"]),
+                str(u["errors"]),
+                f"{u['error_rate']:.1%}",
+                str(u["rejected"]),
+                str(u["prompt_tokens"]),
+                str(u["completion_tokens"]),
+                str(u["cold_starts"]),
+                "-" if u["mean_waited_ms"] is None else f"{u['mean_waited_ms']:.0f} ms",
+            ]
+            for u in rows
+        ],
+    )
+    total = sum(u["requests"] for u in rows)
+    return f"{total} requests {window}\n{body}"
