@@ -1,4 +1,4 @@
-"""``routerd``: the daemon's command line (``routerd serve``)."""
+"""``routerd``: the daemon's command line (``routerd serve``, ``routerd simulate``)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from routerd.app import build_app, build_services
 from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
 from routerd.devices import HostMemoryTooSmall, cpu_budget_beside_tier
 from routerd.reload import ConfigLoader, reload_config
+from routerd.simulate import command as simulate_command
 
 log = logging.getLogger("routerd")
 
@@ -46,11 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-format", choices=LOG_FORMATS, help="text (key=value, the default) or json"
     )
+    simulate_command.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return simulate_command.run(args)
 
     def load() -> Config:
         """The file (read again on each reload) with the flags over it."""
