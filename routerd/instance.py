@@ -191,13 +191,18 @@ class Instance:
     async def run(self, fn: Callable[..., T], /, *args: object) -> T:
         """Run blocking ``fn(*args)`` on this instance's own thread (started again if
         ``close_executor`` stopped it: an instance back from the host tier)."""
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], /, *args: object) -> asyncio.Future[T]:
+        """``run`` as a future, without a coroutine around it: for a caller that would
+        otherwise wrap ``run`` in a task of its own (the lifecycle's loading steps)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=1,
                 thread_name_prefix=f"routerd-{self.record.model_id}-{self.replica}",
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def call(self, fn: Callable[..., T], /, *args: object) -> T:
         """Make a request-path call to the loaded model (encode, generate, embed).

@@ -67,11 +67,14 @@ class Lifecycle:
         self._tier_lock = asyncio.Lock()  # one victim at a time makes room in the host tier
 
     def _move(self, instance: Instance, target: InstanceState) -> None:
-        """Every move is checked against the table and is a change others may wait for."""
+        """Every move is checked against the table and is a change others may wait for.
+
+        Only a move into ``ready`` can give the keep-alive reaper something new to
+        expire; it is not woken for the others (a load makes several)."""
         was = instance.state
         instance.move_to(target)
         self._residency.check(f"{instance.key} on {instance.device}: {was} → {target}")
-        self._context.signals.changed()
+        self._context.signals.changed(wake_reaper=target is InstanceState.READY)
 
     # -- coming in --------------------------------------------------------------
 
@@ -158,7 +161,7 @@ class Lifecycle:
         the thread to return: only then is it known what the thread holds, and only
         then may the caller unload it and give its reservation back. ``keep`` gets what
         the thread returned after a cancellation (a loaded model, to be unloaded)."""
-        work = asyncio.ensure_future(instance.run(fn, *args))
+        work = instance.submit(fn, *args)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
