@@ -79,12 +79,16 @@ class Store(RoutesMixin, RequestsMixin):
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = BUSY_TIMEOUT_S,
+        scratch: bool = False,
     ) -> Store:
         """Open (or create) the database at ``path`` and bring its schema up to date.
 
         Creates the parent directory. Raises ``StoreError`` if the directory cannot be
         made, the file is not a usable database, it stays locked past ``busy_timeout``
         seconds, or its schema is newer than this code.
+
+        ``scratch``: a database nobody needs after a crash (a simulation's): commits do
+        not wait for the disk.
         """
         path = Path(path)
         try:
@@ -97,6 +101,8 @@ class Store(RoutesMixin, RequestsMixin):
         db: Database | None = None
         try:
             db = connect(path, busy_timeout=busy_timeout)
+            if scratch:
+                db.execute("PRAGMA synchronous = OFF")
             schema = migrate(db, path=path, clock=clock)
         except sqlite3.Error as exc:
             if db is not None:

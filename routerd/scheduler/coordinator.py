@@ -95,6 +95,7 @@ class Scheduler:
         clock: Clock | None = None,
         our_pid: int | None = None,
         on_change: Callable[[Scheduler], None] | None = None,
+        journal: Journal | None = None,  # the event log (default: written to ``store``)
     ) -> None:
         clock = clock or LoopClock()
         self.context = Context(
@@ -105,7 +106,7 @@ class Scheduler:
             settings=settings or SchedulerSettings(),
             clock=clock,
             signals=Signals(clock, None if on_change is None else lambda: on_change(self)),
-            journal=Journal(store),
+            journal=journal or Journal(store),
             pid=os.getpid() if our_pid is None else our_pid,
         )
         pinned = {f"{n}@{v}" for n, v in store.pinned_versions()}

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import gc
 import logging
 import math
-import tempfile
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,13 @@ from routerd.config import Config
 from routerd.devices import DeviceInventory
 from routerd.errors import RouterdError
 from routerd.scheduler import Scheduler, SchedulerSettings
+from routerd.scheduler.context import Journal
 from routerd.simulate.costs import ModelCost
 from routerd.simulate.hardware import SIMULATED_PID, SimulatedBackend, SimulatedGpus
 from routerd.simulate.loop import LoopTimeClock, VirtualTimeLoop
 from routerd.simulate.report import Outcome, PolicyResult, summarize
 from routerd.simulate.trace import TraceRequest, split_model
-from state import Store, VersionRecord, VersionSpec
+from state import Event, Store, VersionRecord, VersionSpec
 
 log = logging.getLogger("routerd.simulate")
 
@@ -47,7 +50,6 @@ BELADY = "belady"
 
 START = 1000.0  # virtual seconds at which the trace's t = 0 falls
 WALL_START = 1_700_000_000.0  # wall time the stored events of a simulation count from
-_MEMINFO = "MemTotal: 0 kB\nMemAvailable: 0 kB\n"  # no CPU device: cpu_budget is 0
 
 
 @dataclass(frozen=True)
@@ -99,24 +101,19 @@ def simulate(
     costs: Mapping[str, ModelCost],
     host: Host,
     policy: str | EvictionPolicy,
-    *,
-    store_dir: Path | None = None,
 ) -> PolicyResult:
     """Replay ``trace`` with eviction ``policy``: a registered name, ``belady``, or a
-    policy object (one not registered, a test's).
-
-    ``store_dir``: where the run's SQLite store goes (a temporary folder when None)."""
+    policy object (one not registered, a test's)."""
     missing = sorted({r.model for r in trace} - set(costs))
     if missing:
         raise ValueError(f"the model table has no entry for {', '.join(missing)}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="routerd-sim-", dir=_fast_tmp()) as tmp:
-        folder = store_dir or Path(tmp)
-        loop = VirtualTimeLoop(START)
-        try:
-            result = loop.run_until_complete(_run(loop, trace, costs, host, policy, folder))
-        finally:
-            loop.close()
+    loop = VirtualTimeLoop(START)
+    try:
+        with _few_collections():
+            result = loop.run_until_complete(_run(loop, trace, costs, host, policy))
+    finally:
+        loop.close()
     return replace(result, wall_seconds=round(time.perf_counter() - started, 3))
 
 
@@ -126,34 +123,33 @@ async def _run(
     costs: Mapping[str, ModelCost],
     host: Host,
     policy: str | EvictionPolicy,
-    folder: Path,
 ) -> PolicyResult:
     clock = LoopTimeClock(loop, WALL_START)
-    store = Store.open(folder / "simulation.db", clock=clock.wall)
+    store = Store.open(Path(":memory:"), clock=clock.wall, scratch=True)
+    journal = EventList(store, clock.wall)
     try:
         records = _register(store, costs, host)
         versions = {(r.name, r.version): costs[model] for model, r in records.items()}
         gpus = SimulatedGpus([host.memory] * host.gpus)
         backend = SimulatedBackend(loop, gpus, versions, host_tier=host.host_cache > 0)
-        meminfo = folder / "meminfo"
-        meminfo.write_text(_MEMINFO)
         eviction = _eviction(policy, trace, records)
         scheduler = Scheduler(
             BackendRegistry({"simulated": lambda: backend}),
-            DeviceInventory(gpus, meminfo=meminfo, cpu_budget=0),
+            DeviceInventory(gpus, meminfo=Path(os.devnull), cpu_budget=0),
             store,
             policy_registry.create("placement", host.placement, eviction=eviction),
             replace(host.settings, host_cache=host.host_cache, check_invariants=False),
             clock=clock,
             our_pid=SIMULATED_PID,
+            journal=journal,
         )
         await scheduler.start(lambda model_id: None)
         outcomes = await _replay(scheduler, trace, records, costs)
         ended = loop.time()
         await scheduler.close()
-        events = store.events(limit=1 << 62)
     finally:
         store.close()
+    events = journal.events
     result = summarize(eviction.name, events, outcomes, thrash_window=host.thrash_window)
     return replace(result, virtual_seconds=round(ended - START, 3))
 
@@ -200,32 +196,66 @@ def next_use_in(
     return next_use
 
 
+@contextlib.contextmanager
+def _few_collections() -> Iterator[None]:
+    """Python's cycle collector, set to run seldom while a simulation runs: it makes
+    millions of short-lived objects, and the collector would otherwise walk them, and
+    everything imported before, thousands of times (a tenth of the run's time)."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+ARRIVALS_AHEAD = 64
+"""Requests given a timer at once; the first of each batch sets the next batch's.
+(All of them at once would make the loop's timer heap as long as the trace, and
+every timer cost a log of it in comparisons made in Python.)"""
+
+
 async def _replay(
     scheduler: Scheduler,
-    trace: Iterable[TraceRequest],
+    trace: Sequence[TraceRequest],
     records: Mapping[str, VersionRecord],
     costs: Mapping[str, ModelCost],
 ) -> list[Outcome]:
-    """Every request at its time; returns their outcomes in arrival order."""
-
-    def serve_s(request: TraceRequest) -> float:
-        return costs[request.model].serve_s(request.completion_tokens)
-
+    """Every request at its time, each on a timer of its own; returns their outcomes
+    in arrival order."""
     loop = asyncio.get_running_loop()
-    outcomes: list[Outcome | None] = []
+    outcomes: list[Outcome | None] = [None] * len(trace)
     running: set[asyncio.Task[None]] = set()
-    for request in trace:
-        delay = START + request.t - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    finished = loop.create_future()
+    left = len(trace)
+
+    def set_timers(first: int) -> None:
+        for index in range(first, min(first + ARRIVALS_AHEAD, len(trace))):
+            loop.call_at(START + trace[index].t, arrive, index)
+
+    def arrive(index: int) -> None:
+        if index % ARRIVALS_AHEAD == 0:
+            set_timers(index + ARRIVALS_AHEAD)
+        request = trace[index]
+        serve_s = costs[request.model].serve_s(request.completion_tokens)
         task = loop.create_task(
-            _request(scheduler, records[request.model], serve_s(request), outcomes, len(outcomes))
+            _request(scheduler, records[request.model], serve_s, outcomes, index)
         )
-        outcomes.append(None)
         running.add(task)
-        task.add_done_callback(running.discard)
-    while running:
-        await asyncio.wait(list(running))
+        task.add_done_callback(done)
+
+    def done(task: asyncio.Task[None]) -> None:
+        nonlocal left
+        running.discard(task)
+        left -= 1
+        if not left:
+            finished.set_result(None)
+
+    if left:
+        set_timers(0)
+        await finished
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 
@@ -248,7 +278,35 @@ async def _request(
     outcomes[index] = Outcome(200, lease.cold_start_ms)
 
 
-def _fast_tmp() -> str | None:
-    """Memory-backed /dev/shm for the run's store where there is one: no disk flushes."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() else None
+class EventList(Journal):
+    """The simulation's event log: ``Event`` records kept in a list, as the daemon's
+    store would return them (the daemon writes each to SQLite as it happens; a
+    simulation makes tens of thousands, and reads them all back once)."""
+
+    def __init__(self, store: Store, wall: Callable[[], float]) -> None:
+        super().__init__(store)
+        self.events: list[Event] = []
+        self._wall = wall
+
+    def record(self, kind: str, record: VersionRecord, **fields: Any) -> None:
+        detail = fields.get("detail")
+        self.events.append(
+            Event(
+                id=len(self.events) + 1,
+                ts=self._wall(),
+                kind=kind,
+                model=record.name,
+                version=record.version,
+                device=fields.get("device"),
+                reason=fields.get("reason"),
+                detail=dict(detail) if detail else {},
+                bytes=fields.get("bytes"),
+                duration_ms=fields.get("duration_ms"),
+                trigger=fields.get("trigger"),
+            )
+        )
+        if self.observer is not None:
+            self.observer.event(kind, record, fields)
+
+    def flush(self) -> None:
+        """Nothing is ever left unwritten."""
