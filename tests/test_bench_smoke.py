@@ -134,3 +134,15 @@ def test_swap_reports_its_keys():
     assert figures["offload_freed_ratio"] > 0
     assert figures["max_over_budget_bytes"] >= 0  # its goal (0) is the benchmark's to judge
     assert figures["swap_load_requests"] > 0 and figures["evictions_to_host"] > 0
+
+
+def test_sim_fidelity_reports_its_keys():
+    figures = _last_json_line(
+        "bench/sim_fidelity.py", "--requests", "60", "--rate", "4", "--big", "300", timeout=400
+    )
+    assert figures["daemon_loads"] > 0 and figures["sim_loads"] > 0
+    assert figures["lost"] == 0
+    for key in ("loads_ratio", "load_seconds_ratio", "sim_seconds_for_100k"):
+        assert figures[key] > 0, key
+    assert 0 <= figures["hit_ratio_diff"] <= 1  # its goal (≤ 0.03) is the benchmark's to judge
+    assert set(figures["model_table"]) == {f"{m}@1" for m in figures["measured_bytes"]}
