@@ -180,3 +180,18 @@ def test_bad_input_exits_2_and_says_what(
     args = [a.format(tmp=tmp_path) for a in argv]
     assert main(["simulate", *args, "--requests", "10"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_trace_file_is_costed_by_the_state_dir_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = host_state(tmp_path / "state")
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"t": 0, "model": "a@1"}\n{"t": 3, "model": "b@1"}\n')
+    argv = ["simulate", "--trace", str(trace), "--state-dir", str(state), "--memory", "1GB"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["models"] == 2 and report["policies"][0]["loads"] == 2
+    trace.write_text('{"t": 0, "model": "c@1"}\n')  # never loaded there
+    assert main(argv) == 2
+    assert "cannot cost c@1: no footprint was measured" in capsys.readouterr().err

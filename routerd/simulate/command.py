@@ -29,7 +29,7 @@ from policies import registry as policy_registry
 from routerd.config import Config, ConfigError, load_config, parse_duration, parse_size
 from routerd.simulate import generate as generators
 from routerd.simulate.costs import ModelCost, read_table, table_json
-from routerd.simulate.learn import learn
+from routerd.simulate.learn import costs_for_trace, learn
 from routerd.simulate.report import PolicyResult, render
 from routerd.simulate.run import BELADY, Host, host_from_config, simulate
 from routerd.simulate.trace import TraceError, TraceRequest, read_trace, write_trace
@@ -140,7 +140,7 @@ def _inputs(
         else:
             store = _open_store(args.state_dir or config.state_dir)
             try:
-                costs = learn(store).costs
+                costs = costs_for_trace(store, (r.model for r in trace))
             finally:
                 store.close()
     if args.save:

@@ -14,7 +14,9 @@ store:
   completion tokens.
 
 A model the log names but the store cannot cost (never loaded here, say) is left out,
-with its requests; the notes say so.
+with its requests; the notes say so. ``costs_for_trace`` costs another trace's models
+from a store the same way (``--trace`` without ``--models``), and refuses one it
+cannot cost.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def learn(store: Store, *, since: float | None = None, until: float | None = Non
     learned = Learned([], {}, {})
     for model, served in sorted(by_model.items()):
         name, version = split_model(model)
-        events = [e for e in store.events(limit=_EVENT_LIMIT, model=name, version=version)]
+        events = store.events(limit=_EVENT_LIMIT, model=name, version=version)
         cost, why = model_cost(store, name, version, events, served, since=since)
         if cost is None:
             learned.notes.append(f"{model} left out with its {len(served)} requests: {why}")
@@ -74,6 +76,30 @@ def learn(store: Store, *, since: float | None = None, until: float | None = Non
             "no request in the log is of a model the store can cost: " + "; ".join(learned.notes)
         )
     return learned
+
+
+def costs_for_trace(store: Store, models: Iterable[str]) -> dict[str, ModelCost]:
+    """The model table for a trace's models (``name`` or ``name@version``) from
+    ``store``: what ``--trace`` without ``--models`` uses. ``ValueError`` naming every
+    model the store cannot cost."""
+    wanted = {model: split_model(model) for model in set(models)}
+    served: dict[tuple[str, str], list[RequestEntry]] = {v: [] for v in wanted.values()}
+    for entry in store.iter_requests():  # one pass, however many models
+        rows = served.get((entry.model or "", entry.version or ""))
+        if rows is not None:
+            rows.append(entry)
+    costs: dict[str, ModelCost] = {}
+    missing: list[str] = []
+    for model, (name, version) in sorted(wanted.items()):
+        events = store.events(limit=_EVENT_LIMIT, model=name, version=version)
+        cost, why = model_cost(store, name, version, events, served[(name, version)])
+        if cost is None:
+            missing.append(f"{model}: {why}")
+        else:
+            costs[model] = cost
+    if missing:
+        raise ValueError(f"the store at {store.path} cannot cost " + "; ".join(missing))
+    return costs
 
 
 def model_cost(
