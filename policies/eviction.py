@@ -8,7 +8,7 @@ filtered out before the policy orders the rest.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from policies.types import Resident
 
@@ -30,6 +30,29 @@ class EvictionPolicy(Protocol):
         """Model ids to evict (in order) so that ``free`` grows to ``need``; None if
         the instances evictable now cannot free enough."""
         ...
+
+
+def take_in_order(
+    residents: Sequence[Resident],
+    order: Callable[[Resident], tuple[Any, ...]],
+    *,
+    need: int,
+    free: int,
+    now: float,
+    min_residency: float,
+) -> tuple[str, ...] | None:
+    """The common end of every policy: nothing if ``need`` already fits; else the
+    instances evictable now, first in ``order`` first, until ``free`` reaches ``need``;
+    None when all of them are not enough."""
+    if need <= free:
+        return ()
+    chosen: list[str] = []
+    for resident in sorted((r for r in residents if r.evictable(now, min_residency)), key=order):
+        chosen.append(resident.model_id)
+        free += resident.bytes
+        if free >= need:
+            return tuple(chosen)
+    return None
 
 
 class LeastRecentlyUsed:
@@ -54,18 +77,14 @@ class LeastRecentlyUsed:
         now: float,
         min_residency: float,
     ) -> tuple[str, ...] | None:
-        if need <= free:
-            return ()
-        chosen: list[str] = []
-        for resident in sorted(
-            (r for r in residents if r.evictable(now, min_residency)),
-            key=lambda r: (not r.sleeps, r.last_used, r.model_id),
-        ):
-            chosen.append(resident.model_id)
-            free += resident.bytes
-            if free >= need:
-                return tuple(chosen)
-        return None
+        return take_in_order(
+            residents,
+            lambda r: (not r.sleeps, r.last_used, r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+        )
 
 
 class FurthestNextUse:
@@ -99,18 +118,105 @@ class FurthestNextUse:
         now: float,
         min_residency: float,
     ) -> tuple[str, ...] | None:
-        if need <= free:
-            return ()
-        chosen: list[str] = []
-        for resident in sorted(
-            (r for r in residents if r.evictable(now, min_residency)),
-            key=lambda r: (-self._next_use(r.model_id, now), r.model_id),
-        ):
-            chosen.append(resident.model_id)
-            free += resident.bytes
-            if free >= need:
-                return tuple(chosen)
-        return None
+        return take_in_order(
+            residents,
+            lambda r: (-self._next_use(r.model_id, now), r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+        )
 
 
-EVICTION_POLICIES: dict[str, type[LeastRecentlyUsed]] = {"lru": LeastRecentlyUsed}
+class LeastFrequentlyUsed:
+    """LFU with aging: evict the instances asked for least, recent requests weighing
+    more than old ones.
+
+    ``Resident.uses`` is the scheduler's aged count of the version's requests (each
+    adds one; the count halves every ``[scheduler] history_half_life``), so a model
+    that was popular yesterday and is idle today loses to one in use now, and a burst
+    does not buy a model a place for ever.
+
+    Decision tree:
+    1. ``need <= free`` → nothing to evict.
+    2. Keep only instances evictable now (idle, unpinned, past min residency).
+    3. Take them — fewest aged uses first; among equals, the least recently used —
+       until ``free`` reaches ``need`` → those.
+    4. Still short after all of them → None.
+    """
+
+    name = "lfu"
+
+    def victims(
+        self,
+        residents: Sequence[Resident],
+        *,
+        need: int,
+        free: int,
+        now: float,
+        min_residency: float,
+    ) -> tuple[str, ...] | None:
+        return take_in_order(
+            residents,
+            lambda r: (r.uses, r.last_used, r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+        )
+
+
+class GreedyDualSizeFrequency:
+    """Greedy-Dual-Size-Frequency: keep what is asked for often, costly to bring back
+    and small; evict the rest, the lowest priority first.
+
+    ``priority = floor + uses × reload_s ÷ GB``, where ``uses`` is the aged request
+    count, ``reload_s`` what bringing it back would cost from where eviction sends it
+    (the host tier if it would rest there, else disk) and GB its size. ``floor`` is
+    the device's clock when the instance was last used: the scheduler raises a device's
+    clock to the priority of each victim it evicts (``priority``), so an instance not
+    used since then competes against newcomers at the older, lower floor — the aging
+    that keeps a once-hot model from staying for ever. A model with no measured reload
+    yet counts its bytes at one second per GB.
+
+    Decision tree:
+    1. ``need <= free`` → nothing to evict.
+    2. Keep only instances evictable now (idle, unpinned, past min residency).
+    3. Take them — lowest priority first; among equals, the least recently used —
+       until ``free`` reaches ``need`` → those.
+    4. Still short after all of them → None.
+    """
+
+    name = "gdsf"
+
+    def priority(self, resident: Resident) -> float:
+        gigabytes = max(resident.bytes, 1) / 1e9
+        reload_s = resident.reload_s if resident.reload_s > 0 else gigabytes
+        return resident.floor + max(resident.uses, 1.0) * reload_s / gigabytes
+
+    def victims(
+        self,
+        residents: Sequence[Resident],
+        *,
+        need: int,
+        free: int,
+        now: float,
+        min_residency: float,
+    ) -> tuple[str, ...] | None:
+        return take_in_order(
+            residents,
+            lambda r: (self.priority(r), r.last_used, r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+        )
+
+
+EVICTION_POLICIES: dict[
+    str, type[LeastRecentlyUsed | LeastFrequentlyUsed | GreedyDualSizeFrequency]
+] = {
+    "lru": LeastRecentlyUsed,
+    "lfu": LeastFrequentlyUsed,
+    "gdsf": GreedyDualSizeFrequency,
+}

@@ -24,6 +24,10 @@ class Resident:
     ready: bool  # False while loading, draining or already chosen as a victim
     # Eviction would only put it to sleep (weights to host RAM): far cheaper to restore.
     sleeps: bool = False
+    # Its version's history (the scheduler's ``History``), for policies that weigh cost:
+    uses: float = 0.0  # requests, aged: each adds one, the sum halves every half-life
+    reload_s: float = 0.0  # measured seconds to bring it back from where eviction sends it
+    floor: float = 0.0  # its device's eviction clock when it was last used (GDSF's aging)
 
     def evictable(self, now: float, min_residency: float) -> bool:
         """Idle, unpinned, serving, and resident long enough (anti-thrash)."""

@@ -73,6 +73,7 @@ class SchedulerConfig:
     max_queue: int = 256  # requests waiting per version (load or batch queue); 0 = no limit
     max_failures: int = 3  # backend failures in a row before an instance is failed
     stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
+    history_half_life: float = 3600.0  # a version's aged request count halves this often
 
 
 @dataclass(frozen=True)
@@ -360,15 +361,15 @@ def _api_keys(raw: Mapping[str, Any], base_dir: Path) -> tuple[str, ...]:
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     defaults = SchedulerConfig()
     durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
-    positive = ("load_timeout", "load_wait_timeout", "stop_timeout")
+    positive = ("load_timeout", "load_wait_timeout", "stop_timeout", "history_half_life")
     _reject_unknown(
         raw,
         {*durations, "keep_alive", "placement", "eviction", "routing", "max_queue"}
-        | {"max_failures", "stop_timeout"},
+        | {"max_failures", "stop_timeout", "history_half_life"},
         where="scheduler.",
     )
     values: dict[str, Any] = {}
-    for key in (*durations, "stop_timeout"):
+    for key in (*durations, "stop_timeout", "history_half_life"):
         seconds = parse_duration(raw.get(key, getattr(defaults, key)), key=f"scheduler.{key}")
         if seconds < 0 or (seconds == 0 and key in positive):
             raise ConfigError(f"scheduler.{key}: must be positive")

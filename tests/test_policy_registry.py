@@ -59,7 +59,7 @@ def test_builtins_per_kind():
     assert registry.known("routing") == ["least-outstanding", "power-of-two", "round-robin"]
     assert registry.known("batching") == ["dynamic", "none"]
     assert registry.known("placement") == ["best-fit", "first-fit", "spread"]
-    assert registry.known("eviction") == ["lru"]
+    assert registry.known("eviction") == ["gdsf", "lfu", "lru"]
     for kind in registry.KINDS:
         for name in registry.known(kind):
             registry.check(kind, name)

@@ -184,6 +184,9 @@ class Lifecycle:
         instance.progress = None
         instance.loaded_at = instance.touched = now
         self._move(instance, InstanceState.READY)
+        self._residency.history.loaded(
+            instance.model_id, instance.device, now - instance.placed_at, "disk"
+        )
         records.loaded(self._context, instance, why)
         self._context.signals.changed()
 
@@ -237,6 +240,9 @@ class Lifecycle:
             self._attach_batcher(instance)
         self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
+        self._residency.history.loaded(
+            instance.model_id, instance.device, clock.now() - started, str(source)
+        )
         records.back(self._context, instance, source, why, need, clock.now() - started)
         self._context.signals.changed()
 

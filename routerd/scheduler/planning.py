@@ -200,6 +200,7 @@ class Planner:
             replica=replica,
         )
         reason = eviction_reason or self._context.placement.eviction.name
+        self._raise_floor(plan)
         self._lifecycle.claim_victims(plan.evict, instance.key, reason)
         if plan.evict:
             log.info(
@@ -211,6 +212,17 @@ class Planner:
             )
         self._context.signals.changed()
         return instance
+
+    def _raise_floor(self, plan: Plan) -> None:
+        """A policy that ranks by priority (GDSF) ages its device: the device's eviction
+        clock rises to the highest priority among the victims (``History.evicted``)."""
+        priority = getattr(self._context.placement.eviction, "priority", None)
+        if priority is None or not plan.evict:
+            return
+        _, residents = self._residency.planning_view(self._admission.waiting)
+        chosen = [priority(r) for r in residents if r.model_id in plan.evict]
+        if chosen:
+            self._residency.history.evicted(plan.device, max(chosen))
 
     # -- room for a wake-up or an overrun ----------------------------------------------
 

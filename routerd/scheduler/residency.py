@@ -23,6 +23,7 @@ from routerd.devices import DeviceReading
 from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import Holding, LedgerRow, build_ledger
 from routerd.scheduler.context import Context
+from routerd.scheduler.history import History
 from routerd.scheduler.settings import DeviceSnapshot, Failure, Leak, TierSnapshot
 from routerd.states import InstanceState
 from routerd.version_options import options_of
@@ -41,6 +42,8 @@ class Residency:
         self.failures: dict[str, Failure] = {}  # by model id
         self.host_claims: dict[str, int] = {}  # the tier's room claimed by victims entering it
         self.invariant_breaks: list[InvariantBroken] = []  # what ``check`` raised, kept
+        # What cost-aware eviction weighs, per version, kept after they leave too.
+        self.history = History(lambda: context.settings.history_half_life)
 
     # -- changes (lifecycle only) -------------------------------------------------
 
@@ -185,20 +188,27 @@ class Residency:
             DeviceRoom(id=row.device, kind=row.kind, capacity=row.capacity, free=row.free)
             for row in self.ledger()
         ]
-        residents = [
-            Resident(
-                model_id=i.key,
-                device=i.device,
-                bytes=i.bytes,
-                last_used=i.touched,
-                loaded_at=i.loaded_at,
-                in_flight=i.in_flight + waiting.get(i.model_id, 0),
-                pinned=i.model_id in self.pinned,
-                ready=i.state is InstanceState.READY,
-                sleeps=self.tier_for(i) is not None,
+        now = self._context.clock.now()
+        residents = []
+        for i in self.instances.values():
+            sleeps = self.tier_for(i) is not None
+            weighed = self.history.weigh(i.model_id, i.device, now, to_tier=sleeps)
+            residents.append(
+                Resident(
+                    model_id=i.key,
+                    device=i.device,
+                    bytes=i.bytes,
+                    last_used=i.touched,
+                    loaded_at=i.loaded_at,
+                    in_flight=i.in_flight + waiting.get(i.model_id, 0),
+                    pinned=i.model_id in self.pinned,
+                    ready=i.state is InstanceState.READY,
+                    sleeps=sleeps,
+                    uses=weighed.uses,
+                    reload_s=weighed.reload_s,
+                    floor=weighed.floor,
+                )
             )
-            for i in self.instances.values()
-        ]
         return rooms, residents
 
     # -- the host-RAM tier ------------------------------------------------------------

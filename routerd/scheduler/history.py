@@ -1,0 +1,105 @@
+"""What cost-aware eviction needs to know of each version, kept by the scheduler.
+
+Policies stay pure (DESIGN.md rule 2): they keep nothing between calls and read no
+clock. So the scheduler keeps, per version, what they weigh, and hands it to them as
+plain data on each ``policies.types.Resident``:
+
+- ``uses`` — its requests, aged: each adds one, and the sum halves every
+  ``history_half_life`` seconds, so yesterday's favourite fades;
+- ``reload_s`` — what bringing it back would cost from where eviction sends it: its
+  measured returns from the host tier if it would rest there, else its loads from
+  disk (moving averages per device kind; 0 while never measured);
+- ``floor`` — its device's eviction clock when it was last used. A policy that ranks
+  by priority (``priority``, as Greedy-Dual-Size-Frequency does) has the scheduler
+  raise a device's clock to the priority of each victim it evicts, so what was not
+  used since competes from its older, lower floor.
+
+Versions keep their history after they leave (so a reload is priced by what was
+measured before), bounded to the ``MAX_VERSIONS`` most recently used. Everything runs
+on the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from routerd.scheduler.admission import moving_average
+
+MAX_VERSIONS = 10_000
+
+
+@dataclass
+class VersionHistory:
+    uses: float = 0.0  # aged request count as of ``at``
+    at: float = -math.inf  # scheduler clock of its last use
+    floor: float = 0.0
+    disk_s: dict[str, float] = field(default_factory=dict)  # device kind → load seconds
+    tier_s: dict[str, float] = field(default_factory=dict)  # device kind → return seconds
+
+
+@dataclass(frozen=True)
+class Weighed:
+    """One version as a cost-aware policy sees it (see the module docstring)."""
+
+    uses: float
+    reload_s: float
+    floor: float
+
+
+class History:
+    """Per-version history; ``half_life`` reads the setting (a reload may change it)."""
+
+    def __init__(self, half_life: Callable[[], float]) -> None:
+        self._half_life = half_life
+        self._versions: dict[str, VersionHistory] = {}
+        self._floors: dict[str, float] = {}  # device → its eviction clock
+
+    def _of(self, model_id: str) -> VersionHistory:
+        history = self._versions.pop(model_id, None)
+        if history is None:
+            history = VersionHistory()
+            if len(self._versions) >= MAX_VERSIONS:  # the least recently used goes
+                del self._versions[next(iter(self._versions))]
+        self._versions[model_id] = history  # last in order: most recently used
+        return history
+
+    def _aged(self, history: VersionHistory, now: float) -> float:
+        half_life = self._half_life()
+        if history.uses == 0.0 or not math.isfinite(history.at) or math.isinf(half_life):
+            return history.uses
+        if half_life <= 0:
+            return 0.0
+        return float(history.uses * 0.5 ** (max(now - history.at, 0.0) / half_life))
+
+    def used(self, model_id: str, device: str, now: float) -> None:
+        """A request took a lease on ``model_id`` on ``device`` (the coordinator)."""
+        history = self._of(model_id)
+        history.uses = self._aged(history, now) + 1.0
+        history.at = now
+        history.floor = self._floors.get(device, 0.0)
+
+    def loaded(self, model_id: str, device: str, seconds: float, source: str) -> None:
+        """A load (``source`` ``disk``) or a return from the host tier took ``seconds``
+        (the lifecycle, as it makes the instance ready)."""
+        history = self._of(model_id)
+        kind = device.split(":")[0]
+        times = history.disk_s if source == "disk" else history.tier_s
+        times[kind] = moving_average(times.get(kind), seconds)
+
+    def evicted(self, device: str, priority: float) -> None:
+        """A victim of ``priority`` was chosen on ``device``: its clock moves up to it."""
+        self._floors[device] = max(self._floors.get(device, 0.0), priority)
+
+    def weigh(self, model_id: str, device: str, now: float, *, to_tier: bool) -> Weighed:
+        """``model_id`` on ``device`` for the policies; ``to_tier``: eviction would send
+        it to the host tier (its return is priced, not a load)."""
+        history = self._versions.get(model_id)
+        if history is None:
+            return Weighed(0.0, 0.0, 0.0)
+        kind = device.split(":")[0]
+        reload_s = history.disk_s.get(kind, 0.0)
+        if to_tier:
+            reload_s = history.tier_s.get(kind, reload_s / 10)
+        return Weighed(self._aged(history, now), reload_s, history.floor)

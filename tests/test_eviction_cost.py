@@ -1,0 +1,205 @@
+"""Cost-aware eviction: LFU with aging and Greedy-Dual-Size-Frequency (pure, tables),
+the scheduler's history they read, and what they do on the simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from policies import registry
+from policies.eviction import GreedyDualSizeFrequency, LeastFrequentlyUsed, LeastRecentlyUsed
+from policies.types import Resident
+from routerd.scheduler import SchedulerSettings
+from routerd.scheduler.history import MAX_VERSIONS, History
+from routerd.simulate.costs import ModelCost
+from routerd.simulate.run import Host, simulate
+from routerd.simulate.trace import TraceRequest
+
+GB = 10**9
+
+
+def resident(name: str, **fields: object) -> Resident:
+    values: dict[str, object] = {
+        "model_id": name,
+        "device": "cuda:0",
+        "bytes": GB,
+        "last_used": 0.0,
+        "loaded_at": 0.0,
+        "in_flight": 0,
+        "pinned": False,
+        "ready": True,
+        **fields,
+    }
+    return Resident(**values)  # type: ignore[arg-type]
+
+
+def victims(policy: object, residents: list[Resident], need: int, free: int = 0) -> object:
+    return policy.victims(residents, need=need, free=free, now=100.0, min_residency=10.0)  # type: ignore[attr-defined]
+
+
+LFU_CASES = [
+    # (what, residents, need, free, victims)
+    ("fits already", [resident("a")], GB, GB, ()),
+    (
+        "fewest uses first",
+        [resident("a", uses=5.0), resident("b", uses=1.0), resident("c", uses=3.0)],
+        2 * GB,
+        0,
+        ("b", "c"),
+    ),
+    (
+        "equal uses: least recently used",
+        [resident("a", uses=2.0, last_used=50.0), resident("b", uses=2.0, last_used=40.0)],
+        GB,
+        0,
+        ("b",),
+    ),
+    (
+        "busy, pinned, young and unready ones stay",
+        [
+            resident("busy", in_flight=1),
+            resident("pinned", pinned=True),
+            resident("young", loaded_at=95.0),
+            resident("loading", ready=False),
+            resident("idle", uses=9.0),
+        ],
+        GB,
+        0,
+        ("idle",),
+    ),
+    ("not enough evictable", [resident("a"), resident("b", in_flight=2)], 2 * GB, 0, None),
+]
+
+
+@pytest.mark.parametrize(("what", "residents", "need", "free", "expected"), LFU_CASES)
+def test_lfu(what: str, residents: list[Resident], need: int, free: int, expected: object) -> None:
+    assert victims(LeastFrequentlyUsed(), residents, need, free) == expected, what
+
+
+GDSF_CASES = [
+    (
+        "cheap to reload goes first, whatever its recency",
+        [
+            resident("cheap", uses=4.0, reload_s=0.1, last_used=90.0),
+            resident("dear", uses=4.0, reload_s=60.0, last_used=10.0),
+        ],
+        GB,
+        ("cheap",),
+    ),
+    (
+        "per byte: a large model costing as much to reload as a small one goes first",
+        [
+            resident("small", uses=2.0, reload_s=10.0, bytes=GB),
+            resident("large", uses=2.0, reload_s=10.0, bytes=20 * GB),
+        ],
+        GB,
+        ("large",),
+    ),
+    (
+        "frequency counts: a rarely used dear model goes before a hot one",
+        [
+            resident("rare", uses=1.0, reload_s=10.0),
+            resident("hot", uses=50.0, reload_s=2.0),
+        ],
+        GB,
+        ("rare",),
+    ),
+    (
+        "aging: a model last used at a low floor goes before one used since",
+        [
+            resident("old", uses=3.0, reload_s=5.0, floor=0.0),
+            resident("recent", uses=3.0, reload_s=5.0, floor=40.0),
+        ],
+        GB,
+        ("old",),
+    ),
+    (
+        "never measured: its bytes at a second per GB",
+        [resident("unknown", uses=2.0), resident("measured", uses=2.0, reload_s=3.0)],
+        GB,
+        ("unknown",),
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "residents", "need", "expected"), GDSF_CASES)
+def test_gdsf(what: str, residents: list[Resident], need: int, expected: object) -> None:
+    assert victims(GreedyDualSizeFrequency(), residents, need) == expected, what
+
+
+def test_gdsf_priority_is_floor_plus_uses_times_cost_per_gigabyte() -> None:
+    policy = GreedyDualSizeFrequency()
+    r = resident("a", uses=3.0, reload_s=6.0, bytes=2 * GB, floor=10.0)
+    assert policy.priority(r) == pytest.approx(10.0 + 3.0 * 6.0 / 2.0)
+
+
+def test_the_policies_are_registered_and_lru_is_unchanged() -> None:
+    assert {"lru", "lfu", "gdsf"} <= set(registry.known("eviction"))
+    assert isinstance(registry.create("eviction", "gdsf"), GreedyDualSizeFrequency)
+    old = [resident("a", last_used=5.0, uses=99.0), resident("b", last_used=1.0)]
+    assert victims(LeastRecentlyUsed(), old, GB) == ("b",)
+
+
+def test_history_ages_counts_and_prices_the_tier_it_would_go_to() -> None:
+    half_life = [100.0]
+    history = History(lambda: half_life[0])
+    for t in (0.0, 0.0, 0.0, 0.0):
+        history.used("a@1", "cuda:0", t)
+    assert history.weigh("a@1", "cuda:0", 100.0, to_tier=False).uses == pytest.approx(2.0)
+    assert history.weigh("a@1", "cuda:0", 200.0, to_tier=False).uses == pytest.approx(1.0)
+    history.loaded("a@1", "cuda:0", 8.0, "disk")
+    history.loaded("a@1", "cuda:1", 4.0, "disk")  # the same kind of device: one average
+    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=False).reload_s == pytest.approx(7.2)
+    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=True).reload_s == pytest.approx(0.72)
+    history.loaded("a@1", "cuda:0", 0.5, "host")
+    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=True).reload_s == 0.5
+    assert history.weigh("a@1", "cpu", 0.0, to_tier=False).reload_s == 0.0  # never there
+    half_life[0] = math.inf  # a reload of the setting: counts stop fading
+    assert history.weigh("a@1", "cuda:0", 1e6, to_tier=False).uses == pytest.approx(4.0)
+    assert history.weigh("never@1", "cuda:0", 0.0, to_tier=False).uses == 0.0
+
+
+def test_history_floors_rise_with_victims_and_stay_with_last_use() -> None:
+    history = History(lambda: 3600.0)
+    history.used("a@1", "cuda:0", 0.0)
+    history.evicted("cuda:0", 12.0)
+    history.evicted("cuda:0", 5.0)  # never lower
+    history.used("b@1", "cuda:0", 1.0)
+    history.used("c@1", "cuda:1", 1.0)
+    assert history.weigh("a@1", "cuda:0", 1.0, to_tier=False).floor == 0.0
+    assert history.weigh("b@1", "cuda:0", 1.0, to_tier=False).floor == 12.0
+    assert history.weigh("c@1", "cuda:1", 1.0, to_tier=False).floor == 0.0
+
+
+def test_history_keeps_a_bounded_number_of_versions() -> None:
+    history = History(lambda: 3600.0)
+    for n in range(MAX_VERSIONS + 5):
+        history.used(f"m{n}@1", "cuda:0", float(n))
+    assert history.weigh("m0@1", "cuda:0", 0.0, to_tier=False).uses == 0.0  # forgotten
+    newest = history.weigh(f"m{MAX_VERSIONS + 4}@1", "cuda:0", 0.0, to_tier=False)
+    assert newest.uses > 0
+
+
+def test_on_the_simulator_gdsf_keeps_the_model_that_is_dear_to_reload() -> None:
+    """Two cheap models and one dear one, room for two: LRU evicts whichever is
+    oldest, the dear one too; GDSF keeps paying the cheap reloads instead."""
+    costs = {
+        "dear": ModelCost(bytes=GB, load_s=60.0, request_s=0.1),
+        "cheap-a": ModelCost(bytes=GB, load_s=0.5, request_s=0.1),
+        "cheap-b": ModelCost(bytes=GB, load_s=0.5, request_s=0.1),
+    }
+    trace = [
+        TraceRequest(i * 100.0, ("dear", "cheap-a", "cheap-b")[i % 3], 1, 0) for i in range(30)
+    ]
+    settings = SchedulerSettings(
+        min_residency=0.0, keep_alive=math.inf, headroom={"cuda": 0}, load_wait_timeout=120.0
+    )
+    host = replace(Host(memory=int(2.5 * GB), settings=settings))
+    lru = simulate(trace, costs, host, "lru")
+    gdsf = simulate(trace, costs, host, "gdsf")
+    lfu = simulate(trace, costs, host, "lfu")
+    assert lru.load_seconds > 10 * 60.0  # the dear model loaded again and again
+    assert gdsf.load_seconds < 2 * 60.0  # loaded once (and the cheap ones often)
+    assert gdsf.load_seconds < lfu.load_seconds <= lru.load_seconds
