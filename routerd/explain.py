@@ -149,6 +149,18 @@ def _explain_load(model_id: str, load: Event, now: float) -> str:
         sentences.append(f"Loading and warming it up took {_took(took)}.")
     elif size is not None:
         sentences.append(f"It occupies {_size(size)}.")
+    after = _number(load.detail.get("reloaded_after_s"))
+    if after is not None:
+        came_back = f"It was reloaded {_span(after)} after its eviction"
+        rival = load.detail.get("displaced_by")
+        if rival:
+            came_back += (
+                f", which had made room for {rival}; the two keep displacing each other "
+                "(more memory, a host tier, or pinning one of them would stop it)"
+            )
+        elif load.detail.get("thrash"):
+            came_back += ": thrash, counted in routerd_thrash_total"
+        sentences.append(came_back + ".")
     sentences.append("It has not been evicted since.")
     return " ".join(sentences)
 

@@ -61,6 +61,10 @@ COUNTERS: Final[Mapping[str, tuple[tuple[str, ...], str]]] = {
         "Requests that waited for their model version to load.",
     ),
     "routerd_loads": (("model", "version", "result"), "Model loads, by result (ok, failed)."),
+    "routerd_thrash": (
+        ("model", "version"),
+        "Loads (from disk or the host tier) within 60 s of the version's eviction.",
+    ),
     "routerd_evictions": (
         ("model", "version", "reason"),
         "Instances unloaded, by reason (lru, ttl, manual, pressure, ...).",
@@ -184,6 +188,8 @@ class Metrics:
         counters, histograms = self.counters, self.histograms
         if kind == "load":
             counters["routerd_loads", name, version, "ok"].inc()
+            if (fields.get("detail") or {}).get("thrash"):
+                counters["routerd_thrash", name, version].inc()
             duration_ms = fields.get("duration_ms")
             if isinstance(duration_ms, int | float):
                 seconds = duration_ms / 1000

@@ -4,18 +4,24 @@ the scheduler's history they read, and what they do on the simulator."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from policies import registry
 from policies.eviction import GreedyDualSizeFrequency, LeastFrequentlyUsed, LeastRecentlyUsed
 from policies.types import Resident
+from routerd.explain import explain
+from routerd.metrics import Metrics
 from routerd.scheduler import SchedulerSettings
-from routerd.scheduler.history import MAX_VERSIONS, History
+from routerd.scheduler.history import MAX_VERSIONS, THRASH_WINDOW_S, History
 from routerd.simulate.costs import ModelCost
 from routerd.simulate.run import Host, simulate
 from routerd.simulate.trace import TraceRequest
+from tests.fakes import FakeBackend, FakeGpus
+from tests.support import LedgerWatch, ask, one_gpu_services
 
 GB = 10**9
 
@@ -203,3 +209,47 @@ def test_on_the_simulator_gdsf_keeps_the_model_that_is_dear_to_reload() -> None:
     assert lru.load_seconds > 10 * 60.0  # the dear model loaded again and again
     assert gdsf.load_seconds < 2 * 60.0  # loaded once (and the cheap ones often)
     assert gdsf.load_seconds < lfu.load_seconds <= lru.load_seconds
+
+
+# -- thrash you can see ---------------------------------------------------------------
+
+
+def test_history_tells_a_quick_comeback_and_two_that_displace_each_other() -> None:
+    history = History(lambda: 3600.0)
+    assert history.comeback("a@1", 0.0) is None  # never left
+    history.left("a@1", 10.0, "b@1")
+    history.left("b@1", 14.0, "a@1#1")  # b made room for a's replica: the same version
+    back = history.comeback("a@1", 18.0)
+    assert back is not None and (back.after_s, back.thrash, back.rival) == (8.0, True, "b@1")
+    history.left("c@1", 0.0, None)  # idle past its keep-alive, for nobody
+    late = history.comeback("c@1", 600.0)
+    assert late is not None and (late.thrash, late.left_for, late.rival) == (False, None, None)
+
+
+async def test_two_models_that_keep_evicting_each_other_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Room for one of two: a, b, a. a's second load is thrash, its event says how soon
+    and for whom it left, the metric counts it, one warning names both, and
+    ``routerctl why`` (explain) says so."""
+    backend = FakeBackend(FakeGpus([10_000]))
+    services = one_gpu_services(tmp_path, backend, size=6_000, host_cache=0, watch=LedgerWatch())
+    metrics = Metrics()
+    services.scheduler.observer = metrics
+    try:
+        for name in ("a", "b", "a"):
+            await ask(services, name)
+        loads = [e for e in services.store.events(limit=20) if e.kind == "load"]
+        latest = loads[0]
+        assert latest.model == "a" and latest.detail["thrash"] is True
+        assert latest.detail["displaced_by"] == "b@1"
+        assert 0 <= latest.detail["reloaded_after_s"] < THRASH_WINDOW_S
+        assert "thrash" not in loads[-1].detail  # a's first load
+        text = metrics.render().decode()
+        assert 'routerd_thrash_total{model="a",version="1"} 1.0' in text
+        assert any("keep displacing each other" in r.getMessage() for r in caplog.records)
+        why = explain("a@1", services.store.events(limit=20, model="a"), time.time())
+        assert "keep displacing each other" in why and "b@1" in why
+    finally:
+        await services.scheduler.close()
+        services.store.close()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from routerd.scheduler.admission import moving_average
 
 MAX_VERSIONS = 10_000
+THRASH_WINDOW_S = 60.0
+"""A load this soon after the version's eviction is thrash (counted, logged, explained)."""
 
 
 @dataclass
@@ -37,6 +39,8 @@ class VersionHistory:
     floor: float = 0.0
     disk_s: dict[str, float] = field(default_factory=dict)  # device kind → load seconds
     tier_s: dict[str, float] = field(default_factory=dict)  # device kind → return seconds
+    left_at: float | None = None  # scheduler clock of its latest eviction
+    left_for: str | None = None  # the instance that eviction made room for
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,18 @@ class Weighed:
     uses: float
     reload_s: float
     floor: float
+
+
+@dataclass(frozen=True)
+class Comeback:
+    """A version loaded again after an eviction: ``after_s`` seconds later; ``thrash``
+    when within ``THRASH_WINDOW_S``; ``rival``: the version it left for, when that one
+    had itself been evicted for it within the window (the two displace each other)."""
+
+    after_s: float
+    thrash: bool
+    left_for: str | None
+    rival: str | None
 
 
 class History:
@@ -87,6 +103,32 @@ class History:
         kind = device.split(":")[0]
         times = history.disk_s if source == "disk" else history.tier_s
         times[kind] = moving_average(times.get(kind), seconds)
+
+    def left(self, model_id: str, now: float, trigger: str | None) -> None:
+        """``model_id`` was chosen to leave (for ``trigger``'s room, or idle)."""
+        history = self._of(model_id)
+        history.left_at, history.left_for = now, trigger
+
+    def comeback(self, model_id: str, now: float) -> Comeback | None:
+        """How soon after its latest eviction ``model_id`` is loaded again, and for whom
+        it left; None if it never left."""
+        history = self._versions.get(model_id)
+        if history is None or history.left_at is None:
+            return None
+        after = max(now - history.left_at, 0.0)
+        trigger = history.left_for
+        rival = None
+        if trigger is not None and after <= THRASH_WINDOW_S:
+            other = self._versions.get(trigger.partition("#")[0])
+            if (
+                other is not None
+                and other.left_at is not None
+                and other.left_for is not None
+                and other.left_for.partition("#")[0] == model_id
+                and now - other.left_at <= THRASH_WINDOW_S
+            ):
+                rival = trigger.partition("#")[0]  # each evicted the other, within the window
+        return Comeback(after, after <= THRASH_WINDOW_S, trigger, rival)
 
     def evicted(self, device: str, priority: float) -> None:
         """A victim of ``priority`` was chosen on ``device``: its clock moves up to it."""

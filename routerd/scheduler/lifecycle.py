@@ -184,10 +184,9 @@ class Lifecycle:
         instance.progress = None
         instance.loaded_at = instance.touched = now
         self._move(instance, InstanceState.READY)
-        self._residency.history.loaded(
-            instance.model_id, instance.device, now - instance.placed_at, "disk"
-        )
-        records.loaded(self._context, instance, why)
+        history = self._residency.history
+        history.loaded(instance.model_id, instance.device, now - instance.placed_at, "disk")
+        records.loaded(self._context, instance, why, history.comeback(instance.model_id, now))
         self._context.signals.changed()
 
     def _attach_batcher(self, instance: Instance) -> None:
@@ -240,10 +239,10 @@ class Lifecycle:
             self._attach_batcher(instance)
         self._move(instance, InstanceState.READY)
         instance.loaded_at = instance.touched = clock.now()
-        self._residency.history.loaded(
-            instance.model_id, instance.device, clock.now() - started, str(source)
-        )
-        records.back(self._context, instance, source, why, need, clock.now() - started)
+        history = self._residency.history
+        history.loaded(instance.model_id, instance.device, clock.now() - started, str(source))
+        comeback = history.comeback(instance.model_id, clock.now())
+        records.back(self._context, instance, source, why, need, clock.now() - started, comeback)
         self._context.signals.changed()
 
     def _observe_batch(self, instance: Instance, rows: int) -> None:
@@ -285,6 +284,7 @@ class Lifecycle:
         an instance already in the tier leaves it. Whatever is unloaded has its memory
         verified back.
         """
+        self._residency.history.left(instance.model_id, self._context.clock.now(), trigger)
         self._drain(instance)
         if force:
             instance.revoke(f"{instance.model_id} was evicted by an operator")

@@ -12,13 +12,17 @@ from backends.base import Footprint
 from contract.errors import LoadCancelled
 from routerd.instance import Instance
 from routerd.scheduler.context import Context
+from routerd.scheduler.history import Comeback
 from state import StoreError
 
 log = logging.getLogger("routerd.scheduler")
 
 
-def loaded(context: Context, instance: Instance, why: str) -> None:
-    """A ``load`` event for an instance read from disk and made ready."""
+def loaded(
+    context: Context, instance: Instance, why: str, comeback: Comeback | None = None
+) -> None:
+    """A ``load`` event for an instance read from disk and made ready; ``comeback``:
+    how soon after its eviction (``thrashed`` says what a quick one means)."""
     record = instance.record
     measured = instance.measured
     assert measured is not None and instance.load_ms is not None
@@ -41,6 +45,7 @@ def loaded(context: Context, instance: Instance, why: str) -> None:
             # load and may skip its profile; "measured": it profiled this load.
             "profile": "stored" if instance.profile_known else "measured",
             "source": "disk",
+            **thrashed(instance, comeback),
         },
     )
     log.info(
@@ -60,7 +65,13 @@ def loaded(context: Context, instance: Instance, why: str) -> None:
 
 
 def back(
-    context: Context, instance: Instance, source: str | None, why: str, nbytes: int, seconds: float
+    context: Context,
+    instance: Instance,
+    source: str | None,
+    why: str,
+    nbytes: int,
+    seconds: float,
+    comeback: Comeback | None = None,
 ) -> None:
     """A ``load`` event for an instance brought back from the host tier (``source``:
     ``sleep`` or ``host``), ``nbytes`` returned to its device in ``seconds``."""
@@ -73,7 +84,7 @@ def back(
         reason=why,
         bytes=nbytes,
         duration_ms=duration_ms,
-        detail={"source": source},
+        detail={"source": source, **thrashed(instance, comeback)},
     )
     log.info(
         "%s back on %s from the host tier (%s) in %.0f ms",
@@ -83,6 +94,31 @@ def back(
         duration_ms,
         extra={"event": "load", "model": record.model_id, "source": source},
     )
+
+
+def thrashed(instance: Instance, comeback: Comeback | None) -> dict[str, Any]:
+    """What a load event says of a return soon after eviction: ``reloaded_after_s``
+    and ``thrash`` (within ``THRASH_WINDOW_S``: counted by ``routerd_thrash_total``).
+    Two versions that keep evicting each other get one warning with the figure."""
+    if comeback is None:
+        return {}
+    if comeback.rival is not None:
+        log.warning(
+            "%s reloaded %.0f s after it was evicted for %s, which had itself been evicted "
+            "for it: the two keep displacing each other on %s (more memory, a host tier, "
+            "or pinning one of them would stop it)",
+            instance.model_id,
+            comeback.after_s,
+            comeback.rival,
+            instance.device,
+            extra={"event": "thrash", "model": instance.model_id, "rival": comeback.rival},
+        )
+    detail: dict[str, Any] = {"reloaded_after_s": round(comeback.after_s, 1)}
+    if comeback.thrash:
+        detail["thrash"] = True
+        if comeback.rival is not None:
+            detail["displaced_by"] = comeback.rival
+    return detail
 
 
 def rested(
