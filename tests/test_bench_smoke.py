@@ -146,3 +146,19 @@ def test_sim_fidelity_reports_its_keys():
         assert figures[key] > 0, key
     assert 0 <= figures["hit_ratio_diff"] <= 1  # its goal (≤ 0.03) is the benchmark's to judge
     assert set(figures["model_table"]) == {f"{m}@1" for m in figures["measured_bytes"]}
+
+
+def test_eviction_reports_its_keys():
+    figures = _last_json_line(
+        "bench/eviction.py", "--requests", "600", "--others", "300", "--jobs", "2", timeout=300
+    )
+    for key in (
+        "zipf_equal_vs_belady",
+        "mixed_load_seconds_vs_lru",
+        "bursty_load_seconds_vs_lru",
+        "shift_load_seconds_vs_lru",
+    ):
+        assert figures[key] > 0, key
+    assert set(figures["table"]) == {"zipf_equal", "mixed", "bursty", "shift"}
+    assert set(figures["table"]["mixed"]) == {"lru", "lfu", "gdsf", "belady"}
+    assert "lru" in figures["never_worse"]  # LRU is never worse than itself

@@ -228,3 +228,14 @@ def test_mixed_sizes_stay_in_range_and_larger_models_cost_more() -> None:
 def test_a_workload_that_cannot_be_made_says_why(change: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate(Workload(**change))  # type: ignore[arg-type]
+
+
+def test_a_cost_spread_makes_load_times_differ_from_what_bytes_say() -> None:
+    plain = costs_for(Workload(sizes="mixed", models=20, seed=9))
+    spread = costs_for(Workload(sizes="mixed", models=20, seed=9, cost_spread=8.0))
+    assert [c.bytes for c in plain.values()] == [c.bytes for c in spread.values()]
+    ratios = [spread[m].load_s / plain[m].load_s for m in plain]
+    assert all(1 / 8 - 1e-3 <= r <= 8 + 1e-3 for r in ratios)
+    assert max(ratios) / min(ratios) > 4  # not one factor for all
+    with pytest.raises(ValueError, match="cost_spread"):
+        generate(Workload(cost_spread=0.5))

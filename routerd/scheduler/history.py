@@ -30,6 +30,8 @@ from routerd.scheduler.admission import moving_average
 MAX_VERSIONS = 10_000
 THRASH_WINDOW_S = 60.0
 """A load this soon after the version's eviction is thrash (counted, logged, explained)."""
+RIVALRY_LOG_S = 600.0
+"""Two versions that keep displacing each other are logged at most this often."""
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Comeback:
     thrash: bool
     left_for: str | None
     rival: str | None
+    first_in_a_while: bool = True  # the pair was not logged in the last RIVALRY_LOG_S
 
 
 class History:
@@ -71,6 +74,7 @@ class History:
         self._half_life = half_life
         self._versions: dict[str, VersionHistory] = {}
         self._floors: dict[str, float] = {}  # device → its eviction clock
+        self._rivalries: dict[frozenset[str], float] = {}  # pair → when last told
 
     def _of(self, model_id: str) -> VersionHistory:
         history = self._versions.pop(model_id, None)
@@ -128,7 +132,16 @@ class History:
                 and now - other.left_at <= THRASH_WINDOW_S
             ):
                 rival = trigger.partition("#")[0]  # each evicted the other, within the window
-        return Comeback(after, after <= THRASH_WINDOW_S, trigger, rival)
+        first = True
+        if rival is not None:
+            pair = frozenset((model_id, rival))
+            told = self._rivalries.get(pair)
+            first = told is None or now - told >= RIVALRY_LOG_S
+            if first:
+                if len(self._rivalries) >= MAX_VERSIONS:
+                    self._rivalries.clear()
+                self._rivalries[pair] = now
+        return Comeback(after, after <= THRASH_WINDOW_S, trigger, rival, first)
 
     def evicted(self, device: str, priority: float) -> None:
         """A victim of ``priority`` was chosen on ``device``: its clock moves up to it."""

@@ -68,15 +68,16 @@ class Reaper:
         now = self._context.clock.now()
         wake = MAX_LOOK_S
         for instance in list(self._residency.instances.values()):
-            limit, reason = self.idle_limit(instance)
             if (
                 instance.state is not InstanceState.READY
                 or instance.in_flight
                 or instance.queued
                 or instance.model_id in self._admission.waiting
                 or instance.model_id in self._residency.pinned
-                or math.isinf(limit)
             ):
+                continue
+            limit, reason = self.idle_limit(instance)
+            if math.isinf(limit):
                 continue
             remaining = instance.touched + limit - now
             if remaining <= 0:

@@ -99,10 +99,11 @@ def back(
 def thrashed(instance: Instance, comeback: Comeback | None) -> dict[str, Any]:
     """What a load event says of a return soon after eviction: ``reloaded_after_s``
     and ``thrash`` (within ``THRASH_WINDOW_S``: counted by ``routerd_thrash_total``).
-    Two versions that keep evicting each other get one warning with the figure."""
+    Two versions that keep evicting each other get a warning with the figure (a pair at
+    most once every ``RIVALRY_LOG_S``, however often it happens)."""
     if comeback is None:
         return {}
-    if comeback.rival is not None:
+    if comeback.rival is not None and comeback.first_in_a_while:
         log.warning(
             "%s reloaded %.0f s after it was evicted for %s, which had itself been evicted "
             "for it: the two keep displacing each other on %s (more memory, a host tier, "

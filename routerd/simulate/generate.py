@@ -12,8 +12,9 @@ Three shapes of traffic, each seeded and repeatable:
 
 Sizes are ``equal`` (every model ``size`` bytes, as cheap to load as the others) or
 ``mixed``: log-uniform between ``min_size`` and ``max_size`` (0.5–70 GB by default).
-A load from disk takes ``load_fixed_s`` plus its bytes at ``disk_gbps``; from the
-host tier, its bytes at ``host_gbps``; a completion token, more for larger models.
+A load from disk takes ``load_fixed_s`` plus its bytes at ``disk_gbps`` (with mixed
+sizes, times a per-model factor within ``cost_spread``); from the host tier, its
+bytes at ``host_gbps``; a completion token, more for larger models.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Workload:
     disk_gbps: float = 2.0
     host_gbps: float = 20.0
     load_fixed_s: float = 1.0  # what a load costs besides reading (engine start, warm-up)
+    # Mixed sizes: each model's load time is also multiplied by a factor drawn
+    # log-uniformly within [1/cost_spread, cost_spread] — models on slower storage, or
+    # whose engine compiles at start, cost more to load than their bytes say.
+    cost_spread: float = 1.0
     busy_factor: float = 20.0
     quiet_s: float = 300.0  # mean quiet spell (bursty)
     busy_s: float = 60.0  # mean busy spell (bursty)
@@ -71,6 +76,8 @@ class Workload:
             raise ValueError("shift_every must be more than 0")
         if self.alpha < 0:
             raise ValueError("alpha must be 0 or more")
+        if self.cost_spread < 1:
+            raise ValueError("cost_spread must be 1 (none) or more")
         if not 0 < self.min_size <= self.max_size or self.size <= 0:
             raise ValueError("sizes must be more than 0, and min_size at most max_size")
 
@@ -85,14 +92,17 @@ def costs_for(workload: Workload) -> dict[str, ModelCost]:
     rng = random.Random(f"{workload.seed}-sizes")
     table = {}
     for name in model_names(workload.models):
+        factor = 1.0
         if workload.sizes == "equal":
             size = workload.size
         else:
             low, high = math.log(workload.min_size), math.log(workload.max_size)
             size = int(math.exp(rng.uniform(low, high)))
+            spread = math.log(workload.cost_spread)
+            factor = math.exp(rng.uniform(-spread, spread))
         table[name] = ModelCost(
             bytes=size,
-            load_s=round(workload.load_fixed_s + size / (workload.disk_gbps * GB), 3),
+            load_s=round(factor * (workload.load_fixed_s + size / (workload.disk_gbps * GB)), 3),
             host_s=round(size / (workload.host_gbps * GB), 3),
             per_token_s=round(0.005 + 0.0005 * size / GB, 5),
         )

@@ -110,7 +110,7 @@ def simulate(
     started = time.perf_counter()
     loop = VirtualTimeLoop(START)
     try:
-        with _few_collections():
+        with _few_collections(), _scheduler_log_quiet():
             result = loop.run_until_complete(_run(loop, trace, costs, host, policy))
     finally:
         loop.close()
@@ -209,6 +209,19 @@ def _few_collections() -> Iterator[None]:
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _scheduler_log_quiet() -> Iterator[None]:
+    """The scheduler's warnings are about virtual time (thrash between two simulated
+    models, say): the report says what they would; only errors are let through."""
+    scheduler_log = logging.getLogger("routerd.scheduler")
+    level = scheduler_log.level
+    scheduler_log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        scheduler_log.setLevel(level)
 
 
 ARRIVALS_AHEAD = 64
