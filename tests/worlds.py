@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from backends.base import Footprint, LoadSpec
 from backends.registry import BackendRegistry
@@ -40,10 +40,10 @@ from routerd.instance import InstanceSnapshot
 from routerd.scheduler import Scheduler
 from routerd.scheduler.settings import DeviceSnapshot, Leak
 from routerd.services import Services
+from routerd.simulate.loop import InlineWorkLoop
 from tests.fakes import MEMINFO, FakeGpus
 from tests.support import CHECKED_SCHEDULERS, fake_services, fake_spec
 
-T = TypeVar("T")
 PID = os.getpid() + 100_000  # the scheduler's, given to it: no walk of /proc for children
 SHM = "/dev/shm"  # the store's file, where there is one: no disk flushes per event
 BOUND_S = 600.0  # virtual seconds a world gets for each phase (its requests need ~100)
@@ -55,49 +55,16 @@ SETTINGS = {"load_timeout": 60.0, "release_timeout": 2.0, "stop_timeout": 1.0}
 # -- time -------------------------------------------------------------------------------
 
 
-class VirtualWorkLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
-    """An event loop whose executor work runs at once, on the loop, and then lasts as
-    long as the work says (``takes``) on the virtual clock; what the work does at its
-    end (``then``: memory given back) happens when that time is up. Cancelling the
-    awaiting task abandons the result, not the work, as with a real thread."""
+class VirtualWorkLoop(InlineWorkLoop):
+    """The simulator's ``InlineWorkLoop`` with its work timed on the world's
+    ``VirtualClock`` (which ``drive`` advances) rather than on the loop's own time."""
 
     def __init__(self, clock: VirtualClock) -> None:
         super().__init__()
         self.clock = clock
-        self._cost = 0.0
-        self._then: list[Callable[[], None]] = []
 
-    def takes(self, seconds: float, then: Callable[[], None] | None = None) -> None:
-        """Called by work while it runs: how long it lasts, and what happens at its end."""
-        self._cost += seconds
-        if then is not None:
-            self._then.append(then)
-
-    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> Any:
-        self._cost, self._then = 0.0, []
-        future: asyncio.Future[T] = self.create_future()
-        outcome: Any
-        try:
-            outcome, failed = func(*args), False
-        except Exception as exc:
-            outcome, failed = exc, True
-        then = self._then
-
-        def finish() -> None:
-            for effect in then:
-                effect()
-            if future.done():  # abandoned
-                return
-            if failed:
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-        if self._cost > 0:
-            self.clock.call_later(self._cost, finish)
-        else:
-            self.call_soon(finish)
-        return future
+    def _after(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.clock.call_later(seconds, callback)
 
 
 class DryClock(VirtualClock):

@@ -51,19 +51,19 @@ class _JumpingSelector(selectors.DefaultSelector):
         return []
 
 
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time whose executor work lasts what it says (see the
-    module docstring). Cancelling the task that awaits work abandons its result, not
-    the work, as with a real thread: its ``then`` still happens when its time is up."""
+class InlineWorkLoop(asyncio.SelectorEventLoop):
+    """An event loop whose executor work runs at once, on the loop, and then lasts as
+    long as the work says (``takes``); what the work does at its end (``then``: memory
+    given back) happens when that time is up. Cancelling the task that awaits work
+    abandons its result, not the work, as with a real thread.
 
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = [start]
-        super().__init__(selector=_JumpingSelector(self._now))
+    The time is the loop's own (``_after``); a loop whose time is another clock's
+    (the invariant tests' worlds) says so by overriding ``_after``."""
+
+    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
+        super().__init__(selector=selector)
         self._cost = 0.0
         self._then: list[Callable[[], None]] = []
-
-    def time(self) -> float:
-        return self._now[0]
 
     def takes(self, seconds: float, then: Callable[[], None] | None = None) -> None:
         """Called by work while it runs: how long it lasts, and what happens at its end
@@ -71,6 +71,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._cost += max(seconds, 0.0)
         if then is not None:
             self._then.append(then)
+
+    def _after(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.call_later(seconds, callback)
 
     def run_in_executor(  # type: ignore[override]
         self, executor: Any, func: Callable[..., T], *args: Any
@@ -95,10 +98,21 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 future.set_result(outcome)
 
         if self._cost > 0:
-            self.call_later(self._cost, finish)
+            self._after(self._cost, finish)
         else:
             self.call_soon(finish)
         return future
+
+
+class VirtualTimeLoop(InlineWorkLoop):
+    """An ``InlineWorkLoop`` on virtual time (see the module docstring)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = [start]
+        super().__init__(selector=_JumpingSelector(self._now))
+
+    def time(self) -> float:
+        return self._now[0]
 
 
 class LoopTimeClock(TimerClock):
