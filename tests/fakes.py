@@ -32,7 +32,8 @@ from contract.generation import (
     ModelInfo,
     Task,
 )
-from routerd.devices import DeviceInventory, GpuMemory
+from routerd.devices import DeviceInventory
+from routerd.simulate.hardware import SimulatedGpus
 
 FAKE_OPTIONS = {
     "task",
@@ -260,41 +261,19 @@ class FakeBackend:
         return model
 
 
-class FakeGpus:
-    """A GpuProbe with GPUs whose per-process usage a test sets and changes.
+class FakeGpus(SimulatedGpus):
+    """A GpuProbe with GPUs whose per-process usage a test sets and changes (the
+    simulator's GPUs, named as fakes).
 
     ``FakeGpus([total0, total1])``; ``use(index, pid, bytes)`` makes a process hold
     memory there (``bytes=0`` releases it); used and free follow from the processes.
     """
-
-    def __init__(self, totals: Sequence[int]) -> None:
-        self.totals = list(totals)
-        self.usage: list[dict[int, int]] = [{} for _ in totals]
-
-    def use(self, index: int, pid: int, nbytes: int) -> None:
-        if nbytes:
-            self.usage[index][pid] = nbytes
-        else:
-            self.usage[index].pop(pid, None)
-
-    def add(self, index: int, pid: int, nbytes: int) -> None:
-        self.use(index, pid, max(self.usage[index].get(pid, 0) + nbytes, 0))
-
-    def device_count(self) -> int:
-        return len(self.totals)
 
     def name(self, index: int) -> str:
         return f"Fake GPU {index}"
 
     def uuid(self, index: int) -> str:
         return f"GPU-fake-{index}"
-
-    def memory(self, index: int) -> GpuMemory:
-        used = sum(self.usage[index].values())
-        return GpuMemory(total=self.totals[index], free=self.totals[index] - used, used=used)
-
-    def processes(self, index: int) -> Mapping[int, int]:
-        return dict(self.usage[index])
 
 
 MEMINFO = "MemTotal:       16000000 kB\nMemAvailable:   12000000 kB\n"
