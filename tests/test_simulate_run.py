@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from policies.eviction import take_in_order
 from policies.types import Resident
 from routerd.scheduler import SchedulerSettings
 from routerd.simulate.costs import ModelCost
@@ -45,14 +46,14 @@ class MostRecentlyUsed:
         now: float,
         min_residency: float,
     ) -> tuple[str, ...] | None:
-        chosen: list[str] = []
-        for r in sorted(residents, key=lambda r: -r.last_used):
-            if free >= need:
-                break
-            if r.evictable(now, min_residency):
-                chosen.append(r.model_id)
-                free += r.bytes
-        return tuple(chosen) if free >= need else None
+        return take_in_order(
+            residents,
+            lambda r: (-r.last_used, r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+        )
 
 
 def test_lru_misses_every_request_of_a_cycle_longer_than_the_room() -> None:
