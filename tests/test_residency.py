@@ -59,7 +59,15 @@ def gone(services, model_id):
 async def test_lru_order_under_a_budget_for_two_of_three(tmp_path, backend, clock):
     watch = LedgerWatch()
     models = [fake_spec(tmp_path, n, bytes=b) for n, b in (("s", 10), ("m", 40), ("l", 50))]
-    services = cpu_services(tmp_path, backend, models, budget=95, clock=clock, on_change=watch)
+    services = cpu_services(
+        tmp_path,
+        backend,
+        models,
+        budget=95,
+        clock=clock,
+        on_change=watch,
+        scheduler={"eviction": "lru"},
+    )
     try:
         for name in ("s", "m", "l", "s"):
             await request(services, name)
@@ -132,7 +140,7 @@ async def test_busy_room_waits_then_503_with_retry_after(tmp_path, backend, cloc
         assert backend.loads == ["a@1"]
         # Once the lease ends, the same request succeeds by evicting a.
         assert await request(services, "b") == "cpu"
-        assert events(services, "evict") == [("evict", "a@1", "lru", "b@1")]
+        assert events(services, "evict") == [("evict", "a@1", "cost", "b@1")]
     finally:
         services.store.close()
 
@@ -215,6 +223,32 @@ async def test_a_release_due_before_the_reapers_next_look_wakes_it(tmp_path, bac
         await request(services, "now", keep_alive=0.0)
         await until(services.scheduler, gone(services, "now@1"))
         assert services.scheduler.instance("long@1") is not None
+    finally:
+        await services.scheduler.close()
+        services.store.close()
+
+
+async def test_the_reaper_rests_while_nothing_could_expire(tmp_path, backend, clock):
+    """With every instance kept for ever the reaper looks once an hour, not once a
+    second; a finite keep-alive brings back its one-second looks, and a release due
+    sooner still wakes it at once."""
+    from routerd.scheduler.keepalive import MAX_LOOK_S, QUIET_LOOK_S
+
+    models = [fake_spec(tmp_path, "kept", keep_alive=-1), fake_spec(tmp_path, "brief")]
+    services = cpu_services(tmp_path, backend, models, budget=10_000, clock=clock)
+    await services.scheduler.start(services.router.table.versions.get)
+    reaper = services.scheduler._reaper
+    try:
+        await request(services, "kept")
+        assert reaper.look() == QUIET_LOOK_S
+        await request(services, "brief", keep_alive=30.0)
+        assert reaper.look() == MAX_LOOK_S
+        await request(services, "brief", keep_alive=float("inf"))
+        assert reaper.look() == QUIET_LOOK_S
+        await settle()  # the reaper waits for its hour
+        await request(services, "kept", keep_alive=0.0)
+        await until(services.scheduler, gone(services, "kept@1"))
+        assert services.scheduler.instance("brief@1") is not None
     finally:
         await services.scheduler.close()
         services.store.close()
@@ -395,7 +429,7 @@ async def test_measured_footprint_is_stored_and_replaces_the_estimate(tmp_path, 
         # resident (50) that no longer fits, so n is evicted first.
         await request(services, "n")
         await request(services, "m")
-        assert ("evict", "n@1", "lru", "m@1") in events(services, "evict")
+        assert ("evict", "n@1", "cost", "m@1") in events(services, "evict")
     finally:
         services.store.close()
 

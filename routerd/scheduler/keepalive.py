@@ -6,7 +6,10 @@ there, else unloaded; in the tier, the tier's own LRU decides how long it stays.
 replica beyond a model's ``replicas`` is unloaded after ``scale_down_idle`` if that is
 sooner (``scale-down``): the version stays on its device. Pinned versions never
 expire. The reaper sleeps on the scheduler's clock until the next
-instance runs out (a second at most), or until a change wakes it.
+instance runs out (a second at most), or until a change wakes it; when no instance
+could run out (every one has no limit, or none is ready) it sleeps for
+``QUIET_LOOK_S``: only a change — a new ready instance, a lease ending with a new
+keep-alive, a reload — can give it work then, and each of those wakes it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ MAX_LOOK_S = 1.0
 """The reaper looks at least this often, whatever the instances' limits."""
 
 MIN_LOOK_S = 0.01
+
+QUIET_LOOK_S = 3600.0
+"""The reaper's look when nothing could run out: a simulator replaying months of a
+quiet host's traffic should not pay for a look every second of them."""
 
 
 class Reaper:
@@ -64,21 +71,25 @@ class Reaper:
         return instance.touched + limit < self.looks_at
 
     def look(self) -> float:
-        """Expire what ran out; seconds until the next instance may (``MAX_LOOK_S`` at most)."""
+        """Expire what ran out; seconds until the next instance may (``MAX_LOOK_S`` at
+        most while one could, else ``QUIET_LOOK_S``)."""
         now = self._context.clock.now()
-        wake = MAX_LOOK_S
+        wake = QUIET_LOOK_S
         for instance in list(self._residency.instances.values()):
+            if instance.state is not InstanceState.READY:
+                continue
             if (
-                instance.state is not InstanceState.READY
-                or instance.in_flight
+                instance.in_flight
                 or instance.queued
                 or instance.model_id in self._admission.waiting
                 or instance.model_id in self._residency.pinned
             ):
+                wake = min(wake, MAX_LOOK_S)
                 continue
             limit, reason = self.idle_limit(instance)
             if math.isinf(limit):
                 continue
+            wake = min(wake, MAX_LOOK_S)
             remaining = instance.touched + limit - now
             if remaining <= 0:
                 self._lifecycle.expire(instance, reason)
