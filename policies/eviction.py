@@ -40,19 +40,32 @@ def take_in_order(
     free: int,
     now: float,
     min_residency: float,
+    spare: Callable[[Resident], float] | None = None,
 ) -> tuple[str, ...] | None:
     """The common end of every policy: nothing if ``need`` already fits; else the
     instances evictable now, first in ``order`` first, until ``free`` reaches ``need``;
-    None when all of them are not enough."""
+    None when all of them are not enough.
+
+    ``spare``: what losing each one would cost. Taking in order can overshoot — a
+    large instance taken last may free enough on its own — so the taken ones are then
+    looked at again, the dearest first, and each that is not needed after all stays.
+    """
     if need <= free:
         return ()
-    chosen: list[str] = []
+    taken: list[Resident] = []
     for resident in sorted((r for r in residents if r.evictable(now, min_residency)), key=order):
-        chosen.append(resident.model_id)
+        taken.append(resident)
         free += resident.bytes
         if free >= need:
-            return tuple(chosen)
-    return None
+            break
+    else:
+        return None
+    if spare is not None:
+        for resident in sorted(taken, key=spare, reverse=True):
+            if free - resident.bytes >= need:
+                taken.remove(resident)
+                free -= resident.bytes
+    return tuple(r.model_id for r in taken)
 
 
 class LeastRecentlyUsed:
@@ -133,7 +146,8 @@ class LeastFrequentlyUsed:
     more than old ones.
 
     ``Resident.uses`` is the scheduler's aged count of the version's requests (each
-    adds one; the count halves every ``[scheduler] history_half_life``), so a model
+    adds one; the count halves every ``[scheduler] history_half_life_requests``
+    requests to the host), so a model
     that was popular yesterday and is idle today loses to one in use now, and a burst
     does not buy a model a place for ever.
 
@@ -183,8 +197,10 @@ class GreedyDualSizeFrequency:
     1. ``need <= free`` → nothing to evict.
     2. Keep only instances evictable now (idle, unpinned, past min residency).
     3. Take them — lowest priority first; among equals, the least recently used —
-       until ``free`` reaches ``need`` → those.
+       until ``free`` reaches ``need``.
     4. Still short after all of them → None.
+    5. Give back, highest priority first, each taken one that ``free`` can do
+       without and still reach ``need`` → the rest.
     """
 
     name = "gdsf"
@@ -210,13 +226,72 @@ class GreedyDualSizeFrequency:
             free=free,
             now=now,
             min_residency=min_residency,
+            spare=self.priority,
         )
 
 
+def expected_reload_s(resident: Resident) -> float:
+    """Seconds of reloading that evicting ``resident`` is expected to cost: its aged
+    request count times what one reload costs from where it would go (a model with no
+    measured reload yet counts its bytes at one second per GB)."""
+    reload_s = resident.reload_s if resident.reload_s > 0 else resident.bytes / 1e9
+    return max(resident.uses, 1.0) * reload_s
+
+
+class LeastReloadCost:
+    """Evict what costs the least reloading for the memory it frees.
+
+    Each instance is weighed by ``expected_reload_s`` — aged uses × measured reload
+    seconds from where eviction would send it — per byte it holds: memory is the
+    scarce thing, so a 40 GB model must be worth forty 1 GB ones to stay. This is
+    GDSF's ranking without GDSF's clock: the uses already fade with every
+    ``[scheduler] history_half_life_requests`` requests, so a second aging by
+    recency would only count the same thing twice, and on the simulator's steady
+    mixed-size traffic it makes GDSF pay for more reloads.
+
+    Decision tree:
+    1. ``need <= free`` → nothing to evict.
+    2. Keep only instances evictable now (idle, unpinned, past min residency).
+    3. Take them — least expected reload seconds per byte first; among equals, the
+       least recently used — until ``free`` reaches ``need``.
+    4. Still short after all of them → None.
+    5. Give back, most expected reload seconds first, each taken one that ``free``
+       can do without and still reach ``need`` → the rest.
+    """
+
+    name = "cost"
+
+    def victims(
+        self,
+        residents: Sequence[Resident],
+        *,
+        need: int,
+        free: int,
+        now: float,
+        min_residency: float,
+    ) -> tuple[str, ...] | None:
+        return take_in_order(
+            residents,
+            lambda r: (expected_reload_s(r) / max(r.bytes, 1), r.last_used, r.model_id),
+            need=need,
+            free=free,
+            now=now,
+            min_residency=min_residency,
+            spare=expected_reload_s,
+        )
+
+
+DEFAULT_EVICTION = "cost"
+"""The policy routerd evicts by unless ``[scheduler] eviction`` names another: on the
+simulator's four traces (``bench/eviction.py``) it spent the fewest seconds reloading
+on mixed sizes and was never worse than ``lru``."""
+
 EVICTION_POLICIES: dict[
-    str, type[LeastRecentlyUsed | LeastFrequentlyUsed | GreedyDualSizeFrequency]
+    str,
+    type[LeastRecentlyUsed | LeastFrequentlyUsed | GreedyDualSizeFrequency | LeastReloadCost],
 ] = {
     "lru": LeastRecentlyUsed,
     "lfu": LeastFrequentlyUsed,
     "gdsf": GreedyDualSizeFrequency,
+    "cost": LeastReloadCost,
 }

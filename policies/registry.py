@@ -70,10 +70,12 @@ def _placement() -> Mapping[str, Factory]:
 
 
 def _make_placement(strategy: str, *, eviction: Any = None) -> Any:
-    from policies.eviction import LeastRecentlyUsed
+    from policies.eviction import DEFAULT_EVICTION, EVICTION_POLICIES
     from policies.placement import placement_policy
 
-    return placement_policy(strategy, eviction if eviction is not None else LeastRecentlyUsed())
+    return placement_policy(
+        strategy, eviction if eviction is not None else EVICTION_POLICIES[DEFAULT_EVICTION]()
+    )
 
 
 def _eviction() -> Mapping[str, Factory]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from policies import registry as policy_registry
+from policies.eviction import DEFAULT_EVICTION
 from routerd.config_values import ConfigError as ConfigError
 from routerd.config_values import parse_duration as parse_duration
 from routerd.config_values import parse_keep_alive as parse_keep_alive
@@ -68,12 +69,12 @@ class SchedulerConfig:
     keep_alive: float = 300.0  # idle instances unload after this; inf = never
     release_timeout: float = 10.0  # NVML must show an eviction's memory back by then
     placement: str = "best-fit"
-    eviction: str = "lru"
+    eviction: str = DEFAULT_EVICTION
     routing: str = "least-outstanding"  # among a version's replicas
     max_queue: int = 256  # requests waiting per version (load or batch queue); 0 = no limit
     max_failures: int = 3  # backend failures in a row before an instance is failed
     stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
-    history_half_life: float = 3600.0  # a version's aged request count halves this often
+    history_half_life_requests: float = 1000.0  # aged request counts halve every this many requests
 
 
 @dataclass(frozen=True)
@@ -361,15 +362,15 @@ def _api_keys(raw: Mapping[str, Any], base_dir: Path) -> tuple[str, ...]:
 def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     defaults = SchedulerConfig()
     durations = ("load_timeout", "load_wait_timeout", "min_residency", "release_timeout")
-    positive = ("load_timeout", "load_wait_timeout", "stop_timeout", "history_half_life")
+    positive = ("load_timeout", "load_wait_timeout", "stop_timeout")
     _reject_unknown(
         raw,
         {*durations, "keep_alive", "placement", "eviction", "routing", "max_queue"}
-        | {"max_failures", "stop_timeout", "history_half_life"},
+        | {"max_failures", "stop_timeout", "history_half_life_requests"},
         where="scheduler.",
     )
     values: dict[str, Any] = {}
-    for key in (*durations, "stop_timeout", "history_half_life"):
+    for key in (*durations, "stop_timeout"):
         seconds = parse_duration(raw.get(key, getattr(defaults, key)), key=f"scheduler.{key}")
         if seconds < 0 or (seconds == 0 and key in positive):
             raise ConfigError(f"scheduler.{key}: must be positive")
@@ -379,6 +380,12 @@ def _scheduler(raw: Mapping[str, Any]) -> SchedulerConfig:
     )
     if values["max_failures"] < 1:
         raise ConfigError("scheduler.max_failures: must be at least 1")
+    half_life = raw.get("history_half_life_requests", int(defaults.history_half_life_requests))
+    values["history_half_life_requests"] = float(
+        _int(half_life, "scheduler.history_half_life_requests")
+    )
+    if values["history_half_life_requests"] < 1:
+        raise ConfigError("scheduler.history_half_life_requests: must be at least 1")
     values["keep_alive"] = parse_keep_alive(
         raw.get("keep_alive", defaults.keep_alive), key="scheduler.keep_alive"
     )

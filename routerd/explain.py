@@ -21,8 +21,25 @@ _DECISIVE = ("load", "load_failed", "evict")
 # Why an instance was evicted (``state.records.EVICT_REASONS``), as a clause that
 # follows "… was evicted from DEVICE WHEN". ``admin`` means what ``manual`` means: event
 # logs kept from older routerd releases give it, and they should read as well.
+# The eviction policies' reasons: what made this instance the one to go.
+_CHOSEN_AS = {
+    "lru": "the least recently used model there",
+    "lfu": "the model there with the fewest recent requests",
+    "gdsf": (
+        "the model there least worth keeping by GDSF "
+        "(recent requests × reload time ÷ size, aged by the device's clock)"
+    ),
+    "cost": (
+        "the model there whose eviction cost the least reloading for the memory it "
+        "frees (recent requests × measured reload time ÷ size)"
+    ),
+}
+
 _EVICT_BECAUSE = {
-    "lru": "because it was the least recently used model there and its memory was needed",
+    **{
+        policy: f"because it was {chosen} and its memory was needed"
+        for policy, chosen in _CHOSEN_AS.items()
+    },
     "ttl": "because it had been idle for longer than its keep_alive",
     "manual": "because an operator asked for it (routerctl evict)",
     "admin": "because an operator asked for it (routerctl evict)",
@@ -79,11 +96,8 @@ def _explain_evict(
     first = f"{model_id} was evicted{_from(evict.device)} {_ago(evict.ts, now)}"
     if reason is None:
         first += " (no reason was recorded)"
-    elif reason == "lru" and trigger:
-        first += (
-            " because it was the least recently used model there, "
-            f"to make room for loading {trigger}"
-        )
+    elif reason in _CHOSEN_AS and trigger:
+        first += f" because it was {_CHOSEN_AS[reason]}, to make room for loading {trigger}"
     elif reason == "oom-retry" and trigger:
         first += (
             f" because loading {trigger} ran out of device memory "

@@ -109,7 +109,10 @@ ones the rest of the code knows how to describe:
 """
 
 EVICT_REASONS: Final = (
-    "lru",
+    "lru",  # the eviction policies' names: the policy chose it to make room
+    "lfu",
+    "gdsf",
+    "cost",
     "ttl",
     "manual",
     "pressure",

@@ -151,6 +151,8 @@ def test_devices_and_scheduler_sections(tmp_path):
 keep_alive = -1
 min_residency = "0s"
 placement = "spread"
+eviction = "cost"
+history_half_life_requests = 250
 [devices]
 cpu_memory = "512MiB"
 gpus = [1]
@@ -168,6 +170,9 @@ pinned = true
     assert math.isinf(config.scheduler.keep_alive)
     assert config.scheduler.min_residency == 0
     assert config.scheduler.placement == "spread"
+    assert config.scheduler.eviction == "cost"
+    assert config.scheduler.history_half_life_requests == 250
+    assert load_config(None).scheduler.history_half_life_requests == 1000
     assert config.devices.cpu_memory == 512 * 1024**2
     assert config.devices.gpus == (1,)
     assert config.devices.gpu_headroom == 1024**3
@@ -183,6 +188,9 @@ pinned = true
         ("[scheduler]\nplacement = 'worst-fit'\n", "best-fit"),
         ("[scheduler]\neviction = 'random'\n", "lru"),
         ("[scheduler]\nkeep_alive = -5\n", "never"),
+        ("[scheduler]\nhistory_half_life_requests = 0\n", "at least 1"),
+        ("[scheduler]\nhistory_half_life_requests = '1h'\n", "expected an integer"),
+        ("[scheduler]\nhistory_half_life = '1h'\n", "history_half_life"),
         ("[devices]\ncpu_memory = 'lots'\n", "devices.cpu_memory"),
         ("[devices]\ngpus = 'some'\n", "devices.gpus"),
         ("[devices]\ncpu_allocation = 'tcmalloc'\n", "devices.cpu_allocation: expected one of"),
@@ -216,6 +224,7 @@ def test_scheduler_settings_carry_every_scheduler_and_device_setting_they_share(
         max_queue=6,
         max_failures=7,
         stop_timeout=8.0,
+        history_half_life_requests=12.0,
     )
     devices = DevicesConfig(poll_interval=9.0, gpu_headroom=10, cpu_headroom=11)
     settings = SchedulerSettings.from_config(scheduler, devices)
@@ -229,6 +238,7 @@ def test_scheduler_settings_carry_every_scheduler_and_device_setting_they_share(
         max_queue=6,
         max_failures=7,
         stop_timeout=8.0,
+        history_half_life_requests=12.0,
         poll_interval=9.0,
         headroom={"cuda": 10, "cpu": 11},
     )

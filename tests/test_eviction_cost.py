@@ -1,4 +1,5 @@
-"""Cost-aware eviction: LFU with aging and Greedy-Dual-Size-Frequency (pure, tables),
+"""Cost-aware eviction: LFU with aging, Greedy-Dual-Size-Frequency and least reload
+cost (pure, tables),
 the scheduler's history they read, and what they do on the simulator."""
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from policies import registry
-from policies.eviction import GreedyDualSizeFrequency, LeastFrequentlyUsed, LeastRecentlyUsed
+from policies.eviction import (
+    GreedyDualSizeFrequency,
+    LeastFrequentlyUsed,
+    LeastRecentlyUsed,
+    LeastReloadCost,
+    expected_reload_s,
+)
 from policies.types import Resident
 from routerd.explain import explain
 from routerd.metrics import Metrics
@@ -141,50 +148,162 @@ def test_gdsf_priority_is_floor_plus_uses_times_cost_per_gigabyte() -> None:
     assert policy.priority(r) == pytest.approx(10.0 + 3.0 * 6.0 / 2.0)
 
 
+def test_gdsf_gives_back_a_victim_the_last_one_taken_made_unneeded() -> None:
+    """Lowest priority first takes the small one, then the large one; the large one
+    alone frees enough, so the small one (worth more per byte) stays."""
+    residents = [
+        resident("small", uses=1.0, reload_s=1.0, bytes=GB),
+        resident("large", uses=1.0, reload_s=8.0, bytes=4 * GB),
+    ]
+    assert victims(GreedyDualSizeFrequency(), residents, 3 * GB) == ("large",)
+
+
+COST_CASES = [
+    ("fits already", [resident("a")], GB, GB, ()),
+    (
+        "least reload seconds per byte first, whatever the recency",
+        [
+            resident("cheap", uses=4.0, reload_s=0.1, last_used=90.0),
+            resident("dear", uses=4.0, reload_s=60.0, last_used=10.0),
+        ],
+        GB,
+        0,
+        ("cheap",),
+    ),
+    (
+        "per byte: a large model goes before a small one that costs as much to reload",
+        [
+            resident("small", uses=2.0, reload_s=10.0, bytes=GB),
+            resident("large", uses=2.0, reload_s=10.0, bytes=20 * GB),
+        ],
+        GB,
+        0,
+        ("large",),
+    ),
+    (
+        "uses weigh: a rarely used dear model goes before a hot cheaper one",
+        [resident("rare", uses=1.0, reload_s=10.0), resident("hot", uses=50.0, reload_s=2.0)],
+        GB,
+        0,
+        ("rare",),
+    ),
+    (
+        "no clock: the floor GDSF ages by changes nothing",
+        [
+            resident("old", uses=3.0, reload_s=5.0, floor=0.0),
+            resident("recent", uses=3.0, reload_s=4.0, floor=40.0),
+        ],
+        GB,
+        0,
+        ("recent",),
+    ),
+    (
+        "equal cost: least recently used",
+        [
+            resident("a", uses=2.0, reload_s=3.0, last_used=60.0),
+            resident("b", uses=2.0, reload_s=3.0, last_used=30.0),
+        ],
+        GB,
+        0,
+        ("b",),
+    ),
+    (
+        "a victim the next one made unneeded is given back",
+        [
+            resident("small", uses=1.0, reload_s=1.0, bytes=GB),
+            resident("big", uses=1.0, reload_s=6.0, bytes=4 * GB),
+            resident("dearer", uses=1.0, reload_s=2.0, bytes=GB),
+        ],
+        3 * GB,
+        0,
+        ("big",),
+    ),
+    (
+        "busy, pinned, young and unready ones stay",
+        [
+            resident("busy", in_flight=1),
+            resident("pinned", pinned=True),
+            resident("young", loaded_at=95.0),
+            resident("loading", ready=False),
+            resident("idle", uses=9.0, reload_s=50.0),
+        ],
+        GB,
+        0,
+        ("idle",),
+    ),
+    ("not enough evictable", [resident("a"), resident("b", in_flight=2)], 2 * GB, 0, None),
+]
+
+
+@pytest.mark.parametrize(("what", "residents", "need", "free", "expected"), COST_CASES)
+def test_least_reload_cost(
+    what: str, residents: list[Resident], need: int, free: int, expected: object
+) -> None:
+    assert victims(LeastReloadCost(), residents, need, free) == expected, what
+
+
+def test_expected_reload_seconds_are_uses_times_one_reload() -> None:
+    assert expected_reload_s(resident("a", uses=3.0, reload_s=2.5)) == pytest.approx(7.5)
+    assert expected_reload_s(resident("b", uses=0.2, reload_s=2.5)) == pytest.approx(2.5)
+    assert expected_reload_s(resident("c", uses=2.0, bytes=3 * GB)) == pytest.approx(6.0)
+
+
 def test_the_policies_are_registered_and_lru_is_unchanged() -> None:
-    assert {"lru", "lfu", "gdsf"} <= set(registry.known("eviction"))
+    assert {"lru", "lfu", "gdsf", "cost"} <= set(registry.known("eviction"))
     assert isinstance(registry.create("eviction", "gdsf"), GreedyDualSizeFrequency)
+    assert isinstance(registry.create("eviction", "cost"), LeastReloadCost)
     old = [resident("a", last_used=5.0, uses=99.0), resident("b", last_used=1.0)]
     assert victims(LeastRecentlyUsed(), old, GB) == ("b",)
 
 
-def test_history_ages_counts_and_prices_the_tier_it_would_go_to() -> None:
+def test_history_ages_counts_by_requests_and_prices_the_tier_it_would_go_to() -> None:
     half_life = [100.0]
     history = History(lambda: half_life[0])
-    for t in (0.0, 0.0, 0.0, 0.0):
-        history.used("a@1", "cuda:0", t)
-    assert history.weigh("a@1", "cuda:0", 100.0, to_tier=False).uses == pytest.approx(2.0)
-    assert history.weigh("a@1", "cuda:0", 200.0, to_tier=False).uses == pytest.approx(1.0)
+    for _ in range(4):  # each request ages those before it by one request
+        history.used("a@1", "cuda:0")
+    four = sum(0.5 ** (k / 100) for k in range(4))
+    assert history.weigh("a@1", "cuda:0", to_tier=False).uses == pytest.approx(four)
+    for _ in range(100):  # a hundred requests to other versions: a half-life
+        history.used("b@1", "cuda:0")
+    assert history.weigh("a@1", "cuda:0", to_tier=False).uses == pytest.approx(four / 2)
+    for _ in range(100):
+        history.used("b@1", "cuda:0")
+    assert history.weigh("a@1", "cuda:0", to_tier=False).uses == pytest.approx(four / 4)
+    history.used("a@1", "cuda:0")  # aged to now, then one more
+    again = four / 4 * 0.5 ** (1 / 100) + 1
+    assert history.weigh("a@1", "cuda:0", to_tier=False).uses == pytest.approx(again)
     history.loaded("a@1", "cuda:0", 8.0, "disk")
     history.loaded("a@1", "cuda:1", 4.0, "disk")  # the same kind of device: one average
-    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=False).reload_s == pytest.approx(7.2)
-    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=True).reload_s == pytest.approx(0.72)
+    assert history.weigh("a@1", "cuda:0", to_tier=False).reload_s == pytest.approx(7.2)
+    assert history.weigh("a@1", "cuda:0", to_tier=True).reload_s == pytest.approx(0.72)
     history.loaded("a@1", "cuda:0", 0.5, "host")
-    assert history.weigh("a@1", "cuda:0", 0.0, to_tier=True).reload_s == 0.5
-    assert history.weigh("a@1", "cpu", 0.0, to_tier=False).reload_s == 0.0  # never there
+    assert history.weigh("a@1", "cuda:0", to_tier=True).reload_s == 0.5
+    assert history.weigh("a@1", "cpu", to_tier=False).reload_s == 0.0  # never there
     half_life[0] = math.inf  # a reload of the setting: counts stop fading
-    assert history.weigh("a@1", "cuda:0", 1e6, to_tier=False).uses == pytest.approx(4.0)
-    assert history.weigh("never@1", "cuda:0", 0.0, to_tier=False).uses == 0.0
+    for _ in range(1000):
+        history.used("b@1", "cuda:0")
+    assert history.weigh("a@1", "cuda:0", to_tier=False).uses == pytest.approx(again)
+    assert history.weigh("never@1", "cuda:0", to_tier=False).uses == 0.0
 
 
 def test_history_floors_rise_with_victims_and_stay_with_last_use() -> None:
-    history = History(lambda: 3600.0)
-    history.used("a@1", "cuda:0", 0.0)
+    history = History(lambda: 1000.0)
+    history.used("a@1", "cuda:0")
     history.evicted("cuda:0", 12.0)
     history.evicted("cuda:0", 5.0)  # never lower
-    history.used("b@1", "cuda:0", 1.0)
-    history.used("c@1", "cuda:1", 1.0)
-    assert history.weigh("a@1", "cuda:0", 1.0, to_tier=False).floor == 0.0
-    assert history.weigh("b@1", "cuda:0", 1.0, to_tier=False).floor == 12.0
-    assert history.weigh("c@1", "cuda:1", 1.0, to_tier=False).floor == 0.0
+    history.used("b@1", "cuda:0")
+    history.used("c@1", "cuda:1")
+    assert history.weigh("a@1", "cuda:0", to_tier=False).floor == 0.0
+    assert history.weigh("b@1", "cuda:0", to_tier=False).floor == 12.0
+    assert history.weigh("c@1", "cuda:1", to_tier=False).floor == 0.0
 
 
 def test_history_keeps_a_bounded_number_of_versions() -> None:
-    history = History(lambda: 3600.0)
+    history = History(lambda: 1000.0)
     for n in range(MAX_VERSIONS + 5):
-        history.used(f"m{n}@1", "cuda:0", float(n))
-    assert history.weigh("m0@1", "cuda:0", 0.0, to_tier=False).uses == 0.0  # forgotten
-    newest = history.weigh(f"m{MAX_VERSIONS + 4}@1", "cuda:0", 0.0, to_tier=False)
+        history.used(f"m{n}@1", "cuda:0")
+    assert history.weigh("m0@1", "cuda:0", to_tier=False).uses == 0.0  # forgotten
+    newest = history.weigh(f"m{MAX_VERSIONS + 4}@1", "cuda:0", to_tier=False)
     assert newest.uses > 0
 
 

@@ -75,6 +75,9 @@ def test_lru_eviction_with_trigger_residency_and_bytes() -> None:
         ("shutdown", "because routerd was shutting down"),
         ("oom-retry", "because a load ran out of device memory and routerd freed room"),
         ("lru", "because it was the least recently used model there and its memory was needed"),
+        ("lfu", "because it was the model there with the fewest recent requests and its"),
+        ("gdsf", "because it was the model there least worth keeping by GDSF"),
+        ("cost", "because it was the model there whose eviction cost the least reloading"),
         ("cosmic-ray", "(reason: cosmic-ray)"),
         (None, "(no reason was recorded)"),
     ],
@@ -83,6 +86,15 @@ def test_every_eviction_reason_is_put_in_words(reason: str | None, says: str) ->
     text = explain("llama@1", [event("evict", 42, reason=reason, device="cpu")], NOW)
     assert text.startswith(f"llama@1 was evicted from cpu 42s ago {says}")
     assert "resident for" not in text  # the load is not in the log
+
+
+def test_a_cost_aware_eviction_names_the_load_it_made_room_for() -> None:
+    text = explain("llama@1", [event("evict", 5, reason="cost", trigger="big@3")], NOW)
+    assert text.startswith(
+        "llama@1 was evicted from cuda:0 5s ago because it was the model there whose "
+        "eviction cost the least reloading for the memory it frees (recent requests × "
+        "measured reload time ÷ size), to make room for loading big@3."
+    )
 
 
 def test_oom_retry_names_the_load_it_made_room_for() -> None:

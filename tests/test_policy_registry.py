@@ -59,7 +59,7 @@ def test_builtins_per_kind():
     assert registry.known("routing") == ["least-outstanding", "power-of-two", "round-robin"]
     assert registry.known("batching") == ["dynamic", "none"]
     assert registry.known("placement") == ["best-fit", "first-fit", "spread"]
-    assert registry.known("eviction") == ["gdsf", "lfu", "lru"]
+    assert registry.known("eviction") == ["cost", "gdsf", "lfu", "lru"]
     for kind in registry.KINDS:
         for name in registry.known(kind):
             registry.check(kind, name)
@@ -73,7 +73,7 @@ def test_builtins_are_created_with_their_parameters():
     placement = registry.create("placement", "spread", eviction=lru)
     assert isinstance(placement, PlacementPolicy)
     assert (placement.name, placement.eviction) == ("spread", lru)
-    assert registry.create("placement", "best-fit").eviction.name == "lru"  # the default
+    assert registry.create("placement", "best-fit").eviction.name == "cost"  # the default
 
 
 def test_each_create_is_a_new_object():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_routerd_simulate_replays_a_state_dir(
     assert code == 0, err
     report = json.loads(out)
     assert report["requests"] == 4 and report["models"] == 2
-    assert [p["policy"] for p in report["policies"]] == ["lru", "belady"]
+    assert [p["policy"] for p in report["policies"]] == ["cost", "belady"]  # the default
     assert report["policies"][0]["loads"] == 2 and report["notes"][0].startswith("c@1 left out")
     assert main(["simulate", "--from-state", str(state), "--memory", "1GB"]) == 0
     table = capsys.readouterr().out
@@ -160,6 +161,29 @@ def test_a_generated_workload_saved_and_replayed_gives_the_same_figures(
     assert figures == [
         {k: v for k, v in p.items() if k != "wall_seconds"} for p in again["policies"]
     ]
+
+
+def test_more_gpus_and_a_host_tier_change_what_the_simulation_loads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--gpus`` and ``--host-cache`` reach the simulated host: a second GPU holds
+    more models (fewer loads), and a tier turns loads from disk into returns from RAM."""
+    workload = ["--generate", "zipf", "--requests", "400", "--model-count", "8", "--seed", "2"]
+    workload += ["--rate", "0.05", "--size", "10GB"]  # unhurried: every request is served
+    common = [*workload, "--memory", "25GB", "--json", "--policy", "lru"]
+
+    def figures(*extra: str) -> dict[str, Any]:
+        assert main(["simulate", *common, *extra]) == 0
+        report: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return dict(report["policies"][0])
+
+    one = figures()
+    two = figures("--gpus", "2")
+    tiered = figures("--host-cache", "80GB")
+    assert one["errors"] == two["errors"] == tiered["errors"] == {}
+    assert two["loads"] < one["loads"]
+    assert one["host_loads"] == 0 and tiered["host_loads"] > 0
+    assert tiered["load_seconds"] < one["load_seconds"]
 
 
 @pytest.mark.parametrize(

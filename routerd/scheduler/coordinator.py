@@ -306,7 +306,7 @@ class Scheduler:
         )
         acquired = clock.now()
         instance.acquire(acquired)
-        self.residency.history.used(record.model_id, instance.device, acquired)
+        self.residency.history.used(record.model_id, instance.device)
         cold_start_ms = (acquired - started) * 1000 if waited else None
         return Lease(instance=instance, cold_start_ms=cold_start_ms), acquired
 

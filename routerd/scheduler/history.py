@@ -5,7 +5,11 @@ clock. So the scheduler keeps, per version, what they weigh, and hands it to the
 plain data on each ``policies.types.Resident``:
 
 - ``uses`` — its requests, aged: each adds one, and the sum halves every
-  ``history_half_life`` seconds, so yesterday's favourite fades;
+  ``history_half_life_requests`` requests to the host (to any version), so
+  yesterday's favourite fades. Aging by requests rather than by seconds keeps the
+  counts as informative on a quiet host as on a busy one: a night with few requests
+  does not wipe out what the day taught, and a change of popularity is noticed after
+  as many requests whatever the traffic;
 - ``reload_s`` — what bringing it back would cost from where eviction sends it: its
   measured returns from the host tier if it would rest there, else its loads from
   disk (moving averages per device kind; 0 while never measured);
@@ -36,8 +40,8 @@ RIVALRY_LOG_S = 600.0
 
 @dataclass
 class VersionHistory:
-    uses: float = 0.0  # aged request count as of ``at``
-    at: float = -math.inf  # scheduler clock of its last use
+    uses: float = 0.0  # aged request count as of request number ``at``
+    at: int = 0  # the host's request count at its last use
     floor: float = 0.0
     disk_s: dict[str, float] = field(default_factory=dict)  # device kind → load seconds
     tier_s: dict[str, float] = field(default_factory=dict)  # device kind → return seconds
@@ -68,10 +72,12 @@ class Comeback:
 
 
 class History:
-    """Per-version history; ``half_life`` reads the setting (a reload may change it)."""
+    """Per-version history; ``half_life`` reads the setting, in requests (a reload may
+    change it)."""
 
     def __init__(self, half_life: Callable[[], float]) -> None:
         self._half_life = half_life
+        self._requests = 0  # leases taken on this host, every version together
         self._versions: dict[str, VersionHistory] = {}
         self._floors: dict[str, float] = {}  # device → its eviction clock
         self._rivalries: dict[frozenset[str], float] = {}  # pair → when last told
@@ -85,19 +91,20 @@ class History:
         self._versions[model_id] = history  # last in order: most recently used
         return history
 
-    def _aged(self, history: VersionHistory, now: float) -> float:
+    def _aged(self, history: VersionHistory) -> float:
         half_life = self._half_life()
-        if history.uses == 0.0 or not math.isfinite(history.at) or math.isinf(half_life):
+        if history.uses == 0.0 or math.isinf(half_life):
             return history.uses
         if half_life <= 0:
             return 0.0
-        return float(history.uses * 0.5 ** (max(now - history.at, 0.0) / half_life))
+        return float(history.uses * 0.5 ** ((self._requests - history.at) / half_life))
 
-    def used(self, model_id: str, device: str, now: float) -> None:
+    def used(self, model_id: str, device: str) -> None:
         """A request took a lease on ``model_id`` on ``device`` (the coordinator)."""
+        self._requests += 1
         history = self._of(model_id)
-        history.uses = self._aged(history, now) + 1.0
-        history.at = now
+        history.uses = self._aged(history) + 1.0
+        history.at = self._requests
         history.floor = self._floors.get(device, 0.0)
 
     def loaded(self, model_id: str, device: str, seconds: float, source: str) -> None:
@@ -147,7 +154,7 @@ class History:
         """A victim of ``priority`` was chosen on ``device``: its clock moves up to it."""
         self._floors[device] = max(self._floors.get(device, 0.0), priority)
 
-    def weigh(self, model_id: str, device: str, now: float, *, to_tier: bool) -> Weighed:
+    def weigh(self, model_id: str, device: str, *, to_tier: bool) -> Weighed:
         """``model_id`` on ``device`` for the policies; ``to_tier``: eviction would send
         it to the host tier (its return is priced, not a load)."""
         history = self._versions.get(model_id)
@@ -157,4 +164,4 @@ class History:
         reload_s = history.disk_s.get(kind, 0.0)
         if to_tier:
             reload_s = history.tier_s.get(kind, reload_s / 10)
-        return Weighed(self._aged(history, now), reload_s, history.floor)
+        return Weighed(self._aged(history), reload_s, history.floor)

@@ -43,7 +43,7 @@ class Residency:
         self.host_claims: dict[str, int] = {}  # the tier's room claimed by victims entering it
         self.invariant_breaks: list[InvariantBroken] = []  # what ``check`` raised, kept
         # What cost-aware eviction weighs, per version, kept after they leave too.
-        self.history = History(lambda: context.settings.history_half_life)
+        self.history = History(lambda: context.settings.history_half_life_requests)
 
     # -- changes (lifecycle only) -------------------------------------------------
 
@@ -188,11 +188,10 @@ class Residency:
             DeviceRoom(id=row.device, kind=row.kind, capacity=row.capacity, free=row.free)
             for row in self.ledger()
         ]
-        now = self._context.clock.now()
         residents = []
         for i in self.instances.values():
             sleeps = self.tier_for(i) is not None
-            weighed = self.history.weigh(i.model_id, i.device, now, to_tier=sleeps)
+            weighed = self.history.weigh(i.model_id, i.device, to_tier=sleeps)
             residents.append(
                 Resident(
                     model_id=i.key,

@@ -32,7 +32,9 @@ class SchedulerSettings:
     max_queue: int = 256  # requests waiting per version before 429; 0 = no limit
     max_failures: int = 3  # backend failures in a row before an instance is failed
     stop_timeout: float = 30.0  # cancelled work must stop this soon, or the instance is hung
-    history_half_life: float = 3600.0  # aged request counts halve this often (eviction)
+    history_half_life_requests: float = (
+        1000.0  # aged request counts halve every this many requests (eviction)
+    )
     poll_interval: float = 2.0
     headroom: Mapping[str, int] = field(default_factory=dict)  # by device kind
     host_cache: int = 0  # bytes of the host-RAM tier (``[devices] host_cache``); 0: off
