@@ -1,18 +1,24 @@
 """Eviction policies against each other and against Belady's rule, on the simulator.
 
-Every policy (``lru``, ``lfu``, ``gdsf``) and Belady's rule replay the same traces
-through the daemon's scheduler on virtual time (``routerd.simulate``; min residency
-0, keep-alive never, loads far apart enough that eviction, not queueing, decides):
+Every policy (``lru``, ``lfu``, ``gdsf``, ``cost``) and Belady's rule replay the same
+traces through the daemon's scheduler on virtual time (``routerd.simulate``; min
+residency 0, keep-alive never, requests far enough apart that eviction, not
+queueing behind loads, decides):
 
 a. ``zipf_equal``: Zipf α=1 over 100 models of 10 GB, room for 10, ``--requests``
    (200,000) requests; a load takes 1.5 s;
 b. ``mixed``: Zipf α=1 over 50 models of mixed sizes (0.5–70 GB) and reload costs (a
    load 1 s plus its bytes at 2 GB/s, times a factor within 1/8–8: storage and
-   engine start-up differ), room for a fifth of their bytes;
-c. ``bursty``: the mixed models, each alternating quiet and busy spells;
-d. ``shift``: the mixed models, popularity drawn again every hour.
+   engine start-up differ), room for a fifth of their bytes; a request every 100 s
+   on average (a miss loads for 14 s on average, up to 110 s);
+c. ``bursty``: the mixed models, each alternating quiet (25 min) and busy (5 min)
+   spells;
+d. ``shift``: the mixed models, popularity drawn again every 5 hours (every 180
+   requests).
 
 (b)–(d) have ``--others`` (50,000) requests each. Runs go ``--jobs`` (2) at a time.
+The policies age their request counts by requests (``history_half_life_requests``,
+1000), so the spacing of requests changes only how often loads overlap.
 
 Keys (last line, JSON): ``zipf_equal_vs_belady`` (the best policy's hit ratio ÷
 Belady's, goal ≥ 0.85), ``mixed_load_seconds_vs_lru`` (the best policy's seconds
@@ -42,7 +48,7 @@ from routerd.simulate.generate import GB, Workload, costs_for, generate
 from routerd.simulate.run import BELADY, Host, simulate
 from routerd.simulate.trace import TraceRequest
 
-POLICIES = ("lru", "lfu", "gdsf")
+POLICIES = ("lru", "lfu", "gdsf", "cost")
 SETTINGS = SchedulerSettings(
     min_residency=0.0, keep_alive=math.inf, headroom={"cuda": 0}, poll_interval=3600.0
 )
@@ -53,7 +59,7 @@ def workloads(requests: int, others: int) -> dict[str, Workload]:
         kind="zipf",
         requests=others,
         models=50,
-        rate=0.05,
+        rate=0.01,
         alpha=1.0,
         sizes="mixed",
         cost_spread=8.0,
@@ -72,8 +78,8 @@ def workloads(requests: int, others: int) -> dict[str, Workload]:
             seed=1,
         ),
         "mixed": mixed,
-        "bursty": replace(mixed, kind="bursty", seed=4),
-        "shift": replace(mixed, kind="shift", shift_every=3600.0, seed=5),
+        "bursty": replace(mixed, kind="bursty", quiet_s=1500.0, busy_s=300.0, seed=4),
+        "shift": replace(mixed, kind="shift", shift_every=18_000.0, seed=5),
     }
 
 

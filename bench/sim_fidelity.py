@@ -73,7 +73,9 @@ def model_names(mediums: int) -> list[str]:
     return [names[0], "large", *names[1:], "small"]
 
 
-def write_config(path: Path, budget: int | str, demo: Path, mediums: int) -> None:
+def write_config(
+    path: Path, budget: int | str, demo: Path, mediums: int, eviction: str | None = None
+) -> None:
     models = [("large", "demo-large"), ("small", "demo-small")]
     models += [(name, "demo-medium") for name in model_names(mediums) if name.startswith("med")]
     entries = "".join(
@@ -88,6 +90,7 @@ def write_config(path: Path, budget: int | str, demo: Path, mediums: int) -> Non
 min_residency = "0s"
 load_wait_timeout = "60s"
 keep_alive = -1
+{f'eviction = "{eviction}"' if eviction else ""}
 
 [devices]
 cpu_memory = {json.dumps(budget)}
@@ -173,7 +176,7 @@ async def run_daemon(args: argparse.Namespace, work: Path) -> DaemonRun:
         medium = measured["medium-a"]
         budget = measured["large"] + measured["small"] + int(medium * 1.5)
         config = work / "routerd.toml"
-        write_config(config, budget, work / "state" / "demo", args.mediums)
+        write_config(config, budget, work / "state" / "demo", args.mediums, args.eviction)
         daemon = Daemon(config, work / "state", free_port(), work / "routerd.log", "on")
         try:
             await daemon.wait_ready(session)
@@ -199,9 +202,10 @@ def compare(args: argparse.Namespace, run: DaemonRun) -> dict[str, Any]:
     real = run.result
     host = host_from_config(run.config, run.budget)
     versions = [f"{name}@1" for name in model_names(args.mediums)]  # the model table's keys
-    sim = simulate(renamed(generate(run.workload), versions), run.learned.costs, host, "lru")
+    policy = run.config.scheduler.eviction  # the daemon's own
+    sim = simulate(renamed(generate(run.workload), versions), run.learned.costs, host, policy)
     big_trace = renamed(generate(replace(run.workload, requests=args.big)), versions)
-    big = simulate(big_trace, run.learned.costs, host, "lru")
+    big = simulate(big_trace, run.learned.costs, host, policy)
     return {
         "requests": args.requests,
         "lost": run.lost,
@@ -233,6 +237,10 @@ def main() -> int:
     parser.add_argument("--mediums", type=int, default=3, help="copies of demo-medium")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--big", type=int, default=100_000, help="requests of the timed run")
+    parser.add_argument(
+        "--eviction",
+        help="the daemon's (and so the simulator's) eviction policy; default: its default",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="routerd-fidelity-") as tmp:
         daemon = asyncio.run(run_daemon(args, Path(tmp)))

@@ -160,5 +160,5 @@ def test_eviction_reports_its_keys():
     ):
         assert figures[key] > 0, key
     assert set(figures["table"]) == {"zipf_equal", "mixed", "bursty", "shift"}
-    assert set(figures["table"]["mixed"]) == {"lru", "lfu", "gdsf", "belady"}
+    assert set(figures["table"]["mixed"]) == {"lru", "lfu", "gdsf", "cost", "belady"}
     assert "lru" in figures["never_worse"]  # LRU is never worse than itself
