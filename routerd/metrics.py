@@ -247,6 +247,8 @@ class Metrics:
                     "status": status,
                     "model": served.model_id if served is not None else None,
                     "duration_ms": round(seconds * 1000, 1),
+                    "error": context.error,
+                    "reason": context.error_message,
                 },
             )
 

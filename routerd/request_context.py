@@ -49,6 +49,7 @@ class RequestContext:
         "arrived",
         "cold_start_ms",
         "error",
+        "error_message",
         "first_token",
         "served",
         "slots",
@@ -73,6 +74,7 @@ class RequestContext:
         self.first_token: float | None = None
         self.cold_start_ms: float | None = None
         self.error: str | None = None  # the OpenAI error code (else type) it failed with
+        self.error_message: str | None = None  # and what the error said
 
     def release_stream(self) -> None:
         """Give back the stream slot, if the request holds one."""

@@ -57,12 +57,20 @@ PRUNE_INTERVAL: Final = 60.0
 MAX_BUFFER: Final = 100_000
 
 
-def note_error(code: str | None) -> None:
+def note_error(code: str | None, message: str | None = None) -> None:
     """Called where an error becomes the answer (``routerd.api.errors``) or a stream's
-    error event (``routerd.api.answers``): its OpenAI code, else its type."""
+    error event (``routerd.api.answers``): its OpenAI code, else its type, and what it
+    said (for the request's log line)."""
     context = current()
     if context is not None:
         context.error = code
+        context.error_message = message
+
+
+def note_client_gone() -> None:
+    """The client closed its connection before the whole answer was sent: the request
+    ends as 499 ``cancelled`` (logged at info, never an error of the version)."""
+    note_error(CANCELLED, "the client closed the connection")
 
 
 class RequestStore(Protocol):

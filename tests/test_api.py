@@ -63,12 +63,17 @@ async def sse_events(response) -> list:
 # -- models -----------------------------------------------------------------------
 
 
-async def test_models_list_names_and_pinned_versions(client):
+async def test_models_list_each_name_once_with_its_versions(client):
     response = await client.get("/v1/models")
     assert response.status == 200
-    ids = [m["id"] for m in (await response.json())["data"]]
-    assert {"echo", "echo@1", "echo@2", "embedder", "embedder@1"} <= set(ids)
-    one = await client.get("/v1/models/echo@2")
+    data = (await response.json())["data"]
+    ids = [m["id"] for m in data]
+    assert len(ids) == len(set(ids)) and "echo@1" not in ids
+    assert {"echo", "embedder"} <= set(ids)
+    echo = next(m for m in data if m["id"] == "echo")
+    assert echo["versions"] == ["echo@1", "echo@2"]
+    assert echo["root"] in echo["versions"]
+    one = await client.get("/v1/models/echo@2")  # a version is still servable by its id
     assert (await one.json())["id"] == "echo@2"
 
 

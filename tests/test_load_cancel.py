@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import LoadSpec
+from routerd.api.keys import STATS
 from routerd.app import build_app
 from routerd.errors import ClientClosed
 from routerd.services import Services
@@ -181,3 +183,53 @@ async def test_an_http_client_that_disconnects_cancels_the_load(tmp_path: Path) 
         await _until(services, lambda: _failed(services))
         assert "cancelled" in _failed(services)[0]
         assert services.scheduler.instance("a@1") is None and _reserved(services) == 0
+
+
+async def test_clients_that_hang_up_while_the_model_loads_are_499_not_errors(
+    tmp_path: Path,
+) -> None:
+    """Load generators hang up on what is left at the end of a run: those requests
+    end as 499, are not counted against the version rollouts judge, and a request that
+    stays is served and counted as usual."""
+    backend = FakeBackend()
+    services = _services(tmp_path, backend)
+    app = build_app(services)
+    async with TestClient(TestServer(app)) as client:
+        backend.load_gate.clear()
+        body = b'{"model": "a", "prompt": "hi", "max_tokens": 2}'
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        port = client.server.port
+        assert port is not None
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in socks:
+            sock.sendall(request)
+        staying = asyncio.create_task(
+            client.post("/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 2})
+        )
+        await backend.began(backend.loads, 1)
+        for sock in socks:
+            sock.close()  # three clients give up while the model loads
+
+        async def requests_by_status() -> dict[str, float]:
+            text = await (await client.get("/metrics")).text()
+            return {
+                sample.labels["status"]: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "routerd_requests_total" and sample.labels["model"] == "a"
+            }
+
+        for _ in range(200):
+            if (await requests_by_status()).get("499") == 3:
+                break
+            await services.scheduler.context.signals.wait(0.05)
+        backend.load_gate.set()
+        response = await staying
+        assert response.status == 200
+        assert await requests_by_status() == {"499": 3, "200": 1}
+        window = app[STATS].window("a@1", since=0.0)
+        assert (window.requests, window.errors) == (1, 0)

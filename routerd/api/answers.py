@@ -70,7 +70,7 @@ async def fail_stream(response: web.StreamResponse, exc: BaseException) -> web.S
     A client that left meanwhile is no error of ours: nothing more is written.
     """
     error = as_routerd_error(exc)
-    note_error(error.code or error.type)
+    note_error(error.code or error.type, error.message)
     body = error_body(error.message, type=error.type, param=error.param, code=error.code)
     try:
         await send_event(response, body)

@@ -70,7 +70,7 @@ def response_for(exc: Exception, request: web.Request) -> web.Response:
     error = as_routerd_error(exc)
     if error.status >= 500 and not isinstance(exc, RouterdError):
         log.error("%s %s failed", request.method, request.path, exc_info=exc)
-    note_error(error.code or error.type)
+    note_error(error.code or error.type, error.message)
     return error_response(error)
 
 
@@ -80,8 +80,8 @@ def _http_exception_response(exc: web.HTTPException) -> web.Response:
         exc.status, (None, "invalid_request_error" if exc.status < 500 else "server_error")
     )
     code = code or _default_code(exc.status)
-    note_error(code or type_)
     message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    note_error(code or type_, message or exc.reason)
     response = web.json_response(
         error_body(message or exc.reason, type=type_, code=code),
         status=exc.status,

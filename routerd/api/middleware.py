@@ -24,8 +24,9 @@ try block, and on a daemon whose own work per request is a fraction of a
 millisecond (``bench/router_overhead.py``) five layers were a fifth of it.
 
 Cancellation (a client gone, a shutdown) and aiohttp's redirects pass through
-untouched: there is no response to shape, and metrics count them as they end (the
-request log as 499 ``cancelled``).
+untouched: there is no response to shape. A request whose client left — cancelled,
+or gone while its stream was written — ends as 499 ``cancelled`` for the metrics,
+the log line (at info) and the request log, and is left out of what rollouts judge.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from routerd.api.limits import Deadlines, within_limits
 from routerd.api.traffic import record_served
 from routerd.metrics import Metrics
 from routerd.request_context import RequestContext, StreamSlots, enter, leave
-from routerd.request_log import CANCELLED, RequestLog
+from routerd.request_log import CANCELLED, CANCELLED_STATUS, RequestLog, note_client_gone
 from routerd.services import Live
 from routerd.version_stats import VersionStats
 
@@ -78,11 +79,12 @@ def request_middleware(
                     raise  # a redirect: aiohttp sends it as it is
                 response = response_for(exc, request)
             except asyncio.CancelledError:
-                context.error = CANCELLED
+                note_client_gone()
+                status = CANCELLED_STATUS
                 raise
             except Exception as exc:
                 response = response_for(exc, request)
-            status = response.status
+            status = CANCELLED_STATUS if context.error == CANCELLED else response.status
             record_served(stats, context, status)
             return response
         finally:

@@ -33,6 +33,7 @@ from routerd.api.schemas import parse_chat, parse_completion, parse_embedding
 from routerd.api.traffic import mark_stream_failed, route_request
 from routerd.errors import ModelNotFound
 from routerd.metrics import note_cold_start, note_first_token, note_usage
+from routerd.request_log import note_client_gone
 from routerd.scheduler import Lease, Scheduler
 from routerd.serving.handle import Finished, ModelHandle
 from routerd.serving.prompts import (
@@ -81,21 +82,37 @@ def _served_headers(record: VersionRecord, lease: Lease) -> dict[str, str]:
 # -- models ----------------------------------------------------------------------
 
 
-def _model_entry(model_id: str, record: VersionRecord) -> dict[str, Any]:
-    return {
+def _model_entry(
+    model_id: str, record: VersionRecord, versions: list[str] | None = None
+) -> dict[str, Any]:
+    """One model as OpenAI lists it; ``root`` is the version the id serves now, and
+    ``versions`` (an extension) every version of the name, each servable by its id."""
+    entry: dict[str, Any] = {
         "id": model_id,
         "object": "model",
         "created": int(record.created_at),
         "owned_by": "routerd",
         "root": record.model_id,
     }
+    if versions is not None:
+        entry["versions"] = versions
+    return entry
 
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
+    """Each servable name once: clients (and their model pickers) show this list, and
+    one entry per version doubled it. ``name@version`` stays servable."""
     table = request.app[ROUTER].table
-    data = [_model_entry(name, record) for name, record in sorted(table.latest.items())]
-    data += [_model_entry(mid, record) for mid, record in sorted(table.versions.items())]
+    versions: dict[str, list[str]] = {}
+    for model_id, record in sorted(
+        table.versions.items(), key=lambda kv: (kv[1].created_at, kv[0])
+    ):
+        versions.setdefault(record.name, []).append(model_id)
+    data = [
+        _model_entry(name, record, versions.get(name, [record.model_id]))
+        for name, record in sorted(table.latest.items())
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -323,6 +340,7 @@ async def _write_sse(
         if include_usage:
             await send_event(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
     except (ConnectionResetError, ConnectionError):
+        note_client_gone()
         return response  # the client left; leaving the generator cancelled the work
     except Exception as exc:
         mark_stream_failed()

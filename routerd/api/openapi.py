@@ -75,6 +75,12 @@ SCHEMAS: Final[dict[str, Any]] = {
             "created": _INT,
             "owned_by": _STRING,
             "root": _STRING,
+            "versions": {
+                "type": "array",
+                "items": _STRING,
+                "description": "routerd: the name's versions (name@version), each "
+                "servable by that id too",
+            },
         },
     },
     "ModelList": {
@@ -318,7 +324,9 @@ def _inference(summary: str, response: str, body: str) -> dict[str, Any]:
 
 
 PATHS: Final[dict[str, dict[str, Any]]] = {
-    "/v1/models": {"get": _op("List models and versions", "openai", _json("ModelList"))},
+    "/v1/models": {
+        "get": _op("List servable models, each name once", "openai", _json("ModelList"))
+    },
     "/v1/models/{model_id}": {
         "get": _op("One model", "openai", _json("Model"), errors=(404,), parameters=_PATH_MODEL)
     },

@@ -10,7 +10,9 @@ records, per served version, whether the request failed and how long it took
 status`` shows.
 
 A request counts as failed when it ends with a 5xx or an error event inside a
-stream. 4xx answers are the client's doing and count as served.
+stream. 4xx answers are the client's doing and count as served. A request whose
+client went away (499) is not counted at all: it says nothing of the version, and
+load generators hang up on every request left at the end of a run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from routerd.api.keys import ROUTER, SHADOWS
 from routerd.request_context import RequestContext, current
+from routerd.request_log import CANCELLED_STATUS
 from routerd.traffic import ShadowWork
 from routerd.version_stats import VersionStats
 from state import VersionRecord
@@ -57,7 +60,7 @@ def record_served(stats: VersionStats, context: RequestContext, status: int) -> 
     status, after errors were turned into responses.
     """
     served = context.served
-    if served is not None:
+    if served is not None and status != CANCELLED_STATUS:
         stats.record(
             served.model_id,
             latency_ms=(time.monotonic() - context.started) * 1000,
