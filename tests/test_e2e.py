@@ -102,9 +102,14 @@ def sdk(daemon: Daemon) -> openai.OpenAI:
     return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_models_are_listed(sdk: openai.OpenAI) -> None:
-    ids = {m.id for m in sdk.models.list()}
-    assert {"demo-small", "demo-medium", "demo-large", "demo-embed", "demo-small@1"} <= ids
+def test_models_are_listed_once_each_with_their_versions(sdk: openai.OpenAI) -> None:
+    models = list(sdk.models.list())
+    ids = [m.id for m in models]
+    assert len(ids) == len(set(ids))
+    assert {"demo-small", "demo-medium", "demo-large", "demo-embed"} <= set(ids)
+    small = next(m for m in models if m.id == "demo-small")
+    assert (small.model_extra or {})["versions"] == ["demo-small@1"]
+    assert sdk.models.retrieve("demo-small@1").id == "demo-small@1"
 
 
 def test_completion(sdk: openai.OpenAI) -> None:
