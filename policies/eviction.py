@@ -68,18 +68,22 @@ def take_in_order(
     return tuple(r.model_id for r in taken)
 
 
-class LeastRecentlyUsed:
-    """Evict the least recently used idle instances first, stopping once enough is free.
+class RankedEviction:
+    """A policy that is an order: the evictable instances are taken, first in
+    ``rank`` first, until enough is free (``take_in_order``). A policy that
+    ``gives_back`` says with ``worth`` what losing each would cost, and victims that a
+    later one made unneeded are given back, the worthiest first.
 
-    Decision tree:
-    1. ``need <= free`` → nothing to evict.
-    2. Keep only instances evictable now (idle, unpinned, past min residency).
-    3. Take them — those that would only be put to sleep (cheap to restore) first,
-       then oldest ``last_used`` first — until ``free`` reaches ``need`` → those.
-    4. Still short after all of them → None (the caller waits or refuses).
-    """
+    Subclasses set ``name`` (and ``gives_back``) and define ``rank`` (and ``worth``)."""
 
-    name = "lru"
+    name: str
+    gives_back = False
+
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def worth(self, resident: Resident) -> float:
+        return 0.0
 
     def victims(
         self,
@@ -92,15 +96,33 @@ class LeastRecentlyUsed:
     ) -> tuple[str, ...] | None:
         return take_in_order(
             residents,
-            lambda r: (not r.sleeps, r.last_used, r.model_id),
+            lambda resident: self.rank(resident, now),
             need=need,
             free=free,
             now=now,
             min_residency=min_residency,
+            spare=self.worth if self.gives_back else None,
         )
 
 
-class FurthestNextUse:
+class LeastRecentlyUsed(RankedEviction):
+    """Evict the least recently used idle instances first, stopping once enough is free.
+
+    Decision tree:
+    1. ``need <= free`` → nothing to evict.
+    2. Keep only instances evictable now (idle, unpinned, past min residency).
+    3. Take them — those that would only be put to sleep (cheap to restore) first,
+       then oldest ``last_used`` first — until ``free`` reaches ``need`` → those.
+    4. Still short after all of them → None (the caller waits or refuses).
+    """
+
+    name = "lru"
+
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (not resident.sleeps, resident.last_used, resident.model_id)
+
+
+class FurthestNextUse(RankedEviction):
     """Belady's rule: evict the instances whose next request is furthest away.
 
     It needs the future, so only the simulator, which has the whole trace, can run
@@ -122,34 +144,18 @@ class FurthestNextUse:
     def __init__(self, next_use: Callable[[str, float], float]) -> None:
         self._next_use = next_use
 
-    def victims(
-        self,
-        residents: Sequence[Resident],
-        *,
-        need: int,
-        free: int,
-        now: float,
-        min_residency: float,
-    ) -> tuple[str, ...] | None:
-        return take_in_order(
-            residents,
-            lambda r: (-self._next_use(r.model_id, now), r.model_id),
-            need=need,
-            free=free,
-            now=now,
-            min_residency=min_residency,
-        )
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (-self._next_use(resident.model_id, now), resident.model_id)
 
 
-class LeastFrequentlyUsed:
+class LeastFrequentlyUsed(RankedEviction):
     """LFU with aging: evict the instances asked for least, recent requests weighing
     more than old ones.
 
     ``Resident.uses`` is the scheduler's aged count of the version's requests (each
     adds one; the count halves every ``[scheduler] history_half_life_requests``
-    requests to the host), so a model
-    that was popular yesterday and is idle today loses to one in use now, and a burst
-    does not buy a model a place for ever.
+    requests to the host), so a model that was popular yesterday and is idle today
+    loses to one in use now, and a burst does not buy a model a place for ever.
 
     Decision tree:
     1. ``need <= free`` → nothing to evict.
@@ -161,26 +167,11 @@ class LeastFrequentlyUsed:
 
     name = "lfu"
 
-    def victims(
-        self,
-        residents: Sequence[Resident],
-        *,
-        need: int,
-        free: int,
-        now: float,
-        min_residency: float,
-    ) -> tuple[str, ...] | None:
-        return take_in_order(
-            residents,
-            lambda r: (r.uses, r.last_used, r.model_id),
-            need=need,
-            free=free,
-            now=now,
-            min_residency=min_residency,
-        )
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (resident.uses, resident.last_used, resident.model_id)
 
 
-class GreedyDualSizeFrequency:
+class GreedyDualSizeFrequency(RankedEviction):
     """Greedy-Dual-Size-Frequency: keep what is asked for often, costly to bring back
     and small; evict the rest, the lowest priority first.
 
@@ -204,30 +195,18 @@ class GreedyDualSizeFrequency:
     """
 
     name = "gdsf"
+    gives_back = True
 
     def priority(self, resident: Resident) -> float:
         gigabytes = max(resident.bytes, 1) / 1e9
         reload_s = resident.reload_s if resident.reload_s > 0 else gigabytes
         return resident.floor + max(resident.uses, 1.0) * reload_s / gigabytes
 
-    def victims(
-        self,
-        residents: Sequence[Resident],
-        *,
-        need: int,
-        free: int,
-        now: float,
-        min_residency: float,
-    ) -> tuple[str, ...] | None:
-        return take_in_order(
-            residents,
-            lambda r: (self.priority(r), r.last_used, r.model_id),
-            need=need,
-            free=free,
-            now=now,
-            min_residency=min_residency,
-            spare=self.priority,
-        )
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (self.priority(resident), resident.last_used, resident.model_id)
+
+    def worth(self, resident: Resident) -> float:
+        return self.priority(resident)
 
 
 def expected_reload_s(resident: Resident) -> float:
@@ -238,7 +217,7 @@ def expected_reload_s(resident: Resident) -> float:
     return max(resident.uses, 1.0) * reload_s
 
 
-class LeastReloadCost:
+class LeastReloadCost(RankedEviction):
     """Evict what costs the least reloading for the memory it frees.
 
     Each instance is weighed by ``expected_reload_s`` — aged uses × measured reload
@@ -260,25 +239,17 @@ class LeastReloadCost:
     """
 
     name = "cost"
+    gives_back = True
 
-    def victims(
-        self,
-        residents: Sequence[Resident],
-        *,
-        need: int,
-        free: int,
-        now: float,
-        min_residency: float,
-    ) -> tuple[str, ...] | None:
-        return take_in_order(
-            residents,
-            lambda r: (expected_reload_s(r) / max(r.bytes, 1), r.last_used, r.model_id),
-            need=need,
-            free=free,
-            now=now,
-            min_residency=min_residency,
-            spare=expected_reload_s,
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (
+            expected_reload_s(resident) / max(resident.bytes, 1),
+            resident.last_used,
+            resident.model_id,
         )
+
+    def worth(self, resident: Resident) -> float:
+        return expected_reload_s(resident)
 
 
 DEFAULT_EVICTION = "cost"
@@ -286,10 +257,7 @@ DEFAULT_EVICTION = "cost"
 simulator's four traces (``bench/eviction.py``) it spent the fewest seconds reloading
 on mixed sizes and was never worse than ``lru``."""
 
-EVICTION_POLICIES: dict[
-    str,
-    type[LeastRecentlyUsed | LeastFrequentlyUsed | GreedyDualSizeFrequency | LeastReloadCost],
-] = {
+EVICTION_POLICIES: dict[str, type[RankedEviction]] = {
     "lru": LeastRecentlyUsed,
     "lfu": LeastFrequentlyUsed,
     "gdsf": GreedyDualSizeFrequency,

@@ -153,23 +153,31 @@ async def test_a_loaded_model_of_a_cancelled_load_is_unloaded(tmp_path: Path) ->
         services.store.close()
 
 
+def _raw_clients(client: TestClient, count: int) -> list[socket.socket]:
+    """``count`` raw connections that each sent a completion request for ``a``: the
+    test hangs up on them by closing the sockets."""
+    body = b'{"model": "a", "prompt": "hi", "max_tokens": 2}'
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    port = client.server.port
+    assert port is not None
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    for sock in sockets:
+        sock.sendall(request)
+    return sockets
+
+
 async def test_an_http_client_that_disconnects_cancels_the_load(tmp_path: Path) -> None:
     backend = FakeBackend()
     services = _services(tmp_path, backend)
     app = build_app(services)
     async with TestClient(TestServer(app)) as client:
         backend.load_gate.clear()
-        body = b'{"model": "a", "prompt": "hi", "max_tokens": 2}'
-        request = (
-            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        port = client.server.port
-        assert port is not None
-        sock = socket.create_connection(("127.0.0.1", port))
+        (sock,) = _raw_clients(client, 1)
         try:
-            sock.sendall(request)
             await backend.began(backend.loads, 1)
         finally:
             sock.close()  # the client gives up while the model loads
@@ -196,17 +204,7 @@ async def test_clients_that_hang_up_while_the_model_loads_are_499_not_errors(
     app = build_app(services)
     async with TestClient(TestServer(app)) as client:
         backend.load_gate.clear()
-        body = b'{"model": "a", "prompt": "hi", "max_tokens": 2}'
-        request = (
-            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        port = client.server.port
-        assert port is not None
-        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        for sock in socks:
-            sock.sendall(request)
+        socks = _raw_clients(client, 3)
         staying = asyncio.create_task(
             client.post("/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 2})
         )

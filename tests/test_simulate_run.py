@@ -3,12 +3,12 @@ results as they move the daemon's; Belady's rule is the bound; ``summarize`` cou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from policies.eviction import take_in_order
+from policies.eviction import RankedEviction
 from policies.types import Resident
 from routerd.scheduler import SchedulerSettings
 from routerd.simulate.costs import ModelCost
@@ -32,28 +32,13 @@ def two_of_three(**changes: object) -> Host:
     return replace(Host(memory=int(2.5 * GB), settings=SETTINGS), **changes)  # type: ignore[arg-type]
 
 
-class MostRecentlyUsed:
+class MostRecentlyUsed(RankedEviction):
     """Evicts the instance used last: the cure for a cyclic trace, a test's own policy."""
 
     name = "mru"
 
-    def victims(
-        self,
-        residents: Sequence[Resident],
-        *,
-        need: int,
-        free: int,
-        now: float,
-        min_residency: float,
-    ) -> tuple[str, ...] | None:
-        return take_in_order(
-            residents,
-            lambda r: (-r.last_used, r.model_id),
-            need=need,
-            free=free,
-            now=now,
-            min_residency=min_residency,
-        )
+    def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
+        return (-resident.last_used, resident.model_id)
 
 
 def test_lru_misses_every_request_of_a_cycle_longer_than_the_room() -> None:
