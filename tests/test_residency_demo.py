@@ -33,7 +33,7 @@ def demo_config(state_dir: Path, demo_root: Path) -> Config:
     return Config(
         state_dir=state_dir,
         models=models,
-        scheduler=SchedulerConfig(min_residency=0.0),
+        scheduler=SchedulerConfig(min_residency=0.0, eviction="lru"),  # its order is tested
         server=ServerConfig(model_roots=(demo_root,)),
     )
 

@@ -53,7 +53,7 @@ def _config(state_dir: Path, demo_root: Path) -> Config:
     return Config(
         state_dir=state_dir,
         models=models,
-        scheduler=SchedulerConfig(min_residency=0.0),
+        scheduler=SchedulerConfig(min_residency=0.0, eviction="lru"),  # which one goes is tested
         server=ServerConfig(model_roots=(demo_root,)),  # the session's demo folder
     )
 
