@@ -15,9 +15,10 @@ from backends.registry import BackendRegistry
 from routerd import ctl
 from routerd.api.keys import SERVICES
 from routerd.app import build_app
+from routerd.ctl.display import format_status
 from routerd.devices import DeviceInventory
 from routerd.services import Services
-from tests.fakes import MEMINFO, FakeBackend, FakeGpus
+from tests.fakes import MEMINFO, FakeBackend, FakeGpus, cpu_only_inventory
 from tests.support import ADMIN_AUTH, fake_services, fake_spec, serve_admin_socket
 
 GIB = 1 << 30
@@ -355,6 +356,29 @@ async def test_load_on_the_gpu_asked_for(gpu_client, capsys):
     assert backend.load_devices == ["cuda:1"]
     code, out, err = await routerctl(client, capsys, "why", "a")
     assert out.startswith("a@1 was loaded on cuda:1 just now"), err
+
+
+async def test_status_shows_each_budget_beside_the_machine(tmp_path, capsys):
+    """A CPU budget far below the machine's RAM must not read as the machine's RAM."""
+    devices = cpu_only_inventory(tmp_path, cpu_budget=250 << 20)
+    services = fake_services(tmp_path, FakeBackend(), [fake_spec(tmp_path, "a")], devices=devices)
+    async with TestClient(
+        TestServer(build_app(services), host="127.0.0.1"), headers=ADMIN_AUTH
+    ) as client:
+        await serve_admin_socket(client)
+        code, out, err = await routerctl(client, capsys, "status")
+    assert code == 0, err
+    header, row, note = out.splitlines()[:3]
+    assert header.split() == ["DEVICE", "TOTAL", "USED", "BUDGET", "RESERVED", "ROUTERD"]
+    # MEMINFO: 16000000 kB in all, 12000000 kB available
+    assert row.split() == ["cpu", "15.3", "GiB", "3.8", "GiB", "250.0", "MiB", "0", "B", "0", "B"]
+    assert "BUDGET is what routerd may use" in note
+
+
+def test_status_from_a_daemon_without_budgets_shows_a_dash():
+    device = {"id": "cpu", "total_bytes": 1 << 30, "used_bytes": 0, "reserved_bytes": 0}
+    text = format_status({"devices": [device], "instances": []})
+    assert text.splitlines()[1].split() == ["cpu", "1.0", "GiB", "0", "B", "-", "0", "B", "0", "B"]
 
 
 async def test_evict_force_is_sent_to_the_scheduler(client, capsys, monkeypatch):
