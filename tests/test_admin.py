@@ -117,6 +117,41 @@ async def test_load_status_evict_cycle(client, capsys, backend):
     assert events["events"][0]["reason"] == "manual"
 
 
+async def test_loading_a_loaded_model_says_so_instead_of_a_load_time(client, capsys, backend):
+    code, out, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    assert out.startswith("loaded a@1 on cpu")
+    code, out, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    assert out.strip() == "a@1 was already loaded on cpu (1000 B); nothing to load"
+    assert backend.loads == ["a@1"]
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cpu")
+    assert code == 0, err
+    assert out.strip() == "a@1 was already loaded on cpu (1000 B); nothing to load"
+    first = await (await client.post("/admin/load", json={"model": "a"})).json()
+    assert first["already_loaded"] is True and first["device"] == "cpu"
+
+
+async def test_a_load_this_call_made_is_not_called_already_loaded(client):
+    answer = await (await client.post("/admin/load", json={"model": "a"})).json()
+    assert answer["already_loaded"] is False and answer["state"] == "ready"
+
+
+async def test_a_loaded_model_asked_onto_another_device_says_how_to_move_it(gpu_client, capsys):
+    client, backend = gpu_client
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:1")
+    assert code == 0, err
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:0")
+    assert code == 0, err
+    assert out.strip() == (
+        "a@1 was already loaded on cuda:1 (1.0 GiB); nothing to load; "
+        "to move it to cuda:0, evict it first"
+    )
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda")
+    assert out.strip() == "a@1 was already loaded on cuda:1 (1.0 GiB); nothing to load"
+    assert backend.load_devices == ["cuda:1"]
+
+
 async def test_routerctl_errors_are_one_line_and_nonzero(client, capsys):
     code, out, err = await routerctl(client, capsys, "load", "missing")
     assert code == 1

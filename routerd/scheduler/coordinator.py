@@ -494,6 +494,23 @@ class Scheduler:
         (``Planner.known``). It needs a load of its own, so a version already resident
         or loading is a ``Conflict``: evict it first.
         """
+        snapshot, _ = await self.load_or_find(record, device=device, why=why, reprofile=reprofile)
+        return snapshot
+
+    async def load_or_find(
+        self,
+        record: VersionRecord,
+        *,
+        device: str | None = None,
+        why: str = "manual",
+        reprofile: bool = False,
+    ) -> tuple[InstanceSnapshot, bool]:
+        """``load``, and whether the version was ready already (nothing loaded for it).
+
+        An operator asking to load a resident version must be told so: its snapshot
+        carries the load time of an earlier load, which reads as if this one took it.
+        Joining a load already in flight counts as loading: the version was not ready.
+        """
         busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
         if reprofile and busy:
             raise Conflict(
@@ -501,10 +518,10 @@ class Scheduler:
                 "with a new profile",
                 param="reprofile",
             )
-        instance, _ = await self._ready_instance(
+        instance, waited = await self._ready_instance(
             record, device=device, why=why, reprofile=reprofile
         )
-        return self.residency.snapshot(instance)
+        return self.residency.snapshot(instance), not waited
 
     async def evict(
         self, model_id: str, *, reason: str = "manual", force: bool = False
