@@ -480,22 +480,9 @@ class Scheduler:
 
     # -- operators --------------------------------------------------------------
 
-    async def load(
-        self,
-        record: VersionRecord,
-        *,
-        device: str | None = None,
-        why: str = "manual",
-        reprofile: bool = False,
-    ) -> InstanceSnapshot:
-        """Make ``record`` resident (on ``device`` if given) or return the resident one.
-
-        ``reprofile``: measure its footprint anew instead of trusting the stored one
-        (``Planner.known``). It needs a load of its own, so a version already resident
-        or loading is a ``Conflict``: evict it first.
-        """
-        snapshot, _ = await self.load_or_find(record, device=device, why=why, reprofile=reprofile)
-        return snapshot
+    async def load(self, record: VersionRecord, **options: Any) -> InstanceSnapshot:
+        """``load_or_find``'s snapshot alone (rollouts, routes, tests)."""
+        return (await self.load_or_find(record, **options))[0]
 
     async def load_or_find(
         self,
@@ -505,12 +492,11 @@ class Scheduler:
         why: str = "manual",
         reprofile: bool = False,
     ) -> tuple[InstanceSnapshot, bool]:
-        """``load``, and whether the version was ready already (nothing loaded for it).
-
-        An operator asking to load a resident version must be told so: its snapshot
-        carries the load time of an earlier load, which reads as if this one took it.
-        Joining a load already in flight counts as loading: the version was not ready.
-        """
+        """Make ``record`` resident (on ``device`` if given), or find it resident, and
+        whether it was ready already: its snapshot then tells of an earlier load, and an
+        operator must not take that for this call's (joining a load in flight is a load).
+        ``reprofile``: measure its footprint anew (``Planner.known``); that needs a load
+        of its own, so a version resident or loading is a ``Conflict``: evict it first."""
         busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
         if reprofile and busy:
             raise Conflict(
