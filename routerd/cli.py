@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -21,7 +23,7 @@ from routerd import __version__, logs, systemd
 from routerd.admin_socket import bind_admin_socket, remove_admin_socket, socket_inode
 from routerd.api.keys import SERVICES
 from routerd.app import build_app, build_services
-from routerd.config import LOG_FORMATS, Config, ConfigError, load_config
+from routerd.config import LOG_FORMATS, Config, ConfigError, default_state_dir, load_config
 from routerd.devices import HostMemoryTooSmall, cpu_budget_beside_tier
 from routerd.reload import ConfigLoader, reload_config
 from routerd.simulate import command as simulate_command
@@ -139,6 +141,8 @@ async def _run(
         config.socket_path,
         config.state_dir,
     )
+    for line in startup_lines(config, sorted(app[SERVICES].router.table.latest)):
+        log.info("%s", line)
     _warn_if_exposed(config)
     # Everything alive now (modules, config, routes) lives as long as the daemon: keep
     # it out of the collector's full passes, which would otherwise walk it again and
@@ -163,6 +167,47 @@ def _reload(app: web.Application, load: ConfigLoader) -> None:
         reload_config(app[SERVICES], load)
     finally:
         systemd.notify("READY=1")
+
+
+def startup_lines(config: Config, names: Sequence[str]) -> list[str]:
+    """What a first-time user needs once the daemon listens: its models, what to try, what next.
+
+    Without these the console shows only where routerd serves, and a new user has to
+    find the model names and the API's paths in the README before sending anything.
+    The completion example names a generating model: names with ``embed`` in them are
+    skipped when another is served, since an embedding model refuses chat.
+    """
+    url = f"http://{_reachable_host(config.server.host)}:{config.server.port}"
+    auth = " -H 'Authorization: Bearer KEY'" if config.server.api_keys else ""
+    if not names:
+        return [
+            "no models registered yet: routerctl register NAME --path FOLDER "
+            "(or restart with --demo for the demo models)",
+            f"try: curl -s{auth} {url}/v1/models",
+        ]
+    chat = next((n for n in names if "embed" not in n), names[0])
+    body = json.dumps(
+        {"model": chat, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    )
+    state_dir = (
+        "" if config.state_dir == default_state_dir() else f" --state-dir {config.state_dir}"
+    )
+    return [
+        f"models: {', '.join(names)}",
+        f"try: curl -s{auth} {url}/v1/models",
+        f"try: curl -s{auth} {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{body}'",
+        f"next: routerctl{state_dir} status (in .venv/bin/ after make run)",
+    ]
+
+
+def _reachable_host(host: str) -> str:
+    """The address a local curl reaches ``host`` by: wildcards mean this machine."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _warn_if_exposed(config: Config) -> None:

@@ -15,9 +15,10 @@ from backends.registry import BackendRegistry
 from routerd import ctl
 from routerd.api.keys import SERVICES
 from routerd.app import build_app
+from routerd.ctl.display import format_status
 from routerd.devices import DeviceInventory
 from routerd.services import Services
-from tests.fakes import MEMINFO, FakeBackend, FakeGpus
+from tests.fakes import MEMINFO, FakeBackend, FakeGpus, cpu_only_inventory
 from tests.support import ADMIN_AUTH, fake_services, fake_spec, serve_admin_socket
 
 GIB = 1 << 30
@@ -114,6 +115,41 @@ async def test_load_status_evict_cycle(client, capsys, backend):
     events = await (await client.get("/admin/events?model=a")).json()
     assert [e["kind"] for e in events["events"]] == ["evict", "load"]
     assert events["events"][0]["reason"] == "manual"
+
+
+async def test_loading_a_loaded_model_says_so_instead_of_a_load_time(client, capsys, backend):
+    code, out, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    assert out.startswith("loaded a@1 on cpu")
+    code, out, err = await routerctl(client, capsys, "load", "a")
+    assert code == 0, err
+    assert out.strip() == "a@1 was already loaded on cpu (1000 B); nothing to load"
+    assert backend.loads == ["a@1"]
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cpu")
+    assert code == 0, err
+    assert out.strip() == "a@1 was already loaded on cpu (1000 B); nothing to load"
+    first = await (await client.post("/admin/load", json={"model": "a"})).json()
+    assert first["already_loaded"] is True and first["device"] == "cpu"
+
+
+async def test_a_load_this_call_made_is_not_called_already_loaded(client):
+    answer = await (await client.post("/admin/load", json={"model": "a"})).json()
+    assert answer["already_loaded"] is False and answer["state"] == "ready"
+
+
+async def test_a_loaded_model_asked_onto_another_device_says_how_to_move_it(gpu_client, capsys):
+    client, backend = gpu_client
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:1")
+    assert code == 0, err
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda:0")
+    assert code == 0, err
+    assert out.strip() == (
+        "a@1 was already loaded on cuda:1 (1.0 GiB); nothing to load; "
+        "to move it to cuda:0, evict it first"
+    )
+    code, out, err = await routerctl(client, capsys, "load", "a", "--device", "cuda")
+    assert out.strip() == "a@1 was already loaded on cuda:1 (1.0 GiB); nothing to load"
+    assert backend.load_devices == ["cuda:1"]
 
 
 async def test_routerctl_errors_are_one_line_and_nonzero(client, capsys):
@@ -355,6 +391,29 @@ async def test_load_on_the_gpu_asked_for(gpu_client, capsys):
     assert backend.load_devices == ["cuda:1"]
     code, out, err = await routerctl(client, capsys, "why", "a")
     assert out.startswith("a@1 was loaded on cuda:1 just now"), err
+
+
+async def test_status_shows_each_budget_beside_the_machine(tmp_path, capsys):
+    """A CPU budget far below the machine's RAM must not read as the machine's RAM."""
+    devices = cpu_only_inventory(tmp_path, cpu_budget=250 << 20)
+    services = fake_services(tmp_path, FakeBackend(), [fake_spec(tmp_path, "a")], devices=devices)
+    async with TestClient(
+        TestServer(build_app(services), host="127.0.0.1"), headers=ADMIN_AUTH
+    ) as client:
+        await serve_admin_socket(client)
+        code, out, err = await routerctl(client, capsys, "status")
+    assert code == 0, err
+    header, row, note = out.splitlines()[:3]
+    assert header.split() == ["DEVICE", "TOTAL", "USED", "BUDGET", "RESERVED", "ROUTERD"]
+    # MEMINFO: 16000000 kB in all, 12000000 kB available
+    assert row.split() == ["cpu", "15.3", "GiB", "3.8", "GiB", "250.0", "MiB", "0", "B", "0", "B"]
+    assert "BUDGET is what routerd may use" in note
+
+
+def test_status_from_a_daemon_without_budgets_shows_a_dash():
+    device = {"id": "cpu", "total_bytes": 1 << 30, "used_bytes": 0, "reserved_bytes": 0}
+    text = format_status({"devices": [device], "instances": []})
+    assert text.splitlines()[1].split() == ["cpu", "1.0", "GiB", "0", "B", "-", "0", "B", "0", "B"]
 
 
 async def test_evict_force_is_sent_to_the_scheduler(client, capsys, monkeypatch):

@@ -163,7 +163,10 @@ def _force_param(body: dict[str, Any]) -> bool:
 @routes.post("/admin/load")
 async def load(request: web.Request) -> web.Response:
     """Load ``model`` now, on ``device`` if given (else where placement puts it);
-    ``reprofile``: measure its footprint anew instead of trusting the stored one."""
+    ``reprofile``: measure its footprint anew instead of trusting the stored one.
+
+    ``already_loaded`` says the version was ready before this call, so that its
+    ``load_ms`` (an earlier load's) is not taken for this call's."""
     body = await read_json_object(request)
     _known_fields(body, "model", "device", "reprofile")
     model = _model_param(body)
@@ -172,8 +175,10 @@ async def load(request: web.Request) -> web.Response:
     if not isinstance(reprofile, bool):
         raise BadRequest(f"reprofile must be a boolean, got {reprofile!r}", param="reprofile")
     record = request.app[ROUTER].resolve(model)
-    snapshot = await request.app[SCHEDULER].load(record, device=device, reprofile=reprofile)
-    return web.json_response(_instance_json(snapshot))
+    snapshot, already = await request.app[SCHEDULER].load_or_find(
+        record, device=device, reprofile=reprofile
+    )
+    return web.json_response({**_instance_json(snapshot), "already_loaded": already})
 
 
 @routes.post("/admin/evict")

@@ -202,6 +202,21 @@ SCHEMAS: Final[dict[str, Any]] = {
             "host_bytes": _INT,
         },
     },
+    "LoadedInstance": {
+        "description": "POST /admin/load's answer: the instance, and whether it was ready before.",
+        "allOf": [
+            {"$ref": "#/components/schemas/Instance"},
+            {
+                "type": "object",
+                "properties": {
+                    "already_loaded": {
+                        "type": "boolean",
+                        "description": "ready before this call: load_ms is an earlier load's",
+                    }
+                },
+            },
+        ],
+    },
     "Status": {
         "type": "object",
         "properties": {
@@ -371,7 +386,7 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             "Load and warm up a version now; answers when it is ready. Its progress shows "
             "in /admin/status (instances[].progress, load_percent) meanwhile.",
             "admin",
-            _json("Instance"),
+            _json("LoadedInstance"),
             body="ModelRequest",
             errors=(400, 404, 409, 503),
         )

@@ -75,6 +75,24 @@ def load_with_progress(url: Target | str, body: dict[str, Any], out: TextIO) -> 
     return outcome["result"]
 
 
+def _loaded_line(result: dict[str, Any], device: str | None) -> str:
+    """What ``routerctl load`` prints: the load and its time, or that there was none.
+
+    A version that was ready already keeps its earlier load's ``load_ms``; printing
+    that as "loaded … in" would claim a load that never happened (nor on ``device``).
+    """
+    name, placed = f"{result['model']}@{result['version']}", str(result["device"])
+    size = human_bytes(result["bytes"])
+    if result.get("already_loaded"):
+        elsewhere = device is not None and placed != device
+        if device == "cuda" and placed.startswith("cuda:"):
+            elsewhere = False  # any GPU was asked for
+        hint = f"; to move it to {device}, evict it first" if elsewhere else ""
+        return f"{name} was already loaded on {placed} ({size}); nothing to load{hint}"
+    took = f" in {human_duration(result['load_ms'] / 1000)}" if result.get("load_ms") else ""
+    return f"loaded {name} on {placed} ({size}){took}"
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -120,12 +138,7 @@ def run(args: argparse.Namespace) -> str:
             body["reprofile"] = True
         if as_json:
             return json.dumps(request(url, "POST", "/admin/load", body), indent=2)
-        result = load_with_progress(url, body, sys.stderr)
-        took = f" in {human_duration(result['load_ms'] / 1000)}" if result.get("load_ms") else ""
-        return (
-            f"loaded {result['model']}@{result['version']} on {result['device']} "
-            f"({human_bytes(result['bytes'])}){took}"
-        )
+        return _loaded_line(load_with_progress(url, body, sys.stderr), args.device)
     if args.command == "evict":
         body = {"model": args.model, **({"force": True} if args.force else {})}
         result = request(url, "POST", "/admin/evict", body)

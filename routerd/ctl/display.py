@@ -19,12 +19,13 @@ from routerd.units import human_bytes
 
 def format_status(status: dict[str, Any]) -> str:
     devices = table(
-        ["DEVICE", "TOTAL", "USED", "RESERVED", "ROUTERD"],
+        ["DEVICE", "TOTAL", "USED", "BUDGET", "RESERVED", "ROUTERD"],
         [
             [
                 d["id"],
                 human_bytes(d["total_bytes"]),
                 human_bytes(d["used_bytes"]),
+                bytes_or_dash(_budget(d)),
                 human_bytes(d["reserved_bytes"]),
                 human_bytes(d.get("routerd_bytes", 0)),
             ]
@@ -33,9 +34,24 @@ def format_status(status: dict[str, Any]) -> str:
     )
     instances = status["instances"]
     traffic = _format_traffic(status.get("traffic") or [])
-    text = devices + _format_tier(status.get("host_tier"))
+    text = devices + "\n" + _DEVICE_COLUMNS + _format_tier(status.get("host_tier"))
     text += "\n\n" + (format_instances(instances) if instances else "no models loaded")
     return text + _format_failed(status.get("failed") or []) + traffic
+
+
+_DEVICE_COLUMNS = "(TOTAL and USED count the whole device; BUDGET is what routerd may use of it)"
+"""Without it a CPU row reads as if routerd could fill the machine's RAM, when its
+budget (``devices.cpu_memory``) may be a small part of it."""
+
+
+def _budget(device: dict[str, Any]) -> int | None:
+    """What routerd may use of a device: its budget less other processes' use and the
+    headroom (``capacity_bytes``); None from a daemon that does not report it."""
+    for key in ("capacity_bytes", "budget_bytes"):
+        value = device.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _format_tier(tier: dict[str, Any] | None) -> str:

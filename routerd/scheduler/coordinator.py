@@ -480,20 +480,23 @@ class Scheduler:
 
     # -- operators --------------------------------------------------------------
 
-    async def load(
+    async def load(self, record: VersionRecord, **options: Any) -> InstanceSnapshot:
+        """``load_or_find``'s snapshot alone (rollouts, routes, tests)."""
+        return (await self.load_or_find(record, **options))[0]
+
+    async def load_or_find(
         self,
         record: VersionRecord,
         *,
         device: str | None = None,
         why: str = "manual",
         reprofile: bool = False,
-    ) -> InstanceSnapshot:
-        """Make ``record`` resident (on ``device`` if given) or return the resident one.
-
-        ``reprofile``: measure its footprint anew instead of trusting the stored one
-        (``Planner.known``). It needs a load of its own, so a version already resident
-        or loading is a ``Conflict``: evict it first.
-        """
+    ) -> tuple[InstanceSnapshot, bool]:
+        """Make ``record`` resident (on ``device`` if given), or find it resident, and
+        whether it was ready already: its snapshot then tells of an earlier load, and an
+        operator must not take that for this call's (joining a load in flight is a load).
+        ``reprofile``: measure its footprint anew (``Planner.known``); that needs a load
+        of its own, so a version resident or loading is a ``Conflict``: evict it first."""
         busy = self.residency.replicas(record.model_id) or record.model_id in self._loads
         if reprofile and busy:
             raise Conflict(
@@ -501,10 +504,10 @@ class Scheduler:
                 "with a new profile",
                 param="reprofile",
             )
-        instance, _ = await self._ready_instance(
+        instance, waited = await self._ready_instance(
             record, device=device, why=why, reprofile=reprofile
         )
-        return self.residency.snapshot(instance)
+        return self.residency.snapshot(instance), not waited
 
     async def evict(
         self, model_id: str, *, reason: str = "manual", force: bool = False
