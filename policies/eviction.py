@@ -171,6 +171,14 @@ class LeastFrequentlyUsed(RankedEviction):
         return (resident.uses, resident.last_used, resident.model_id)
 
 
+def expected_reload_s(resident: Resident) -> float:
+    """Seconds of reloading that evicting ``resident`` is expected to cost: its aged
+    request count times what one reload costs from where it would go (a model with no
+    measured reload yet counts its bytes at one second per GB)."""
+    reload_s = resident.reload_s if resident.reload_s > 0 else max(resident.bytes, 1) / 1e9
+    return max(resident.uses, 1.0) * reload_s
+
+
 class GreedyDualSizeFrequency(RankedEviction):
     """Greedy-Dual-Size-Frequency: keep what is asked for often, costly to bring back
     and small; evict the rest, the lowest priority first.
@@ -198,23 +206,13 @@ class GreedyDualSizeFrequency(RankedEviction):
     gives_back = True
 
     def priority(self, resident: Resident) -> float:
-        gigabytes = max(resident.bytes, 1) / 1e9
-        reload_s = resident.reload_s if resident.reload_s > 0 else gigabytes
-        return resident.floor + max(resident.uses, 1.0) * reload_s / gigabytes
+        return resident.floor + expected_reload_s(resident) / (max(resident.bytes, 1) / 1e9)
 
     def rank(self, resident: Resident, now: float) -> tuple[Any, ...]:
         return (self.priority(resident), resident.last_used, resident.model_id)
 
     def worth(self, resident: Resident) -> float:
         return self.priority(resident)
-
-
-def expected_reload_s(resident: Resident) -> float:
-    """Seconds of reloading that evicting ``resident`` is expected to cost: its aged
-    request count times what one reload costs from where it would go (a model with no
-    measured reload yet counts its bytes at one second per GB)."""
-    reload_s = resident.reload_s if resident.reload_s > 0 else resident.bytes / 1e9
-    return max(resident.uses, 1.0) * reload_s
 
 
 class LeastReloadCost(RankedEviction):

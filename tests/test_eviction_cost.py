@@ -372,3 +372,33 @@ async def test_two_models_that_keep_evicting_each_other_are_named(
     finally:
         await services.scheduler.close()
         services.store.close()
+
+
+async def test_under_gdsf_an_eviction_raises_the_devices_clock_to_its_victims_priority(
+    tmp_path: Path,
+) -> None:
+    """Room for one of two: a, then b evicts a. The device's clock rises to a's
+    priority as it was weighed for the plan, and b's next use carries that floor."""
+    backend = FakeBackend(FakeGpus([10_000]))
+    services = one_gpu_services(
+        tmp_path,
+        backend,
+        size=6_000,
+        host_cache=0,
+        watch=LedgerWatch(),
+        scheduler={"eviction": "gdsf"},
+    )
+    history = services.scheduler.residency.history
+    try:
+        await ask(services, "a")
+        weighed = history.weigh("a@1", "cuda:0", to_tier=False)
+        victim = resident("a@1", bytes=6_000, uses=weighed.uses, reload_s=weighed.reload_s)
+        expected = GreedyDualSizeFrequency().priority(victim)
+        assert history.weigh("b@1", "cuda:0", to_tier=False).floor == 0.0
+        await ask(services, "b")  # evicts a
+        assert [e.model for e in services.store.events(limit=20) if e.kind == "evict"] == ["a"]
+        assert history.weigh("b@1", "cuda:0", to_tier=False).floor == pytest.approx(expected)
+        assert expected > 0
+    finally:
+        await services.scheduler.close()
+        services.store.close()

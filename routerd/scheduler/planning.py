@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from backends.base import Backend, Footprint, LoadSpec
 from contract.errors import BackendError
-from policies.types import LoadRequest, Plan, Refusal
+from policies.types import LoadRequest, Plan, Refusal, Resident
 from routerd.errors import Draining, LoadFailed, Unavailable
 from routerd.instance import Instance
 from routerd.scheduler.admission import Admission
@@ -146,27 +146,33 @@ class Planner:
         while True:
             if self._context.closing:
                 raise Draining("routerd is shutting down", retry_after=5)
-            decision = self._decide(request, exclude=None)
+            decision, residents = self._decide(request, exclude=None)
             if isinstance(decision, Plan) and (replica == 0 or not decision.evict):
-                return self._commit(record, decision, need, estimates, eviction_reason, replica)
+                return self._commit(
+                    record, decision, residents, need, estimates, eviction_reason, replica
+                )
             if replica:
                 raise Unavailable(f"no free room for another replica of {record.model_id}")
             assert isinstance(decision, Refusal)
             self._refused(record, decision, deadline)
             await self._context.signals.wait(min(deadline - clock.now(), PLAN_POLL_S))
 
-    def _decide(self, request: LoadRequest, exclude: str | None) -> Plan | Refusal:
+    def _decide(
+        self, request: LoadRequest, exclude: str | None
+    ) -> tuple[Plan | Refusal, list[Resident]]:
+        """The placement policy's decision, and the residents it was made over."""
         rooms, residents = self._residency.planning_view(self._admission.waiting)
         if exclude is not None:
             residents = [r for r in residents if r.model_id != exclude]
         settings = self._context.settings
-        return self._context.placement.place(
+        decision = self._context.placement.place(
             request,
             rooms,
             residents,
             now=self._context.clock.now(),
             min_residency=settings.min_residency,
         )
+        return decision, residents
 
     def _refused(self, record: VersionRecord, refusal: Refusal, deadline: float) -> None:
         """Raise 503 for a final refusal, or for a passing one whose wait ran out."""
@@ -186,6 +192,7 @@ class Planner:
         self,
         record: VersionRecord,
         plan: Plan,
+        residents: Sequence[Resident],
         need: Mapping[str, int],
         estimates: Mapping[str, Footprint],
         eviction_reason: str | None,
@@ -200,7 +207,7 @@ class Planner:
             replica=replica,
         )
         reason = eviction_reason or self._context.placement.eviction.name
-        self._raise_floor(plan)
+        self._raise_floor(plan, residents)
         self._lifecycle.claim_victims(plan.evict, instance.key, reason)
         if plan.evict:
             log.info(
@@ -213,13 +220,13 @@ class Planner:
         self._context.signals.changed()
         return instance
 
-    def _raise_floor(self, plan: Plan) -> None:
+    def _raise_floor(self, plan: Plan, residents: Sequence[Resident]) -> None:
         """A policy that ranks by priority (GDSF) ages its device: the device's eviction
-        clock rises to the highest priority among the victims (``History.evicted``)."""
+        clock rises to the highest priority among the victims (``History.evicted``), as
+        they were weighed when the plan was made."""
         priority = getattr(self._context.placement.eviction, "priority", None)
         if priority is None or not plan.evict:
             return
-        _, residents = self._residency.planning_view(self._admission.waiting)
         chosen = [priority(r) for r in residents if r.model_id in plan.evict]
         if chosen:
             self._residency.history.evicted(plan.device, max(chosen))
@@ -235,7 +242,7 @@ class Planner:
         request = LoadRequest(instance.key, [instance.device], {instance.device: need})
         deadline = clock.now() + settings.load_wait_timeout
         while True:
-            decision = self._decide(request, exclude=instance.key)
+            decision, _ = self._decide(request, exclude=instance.key)
             if isinstance(decision, Plan):
                 break
             if not decision.retry or clock.now() >= deadline:
