@@ -107,7 +107,7 @@ def test_a_row_is_what_the_request_noted(store: FakeStore, clock: VirtualClock) 
 
 def test_a_cancelled_request_is_499(store: FakeStore, clock: VirtualClock) -> None:
     log = request_log(store, clock)
-    log.add(context(error=CANCELLED), CHAT, 500)  # the status metrics count it with
+    log.add(context(error=CANCELLED), CHAT, 500)  # a caller that left the status as it was
     log.flush()
     assert store.rows[0][5:7] == (499, "cancelled")
 
