@@ -78,8 +78,7 @@ SCHEMAS: Final[dict[str, Any]] = {
             "versions": {
                 "type": "array",
                 "items": _STRING,
-                "description": "routerd: the name's versions (name@version), each "
-                "servable by that id too",
+                "description": "routerd: every version of the name, each servable by its id",
             },
         },
     },
