@@ -119,6 +119,7 @@ class GenerationRow(Generation):
             generation.params,
             generation.on_text,
             generation.cancellation,
+            generation.on_logprob,
             on_done=on_done,
         )
 
@@ -236,8 +237,9 @@ class LoadedModel(Protocol):
     ) -> None:
         """Decode ``rows`` together until every row has finished.
 
-        Each row keeps its own max_tokens, stop strings, temperature, top_p and seed,
-        streams through its own ``on_text`` and finishes on its own; a row whose
+        Each row keeps its own ``SamplingParams`` (every field not in
+        ``ModelInfo.refuses`` honoured), streams through its own ``on_text`` (and
+        ``on_logprob``, when it asked for logprobs) and finishes on its own; a row whose
         cancellation is set stops alone. A row's greedy output is the same as from
         ``generate`` alone. Between steps, ``admit`` (if given) is asked for rows to
         join the running batch; a backend that cannot join rows mid-decode calls it
@@ -247,6 +249,10 @@ class LoadedModel(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model's tokenizer gives for ``text`` (usage reporting)."""
+
+    def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` as the model's tokenizer decodes them, special
+        tokens left out (a completion's ``echo`` of a prompt given as token ids)."""
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
         """One normalized vector per tokenized input, computed in one pass."""

@@ -190,6 +190,9 @@ class EchoModel:
     def count_tokens(self, text: str) -> int:
         return len(text.encode("utf-8"))
 
+    def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        return _prompt_bytes(token_ids).decode("utf-8", "replace")
+
     # -- generation ------------------------------------------------------------------
 
     def generate(self, generation: Generation) -> GenerationResult:

@@ -65,7 +65,7 @@ class TransformersModel(hf_text.HfTokenizing):
     def info(self) -> ModelInfo:
         return self._info
 
-    # -- tokenizing: encode_prompt, encode_chat, count_tokens (hf_text.HfTokenizing)
+    # -- tokenizing: encode_prompt, encode_chat, count_tokens, decode_tokens (hf_text.HfTokenizing)
 
     def _decode(self, ids: Sequence[int]) -> str:
         text = self._tokenizer.decode(

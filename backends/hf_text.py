@@ -171,3 +171,6 @@ class HfTokenizing:
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` itself, without the bos a prompt would get (usage counts)."""
         return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

@@ -142,7 +142,7 @@ class VllmModel(hf_text.HfTokenizing):
     def info(self) -> ModelInfo:
         return self._info
 
-    # -- tokenizing: encode_prompt, encode_chat, count_tokens (hf_text.HfTokenizing)
+    # -- tokenizing: encode_prompt, encode_chat, count_tokens, decode_tokens (hf_text.HfTokenizing)
 
     # -- generation (event loop) -------------------------------------------------
 

@@ -103,6 +103,9 @@ class SimulatedModel:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        return " ".join(map(str, token_ids))
+
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
         return [[1.0] for _ in inputs]
 
