@@ -59,6 +59,8 @@ class ServerConfig:
     model_roots: tuple[Path, ...] | None = None
     request_timeout: float = 600.0  # a request still unanswered after this gets 504
     max_streams: int = 256  # streaming responses open at once; more get 429
+    # Stop strings (and, separately, stop token ids) one request may give; more get 400.
+    max_stop_sequences: int = 32
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ _SERVER_KEYS = {
     "model_roots",
     "request_timeout",
     "max_streams",
+    "max_stop_sequences",
 }
 
 
@@ -278,6 +281,11 @@ def _server(raw: Mapping[str, Any], base_dir: Path) -> ServerConfig:
     max_streams = _int(raw.get("max_streams", defaults.max_streams), "server.max_streams")
     if max_streams < 1:
         raise ConfigError("server.max_streams: must be at least 1")
+    max_stop = _int(
+        raw.get("max_stop_sequences", defaults.max_stop_sequences), "server.max_stop_sequences"
+    )
+    if max_stop < 1:
+        raise ConfigError("server.max_stop_sequences: must be at least 1")
     roots = None
     if "model_roots" in raw:
         listed = raw["model_roots"]
@@ -299,6 +307,7 @@ def _server(raw: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         model_roots=roots,
         request_timeout=request_timeout,
         max_streams=max_streams,
+        max_stop_sequences=max_stop,
     )
 
 

@@ -17,6 +17,7 @@ from contract.generation import (
     Cancellation,
     Generation,
     GenerationResult,
+    Logprob,
     ModelInfo,
     SamplingParams,
 )
@@ -59,6 +60,10 @@ class InstanceHandle:
         instance = self._instance
         return await instance.call(instance.model.encode_chat, messages)
 
+    async def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        instance = self._instance
+        return await instance.call(instance.model.decode_tokens, token_ids)
+
     async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedding:
         return await self._instance.batcher.embed(prepare, tokens)
 
@@ -86,18 +91,21 @@ class InstanceHandle:
 
     async def stream(
         self, token_ids: list[int], params: SamplingParams
-    ) -> AsyncGenerator[str | Finished, None]:
+    ) -> AsyncGenerator[str | Logprob | Finished, None]:
         instance = self._instance
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        pieces: asyncio.Queue[str | Logprob | None] = asyncio.Queue()
         cancellation = Cancellation()
 
-        def on_text(piece: str) -> None:  # called on the instance thread
+        def on_text(piece: str | Logprob) -> None:  # called on the instance thread
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
+        on_logprob = on_text if params.logprobs is not None else None
         instance.track(cancellation)
         work = asyncio.ensure_future(
-            instance.batcher.generate(Generation(token_ids, params, on_text, cancellation))
+            instance.batcher.generate(
+                Generation(token_ids, params, on_text, cancellation, on_logprob)
+            )
         )
         work.add_done_callback(lambda _: instance.untrack(cancellation))
         # Queued after every piece: the thread's call_soon_threadsafe calls precede the

@@ -243,14 +243,14 @@ async def test_endpoint_and_model_task_must_match(client):
         ({"model": "echo", "prompt": "x", "temperature": 3}, "temperature"),
         ({"model": "echo", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "echo", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ({"model": "echo", "prompt": "x", "n": 2}, "n"),
+        ({"model": "echo", "prompt": "x", "n": 0}, "n"),
         ({"model": "echo", "prompt": "x", "stop": ["a", 1]}, "stop"),
         ({"model": "echo", "prompt": []}, "prompt"),
         ({"model": "echo", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "echo", "prompt": "x", "logprobs": 3}, "logprobs"),
         ({"model": "echo", "prompt": "x", "max_completion_tokens": 2}, "max_completion_tokens"),
-        ({"model": "echo", "prompt": "x", "max_token": 2}, "max_token"),
-        ({"model": "echo", "prompt": "x", "tools": []}, "tools"),
+        ({"model": "echo", "prompt": "x", "suffix": "y"}, "suffix"),
+        ({"model": "echo", "prompt": "x", "presence_penalty": 1}, "presence_penalty"),
         (
             {"model": "echo", "prompt": "x", "stream_options": {"include_usage": True}},
             "stream_options",
@@ -261,6 +261,17 @@ async def test_bad_fields_are_400_naming_the_param(client, body, param):
     response = await client.post("/v1/completions", json=body)
     assert response.status == 400
     assert_openai_error(await response.json(), param=param)
+
+
+async def test_fields_outside_both_schemas_are_ignored_but_named(client, caplog):
+    body = {"model": "echo", "prompt": "x", "max_token": 2, "temprature": 0}
+    with caplog.at_level("WARNING", logger="routerd.api"):
+        response = await client.post("/v1/completions", json=body)
+    assert response.status == 200
+    assert response.headers["x-routerd-ignored-fields"] == "max_token, temprature"
+    assert "max_token, temprature" in caplog.text
+    known = await client.post("/v1/completions", json={"model": "echo", "prompt": "x"})
+    assert "x-routerd-ignored-fields" not in known.headers
 
 
 async def test_malformed_json_is_400_and_daemon_keeps_serving(client):

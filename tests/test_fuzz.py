@@ -191,7 +191,7 @@ def test_numbers_out_of_every_range_are_refused(field, value):
             continue
         _check_common(req)
         _check_sampling(req)
-        assert req.sampling.seed is None or -(2**63) <= req.sampling.seed < 2**64
+        assert req.sampling.params.seed is None or -(2**63) <= req.sampling.params.seed < 2**64
 
 
 # -- the real app over HTTP -----------------------------------------------------------

@@ -9,7 +9,9 @@ run the work on the instance's thread.
 from __future__ import annotations
 
 import base64
+import copy
 import functools
+import logging
 import math
 import os
 import random
@@ -23,35 +25,50 @@ from typing import Any, Final
 from aiohttp import web
 
 from contract.errors import BackendError
-from contract.generation import GenerationResult, Task
+from contract.generation import GenerationResult, Logprob, Task
 from routerd.api.answers import answer, end_stream, fail_stream, open_stream, send_event
+from routerd.api.choices import (
+    Asked,
+    Echo,
+    StreamedMessage,
+    StreamedText,
+    first_prompt_entry,
+    message_choice,
+    text_choice,
+    vllm_prompt_logprobs,
+)
 from routerd.api.coldstart import ColdStream, client_gone
 from routerd.api.errors import read_json_object
 from routerd.api.keys import LIVE, ROUTER, SCHEDULER
 from routerd.api.limits import claim_stream, streaming
 from routerd.api.schemas import parse_chat, parse_completion, parse_embedding
 from routerd.api.traffic import mark_stream_failed, route_request
-from routerd.errors import ModelNotFound
+from routerd.errors import BadRequest, ModelNotFound
 from routerd.metrics import note_cold_start, note_first_token, note_usage
 from routerd.request_log import note_client_gone
 from routerd.scheduler import Lease, Scheduler
+from routerd.serving.choices import Row, best_of, expand, generate_rows, stream_rows
+from routerd.serving.choices import usage as choices_usage
 from routerd.serving.handle import Finished, ModelHandle
 from routerd.serving.prompts import (
     PreparedPrompt,
     embedding_inputs,
     estimate_tokens,
     finish_reason,
-    generate,
     prepare_chat,
     prepare_prompt,
+    refuse_unsupported,
     require_task,
-    token_counts,
 )
 from routerd.serving.requests import (
+    CompletionRequest,
     EmbeddingRequest,
     GenerationRequest,
+    SamplingFields,
 )
 from state import VersionRecord
+
+log = logging.getLogger("routerd.api")
 
 routes = web.RouteTableDef()
 
@@ -131,8 +148,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 Prepare = Callable[[ModelHandle], Awaitable[list[PreparedPrompt]]]
 """Makes a request's prompts ready on the leased model (serving does the work)."""
-ChoiceMaker = Callable[[int, str, str | None], dict[str, Any]]
-"""One streamed choice: the prompt's index, a text piece, the finish reason (or None)."""
+StreamedChoice = StreamedText | StreamedMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,45 +160,8 @@ class _Dialect:
     id_prefix: str  # of the response id
     body_object: str  # ``object`` of a whole answer
     chunk_object: str  # ``object`` of a streamed chunk
-    choice: Callable[[int, GenerationResult], dict[str, Any]]  # one of a whole answer
-    stream_choices: Callable[[], ChoiceMaker]  # a fresh maker per stream
-
-
-def _text_choice(index: int, result: GenerationResult) -> dict[str, Any]:
-    return {
-        "index": index,
-        "text": result.text,
-        "logprobs": None,
-        "finish_reason": finish_reason(result),
-    }
-
-
-def _text_piece(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-
-def _message_choice(index: int, result: GenerationResult) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": result.text},
-        "logprobs": None,
-        "finish_reason": finish_reason(result),
-    }
-
-
-def _delta_pieces() -> ChoiceMaker:
-    """Chat's streamed choices: the first delta names the role, a finishing one is empty."""
-    started = False
-
-    def piece(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        nonlocal started
-        delta: dict[str, str] = {} if finish is not None else {"content": text}
-        if not started:
-            delta = {"role": "assistant", **delta}
-            started = True
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    return piece
+    choice: Callable[[Asked, int, GenerationResult, Echo | None], dict[str, Any]]
+    streamed: Callable[[Asked, int], StreamedChoice]  # a fresh one per streamed choice
 
 
 _COMPLETIONS: Final = _Dialect(
@@ -190,88 +169,193 @@ _COMPLETIONS: Final = _Dialect(
     id_prefix="cmpl",
     body_object="text_completion",
     chunk_object="text_completion",
-    choice=_text_choice,
-    stream_choices=lambda: _text_piece,
+    choice=text_choice,
+    streamed=StreamedText,
 )
 _CHAT: Final = _Dialect(
     endpoint="/v1/chat/completions",
     id_prefix="chatcmpl",
     body_object="chat.completion",
     chunk_object="chat.completion.chunk",
-    choice=_message_choice,
-    stream_choices=_delta_pieces,
+    choice=message_choice,
+    streamed=StreamedMessage,
 )
+
+
+def _max_stop(request: web.Request) -> int:
+    return request.app[LIVE].config.server.max_stop_sequences
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_completion(await read_json_object(request))
+    req = parse_completion(await read_json_object(request), max_stop=_max_stop(request))
 
     async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
-        return [await prepare_prompt(handle, p, req.sampling, param="prompt") for p in req.prompts]
+        truncate = req.truncate_prompt_tokens
+        return [
+            await prepare_prompt(handle, p, req.sampling, param="prompt", truncate=truncate)
+            for p in req.prompts
+        ]
 
-    return await _serve_generation(request, req, _COMPLETIONS, prepare)
+    return await _serve_generation(request, req, _COMPLETIONS, prepare, echo=req.echo)
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(await read_json_object(request))
+    req = parse_chat(await read_json_object(request), max_stop=_max_stop(request))
 
     async def prepare(handle: ModelHandle) -> list[PreparedPrompt]:
-        return [await prepare_chat(handle, req.messages, req.sampling)]
+        return [
+            await prepare_chat(
+                handle, req.messages, req.sampling, truncate=req.truncate_prompt_tokens
+            )
+        ]
 
     return await _serve_generation(request, req, _CHAT, prepare)
 
 
+def _ignored_fields(req: GenerationRequest | EmbeddingRequest, headers: dict[str, str]) -> None:
+    """Name the fields outside OpenAI's and vLLM's schemas that the request carried: in a
+    warning, and in ``x-routerd-ignored-fields`` for the client."""
+    if req.ignored:
+        names = ", ".join(name[:64] for name in req.ignored[:32])
+        log.warning("ignored request fields outside the OpenAI and vLLM schemas: %s", names)
+        headers["x-routerd-ignored-fields"] = names.encode("ascii", "backslashreplace").decode()
+
+
+def _asked(req: GenerationRequest) -> Asked:
+    return Asked(req.logprobs, req.prompt_logprobs, req.tokens_as_ids)
+
+
 async def _serve_generation(
-    request: web.Request, req: GenerationRequest, dialect: _Dialect, prepare: Prepare
+    request: web.Request,
+    req: GenerationRequest,
+    dialect: _Dialect,
+    prepare: Prepare,
+    *,
+    echo: bool = False,
 ) -> web.StreamResponse:
     """A generating request's path: route it (with its shadow copy), lease the
-    version, prepare and run its prompts, answer as JSON or as a stream."""
+    version, prepare its prompts, run their choices together, answer as JSON or as a
+    stream."""
     scheduler = request.app[SCHEDULER]
     if req.stream:
         claim_stream()
-    shadow = functools.partial(_shadow_generation, scheduler, dialect.endpoint, prepare)
+        if req.prompt_logprobs is not None:  # as vLLM: they are not streamed
+            raise BadRequest("prompt_logprobs cannot be streamed", param="prompt_logprobs")
+    per_prompt = getattr(req, "best_of", None) or req.n
+    shadow = functools.partial(
+        _shadow_generation, scheduler, dialect.endpoint, prepare, req.sampling, per_prompt
+    )
     record = route_request(request, req.model, req.user, shadow)
     cold = _cold_stream(request, record, stream=req.stream)
     try:
         async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
-            require_task(lease.handle, Task.GENERATE, req.model, dialect.endpoint)
-            prompts = await prepare(lease.handle)
+            handle = lease.handle
+            require_task(handle, Task.GENERATE, req.model, dialect.endpoint)
+            refuse_unsupported(handle.info, req.sampling.params, req.model)
+            prompts = await prepare(handle)
+            rows = expand(prompts, per_prompt)
             if req.stream:
                 return await _stream_generation(
-                    dialect, req, request, record, lease, prompts, cold.response
+                    dialect, req, request, record, lease, rows, cold.response, echo=echo
                 )
-            results = [await generate(lease.handle, p) for p in prompts]
+            results = await generate_rows(handle, rows)
+            echoes = await _echoes(handle, req, rows, results) if echo else None
     except Exception as exc:
         if cold.response is None:
             raise
         mark_stream_failed()
         return await cold.fail(exc)
+    prompt_tokens, completion_tokens = choices_usage(rows, results)
+    picked = _pick(rows, results, req.n)
+    asked = _asked(req)
     body = {
         "id": _response_id(dialect.id_prefix),
         "object": dialect.body_object,
         "created": int(time.time()),
         "model": req.model,
-        "choices": [dialect.choice(i, r) for i, r in enumerate(results)],
-        "usage": _usage(results),
+        "choices": [
+            dialect.choice(asked, i, results[r], echoes[r] if echoes else None)
+            for i, r in enumerate(picked)
+        ],
+        "usage": _usage(prompt_tokens, completion_tokens),
     }
-    return answer(body, headers=_served_headers(record, lease))
+    if req.prompt_logprobs is not None and dialect is _CHAT:  # vLLM: chat's is top-level
+        body["prompt_logprobs"] = vllm_prompt_logprobs(
+            results[0].prompt_logprobs, req.prompt_logprobs, req.tokens_as_ids
+        )
+    headers = _served_headers(record, lease)
+    _ignored_fields(req, headers)
+    return answer(body, headers=headers)
+
+
+def _pick(rows: list[Row], results: list[GenerationResult], n: int) -> list[int]:
+    """Which rows become choices, in order: all of them, or each prompt's best ``n``
+    when ``best_of`` made more."""
+    if len(rows) == n * (rows[-1].prompt_index + 1):
+        return list(range(len(rows)))
+    picked: list[int] = []
+    for index in sorted({row.prompt_index for row in rows}):
+        mine = [r for r, row in enumerate(rows) if row.prompt_index == index]
+        best = best_of([results[r] for r in mine], n)
+        picked += [next(r for r in mine if results[r] is b) for b in best]
+    return picked
+
+
+async def _echoes(
+    handle: ModelHandle,
+    req: GenerationRequest,
+    rows: list[Row],
+    results: list[GenerationResult] | None,
+) -> list[Echo]:
+    """What ``echo`` puts before each row's completion: its prompt's text and, with
+    logprobs, the prompt's tokens (from each row's result, or ``results`` None: from a
+    prompt-only run, for streams, which must send the prompt first)."""
+    assert isinstance(req, CompletionRequest)
+    texts: dict[int, str] = {}
+    echoes: list[Echo] = []
+    for r, row in enumerate(rows):
+        index = row.prompt_index
+        if index not in texts:
+            prompt = req.prompts[index]
+            texts[index] = prompt if isinstance(prompt, str) else await handle.decode_tokens(prompt)
+        echo = Echo(texts[index])
+        if req.logprobs is not None:
+            ids = row.prompt.token_ids
+            if results is not None:
+                entries = results[r].prompt_logprobs or []
+            else:
+                alone = copy.copy(row.prompt.params)
+                alone.max_tokens, alone.logprobs = 0, None
+                entries = (await handle.generate(ids, alone)).prompt_logprobs or []
+            first = first_prompt_entry(ids[0], await handle.decode_tokens(ids[:1]))
+            echo.entries = [first, *(e for e in entries[1:] if e is not None)]
+        echoes.append(echo)
+    return echoes
 
 
 async def _shadow_generation(
-    scheduler: Scheduler, endpoint: str, prepare: Prepare, record: VersionRecord
+    scheduler: Scheduler,
+    endpoint: str,
+    prepare: Prepare,
+    sampling: SamplingFields,
+    per_prompt: int,
+    record: VersionRecord,
 ) -> None:
     """The same request on a shadow version; the results are discarded."""
     async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.GENERATE, record.model_id, endpoint)
-        for prompt in await prepare(lease.handle):
-            await generate(lease.handle, prompt)
+        refuse_unsupported(lease.handle.info, sampling.params, record.model_id)
+        await generate_rows(lease.handle, expand(await prepare(lease.handle), per_prompt))
 
 
 def _cold_stream(request: web.Request, record: VersionRecord, *, stream: bool) -> ColdStream:
     heartbeat = request.app[LIVE].config.server.stream_heartbeat
     return ColdStream(request, record, stream=stream, heartbeat=heartbeat)
+
+
+# -- streaming -------------------------------------------------------------------
 
 
 async def _stream_generation(
@@ -280,65 +364,59 @@ async def _stream_generation(
     request: web.Request,
     record: VersionRecord,
     lease: Lease,
-    prompts: list[PreparedPrompt],
+    rows: list[Row],
     begun: web.StreamResponse | None,
+    *,
+    echo: bool,
 ) -> web.StreamResponse:
+    """Server-sent events: a chunk per text piece of any choice (choices interleave as
+    they come), a finish chunk per choice, the usage if asked, ``[DONE]``.
+
+    An error after the stream began is an ``error`` event, then ``[DONE]``
+    (``routerd.api.answers``). ``begun``: the response already sent while waiting for
+    the load (see ``routerd.api.coldstart``).
+    """
     envelope = {
         "id": _response_id(dialect.id_prefix),
         "object": dialect.chunk_object,
         "created": int(time.time()),
         "model": req.model,
     }
-    choice = dialect.stream_choices()
-
-    def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {**envelope, "choices": [choice(index, text, finish)]}
-
-    return await _write_sse(
-        request,
-        req.include_usage,
-        record,
-        lease,
-        prompts,
-        chunk,
-        usage_chunk=envelope,
-        begun=begun,
-    )
-
-
-# -- streaming -------------------------------------------------------------------
-
-ChunkMaker = Callable[[int, str, str | None], dict[str, Any]]
-
-
-async def _write_sse(
-    request: web.Request,
-    include_usage: bool,
-    record: VersionRecord,
-    lease: Lease,
-    prompts: list[PreparedPrompt],
-    chunk: ChunkMaker,
-    *,
-    usage_chunk: dict[str, Any],
-    begun: web.StreamResponse | None = None,
-) -> web.StreamResponse:
-    """Server-sent events: a chunk per text piece, a finish chunk per prompt, [DONE].
-
-    An error after the stream began is an ``error`` event, then ``[DONE]``
-    (``routerd.api.answers``). ``begun``: the response already sent while waiting for
-    the load (see ``routerd.api.coldstart``).
-    """
+    asked = _asked(req)
+    choices = [dialect.streamed(asked, i) for i in range(len(rows))]
     response = begun
     if response is None:
-        response = await open_stream(request, _served_headers(record, lease))
+        headers = _served_headers(record, lease)
+        _ignored_fields(req, headers)
+        response = await open_stream(request, headers)
     streaming(response)
-    results: list[GenerationResult] = []
+    handle = lease.handle
+    results: list[GenerationResult | None] = [None] * len(rows)
+    pending: list[list[Logprob]] = [[] for _ in rows]
     try:
-        for index, prompt in enumerate(prompts):
-            await _stream_one(response, lease.handle, prompt, index, chunk, results)
-        note_usage(*token_counts(results))
-        if include_usage:
-            await send_event(response, {**usage_chunk, "choices": [], "usage": _usage(results)})
+        if echo:
+            for i, first in enumerate(await _echoes(handle, req, rows, None)):
+                chunk = choices[i].piece(first.text, first.entries, None)
+                await send_event(response, {**envelope, "choices": [chunk]})
+        async with aclosing(stream_rows(handle, rows)) as items:
+            async for i, item in items:
+                if isinstance(item, Logprob):
+                    pending[i].append(item)
+                    continue
+                if isinstance(item, Finished):
+                    results[i] = item.result
+                    chunk = choices[i].piece("", pending[i], finish_reason(item.result))
+                elif item:
+                    note_first_token()
+                    chunk = choices[i].piece(item, pending[i], None)
+                else:
+                    continue
+                pending[i] = []
+                await send_event(response, {**envelope, "choices": [chunk]})
+        done = [r for r in results if r is not None]
+        usage = _usage(*choices_usage(rows, done))
+        if req.include_usage:
+            await send_event(response, {**envelope, "choices": [], "usage": usage})
     except (ConnectionResetError, ConnectionError):
         note_client_gone()
         return response  # the client left; leaving the generator cancelled the work
@@ -349,27 +427,7 @@ async def _write_sse(
     return response
 
 
-async def _stream_one(
-    response: web.StreamResponse,
-    handle: ModelHandle,
-    prompt: PreparedPrompt,
-    index: int,
-    chunk: ChunkMaker,
-    results: list[GenerationResult],
-) -> None:
-    """One prompt's pieces as chunks, then its finish chunk; its result joins ``results``."""
-    async with aclosing(handle.stream(prompt.token_ids, prompt.params)) as pieces:
-        async for item in pieces:
-            if isinstance(item, Finished):
-                results.append(item.result)
-                await send_event(response, chunk(index, "", finish_reason(item.result)))
-            elif item:
-                note_first_token()
-                await send_event(response, chunk(index, item, None))
-
-
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt, completion = token_counts(results)
+def _usage(prompt: int, completion: int) -> dict[str, int]:
     note_usage(prompt, completion)
     return {
         "prompt_tokens": prompt,
@@ -391,11 +449,14 @@ async def embeddings(request: web.Request) -> web.Response:
     async with scheduler.lease(record, keep_alive=req.keep_alive, client_gone=gone) as lease:
         require_task(lease.handle, Task.EMBED, req.model, "/v1/embeddings")
         embedded = await lease.handle.embed(
-            functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
+            functools.partial(embedding_inputs, req.inputs, truncate=req.truncate_prompt_tokens),
+            estimate_tokens(req.inputs),
         )
     vectors = embedded.vectors
     tokens = sum(len(ids) for ids in embedded.token_ids)
     note_usage(tokens, 0)
+    headers = _served_headers(record, lease)
+    _ignored_fields(req, headers)
     return answer(
         {
             "object": "list",
@@ -406,7 +467,7 @@ async def embeddings(request: web.Request) -> web.Response:
             "model": req.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         },
-        headers=_served_headers(record, lease),
+        headers=headers,
     )
 
 
@@ -417,7 +478,8 @@ async def _shadow_embeddings(
     async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.EMBED, record.model_id, "/v1/embeddings")
         await lease.handle.embed(
-            functools.partial(embedding_inputs, req.inputs), estimate_tokens(req.inputs)
+            functools.partial(embedding_inputs, req.inputs, truncate=req.truncate_prompt_tokens),
+            estimate_tokens(req.inputs),
         )
 
 

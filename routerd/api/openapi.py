@@ -12,39 +12,13 @@ from typing import Any, Final
 from aiohttp import web
 
 from routerd import __version__
-from routerd.api.schemas import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED
+from routerd.api.fields import request_schema
 from routerd.states import InstanceState
 
 routes = web.RouteTableDef()
 
 _STRING: Final = {"type": "string"}
 _INT: Final = {"type": "integer"}
-_TOKENS: Final = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-_PROMPT: Final = {"oneOf": [_STRING, _TOKENS]}
-_PROMPTS: Final = {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT}]}  # one or several
-_KEEP_ALIVE: Final = {
-    "description": "How long the model stays loaded when idle after this request: a duration "
-    '("5m"), 0 (unload when idle) or -1 (never).',
-    "oneOf": [_STRING, {"type": "number"}],
-}
-_SAMPLING: Final = {  # what completions and chat completions share
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "seed": _INT,
-    "stop": {"oneOf": [_STRING, {"type": "array", "items": _STRING, "maxItems": 4}]},
-    "stream": {"type": "boolean"},
-    "stream_options": {
-        "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}},
-    },
-    "user": _STRING,
-    "keep_alive": _KEEP_ALIVE,
-}
-_NEUTRAL_ONLY: Final = {
-    "description": "Not supported yet: accepted only at its default (null, or the value "
-    "that asks for nothing, e.g. n=1); any other value is refused with a 400 naming it.",
-}
 _MODEL_ID: Final = {
     "type": "string",
     "description": "NAME (routed to a version) or NAME@VERSION (that version).",
@@ -89,54 +63,9 @@ SCHEMAS: Final[dict[str, Any]] = {
             "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
         },
     },
-    "CompletionRequest": {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {
-            "model": _MODEL_ID,
-            "prompt": _PROMPTS,
-            **_SAMPLING,
-            **dict.fromkeys(["n", *COMPLETION_UNSUPPORTED], _NEUTRAL_ONLY),
-        },
-        "additionalProperties": False,
-    },
-    "ChatRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {
-            "model": _MODEL_ID,
-            "messages": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["role"],
-                    "properties": {"role": _STRING, "content": {"type": ["string", "array"]}},
-                },
-            },
-            "max_completion_tokens": {
-                "type": "integer",
-                "minimum": 1,
-                "description": "Chat only (the legacy completions API has max_tokens alone); "
-                "preferred over max_tokens when both are set.",
-            },
-            **_SAMPLING,
-            **dict.fromkeys(["n", *CHAT_UNSUPPORTED], _NEUTRAL_ONLY),
-        },
-        "additionalProperties": False,
-    },
-    "EmbeddingRequest": {
-        "type": "object",
-        "required": ["model", "input"],
-        "properties": {
-            "model": _MODEL_ID,
-            "input": _PROMPTS,
-            "encoding_format": {"enum": ["float", "base64"]},
-            "dimensions": _NEUTRAL_ONLY,
-            "user": _STRING,
-            "keep_alive": _KEEP_ALIVE,
-        },
-        "additionalProperties": False,
-    },
+    "CompletionRequest": request_schema("/v1/completions"),
+    "ChatRequest": request_schema("/v1/chat/completions"),
+    "EmbeddingRequest": request_schema("/v1/embeddings"),
     "Usage": {
         "type": "object",
         "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},

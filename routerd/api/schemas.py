@@ -3,10 +3,12 @@
 The typed requests themselves (``routerd.serving.requests``) sit below HTTP, where
 serving takes them; this module is the HTTP side that builds them from JSON.
 
-Every check names the offending field in ``param``, because a client debugging a
-400 needs to know which field to fix. Fields routerd does not implement are refused
-when set to anything but their neutral value, rather than silently ignored: a
-client asking for ``logprobs`` must not believe it got them.
+Which fields exist, and which are refused, is one table (``routerd.api.fields``):
+every field of OpenAI's and vLLM's request schemas is honoured or, set to anything but
+a neutral value, refused with a 400 naming it — a client asking for something must not
+believe it got it. Fields in neither schema are ignored (as OpenAI-compatible servers
+do) and named in the request's ``ignored``, which the handler logs and answers in a
+header. Every check names the offending field in ``param``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from contract.generation import SamplingParams
+from routerd.api import fields
 from routerd.config import ConfigError, parse_keep_alive
 from routerd.errors import BadRequest
 from routerd.serving.requests import (
@@ -25,9 +29,14 @@ from routerd.serving.requests import (
     SamplingFields,
 )
 
+MAX_STOP_SEQUENCES: Final = 32  # the default of ``[server] max_stop_sequences``
+MAX_CHOICES: Final = 128  # n and best_of
 
-def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
-    _refuse_fields(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
+
+def parse_completion(
+    body: Mapping[str, Any], *, max_stop: int = MAX_STOP_SEQUENCES
+) -> CompletionRequest:
+    ignored = _check_fields(body, COMPLETION_FIELDS, COMPLETION_REFUSED)
     if body.get("max_completion_tokens") is not None:
         # Chat's field, absent from the legacy completions API: ignoring it would let
         # the client believe its limit held while max_tokens' default applied.
@@ -36,43 +45,78 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
             "/v1/completions takes max_tokens",
             param="max_completion_tokens",
         )
+    echo = _flag(body, "echo")
+    max_tokens = _max_tokens(body, ("max_tokens",), default=16, low=0)
+    if max_tokens == 0 and not echo:
+        raise BadRequest("max_tokens may be 0 only with echo", param="max_tokens")
+    logprobs = _integer(body, "logprobs", 0, 5)
+    stream, include_usage = _stream_fields(body)
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    best_of = _integer(body, "best_of", 1, MAX_CHOICES)
+    if best_of is not None and best_of < n:
+        raise BadRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+    if best_of is not None and best_of > n and stream:
+        raise BadRequest("best_of greater than n cannot be streamed", param="best_of")
+    params = _params(body, max_stop=max_stop, max_tokens=max_tokens, logprobs=logprobs)
+    if echo and logprobs is not None:  # the prompt's tokens get logprobs too
+        params.prompt_logprobs = max(logprobs, params.prompt_logprobs or 0)
+    if best_of is not None and best_of > n and params.logprobs is None:
+        params.logprobs = 0  # choices are ranked by their tokens' log-probabilities
     return CompletionRequest(
         prompts=_prompts(body.get("prompt"), param="prompt"),
-        **_generation_fields(body, max_tokens_default=16, max_tokens_keys=("max_tokens",)),
+        echo=echo,
+        best_of=best_of,
+        logprobs=logprobs,
+        **_generation_fields(body, params, max_tokens, stream, include_usage, n, ignored),
     )
 
 
-def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
-    _refuse_fields(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
+def parse_chat(body: Mapping[str, Any], *, max_stop: int = MAX_STOP_SEQUENCES) -> ChatRequest:
+    ignored = _check_fields(body, CHAT_FIELDS, CHAT_REFUSED)
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), default=None, low=1)
+    top = _integer(body, "top_logprobs", 0, 20)
+    logprobs: int | None = None
+    if _flag(body, "logprobs"):
+        logprobs = top or 0
+    elif top:
+        raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    stream, include_usage = _stream_fields(body)
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    params = _params(body, max_stop=max_stop, max_tokens=max_tokens, logprobs=logprobs)
     return ChatRequest(
         messages=_messages(body.get("messages")),
-        **_generation_fields(
-            body, max_tokens_default=None, max_tokens_keys=("max_completion_tokens", "max_tokens")
-        ),
+        logprobs=logprobs,
+        **_generation_fields(body, params, max_tokens, stream, include_usage, n, ignored),
     )
 
 
 def _generation_fields(
-    body: Mapping[str, Any], *, max_tokens_default: int | None, max_tokens_keys: Sequence[str]
+    body: Mapping[str, Any],
+    params: SamplingParams,
+    max_tokens: int | None,
+    stream: bool,
+    include_usage: bool,
+    n: int,
+    ignored: tuple[str, ...],
 ) -> dict[str, Any]:
     """What completions and chat read alike: ``GenerationRequest``'s fields."""
-    stream, include_usage = _stream_fields(body)
     return {
         "model": _model(body),
-        "sampling": _sampling(
-            body, max_tokens_default=max_tokens_default, max_tokens_keys=max_tokens_keys
-        ),
+        "sampling": SamplingFields(max_tokens, params),
         "stream": stream,
         "include_usage": include_usage,
-        "user": _optional_str(body, "user"),
+        "user": _routing_key(body),
         "keep_alive": _keep_alive(body),
+        "n": n,
+        "prompt_logprobs": _integer(body, "prompt_logprobs", 0, 20),
+        "tokens_as_ids": _flag(body, "return_tokens_as_token_ids"),
+        "truncate_prompt_tokens": _truncation(body),
+        "ignored": ignored,
     }
 
 
 def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
-    _refuse_unknown(body, EMBEDDING_FIELDS)
-    if body.get("dimensions") is not None:
-        raise BadRequest("dimensions is not supported by this model", param="dimensions")
+    ignored = _check_fields(body, EMBEDDING_FIELDS, EMBEDDING_REFUSED)
     encoding = body.get("encoding_format", "float")
     if encoding is None:
         encoding = "float"
@@ -87,80 +131,34 @@ def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
         encoding_format=encoding,
         user=_optional_str(body, "user"),
         keep_alive=_keep_alive(body),
+        truncate_prompt_tokens=_truncation(body),
+        ignored=ignored,
     )
 
 
 # -- fields ----------------------------------------------------------------------
 
-# field → the neutral values that mean "not asked for"
-COMMON_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-}
-COMPLETION_UNSUPPORTED = {
-    **COMMON_UNSUPPORTED,
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-}
-CHAT_UNSUPPORTED = {
-    **COMMON_UNSUPPORTED,
-    "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
-    "audio": (None,),
-}
-
-_SAMPLING_KEYS = frozenset(("temperature", "top_p", "seed", "stop"))
-
-# Every field each endpoint reads or refuses by name. Anything else is refused as
-# unrecognized (as OpenAI does): a misspelt or newer field would otherwise be accepted
-# and silently do nothing.
-_GENERATION_FIELDS = {"model", "max_tokens", "n", "stream", "stream_options", "user", "keep_alive"}
-_GENERATION_FIELDS |= _SAMPLING_KEYS
-COMPLETION_FIELDS: Final = frozenset(
-    {"prompt", "max_completion_tokens", *_GENERATION_FIELDS, *COMPLETION_UNSUPPORTED}
-)
-CHAT_FIELDS: Final = frozenset(
-    {"messages", "max_completion_tokens", *_GENERATION_FIELDS, *CHAT_UNSUPPORTED}
-)
-EMBEDDING_FIELDS: Final = frozenset(
-    ("model", "input", "encoding_format", "dimensions", "user", "keep_alive")
-)
+COMPLETION_FIELDS: Final = frozenset(fields.COMPLETION)
+CHAT_FIELDS: Final = frozenset(fields.CHAT)
+EMBEDDING_FIELDS: Final = frozenset(fields.EMBEDDING)
+COMPLETION_REFUSED: Final = fields.refused_fields(fields.COMPLETION)
+CHAT_REFUSED: Final = fields.refused_fields(fields.CHAT)
+EMBEDDING_REFUSED: Final = fields.refused_fields(fields.EMBEDDING)
 
 _MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _refuse_fields(
-    body: Mapping[str, Any], known: frozenset[str], unsupported: Mapping[str, tuple[Any, ...]]
-) -> None:
-    _refuse_unknown(body, known)
-    _refuse_unsupported(body, unsupported)
-
-
-def _refuse_unknown(body: Mapping[str, Any], fields: frozenset[str]) -> None:
-    unknown = body.keys() - fields
-    if unknown:
-        key = min(unknown)  # the same field named each time
-        raise BadRequest(f"Unrecognized request argument supplied: {key}", param=key)
-
-
-def _refuse_unsupported(body: Mapping[str, Any], fields: Mapping[str, tuple[Any, ...]]) -> None:
-    if not fields.keys().isdisjoint(body):  # usually disjoint: one set operation in C
-        for key, neutral in fields.items():  # in this order: the same field named each time
-            if key in body and not any(_same(body[key], n) for n in neutral):
-                raise BadRequest(f"{key} is not supported by routerd yet", param=key)
-    if "n" not in body:
-        return
-    n = body["n"]
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise BadRequest(f"n must be a positive integer, got {n!r}", param="n")
-    if n not in (None, 1):
-        raise BadRequest("only n=1 is supported", param="n")
+def _check_fields(
+    body: Mapping[str, Any], known: frozenset[str], refused: Mapping[str, tuple[Any, ...]]
+) -> tuple[str, ...]:
+    """Refuse a refused field set to a value that asks for something; return the names
+    of the fields in neither schema, which are ignored."""
+    if not refused.keys().isdisjoint(body):  # usually disjoint: one set operation in C
+        for key, neutral in refused.items():  # in this order: the same field named each time
+            if key in body and not any(_same(body[key], v) for v in neutral):
+                raise BadRequest(f"{key} is not supported by routerd", param=key)
+    unknown = body.keys() - known
+    return tuple(sorted(unknown)) if unknown else ()
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -211,31 +209,174 @@ def _stream_fields(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, include
 
 
-def _sampling(
-    body: Mapping[str, Any], *, max_tokens_default: int | None, max_tokens_keys: Sequence[str]
-) -> SamplingFields:
-    max_tokens: int | None = max_tokens_default
-    for key in max_tokens_keys:
+def _max_tokens(
+    body: Mapping[str, Any], keys: Sequence[str], *, default: int | None, low: int
+) -> int | None:
+    """The first of ``keys`` that is set; ``default`` when none is."""
+    for key in keys:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BadRequest(f"{key} must be a positive integer, got {value!r}", param=key)
-        max_tokens = value
-        break
-    if _SAMPLING_KEYS.isdisjoint(body):  # the usual request: every default
-        return SamplingFields(max_tokens, _TEMPERATURE, _TOP_P, None, ())
-    return SamplingFields(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", default=_TEMPERATURE, low=0.0, high=2.0),
-        top_p=_number(body, "top_p", default=_TOP_P, low=0.0, high=1.0, low_open=True),
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            word = "a positive" if low > 0 else "a non-negative"
+            raise BadRequest(f"{key} must be {word} integer, got {value!r}", param=key)
+        return value
+    return default
+
+
+_PARAM_KEYS: Final = frozenset(
+    (
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "allowed_token_ids",
+        "ignore_eos",
+        "min_tokens",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "prompt_logprobs",
+    )
+)
+
+
+def _params(
+    body: Mapping[str, Any], *, max_stop: int, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The request's ``SamplingParams`` (``max_tokens`` is set per prompt later)."""
+    if _PARAM_KEYS.isdisjoint(body):  # the usual request: every default
+        return SamplingParams(max_tokens=0, logprobs=logprobs)
+    min_tokens = _integer(body, "min_tokens", 0, None) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise BadRequest(
+            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    top_k = _integer(body, "top_k", -1, None) or 0
+    return SamplingParams(
+        max_tokens=0,
+        temperature=_number(body, "temperature", default=1.0, low=0.0, high=2.0),
+        top_p=_number(body, "top_p", default=1.0, low=0.0, high=1.0, low_open=True),
         seed=_seed(body),
-        stop=_stop(body.get("stop")),
+        stop=_stop(body.get("stop"), max_stop),
+        top_k=max(top_k, 0),
+        min_p=_number(body, "min_p", default=0.0, low=0.0, high=1.0),
+        presence_penalty=_number(body, "presence_penalty", default=0.0, low=-2.0, high=2.0),
+        frequency_penalty=_number(body, "frequency_penalty", default=0.0, low=-2.0, high=2.0),
+        repetition_penalty=_number(
+            body, "repetition_penalty", default=1.0, low=0.0, high=2.0, low_open=True
+        ),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        allowed_token_ids=_allowed_ids(body.get("allowed_token_ids")),
+        ignore_eos=_flag(body, "ignore_eos"),
+        min_tokens=min_tokens,
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids", max_stop),
+        include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
+        logprobs=logprobs,
+        prompt_logprobs=_integer(body, "prompt_logprobs", 0, 20),
     )
 
 
-_TEMPERATURE = 1.0  # OpenAI's defaults
-_TOP_P = 1.0
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be a boolean", param=key)
+    return value
+
+
+def _integer(body: Mapping[str, Any], key: str, low: int, high: int | None) -> int | None:
+    """An optional integer in [low, high] (no upper bound when ``high`` is None)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key} must be an integer", param=key)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"{key} must be {bound}, got {value}", param=key)
+    return value
+
+
+def _truncation(body: Mapping[str, Any]) -> int | None:
+    value = _integer(body, "truncate_prompt_tokens", -1, None)
+    if value == 0:
+        raise BadRequest(
+            "truncate_prompt_tokens must be -1 or a positive integer",
+            param="truncate_prompt_tokens",
+        )
+    return value
+
+
+def _routing_key(body: Mapping[str, Any]) -> str | None:
+    """The sticky routing key: ``user``, else ``safety_identifier`` (OpenAI's successor
+    of it), else ``prompt_cache_key`` (a hint that requests belong together)."""
+    keys = [_optional_str(body, k) for k in ("user", "safety_identifier", "prompt_cache_key")]
+    return next((k for k in keys if k is not None), None)
+
+
+_MAX_BIAS_ENTRIES: Final = 1024
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise BadRequest("logit_bias must be an object of token id → bias", param="logit_bias")
+    if len(value) > _MAX_BIAS_ENTRIES:
+        raise BadRequest(
+            f"logit_bias may hold at most {_MAX_BIAS_ENTRIES} entries", param="logit_bias"
+        )
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        token = _token_key(key)
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int | float)
+            or not math.isfinite(amount)
+            or not -100 <= amount <= 100
+        ):
+            raise BadRequest(
+                f"logit_bias[{key!r}] must be a number between -100 and 100", param="logit_bias"
+            )
+        bias[token] = float(amount)
+    return bias or None
+
+
+def _token_key(key: Any) -> int:
+    """A logit_bias key: a token id written as a decimal string (JSON keys are strings)."""
+    text = str(key)
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise BadRequest(
+            f"logit_bias keys must be token ids, got {text[:40]!r}", param="logit_bias"
+        )
+    return int(text)
+
+
+def _allowed_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    ids = _token_ids(value, "allowed_token_ids", None)
+    if not ids:
+        raise BadRequest("allowed_token_ids must not be empty", param="allowed_token_ids")
+    return list(ids)
+
+
+def _token_ids(value: Any, key: str, limit: int | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not _is_token_list(value) or any(t < 0 for t in value):
+        raise BadRequest(f"{key} must be a list of token ids", param=key)
+    if limit is not None and len(value) > limit:
+        raise BadRequest(f"{key} may hold at most {limit} token ids", param=key)
+    return tuple(value)
 
 
 def _number(
@@ -267,14 +408,14 @@ def _seed(body: Mapping[str, Any]) -> int | None:
     return seed
 
 
-def _stop(value: Any) -> tuple[str, ...]:
+def _stop(value: Any, limit: int) -> tuple[str, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise BadRequest("stop must be a string or a list of strings", param="stop")
-    if len(items) > 4:
-        raise BadRequest("stop may hold at most 4 sequences", param="stop")
+    if len(items) > limit:
+        raise BadRequest(f"stop may hold at most {limit} sequences", param="stop")
     if any(s == "" for s in items):
         raise BadRequest("stop sequences must not be empty", param="stop")
     return tuple(items)

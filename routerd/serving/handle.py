@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from contract.generation import GenerationResult, ModelInfo, SamplingParams
+from contract.generation import GenerationResult, Logprob, ModelInfo, SamplingParams
 
 
 class Tokenizer(Protocol):
@@ -70,15 +70,21 @@ class ModelHandle(Protocol):
         """Token ids of chat messages rendered with the model's template."""
         ...
 
+    async def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens left out (on the model's own thread)."""
+        ...
+
     async def generate(self, token_ids: list[int], params: SamplingParams) -> GenerationResult:
         """The whole completion of one prompt."""
         ...
 
     def stream(
         self, token_ids: list[int], params: SamplingParams
-    ) -> AsyncGenerator[str | Finished, None]:
+    ) -> AsyncGenerator[str | Logprob | Finished, None]:
         """Text pieces as the model produces them, then ``Finished``; closing the
-        generator early stops the work before the lease can be released."""
+        generator early stops the work before the lease can be released. When
+        ``params.logprobs`` asks for them, each token's ``Logprob`` comes before the
+        text that token produced."""
         ...
 
     async def embed(self, prepare: PrepareInputs, tokens: int) -> Embedding:

@@ -7,11 +7,12 @@ HTTP, and nothing reaches past the ``ModelHandle``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contract.generation import GenerationResult, ModelInfo, SamplingParams, Task
+from contract.generation import GenerationResult, ModelInfo, SamplingParams, Task, asked_fields
 from routerd.errors import BadRequest
 from routerd.serving.handle import ModelHandle, Tokenizer
 from routerd.serving.requests import Prompt, SamplingFields
@@ -36,14 +37,24 @@ def require_task(handle: ModelHandle, task: Task, model_id: str, endpoint: str) 
 
 
 async def prepare_prompt(
-    handle: ModelHandle, prompt: Prompt, sampling: SamplingFields, *, param: str
+    handle: ModelHandle,
+    prompt: Prompt,
+    sampling: SamplingFields,
+    *,
+    param: str,
+    truncate: int | None = None,
 ) -> PreparedPrompt:
-    """A completion prompt: text tokenized on the model's thread, token ids checked."""
+    """A completion prompt: text tokenized on the model's thread, token ids checked.
+
+    ``truncate``: vLLM's ``truncate_prompt_tokens``, keep the last that many tokens
+    (-1: as many as the context holds with room for one token).
+    """
     if isinstance(prompt, str):
         token_ids = await handle.tokenize(prompt)
     else:
         check_token_ids(handle.info, prompt, param=param)
         token_ids = prompt
+    token_ids = truncate_prompt(handle.info, token_ids, truncate)
     params = fit_to_context(
         handle.info, len(token_ids), sampling, param=param, cap=handle.max_tokens
     )
@@ -51,22 +62,52 @@ async def prepare_prompt(
 
 
 async def prepare_chat(
-    handle: ModelHandle, messages: Sequence[Mapping[str, Any]], sampling: SamplingFields
+    handle: ModelHandle,
+    messages: Sequence[Mapping[str, Any]],
+    sampling: SamplingFields,
+    *,
+    truncate: int | None = None,
 ) -> PreparedPrompt:
     """Chat messages rendered with the model's template, fitted to its context."""
-    token_ids = await handle.encode_chat(messages)
+    token_ids = truncate_prompt(handle.info, await handle.encode_chat(messages), truncate)
     params = fit_to_context(
         handle.info, len(token_ids), sampling, param="messages", cap=handle.max_tokens
     )
     return PreparedPrompt(token_ids, params)
 
 
+def truncate_prompt(
+    info: ModelInfo, token_ids: list[int], keep: int | None, *, room: int = 1
+) -> list[int]:
+    """The last ``keep`` tokens (-1: as many as the context holds, less ``room`` left
+    to generate in)."""
+    if keep is None:
+        return token_ids
+    if keep < 0:
+        keep = max(1, info.context_length - room)
+    return token_ids[-keep:] if len(token_ids) > keep else token_ids
+
+
+def refuse_unsupported(info: ModelInfo, params: SamplingParams, model_id: str) -> None:
+    """400 naming the first field this model cannot honour that the request sets."""
+    if info.refuses:
+        for name in asked_fields(params):
+            if name in info.refuses:
+                raise BadRequest(
+                    f"model '{model_id}' cannot honour {name} (its backend does not support it)",
+                    param=name,
+                )
+
+
 async def generate(handle: ModelHandle, prompt: PreparedPrompt) -> GenerationResult:
     return await handle.generate(prompt.token_ids, prompt.params)
 
 
-def embedding_inputs(inputs: Sequence[Prompt], model: Tokenizer) -> list[list[int]]:
-    """Token ids of an embedding request's inputs, each checked against the context.
+def embedding_inputs(
+    inputs: Sequence[Prompt], model: Tokenizer, *, truncate: int | None = None
+) -> list[list[int]]:
+    """Token ids of an embedding request's inputs, each checked against the context
+    (after keeping the last ``truncate`` tokens, vLLM's ``truncate_prompt_tokens``).
 
     Runs on the model's thread inside the embedding batch (``ModelHandle.embed``), so
     a request costs no thread hop of its own for tokenizing.
@@ -79,6 +120,7 @@ def embedding_inputs(inputs: Sequence[Prompt], model: Tokenizer) -> list[list[in
         else:
             check_token_ids(model.info, item, param=param)
             ids = item
+        ids = truncate_prompt(model.info, ids, truncate, room=0)
         if len(ids) > model.info.context_length:
             raise BadRequest(
                 f"{param} has {len(ids)} tokens; this model's maximum context length is "
@@ -125,7 +167,8 @@ def fit_to_context(
             code="max_tokens_exceeded",
         )
     room = info.context_length - prompt_tokens
-    if room < 1 or (fields.max_tokens is not None and fields.max_tokens > room):
+    echo_only = fields.max_tokens == 0 and room >= 0  # the prompt alone, nothing generated
+    if not echo_only and (room < 1 or (fields.max_tokens is not None and fields.max_tokens > room)):
         asked = fields.max_tokens if fields.max_tokens is not None else 1
         raise BadRequest(
             f"This model's maximum context length is {info.context_length} tokens. However, "
@@ -135,13 +178,20 @@ def fit_to_context(
             code="context_length_exceeded",
         )
     max_tokens = fields.max_tokens if fields.max_tokens is not None else room
-    return SamplingParams(
-        max_tokens=max_tokens if cap is None else min(max_tokens, cap),
-        temperature=fields.temperature,
-        top_p=fields.top_p,
-        seed=fields.seed,
-        stop=fields.stop,
-    )
+    params = copy.copy(fields.params)
+    params.max_tokens = max_tokens if cap is None else min(max_tokens, cap)
+    _check_sampling_ids(info, params)
+    return params
+
+
+def _check_sampling_ids(info: ModelInfo, params: SamplingParams) -> None:
+    """Token ids in sampling fields must be in the vocabulary, like a prompt's."""
+    if params.logit_bias:
+        check_token_ids(info, list(params.logit_bias), param="logit_bias")
+    if params.allowed_token_ids is not None:
+        check_token_ids(info, params.allowed_token_ids, param="allowed_token_ids")
+    if params.stop_token_ids:
+        check_token_ids(info, params.stop_token_ids, param="stop_token_ids")
 
 
 def finish_reason(result: GenerationResult) -> str:
