@@ -379,6 +379,8 @@ def request_schema(endpoint: str) -> dict[str, Any]:
 def api_table() -> str:
     """The README's API table, made from the tables above (a test keeps them equal)."""
     lines = ["| Endpoint | Field | Status | Notes |", "|---|---|---|---|"]
+    for endpoint in ("GET /v1/models", "GET /v1/models/{id}"):
+        lines.append(f"| `{endpoint}` | (no body) | supported | |")
     for endpoint, table in ENDPOINTS.items():
         for name in sorted(table):
             field = table[name]
@@ -388,7 +390,7 @@ def api_table() -> str:
                 note = f"{field.description} Accepted unset or as {accepted}."
             else:
                 note = field.description
-            lines.append(f"| `{endpoint}` | `{name}` | {status} | {note.replace('|', '/')} |")
+            lines.append(f"| `POST {endpoint}` | `{name}` | {status} | {note.replace('|', '/')} |")
     return "\n".join(lines)
 
 

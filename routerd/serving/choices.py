@@ -60,11 +60,14 @@ async def generate_rows(handle: ModelHandle, rows: Sequence[Row]) -> list[Genera
     if len(rows) == 1:
         row = rows[0]
         return [await handle.generate(row.prompt.token_ids, row.prompt.params)]
-    async with asyncio.TaskGroup() as group:  # a failure stops and awaits the other rows
-        tasks = [
-            group.create_task(handle.generate(row.prompt.token_ids, row.prompt.params))
-            for row in rows
-        ]
+    try:
+        async with asyncio.TaskGroup() as group:  # a failure stops and awaits the other rows
+            tasks = [
+                group.create_task(handle.generate(row.prompt.token_ids, row.prompt.params))
+                for row in rows
+            ]
+    except ExceptionGroup as failed:  # the request fails as its first failing row did
+        raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
 
 
