@@ -53,6 +53,26 @@ FAKE_OPTIONS = {
 }
 
 
+# What the fake cannot honour: it has no probabilities, and sampling is not its business.
+FAKE_REFUSES = frozenset(
+    (
+        "logprobs",
+        "prompt_logprobs",
+        "logit_bias",
+        "allowed_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "top_k",
+        "min_p",
+    )
+)
+
+
 class FakeModel:
     """Answers with the prompt's bytes reversed, one character per token."""
 
@@ -68,6 +88,7 @@ class FakeModel:
             vocab_size=256,
             inline=bool(spec.options.get("inline", False)),
             kv_tokens=int(spec.options.get("kv_tokens", 0)),
+            refuses=FAKE_REFUSES,
         )
         self.unloaded = False
         self.warmed = False
@@ -95,6 +116,9 @@ class FakeModel:
 
     def count_tokens(self, text: str) -> int:
         return len(text.encode("utf-8"))
+
+    def decode_tokens(self, token_ids: Sequence[int]) -> str:
+        return bytes(token_ids).decode("utf-8", "replace")
 
     def generate(self, generation: Generation) -> GenerationResult:
         prompt_ids, params, on_text = generation.prompt_ids, generation.params, generation.on_text

@@ -263,6 +263,60 @@ async def test_bad_fields_are_400_naming_the_param(client, body, param):
     assert_openai_error(await response.json(), param=param)
 
 
+async def test_n_choices_and_several_prompts_stream_each_with_its_index(client):
+    body = {"model": "echo", "prompt": ["ab", "cd"], "max_tokens": 3, "n": 2, "stream": True}
+    response = await client.post(
+        "/v1/completions", json={**body, "stream_options": {"include_usage": True}, "zz": 1}
+    )
+    assert response.status == 200
+    assert response.headers["x-routerd-ignored-fields"] == "zz"
+    events = await sse_events(response)
+    texts: dict[int, str] = {}
+    finishes: dict[int, list] = {}
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            finishes.setdefault(choice["index"], []).append(choice["finish_reason"])
+    assert texts == {0: "bab", 1: "bab", 2: "dcd", 3: "dcd"}
+    assert all(f[-1] == "length" and f.count("length") == 1 for f in finishes.values())
+    assert events[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+    whole = await (await client.post("/v1/completions", json={**body, "stream": False})).json()
+    assert [(c["index"], c["text"]) for c in whole["choices"]] == sorted(texts.items())
+    assert whole["usage"]["prompt_tokens"] == 4  # each prompt once, however many choices
+
+
+async def test_echo_puts_the_prompt_before_the_completion(client):
+    for prompt in ("ab", [97, 98]):
+        body = {"model": "echo", "prompt": prompt, "max_tokens": 2, "echo": True}
+        whole = await (await client.post("/v1/completions", json=body)).json()
+        assert whole["choices"][0]["text"] == "abba"
+        streamed = await sse_events(
+            await client.post("/v1/completions", json={**body, "stream": True})
+        )
+        assert streamed[0]["choices"][0]["text"] == "ab"
+        assert "".join(e["choices"][0]["text"] for e in streamed) == "abba"
+
+
+async def test_a_field_the_model_cannot_honour_is_refused_by_name(client):
+    for body, param in (
+        ({"prompt": "x", "logprobs": 1}, "logprobs"),
+        ({"prompt": "x", "echo": True, "logprobs": 0}, "logprobs"),
+        ({"prompt": "x", "top_k": 3}, "top_k"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ):
+        endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        response = await client.post(endpoint, json={"model": "echo", **body})
+        assert response.status == 400, body
+        assert_openai_error(await response.json(), param=param)
+
+
+async def test_prompt_logprobs_are_not_streamed(client):
+    body = {"model": "echo", "prompt": "x", "prompt_logprobs": 1, "stream": True}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status == 400
+    assert_openai_error(await response.json(), param="prompt_logprobs")
+
+
 async def test_fields_outside_both_schemas_are_ignored_but_named(client, caplog):
     body = {"model": "echo", "prompt": "x", "max_token": 2, "temprature": 0}
     with caplog.at_level("WARNING", logger="routerd.api"):
