@@ -147,12 +147,16 @@ async def test_streamed_rows_interleave_and_leaving_early_stops_every_row() -> N
     handle = ScriptedHandle(expected_rows=2)
     rows = [Row(0, prompt(11)), Row(0, prompt(12))]
     seen: list[tuple[int, Any]] = []
-    stream = stream_rows(handle, rows)
-    async for index, item in stream:
-        seen.append((index, item))
-        if isinstance(item, Finished):  # row 0 is done; row 1 waits forever
-            break
-    await stream.aclose()
+
+    async def read_until_the_first_finishes() -> None:
+        stream = stream_rows(handle, rows)
+        async for index, item in stream:
+            seen.append((index, item))
+            if isinstance(item, Finished):  # row 0 is done; row 1 waits forever
+                break
+        await stream.aclose()
+
+    await asyncio.wait_for(read_until_the_first_finishes(), 5)
     assert 12 in handle.stopped  # closing the stream stopped the row still running
     assert (0, "a11") in seen and (1, "a12") in seen
     firsts = {i: next(item for j, item in seen if j == i) for i in (0, 1)}
