@@ -2,8 +2,11 @@
 
 vLLM batches continuously by itself, so its instances skip routerd's batch loop: the
 batcher hands every request to ``generate_async`` on the event loop (see
-``backends.base.AsyncGenerating``), and vLLM streams deltas back. Loading, measuring
-and unloading still run on the instance thread like every backend's.
+``backends.base.AsyncGenerating``), and vLLM streams deltas back. Every sampling field is
+vLLM's own, so every one is honoured (``ModelInfo.refuses`` stays empty); the mapping
+and the reading of vLLM's outputs (text, tokens, raw log-probabilities) live in
+:mod:`backends.vllm_sampling`. Loading, measuring and unloading still run on the
+instance thread like every backend's.
 
 Embeddings: a version with ``task = "embed"`` (or ``"auto"`` on a folder vLLM runs as a
 pooling model, e.g. BERT) starts the engine with vLLM's pooling runner; a causal LM is
@@ -39,10 +42,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from backends import hf_text, vllm_engine, vllm_plan
+from backends import hf_text, vllm_engine, vllm_plan, vllm_sampling
 from backends.base import Footprint, GenerationRow, LoadSpec, RowSource
 from contract.errors import BackendError, InvalidRequest
-from contract.generation import Generation, GenerationResult, ModelInfo, Task
+from contract.generation import (
+    Generation,
+    GenerationResult,
+    ModelInfo,
+    SamplingParams,
+    Task,
+)
 
 log = logging.getLogger("routerd.backends.vllm")
 
@@ -137,6 +146,7 @@ class VllmModel(hf_text.HfTokenizing):
         self._plan = plan
         self.kv_bytes = kv_bytes
         self.pids = frozenset(pids)
+        self._token_texts = vllm_sampling.TokenTexts(tokenizer)
 
     @property
     def info(self) -> ModelInfo:
@@ -174,43 +184,29 @@ class VllmModel(hf_text.HfTokenizing):
             cancellation.on_cancel = None
 
     async def _run(self, generation: Generation) -> GenerationResult:
-        from vllm import SamplingParams as VllmSampling
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.exceptions import VLLMClientError
 
-        params, on_text = generation.params, generation.on_text
+        params = generation.params
         prompt_ids = list(generation.prompt_ids)
-        sampling = VllmSampling(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=list(params.stop) or None,
-            output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
+        reader = vllm_sampling.OutputReader(
+            params, prompt_ids, self._token_texts, generation.on_text, generation.on_logprob
         )
-        pieces: list[str] = []
-        completion_tokens = 0
-        finish = "length"
+        if vllm_sampling.drops_output(params) and params.prompt_logprobs is None:
+            return reader.result()  # nothing to generate and nothing to score
         request_id = f"routerd-{next(_REQUEST_IDS)}"
         try:
+            sampling = _vllm_sampling(params)
             async for output in self._engine.generate(
                 {"prompt_token_ids": prompt_ids}, sampling, request_id
             ):
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                if completion.text:
-                    pieces.append(completion.text)
-                    if on_text is not None:
-                        on_text(completion.text)
-                if completion.finish_reason is not None:
-                    finish = "cancelled" if completion.finish_reason == "abort" else "stop"
-                    if completion.finish_reason == "length":
-                        finish = "length"
+                reader.take(output)
+        except VLLMClientError as exc:  # what vLLM refuses in a request: the client's to fix
+            raise InvalidRequest(f"vLLM refused the request: {exc}", param=_param(exc)) from exc
         except asyncio.CancelledError:
             if not generation.cancellation.cancelled:
                 raise  # the caller itself was cancelled
-            finish = "cancelled"
-        return GenerationResult("".join(pieces), len(prompt_ids), completion_tokens, finish)
+            reader.cancelled()
+        return reader.result()
 
     # -- embeddings (event loop) -------------------------------------------------
 
@@ -322,3 +318,19 @@ class VllmModel(hf_text.HfTokenizing):
         del engine
         gc.collect()  # the engine object goes now, not at interpreter exit
         vllm_engine.end_processes(self.pids, self._name)
+
+
+def _vllm_sampling(params: SamplingParams) -> Any:
+    """vLLM's ``SamplingParams`` for ``params``, streamed as deltas."""
+    from vllm import SamplingParams as VllmSampling
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSampling(
+        **vllm_sampling.sampling_kwargs(params), output_kind=RequestOutputKind.DELTA
+    )
+
+
+def _param(exc: Exception) -> str | None:
+    """The request field vLLM named in a refusal, when it is one of routerd's too."""
+    name = getattr(exc, "parameter", None)
+    return name if isinstance(name, str) and name in SamplingParams.__slots__ else None

@@ -22,7 +22,7 @@ from contextlib import contextmanager, suppress
 from multiprocessing import resource_tracker
 from typing import Any
 
-from backends import proctree
+from backends import proctree, vllm_sampling
 from backends.base import LoadSpec
 from backends.vllm_plan import Plan
 from contract.errors import BackendError
@@ -71,6 +71,8 @@ def start_engine(spec: LoadSpec, plan: Plan, kv_bytes: int) -> tuple[Any, set[in
         runner=plan.runner,
         disable_log_stats=True,
         seed=0,
+        # Raw log-softmax values for logprobs, and as many alternatives as routerd allows.
+        **vllm_sampling.ENGINE_ARGS,
     )
     # multiprocessing's resource tracker is started once per process, by whichever
     # engine spawns first; started now, it is not mistaken for that engine's process.

@@ -276,7 +276,10 @@ def test_state_dir_points_vllm_caches_there(
     from backends.vllm import use_state_dir
 
     for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH"):
-        monkeypatch.delenv(name, raising=False)
+        # Set first, so that monkeypatch records the old value (absent too) and restores
+        # it: what use_state_dir sets must not reach later tests' engines.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     use_state_dir(tmp_path)
     for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH"):
         assert Path(os.environ[name]).is_dir()
