@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +81,19 @@ class RolloutPlan:
 
 
 def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not low <= value <= high:
         bounds = f"at least {low:g}" if math.isinf(high) else f"from {low:g} to {high:g}"
         raise ValueError(f"{name} must be {bounds}, got {value:g}")
+
+
+def _finite(value: float) -> bool:
+    """Finite, and a float: an int past a double's range (JSON allows any length) is
+    not, and ``math.isfinite`` would raise OverflowError on it."""
+    if isinstance(value, int):
+        return -sys.float_info.max <= value <= sys.float_info.max
+    return math.isfinite(value)
 
 
 @dataclass(frozen=True)

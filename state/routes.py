@@ -138,7 +138,8 @@ def check_weights(weights: object) -> dict[str, int]:
 def check_percent(percent: object) -> float:
     if isinstance(percent, bool) or not isinstance(percent, int | float):
         raise ValueError(f"percent must be a number, got {type(percent).__name__}")
-    if not math.isfinite(percent) or not 0 < percent <= 100:
+    # The range first: math.isfinite raises OverflowError on an int past a double's.
+    if not 0 < percent <= 100 or not math.isfinite(percent):
         raise ValueError(f"percent must be above 0 and at most 100, got {percent}")
     return float(percent)
 

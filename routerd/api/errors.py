@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -96,7 +98,14 @@ def _default_code(status: int) -> str | None:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/413 saying what is wrong with it."""
+    """The request body as a JSON object, or a 400/413 saying what is wrong with it.
+
+    Beyond JSON's grammar, the body must be what every JSON peer can read (I-JSON,
+    RFC 7493): its strings Unicode text, which a lone UTF-16 surrogate escape such as
+    ``"\\ud800"`` is not (no UTF-8 can encode it, so no tokenizer, log or answer can
+    carry it), and its numbers within a double's range (Python reads an integer literal
+    of any length exactly; every float conversion of it overflows).
+    """
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -106,11 +115,90 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw.decode())  # JSON between systems is UTF-8 (RFC 8259)
+        text = raw.decode()  # JSON between systems is UTF-8 (RFC 8259)
+        if _LONG_DIGITS.search(raw):  # rare: only then is each integer literal checked
+            body = json.loads(text, parse_int=_bounded_int)
+        else:
+            body = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # the decoder recurses per level of nesting
         raise BadRequest("request body is nested too deeply") from None
+    except _NumberOutOfRange as exc:
+        raise BadRequest(
+            f"request body holds an integer of {exc.digits} digits, beyond the range of a "
+            "JSON number (a double, about ±1.8e308)"
+        ) from None
+    except ValueError as exc:  # any other value the decoder cannot build
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # else no string of the body can hold a surrogate
+        _refuse_lone_surrogates(body)
     return body
+
+
+_DOUBLE_DIGITS: Final = len(str(int(sys.float_info.max)))  # 309
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{%d}" % _DOUBLE_DIGITS)
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+class _NumberOutOfRange(Exception):
+    def __init__(self, digits: int) -> None:
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _bounded_int(text: str) -> int:
+    """An integer literal of the body, refused beyond a double's range (and so before
+    ``int`` meets one longer than Python's limit on digits, a ValueError)."""
+    digits = len(text) - text.startswith("-")  # JSON has no leading zeros
+    if digits > _DOUBLE_DIGITS:
+        raise _NumberOutOfRange(digits)
+    value = int(text)
+    if digits == _DOUBLE_DIGITS and abs(value) > sys.float_info.max:
+        raise _NumberOutOfRange(digits)
+    return value
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """A 400 naming the field whose key or value holds a lone surrogate, if one does.
+
+    Pairs of surrogate escapes are one character once decoded (an emoji, say), so only
+    a lone one is found here. The walk keeps its own stack: no recursion per level.
+    """
+    for key, value in body.items():
+        if _SURROGATE.search(key):
+            raise BadRequest(
+                f"request body has a key holding a lone surrogate ({_shown(key)}); "
+                "JSON text must be Unicode, which has no such character"
+            )
+        if _holds_surrogate(value):
+            raise BadRequest(
+                f"{_shown(key)} holds a lone surrogate (an escape such as \\ud800 not paired with "
+                "another); JSON text must be Unicode, which has no such character",
+                param=key,
+            )
+
+
+def _holds_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if _SURROGATE.search(key):
+                    return True
+                stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _shown(text: str) -> str:
+    """``text`` (its start) with every character beyond ASCII escaped."""
+    return text[:40].encode("ascii", "backslashreplace").decode()
