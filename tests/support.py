@@ -294,11 +294,19 @@ class ServedApp:
         self.loop.close()
 
     def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
+        status, _, payload = self.send("POST", path, raw)
+        return status, payload
+
+    def send(
+        self, method: str, path: str, raw: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request with ``raw`` as its body: the status, headers and body answered."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+            sent = {"Content-Type": "application/json", **(headers or {})}
+            conn.request(method, path, body=raw, headers=sent)
             response = conn.getresponse()
-            return response.status, response.read()
+            return response.status, response.headers, response.read()
         finally:
             conn.close()
 
