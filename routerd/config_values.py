@@ -26,13 +26,20 @@ def parse_duration(value: str | int | float, *, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past a double's range (JSON allows any length)
+            seconds = math.inf
+        if not math.isfinite(seconds):
             raise ConfigError(f'{key}: expected a duration such as "30s", got {value!r}')
-        return float(value)
-    match = _DURATION.match(value)
+        return seconds
+    match = _DURATION.match(value) if isinstance(value, str) else None
     if match is None:
         raise ConfigError(f'{key}: expected a duration such as "30s" or "5m", got {value!r}')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits
+        raise ConfigError(f"{key}: {value[:40]!r}... is longer than any duration")
+    return seconds
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
