@@ -15,6 +15,7 @@ Protocol methods, who calls them and when:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -77,6 +78,11 @@ class NoBatching:
         return 0.0
 
 
+MAX_BATCH_ROWS = 1 << 20
+"""The most rows ``max_batch_size`` may ask for: far more than any device batches, and
+within what the batcher's slicing of its queue takes (``sys.maxsize``)."""
+
+
 @dataclass(frozen=True)
 class DynamicBatching:
     """Collect requests for up to ``max_wait_ms``, run up to ``max_batch_size`` together.
@@ -97,12 +103,18 @@ class DynamicBatching:
     name: str = "dynamic"
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must not be negative")
-        if self.max_batch_tokens < 1:
-            raise ValueError("max_batch_tokens must be at least 1")
+        # Parameters come from model options (JSON): a float row count or a NaN wait
+        # would pass the range checks and leave the batcher unable to start a batch.
+        for key, most in (("max_batch_size", MAX_BATCH_ROWS), ("max_batch_tokens", None)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer of at least 1, got {value!r}")
+            if most is not None and value > most:
+                raise ValueError(f"{key} must be at most {most}, got {value}")
+        wait = self.max_wait_ms
+        number = isinstance(wait, int | float) and not isinstance(wait, bool)
+        if not number or not 0 <= wait <= sys.float_info.max:
+            raise ValueError(f"max_wait_ms must be a finite number of at least 0, got {wait!r}")
 
     @property
     def max_rows(self) -> int:
