@@ -410,6 +410,7 @@ _ROLLOUT_BODY = {
         "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
         "max_p95_ratio": {"type": "number"},
         "min_requests": {"type": "integer"},
+        "latency_floor_ms": {"type": "number", "minimum": 0},
     },
 }
 
