@@ -1,12 +1,18 @@
 """Each client-facing error keeps its HTTP status, OpenAI ``type`` and ``code``
-(``routerd.errors``); clients and the tests of every endpoint rely on them."""
+(``routerd.errors``); clients and the tests of every endpoint rely on them. A body no
+handler can take is a 400 saying why (``routerd.api.errors.decode_json_object``)."""
 
 from __future__ import annotations
+
+import math
+import sys
+from typing import Any
 
 import pytest
 
 from routerd import errors
-from routerd.errors import RouterdError
+from routerd.api.errors import decode_json_object
+from routerd.errors import BadRequest, RouterdError
 
 EXPECTED = {
     "RouterdError": (500, "server_error", None),
@@ -66,3 +72,51 @@ def test_the_classes_nest_where_callers_catch_the_general_case() -> None:
     for name, bases in parents.items():
         expected = errors.Unavailable if name in unavailable else RouterdError
         assert bases == (expected,), name
+
+
+# -- bodies the API cannot take (routerd.api.errors.decode_json_object) -------------
+
+DOUBLE_MAX = int(sys.float_info.max)  # 309 digits
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "says"),
+    [
+        (b"", None, "empty"),
+        (b"[]", None, "must be a JSON object"),
+        (b'"{}"', None, "must be a JSON object"),
+        (b'{"a": "\xff"}', None, "not valid JSON"),  # not UTF-8
+        (b'{"a": "\xed\xa0\x80"}', None, "not valid JSON"),  # a surrogate in UTF-8
+        (b'\xef\xbb\xbf{"a": 1}', None, "not valid JSON"),  # a byte order mark
+        (b"[" * 10_000 + b"]" * 10_000, None, "nested too deeply"),
+        (b'{"prompt": "x\\ud800"}', "prompt", "lone surrogate"),
+        (b'{"messages": [{"content": "\\uDFFF"}]}', "messages", "lone surrogate"),
+        (b'{"stop": ["\\udbff\\udbff"]}', "stop", "lone surrogate"),  # two highs: no pair
+        (b'{"logit_bias": {"\\ud800": 1}}', "logit_bias", "lone surrogate"),
+        (b'{"\\ud800": 1}', None, "lone surrogate"),
+        (b'{"seed": ' + str(DOUBLE_MAX + 1).encode() + b"}", None, "309 digits"),
+        (b'{"seed": -1' + b"0" * 400 + b"}", None, "401 digits"),
+        (b'{"seed": ' + b"9" * 5000 + b"}", None, "5000 digits"),  # past int's own limit
+    ],
+)
+def test_bodies_the_api_cannot_take_are_a_400_saying_why(
+    raw: bytes, param: str | None, says: str
+) -> None:
+    with pytest.raises(BadRequest, match=says) as caught:
+        decode_json_object(raw)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (b'{"prompt": "\\ud83d\\ude00"}', {"prompt": "\U0001f600"}),  # a pair: one character
+        (b'{"prompt": "\\\\ud800"}', {"prompt": "\\ud800"}),  # an escaped backslash
+        (b'{"prompt": "' + b"1" * 400 + b'"}', {"prompt": "1" * 400}),  # digits in a string
+        (b'{"seed": ' + str(DOUBLE_MAX).encode() + b"}", {"seed": DOUBLE_MAX}),
+        (b'{"seed": -' + str(DOUBLE_MAX).encode() + b"}", {"seed": -DOUBLE_MAX}),
+        (b'{"t": 1e309, "u": -0.0}', {"t": math.inf, "u": -0.0}),  # the parsers refuse inf
+    ],
+)
+def test_bodies_the_api_can_take_are_read_as_written(raw: bytes, body: dict[str, Any]) -> None:
+    assert decode_json_object(raw) == body

@@ -98,7 +98,19 @@ def _default_code(status: int) -> str | None:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/413 saying what is wrong with it.
+    """The request body as a JSON object, or a 400/413 saying what is wrong with it
+    (``decode_json_object``)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"request body is larger than the limit of {request.client_max_size} bytes"
+        ) from None
+    return decode_json_object(raw)
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or a 400 saying what is wrong with it.
 
     Beyond JSON's grammar, the body must be what every JSON peer can read (I-JSON,
     RFC 7493): its strings Unicode text, which a lone UTF-16 surrogate escape such as
@@ -106,12 +118,6 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     carry it), and its numbers within a double's range (Python reads an integer literal
     of any length exactly; every float conversion of it overflows).
     """
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"request body is larger than the limit of {request.client_max_size} bytes"
-        ) from None
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
@@ -127,7 +133,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     except _NumberOutOfRange as exc:
         raise BadRequest(
             f"request body holds an integer of {exc.digits} digits, beyond the range of a "
-            "JSON number (a double, about ±1.8e308)"
+            "JSON number (a double, at most about 1.8e308 in size)"
         ) from None
     except ValueError as exc:  # any other value the decoder cannot build
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
