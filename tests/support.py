@@ -253,13 +253,20 @@ class LedgerWatch:
 
 class ServedApp:
     """The app on a loopback port, run by its own event loop on a thread, so that
-    hypothesis drives it with plain blocking requests."""
+    hypothesis drives it with plain blocking requests.
 
-    def __init__(self, tmp: Path) -> None:
+    Its models, all on the fake backend: ``a`` (a generator with a 64-token context),
+    ``embedder``, and ``b`` in versions 1 and 2 (something to route and roll out).
+    ``max_body_bytes``: the server's limit on a body (default: the config's).
+    """
+
+    def __init__(self, tmp: Path, *, max_body_bytes: int | None = None) -> None:
         self.tmp = tmp
+        self.max_body_bytes = max_body_bytes
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -273,9 +280,15 @@ class ServedApp:
         models = [
             fake_spec(self.tmp, "a", context=64, inline=True),
             fake_spec(self.tmp, "embedder", task="embed"),
+            fake_spec(self.tmp, "b", "1"),
+            fake_spec(self.tmp, "b", "2"),
         ]
-        services = fake_services(self.tmp, FakeBackend(), models)
-        self._runner = web.AppRunner(build_app(services))
+        server = ServerConfig(admin_token=ADMIN_TOKEN)
+        if self.max_body_bytes is not None:
+            server = replace(server, max_body_bytes=self.max_body_bytes)
+        services = fake_services(self.tmp, FakeBackend(), models, server=server)
+        self.app = build_app(services)
+        self._runner = web.AppRunner(self.app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
