@@ -86,17 +86,14 @@ ANY_CHARACTER = st.characters(min_codepoint=0, max_codepoint=sys.maxunicode, exc
 CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 
-def texts(*, max_size: int = 12, controls: bool = True) -> st.SearchStrategy[str]:
+def texts(*, max_size: int = 12) -> st.SearchStrategy[str]:
     """Strings over all of Unicode; one in four may hold lone surrogates, so that the
-    others reach the checks behind the one that refuses those. ``controls`` False leaves
-    out the C0 controls and DEL."""
+    others reach the checks behind the one that refuses those."""
 
     def strings(*odd: str) -> st.SearchStrategy[str]:
         # A list of characters joined: hypothesis' text() would merge the alphabets
         # into one that leaves the sampled surrogates out.
         alphabet = st.one_of(ANY_CHARACTER, st.sampled_from(odd))
-        if not controls:
-            alphabet = alphabet.filter(lambda c: c not in CONTROL)
         return st.lists(alphabet, max_size=max_size).map("".join)
 
     plain = strings(*ODD_CHARACTERS)

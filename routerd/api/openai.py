@@ -218,9 +218,13 @@ def _ignored_fields(req: GenerationRequest | EmbeddingRequest, headers: dict[str
     """Name the fields outside OpenAI's and vLLM's schemas that the request carried: in a
     warning, and in ``x-routerd-ignored-fields`` for the client."""
     if req.ignored:
-        names = ", ".join(name[:64] for name in req.ignored[:32])
+        # Escaped as Python writes them: a header may carry neither non-ASCII nor control
+        # characters, and a log line must not be split by one.
+        names = ", ".join(
+            name[:64].encode("unicode_escape").decode("ascii") for name in req.ignored[:32]
+        )
         log.warning("ignored request fields outside the OpenAI and vLLM schemas: %s", names)
-        headers["x-routerd-ignored-fields"] = names.encode("ascii", "backslashreplace").decode()
+        headers["x-routerd-ignored-fields"] = names
 
 
 def _asked(req: GenerationRequest) -> Asked:

@@ -340,7 +340,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         if (
             isinstance(amount, bool)
             or not isinstance(amount, int | float)
-            or not math.isfinite(amount)
+            or not _finite(amount)
             or not -100 <= amount <= 100
         ):
             raise BadRequest(
@@ -391,12 +391,18 @@ def _number(
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise BadRequest(f"{key} must be a number", param=key)
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise BadRequest(f"{key} must be in {bracket}{low:g}, {high:g}], got {value}", param=key)
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a JSON number is finite; an integer always is (and ``math.isfinite``
+    cannot take one past a double's range)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _seed(body: Mapping[str, Any]) -> int | None:
