@@ -227,9 +227,10 @@ class LoadedModel(Protocol):
     def generate(self, generation: Generation) -> GenerationResult:
         """Decode until a stop condition; stream text through ``on_text`` if given.
 
-        Text passed to ``on_text`` never contains a stop string or the beginning of
-        one that might still complete: concatenating every piece gives exactly
-        ``GenerationResult.text``.
+        Text passed to ``on_text`` is never taken back: it never holds a stop string
+        that the result cuts, nor the beginning of one that might still complete and be
+        cut (``include_stop_str_in_output`` keeps them). Concatenating every piece gives
+        exactly ``GenerationResult.text``.
         """
 
     def generate_batch(
