@@ -158,6 +158,10 @@ class EchoBackend:
         values["fail_rate"] = float(fail_rate)
         return values
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task:
+        """The ``task`` option: the echo has no config to read."""
+        return Task(self.validate_options(options)["task"])
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         _require_folder(spec.path)
         return Footprint(weights=int(self.validate_options(spec.options)["bytes"]))

@@ -1,0 +1,106 @@
+"""What a version does, known before it loads: each backend's ``task_of``, the
+scheduler's ``task_of`` (the loaded instance first, then what it learned, then the
+backend, off the loop), and serving's refusal of an endpoint a version cannot serve
+before any load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.base import LoadSpec
+from backends.echo import EchoBackend
+from backends.vllm import VllmBackend
+from contract.errors import BackendError
+from contract.generation import Task
+from routerd.simulate.hardware import SimulatedBackend
+
+# -- backends --------------------------------------------------------------------------
+
+
+def test_transformers_tells_the_task_from_config_as_its_load_plan_does(demo_root: Path) -> None:
+    from backends import hf_plan
+    from backends.hf_transformers import TransformersBackend
+
+    backend = TransformersBackend()
+    for name, task in (("demo-small", Task.GENERATE), ("demo-embed", Task.EMBED)):
+        path = str(demo_root / name)
+        assert backend.task_of(path, {}) is task
+        assert backend.task_of(path, {"task": "auto", "dtype": "float32"}) is task
+        plan = hf_plan.plan_load(LoadSpec(name, "1", path, {}, "cpu"))
+        assert plan.task is task, "the load resolves the same task"
+    embed_small = {"task": "embed"}
+    assert backend.task_of(str(demo_root / "demo-small"), embed_small) is Task.EMBED
+    assert backend.task_of(str(demo_root / "demo-embed"), {"task": "generate"}) is Task.GENERATE
+
+
+def test_transformers_needs_a_readable_config_only_for_auto(tmp_path: Path) -> None:
+    from backends.hf_transformers import TransformersBackend
+
+    backend = TransformersBackend()
+    with pytest.raises(BackendError, match=r"config\.json"):
+        backend.task_of(str(tmp_path), {})
+    with pytest.raises(BackendError):
+        backend.task_of(str(tmp_path / "missing"), {})
+    assert backend.task_of(str(tmp_path), {"task": "embed"}) is Task.EMBED
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
+    assert backend.task_of(str(tmp_path), {}) is Task.EMBED  # not a causal LM: embeds
+
+
+def test_vllm_tells_the_demo_models_apart(demo_root: Path) -> None:
+    backend = VllmBackend()
+    assert backend.task_of(str(demo_root / "demo-small"), {}) is Task.GENERATE
+    assert backend.task_of(str(demo_root / "demo-embed"), {}) is Task.EMBED
+    assert backend.task_of(str(demo_root / "demo-embed"), {"task": "auto"}) is Task.EMBED
+    # The option, where it names a task, is what the engine is started with.
+    assert backend.task_of(str(demo_root / "demo-small"), {"task": "embed"}) is Task.EMBED
+    assert backend.task_of(str(demo_root / "demo-embed"), {"task": "generate"}) is Task.GENERATE
+
+
+@pytest.mark.parametrize(
+    ("architectures", "task"),
+    [
+        (["LlamaForCausalLM"], Task.GENERATE),
+        (["GPT2LMHeadModel"], Task.GENERATE),
+        (["BertModel"], Task.EMBED),
+        (["XLMRobertaModel"], Task.EMBED),
+        # vLLM's own choice, not one to guess: a wrong guess refuses what it serves.
+        (["LlavaForConditionalGeneration"], None),
+        (["Qwen2ForSequenceClassification"], None),
+        (["Qwen2ForRewardModel"], None),
+        (["Qwen2Model"], None),
+        (["LlamaForCausalLM", "BertModel"], None),
+        ([], None),
+        (None, None),
+    ],
+)
+def test_vllm_auto_names_a_task_only_where_the_engine_surely_agrees(
+    tmp_path: Path, architectures: list[str] | None, task: Task | None
+) -> None:
+    config: dict[str, Any] = {"model_type": "x"}
+    if architectures is not None:
+        config["architectures"] = architectures
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert VllmBackend().task_of(str(tmp_path), {}) is task
+
+
+def test_vllm_raises_for_a_folder_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(BackendError):
+        VllmBackend().task_of(str(tmp_path), {})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BackendError):
+        VllmBackend().task_of(str(tmp_path), {})
+    assert VllmBackend().task_of(str(tmp_path), {"task": "generate"}) is Task.GENERATE
+
+
+def test_echo_and_the_simulator_say_what_their_models_do(tmp_path: Path) -> None:
+    echo = EchoBackend()
+    for options, task in (({}, Task.GENERATE), ({"task": "embed"}, Task.EMBED)):
+        assert echo.task_of(str(tmp_path), options) is task
+        spec = LoadSpec("e", "1", str(tmp_path), echo.validate_options(options), "cpu")
+        assert echo.load(spec).info.task is task
+    simulated = SimulatedBackend(None, None, {}, host_tier=False)  # type: ignore[arg-type]
+    assert simulated.task_of(str(tmp_path), {}) is Task.GENERATE
