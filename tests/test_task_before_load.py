@@ -6,6 +6,8 @@ before any load."""
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ from backends.echo import EchoBackend
 from backends.vllm import VllmBackend
 from contract.errors import BackendError
 from contract.generation import Task
+from routerd.services import Services
 from routerd.simulate.hardware import SimulatedBackend
+from tests.fakes import FakeBackend
+from tests.support import fake_services, fake_spec
 
 # -- backends --------------------------------------------------------------------------
 
@@ -104,3 +109,84 @@ def test_echo_and_the_simulator_say_what_their_models_do(tmp_path: Path) -> None
         assert echo.load(spec).info.task is task
     simulated = SimulatedBackend(None, None, {}, host_tier=False)  # type: ignore[arg-type]
     assert simulated.task_of(str(tmp_path), {}) is Task.GENERATE
+
+
+# -- the scheduler ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def services(tmp_path: Path, backend: FakeBackend) -> Services:
+    models = [
+        fake_spec(tmp_path, "lm"),
+        fake_spec(tmp_path, "embedder", task="embed"),
+        fake_spec(tmp_path, "hazy", predicted_task="unknown"),
+        # config says embed, the load says generate (as vLLM's "auto" might)
+        fake_spec(tmp_path, "surprise", task="generate", predicted_task="embed"),
+    ]
+    built = fake_services(tmp_path, backend, models)
+    yield built
+    built.store.close()
+
+
+async def test_task_of_asks_the_backend_once_per_version_and_loads_nothing(
+    services: Services, backend: FakeBackend
+) -> None:
+    scheduler, router = services.scheduler, services.router
+    threads: list[int] = []
+    ask = backend.task_of
+
+    def task_of(path: str, options: Any) -> Task | None:
+        threads.append(threading.get_ident())
+        return ask(path, options)
+
+    backend.task_of = task_of  # type: ignore[method-assign]
+    lm, embedder, hazy = router.resolve("lm"), router.resolve("embedder"), router.resolve("hazy")
+    for _ in range(3):
+        assert await scheduler.task_of(lm) is Task.GENERATE
+        assert await scheduler.task_of(embedder) is Task.EMBED
+        assert await scheduler.task_of(hazy) is None  # "cannot tell" is kept too
+    assert len(backend.task_queries) == 3
+    assert threading.get_ident() not in threads, "the folder is read off the event loop"
+    assert backend.loads == [] and scheduler.instances() == []
+
+
+async def test_a_loaded_instance_is_the_truth_and_is_remembered(
+    services: Services, backend: FakeBackend
+) -> None:
+    scheduler = services.scheduler
+    record = services.router.resolve("surprise")
+    assert await scheduler.task_of(record) is Task.EMBED  # what the folder says
+    await scheduler.load(record)
+    assert await scheduler.task_of(record) is Task.GENERATE  # what the load made of it
+    await scheduler.evict(record.model_id)
+    assert await scheduler.task_of(record) is Task.GENERATE  # learned, not asked again
+    assert backend.task_queries == [record.path]
+
+
+async def test_a_version_registered_again_is_asked_again(
+    services: Services, backend: FakeBackend, tmp_path: Path
+) -> None:
+    scheduler = services.scheduler
+    assert await scheduler.task_of(services.router.resolve("lm@1")) is Task.GENERATE
+    services.registry.register(fake_spec(tmp_path, "lm", task="embed"))
+    assert await scheduler.task_of(services.router.resolve("lm@1")) is Task.EMBED
+    assert len(backend.task_queries) == 2
+
+
+async def test_an_unreadable_folder_is_unknown_and_asked_again(
+    services: Services, backend: FakeBackend
+) -> None:
+    scheduler = services.scheduler
+    record = services.router.resolve("embedder")
+    shutil.rmtree(record.path)
+    assert await scheduler.task_of(record) is None
+    assert await scheduler.task_of(record) is None
+    Path(record.path).mkdir()
+    assert await scheduler.task_of(record) is Task.EMBED
+    assert len(backend.task_queries) == 3
+    assert backend.loads == []
