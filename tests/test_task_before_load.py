@@ -17,8 +17,10 @@ from backends.base import LoadSpec
 from backends.echo import EchoBackend
 from backends.vllm import VllmBackend
 from contract.errors import BackendError
-from contract.generation import Task
+from contract.generation import ModelInfo, Task
+from routerd.errors import BadRequest
 from routerd.services import Services
+from routerd.serving.prompts import require_task, require_task_before_load
 from routerd.simulate.hardware import SimulatedBackend
 from tests.fakes import FakeBackend
 from tests.support import fake_services, fake_spec
@@ -189,4 +191,49 @@ async def test_an_unreadable_folder_is_unknown_and_asked_again(
     Path(record.path).mkdir()
     assert await scheduler.task_of(record) is Task.EMBED
     assert len(backend.task_queries) == 3
+    assert backend.loads == []
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+class Knows:
+    def __init__(self, task: Task | None) -> None:
+        self.task = task
+
+    async def task_of(self, record: str) -> Task | None:
+        return self.task
+
+
+class Leased:
+    def __init__(self, task: Task) -> None:
+        self.info = ModelInfo(task, 64, "cpu", "float32")
+
+
+async def test_require_task_before_load_refuses_as_the_lease_would() -> None:
+    endpoint = "/v1/chat/completions"
+    with pytest.raises(BadRequest) as early:
+        await require_task_before_load(Knows(Task.EMBED), "e@1", Task.GENERATE, "e", endpoint)
+    with pytest.raises(BadRequest) as late:
+        require_task(Leased(Task.EMBED), Task.GENERATE, "e", endpoint)  # type: ignore[arg-type]
+    assert (early.value.message, early.value.param) == (late.value.message, late.value.param)
+    assert early.value.status == 400
+    await require_task_before_load(Knows(None), "e@1", Task.GENERATE, "e", endpoint)
+    await require_task_before_load(Knows(Task.GENERATE), "e@1", Task.GENERATE, "e", endpoint)
+
+
+async def test_a_chat_to_an_embedding_model_is_refused_without_a_load(
+    services: Services, backend: FakeBackend
+) -> None:
+    record = services.router.resolve("embedder")
+    with pytest.raises(BadRequest, match="computes embeddings"):
+        await require_task_before_load(
+            services.scheduler, record, Task.GENERATE, "embedder", "/v1/chat/completions"
+        )
+    with pytest.raises(BadRequest, match="generates text"):
+        lm = services.router.resolve("lm")
+        await require_task_before_load(services.scheduler, lm, Task.EMBED, "lm", "/v1/embeddings")
+    await require_task_before_load(
+        services.scheduler, record, Task.EMBED, "embedder", "/v1/embeddings"
+    )
     assert backend.loads == []
