@@ -11,6 +11,10 @@ Who calls what, and when:
 
 - ``Backend.validate_options`` — the registry, when a version is registered or
   synced from config, so a bad option is refused before anything is stored.
+- ``Backend.task_of`` — the scheduler (``Scheduler.task_of``), off the event loop, when
+  a request for a version with no loaded instance asks what it does, before any lease
+  or load: serving refuses an endpoint the version cannot serve without loading it.
+  The answer is kept per version; once an instance is loaded, its ``info.task`` wins.
 - ``Backend.load`` — the scheduler, once per instance, in the instance executor.
 - ``LoadedModel.warm_up`` — the scheduler, right after ``load``, before the
   instance accepts its first lease.
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from contract.errors import BackendError
-from contract.generation import Generation, GenerationResult, ModelInfo
+from contract.generation import Generation, GenerationResult, ModelInfo, Task
 
 
 @dataclass(frozen=True)
@@ -227,9 +231,10 @@ class LoadedModel(Protocol):
     def generate(self, generation: Generation) -> GenerationResult:
         """Decode until a stop condition; stream text through ``on_text`` if given.
 
-        Text passed to ``on_text`` never contains a stop string or the beginning of
-        one that might still complete: concatenating every piece gives exactly
-        ``GenerationResult.text``.
+        Text passed to ``on_text`` is never taken back: it never holds a stop string
+        that the result cuts, nor the beginning of one that might still complete and be
+        cut (``include_stop_str_in_output`` keeps them). Concatenating every piece gives
+        exactly ``GenerationResult.text``.
         """
 
     def generate_batch(
@@ -336,6 +341,16 @@ class Backend(Protocol):
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return the options normalized, or raise InvalidRequest naming the bad key."""
+
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task | None:
+        """What a version in folder ``path`` with (backend) ``options`` will do once
+        loaded, from its options and small files alone (config.json; never weights), or
+        None where only a load can tell. It must agree with the ``ModelInfo.task`` that
+        ``load`` gives: a wrong answer refuses requests the model would serve.
+
+        Raises BackendError when the folder cannot be read (the caller then takes the
+        answer as unknown, and the load reports the error).
+        """
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         """Bytes ``spec`` will need on ``spec.device``, from headers alone (no weights read).

@@ -10,14 +10,42 @@ What it does:
 - Tokens are the bytes of the UTF-8 text (vocabulary 256); a chat renders each
   message as a ``"role: content\\n"`` line.
 - Generation echoes the prompt, one byte-token per step, repeated from its start
-  until ``max_tokens`` — honouring stop strings (never streamed, nor the start of
-  one that may still complete), cancellation between steps, and streaming one
-  piece per token through ``on_text`` (a byte that only starts a multi-byte
-  character waits for the rest). Finish reasons: ``stop`` (a stop string,
-  or an empty prompt), ``length``, ``cancelled``. ``generate_batch`` advances all
-  its rows one token per step and takes in admitted rows between steps.
+  until ``max_tokens`` — honouring stop strings (cut from the text unless kept, and
+  then never streamed, nor the start of one that may still complete), cancellation
+  between steps, and streaming one piece per token through ``on_text`` (a byte that
+  only starts a multi-byte character waits for the rest). Finish reasons: ``stop``
+  (a stop string, a stop token, or an empty prompt), ``length``, ``cancelled``.
+  ``generate_batch`` advances all its rows one token per step and takes in admitted
+  rows between steps.
 - Embeddings are deterministic: 16 numbers from a hash of the token ids,
   L2-normalized.
+
+Sampling (``SamplingParams``), field by field. The echo's next token has probability
+one — the prompt's next byte — so:
+
+- ``temperature``, ``top_p``, ``top_k``, ``min_p`` and ``seed`` are honoured by
+  changing nothing: rescaling, cutting or sampling a one-point distribution leaves
+  that one point.
+- ``logprobs``, ``prompt_logprobs``, ``logit_bias``, ``allowed_token_ids`` and the
+  presence, frequency and repetition penalties are refused (``ModelInfo.refuses``):
+  there is no distribution to report, bias, mask or penalise, and answering as if
+  they were not there would be a lie.
+- ``stop_token_ids`` are byte values: generating one ends the row with ``stop``, and
+  its byte is not part of the text (the bytes before it are, a character it cut
+  short decoded as U+FFFD). ``include_stop_str_in_output`` keeps a stop string in the
+  text (a stop token's byte stays out either way); the stream then holds nothing
+  back, since nothing it sends can be cut.
+- ``ignore_eos`` and ``min_tokens`` keep a row from ending by itself, which the echo
+  does in one case only: it never generates an end-of-sequence token, but an empty
+  prompt, with nothing to echo, stops at once without one. Such a row that may not
+  stop so (``ignore_eos``, or ``min_tokens`` > 0, with ``max_tokens`` > 0) fails with
+  ``InvalidRequest`` on ``prompt``: the echo has no token to generate instead, and
+  finishing with "length" would claim tokens it never generated. For every other
+  prompt ``ignore_eos`` holds trivially.
+- ``min_tokens`` also means that no stop string or stop token ends a row within its
+  first ``min_tokens`` tokens. A stop string those tokens complete is not looked for
+  (as in vLLM), and a stop token among them is echoed like any other byte: the echo
+  has no other token to put in its place.
 
 Options (all optional):
 
@@ -78,6 +106,20 @@ DEFAULTS: Mapping[str, Any] = {
     "bytes": 1024 * 1024,
     "inline": True,
 }
+# What the echo cannot honour: its next token has probability one, so there are no
+# log-probabilities to report and no distribution to bias, mask or penalise. Accepting
+# these would mean answering as if they had not been asked.
+REFUSES = frozenset(
+    (
+        "logprobs",
+        "prompt_logprobs",
+        "logit_bias",
+        "allowed_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    )
+)
 
 
 def _is_number(value: object) -> bool:
@@ -116,6 +158,10 @@ class EchoBackend:
         values["fail_rate"] = float(fail_rate)
         return values
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task:
+        """The ``task`` option: the echo has no config to read."""
+        return Task(self.validate_options(options)["task"])
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         _require_folder(spec.path)
         return Footprint(weights=int(self.validate_options(spec.options)["bytes"]))
@@ -149,6 +195,7 @@ class EchoModel:
             vocab_size=VOCAB_SIZE,
             # With no latency to inject nothing blocks, so no thread is needed.
             inline=bool(options["inline"]) and float(options["latency_ms"]) == 0.0,
+            refuses=REFUSES,
         )
         self._latency_s = float(options["latency_ms"]) / 1000.0
         self._fail_rate = float(options["fail_rate"])
@@ -211,6 +258,8 @@ class EchoModel:
         Each row ends with ``result`` or ``error`` set and ``on_done`` called once, also
         when something outside a row (``admit`` itself) fails.
         """
+        # A lone row without stop strings or a stream needs no stepping (stop tokens,
+        # min_tokens and ignore_eos it works out in one go: ``_echo_alone``).
         if admit is None and len(rows) == 1 and rows[0].on_text is None and not rows[0].params.stop:
             self._generate_alone(rows[0])
             return
@@ -327,14 +376,45 @@ class EchoModel:
 def _echo_alone(generation: Generation) -> GenerationResult:
     """What stepping a ``_Sequence`` without stop strings or a sink to its end gives."""
     source = _prompt_bytes(generation.prompt_ids)
-    max_tokens = generation.params.max_tokens
+    params = generation.params
     if generation.cancellation.cancelled:
         return GenerationResult("", len(source), 0, "cancelled")
     if not source:
+        _check_may_stop_at_once(params)
         return GenerationResult("", 0, 0, "stop")
-    repeats = -(-max_tokens // len(source))
-    text = (source * repeats)[:max_tokens].decode("utf-8", "replace")
-    return GenerationResult(text, len(source), max_tokens, "length")
+    produced, finish = params.max_tokens, "length"
+    if params.stop_token_ids:
+        ender = _first_stop_token(source, params)
+        if ender is not None and ender < produced:
+            produced, finish = ender + 1, "stop"
+    kept = produced if finish == "length" else produced - 1  # a stop token's byte is not text
+    repeats = -(-kept // len(source))
+    text = (source * repeats)[:kept].decode("utf-8", "replace")
+    return GenerationResult(text, len(source), produced, finish)
+
+
+def _first_stop_token(source: bytes, params: SamplingParams) -> int | None:
+    """Where (0-based) the first stop token that may end the row falls in the endless
+    echo of ``source``: the first one past the row's ``min_tokens`` tokens."""
+    enders = frozenset(params.stop_token_ids)
+    least, size = params.min_tokens, len(source)
+    found = None
+    for offset, byte in enumerate(source):
+        if byte in enders:
+            at = offset if offset >= least else offset + size * -(-(least - offset) // size)
+            found = at if found is None else min(found, at)
+    return found
+
+
+def _check_may_stop_at_once(params: SamplingParams) -> None:
+    """An empty prompt stops at once, without a token; refuse a row that may not."""
+    if params.max_tokens > 0 and (params.ignore_eos or params.min_tokens > 0):
+        asked = "ignore_eos" if params.ignore_eos else "min_tokens"
+        raise InvalidRequest(
+            f"an empty prompt gives the echo model nothing to generate, and {asked} "
+            "asks it not to stop without generating",
+            param="prompt",
+        )
 
 
 def _prompt_bytes(prompt_ids: Sequence[int]) -> bytes:
@@ -365,8 +445,13 @@ class _Sequence:
         self.cancellation = generation.cancellation
         self.decoder: codecs.IncrementalDecoder | None = None  # made at the first non-ASCII byte
         self.pending = 0  # bytes fed to the decoder that it has not turned into text yet
+        if not self.source:
+            _check_may_stop_at_once(params)
         self.stops = [s for s in params.stop if s]
         self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.keep_stop = params.include_stop_str_in_output
+        self.enders = frozenset(params.stop_token_ids)
+        self.least = params.min_tokens  # nothing ends the row within this many tokens
         self.text = ""
         self.sent = 0  # characters of ``text`` already passed to on_text
         self.produced = 0
@@ -385,35 +470,52 @@ class _Sequence:
         byte = self.source[self.produced % len(self.source)]
         self.produced += 1
         last = self.produced >= self.params.max_tokens
-        if byte < 0x80 and not self.pending:  # ASCII with nothing half-decoded: itself
+        may_end = self.produced > self.least
+        ender = may_end and byte in self.enders
+        if ender:  # its byte is not text; a character it cut short is U+FFFD
+            piece = self._decode(b"", final=True) if self.pending else ""
+        elif byte < 0x80 and not self.pending:  # ASCII with nothing half-decoded: itself
             piece = chr(byte)
         else:
-            if self.decoder is None:
-                self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            piece = self.decoder.decode(bytes((byte,)), final=last)
-            self.pending = 0 if piece else self.pending + 1
+            piece = self._decode(bytes((byte,)), final=last)
         if piece:
             before = len(self.text)
             self.text += piece
-            if self.stops:
+            if self.stops and may_end:
                 hit = self._find_stop(before)
                 if hit is not None:
-                    self.text = self.text[:hit]
+                    self.text = self.text[: hit[1] if self.keep_stop else hit[0]]
                     return self._end("stop")
+        if ender:
+            return self._end("stop")
         if last:
             return self._end("length")
         if self.on_text is not None:  # streaming: pass on what can no longer become a stop
             self._send(len(self.text) - self._held_back())
         return False
 
-    def _find_stop(self, before: int) -> int | None:
-        """Earliest stop string in the text; only ones ending in the new piece are new."""
-        start = max(0, before - self.longest_stop + 1)
-        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+    def _decode(self, data: bytes, *, final: bool) -> str:
+        if self.decoder is None:
+            self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        piece = self.decoder.decode(data, final=final)
+        self.pending = 0 if piece or final else self.pending + len(data)
+        return piece
+
+    def _find_stop(self, before: int) -> tuple[int, int] | None:
+        """Where the first stop string ending in the new piece (after ``before``) starts
+        and ends; of two starting together, the shorter, which completed first."""
+        found = []
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, before - len(stop) + 1))
+            if at >= 0:
+                found.append((at, at + len(stop)))
         return min(found) if found else None
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that may still become a stop string."""
+        """Length of the longest tail of the text that may still become a stop string
+        and be cut from it (none when stop strings are kept)."""
+        if self.keep_stop:
+            return 0
         for size in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
             tail = self.text[-size:]
             if any(s.startswith(tail) for s in self.stops):

@@ -89,6 +89,13 @@ class TransformersBackend:
         """See :func:`backends.hf_plan.validate_options`."""
         return hf_plan.validate_options(options)
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task | None:
+        """The task ``plan_load`` resolves: the ``task`` option, or for "auto" the
+        architecture in config.json (a ``*ForCausalLM`` generates, any other embeds)."""
+        option = hf_plan.validate_options(options)["task"]
+        config = hf_plan._read_config(Path(path)) if option == "auto" else {}
+        return hf_plan._resolve_task(option, config)
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         """Bytes ``spec`` will need, from config and safetensors headers (no weights read).
 

@@ -88,6 +88,10 @@ class VllmBackend:
         """See :func:`backends.vllm_plan.validate_options`."""
         return vllm_plan.validate_options(options)
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task | None:
+        """See :func:`backends.vllm_plan.task_of`."""
+        return vllm_plan.task_of(path, options)
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         """Weights from safetensors headers, the wanted KV cache, the process overhead;
         at least weights, overhead and one sequence's KV cache, or the load refuses."""

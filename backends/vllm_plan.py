@@ -19,6 +19,7 @@ from backends import footprint
 from backends.base import LoadSpec
 from backends.options import invalid, is_positive_int, reject_unknown
 from contract.errors import BackendError, InvalidRequest
+from contract.generation import Task
 
 _OPTION_KEYS = (
     "dtype",
@@ -36,6 +37,12 @@ _RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling"}
 # ``pooling`` → vLLM's sequence pooling type; absent: the pooler's own default.
 _POOLING = {"mean": "MEAN", "cls": "CLS", "last": "LAST"}
 _DTYPES = {"auto": 0, "float32": 4, "bfloat16": 2, "float16": 2}
+# Architectures whose runner vLLM's "auto" surely picks: a causal LM generates (GPT-2
+# names its own ``GPT2LMHeadModel``), a BERT-family encoder pools. ``task_of`` names no
+# task for the others (multimodal generators, classifiers, reward models, base decoders
+# that vLLM may pool): the engine decides those.
+_GENERATORS = ("ForCausalLM", "LMHeadModel")
+_ENCODERS = ("BertModel", "RobertaModel")
 # What an engine's processes hold beyond weights and KV cache: two Python processes
 # with torch and vLLM imported on the CPU (measured: 1.44 GiB for the two, demo-medium),
 # the CUDA context and activations on a GPU. Every start sets it aside in its grant
@@ -86,6 +93,30 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             )
         normalized["pooling"] = options["pooling"]
     return normalized
+
+
+def task_of(path: str, options: Mapping[str, Any]) -> Task | None:
+    """What a load will make of the version: the ``task`` option when it names one; for
+    "auto", the architecture in config.json where vLLM's own choice is certain (a
+    ``*ForCausalLM`` generates, a BERT-family encoder embeds), else None.
+
+    Raises BackendError when config.json cannot be read.
+    """
+    option = options.get("task", "auto")
+    if option in ("generate", "embed"):
+        return Task(option)
+    path_to = Path(path) / "config.json"
+    try:
+        config = json.loads(path_to.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot read {path_to}: {exc}") from exc
+    found = config.get("architectures") if isinstance(config, dict) else None
+    names = [str(a) for a in found] if isinstance(found, list) else []
+    if names and all(n.endswith(_GENERATORS) for n in names):
+        return Task.GENERATE
+    if names and all(n.endswith(_ENCODERS) for n in names):
+        return Task.EMBED
+    return None
 
 
 @dataclass(frozen=True)

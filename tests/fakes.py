@@ -50,6 +50,7 @@ FAKE_OPTIONS = {
     "kv_tokens",  # ModelInfo.kv_tokens: what the batcher keeps a batch within
     "embed_poison",  # "nan", "inf" or "-inf": the first vector's second number, as models overflow
     "hold",  # bytes the model really allocates and holds until unloaded, left out of its footprint
+    "predicted_task",  # what task_of says before a load (default: task); "unknown": None
 }
 
 
@@ -223,6 +224,7 @@ class FakeBackend:
         self.generate_threads: list[str] = []
         self.load_devices: list[str] = []
         self.grants: list[int] = []  # LoadSpec.grant_bytes of every load, in order
+        self.task_queries: list[str] = []  # the path of every task_of call, in order
         self.knowns: list[Footprint | None] = []  # LoadSpec.known of every load, in order
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,6 +233,15 @@ class FakeBackend:
             key = sorted(unknown)[0]
             raise InvalidRequest(f"unknown option {key!r}", param=key)
         return dict(options)
+
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task | None:
+        """The ``task`` option, unless ``predicted_task`` says otherwise (a prediction
+        the load then contradicts); BackendError for a folder that does not exist."""
+        self.task_queries.append(path)
+        if not Path(path).is_dir():
+            raise BackendError(f"{path} is not a directory")
+        predicted = options.get("predicted_task", options.get("task", "generate"))
+        return None if predicted == "unknown" else Task(predicted)
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         if not Path(spec.path).is_dir():

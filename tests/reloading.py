@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from backends.base import Backend, Footprint, LoadedModel, LoadSpec
 from backends.registry import BackendRegistry
+from contract.generation import Task
 from routerd.app import build_app, build_services
 from routerd.config import Config
 from routerd.devices import DeviceInventory
@@ -39,6 +40,9 @@ class GrantRecorder:
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return self.inner.validate_options(options)
+
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task | None:
+        return self.inner.task_of(path, options)
 
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         estimate = self.inner.estimate_footprint(spec)

@@ -154,16 +154,34 @@ def test_multibyte_characters_are_echoed_whole(tmp_path: Path) -> None:
     assert pieces == ["h", "é", "€", "h", "\ufffd"]
 
 
-@pytest.mark.parametrize("prompt", ["abc", "hé€", "€", "", "a\u00ff"])
+# Settings a lone row without stop strings works out in one go (``_echo_alone``).
+ONE_GO_SETTINGS: list[dict[str, Any]] = [
+    {},
+    {"stop_token_ids": [ord("c")]},
+    {"stop_token_ids": [0xA9, ord("b")]},  # the second byte of "é", and "b"
+    {"stop_token_ids": [0xE2]},  # the first byte of "€"
+    {"stop_token_ids": [ord("a")], "min_tokens": 4},
+    {"stop_token_ids": [ord("c"), 0x82], "min_tokens": 2, "include_stop_str_in_output": True},
+    {"min_tokens": 1, "ignore_eos": True, "temperature": 0.5, "top_k": 3, "seed": 1},
+]
+
+
+@pytest.mark.parametrize("prompt", ["abc", "hé€", "€", "", "a\u00ff", "bcab"])
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("settings", ONE_GO_SETTINGS, ids=str)
 def test_a_lone_row_in_one_go_matches_stepping(
-    tmp_path: Path, prompt: str, max_tokens: int
+    tmp_path: Path, prompt: str, max_tokens: int, settings: dict[str, Any]
 ) -> None:
     model = load(tmp_path)
     ids = model.encode_prompt(prompt)
-    alone = model.generate(Generation(ids, params(max_tokens)))  # the one-go path
-    row = GenerationRow(list(ids), params(max_tokens), on_done=lambda _: None)
+    sampling = SamplingParams(max_tokens=max_tokens, **settings)
+    row = GenerationRow(list(ids), sampling, on_done=lambda _: None)
     model.generate_batch([row], lambda free: [])  # may admit: steps token by token
+    try:
+        alone = model.generate(Generation(ids, sampling))  # the one-go path
+    except InvalidRequest as refused:
+        assert isinstance(row.error, InvalidRequest) and row.error.param == refused.param
+        return
     assert alone == row.result
 
 
@@ -262,6 +280,129 @@ def test_a_bad_row_fails_alone(tmp_path: Path) -> None:
     assert isinstance(bad.row.error, InvalidRequest) and bad.row.result is None
     assert isinstance(sink.row.error, RuntimeError) and sink.row.result is None
     assert good.row.result is not None and good.row.result.text == "oko"
+
+
+def test_it_refuses_what_needs_a_distribution_and_nothing_else(tmp_path: Path) -> None:
+    refused = load(tmp_path).info.refuses
+    assert refused == {
+        "logprobs",
+        "prompt_logprobs",
+        "logit_bias",
+        "allowed_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    }
+    assert refused <= set(SamplingParams.__slots__)
+
+
+def test_sampling_settings_leave_the_one_point_distribution_as_it_is(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    ids = model.encode_prompt("héllo")
+    plain = model.generate(Generation(ids, params(9)))
+    shaped = SamplingParams(
+        max_tokens=9, temperature=1.7, top_p=0.2, top_k=1, min_p=0.9, seed=5, ignore_eos=True
+    )
+    assert model.generate(Generation(ids, shaped)) == plain
+    pieces: list[str] = []
+    streamed = model.generate(Generation(ids, shaped, pieces.append))
+    assert streamed == plain and "".join(pieces) == plain.text
+
+
+def test_a_stop_token_ends_the_row_without_its_byte(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    ids = model.encode_prompt("hello world")
+    stop_at_space = SamplingParams(max_tokens=50, stop_token_ids=[ord(" ")])
+    pieces: list[str] = []
+    result = model.generate(Generation(ids, stop_at_space, pieces.append))
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("hello", "stop", 6)
+    assert "".join(pieces) == "hello"
+    assert model.generate(Generation(ids, stop_at_space)) == result  # the one-go path
+    # A byte that never comes leaves the row to run out; so does one past max_tokens.
+    never = model.generate(Generation(ids, SamplingParams(max_tokens=4, stop_token_ids=[7])))
+    late = model.generate(Generation(ids, SamplingParams(max_tokens=4, stop_token_ids=[ord("o")])))
+    assert never.finish_reason == late.finish_reason == "length"
+    # A stop byte inside a character: the bytes before it are text, cut short as U+FFFD.
+    inside = SamplingParams(max_tokens=9, stop_token_ids=[0xA9])
+    pieces.clear()
+    cut = model.generate(Generation(model.encode_prompt("hé!"), inside, pieces.append))
+    assert (cut.text, cut.finish_reason, cut.completion_tokens) == ("h\ufffd", "stop", 3)
+    assert "".join(pieces) == cut.text
+
+
+def test_a_stop_token_in_a_batch_ends_its_row_alone(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    stopped, running = Probe("abcdef", 10), Probe("abcdef", 10)
+    stopped.row.params = SamplingParams(max_tokens=10, stop_token_ids=[ord("d")])
+    model.generate_batch([stopped.row, running.row], None)
+    assert stopped.row.result is not None and running.row.result is not None
+    assert (stopped.row.result.text, stopped.row.result.finish_reason) == ("abc", "stop")
+    assert (running.row.result.text, running.row.result.finish_reason) == ("abcdefabcd", "length")
+    assert "".join(stopped.pieces) == "abc"
+
+
+def test_include_stop_str_in_output_keeps_the_stop_and_holds_nothing_back(
+    tmp_path: Path,
+) -> None:
+    model = load(tmp_path)
+    ids = model.encode_prompt("hello world")
+    kept = SamplingParams(max_tokens=50, stop=["o w", "zz"], include_stop_str_in_output=True)
+    pieces: list[str] = []
+    result = model.generate(Generation(ids, kept, pieces.append))
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("hello w", "stop", 7)
+    assert pieces == list("hello w")  # one piece per token: nothing waited
+    # Two stops completed by one token: the one that starts first is cut or kept.
+    both = SamplingParams(max_tokens=50, stop=["lo", "llo"])
+    assert model.generate(Generation(ids, both)).text == "he"
+    both.include_stop_str_in_output = True
+    assert model.generate(Generation(ids, both)).text == "hello"
+    # A stop token's byte stays out even so.
+    token = SamplingParams(
+        max_tokens=50, stop_token_ids=[ord("w")], include_stop_str_in_output=True
+    )
+    assert model.generate(Generation(ids, token)).text == "hello "
+
+
+def test_nothing_ends_a_row_within_min_tokens(tmp_path: Path) -> None:
+    model = load(tmp_path)
+    ids = model.encode_prompt("abcabc")
+    pieces: list[str] = []
+    # "b" completes at tokens 2 and 5: only the second counts with min_tokens 3.
+    strings = SamplingParams(max_tokens=20, stop=["b"], min_tokens=3)
+    result = model.generate(Generation(ids, strings, pieces.append))
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("abca", "stop", 5)
+    assert "".join(pieces) == "abca"
+    # A stop string begun within them and completed after them does count.
+    across = SamplingParams(max_tokens=20, stop=["cab"], min_tokens=4)
+    assert model.generate(Generation(ids, across)).text == "ab"
+    # A stop token within them is echoed; the next one past them ends the row.
+    tokens = SamplingParams(max_tokens=20, stop_token_ids=[ord("a")], min_tokens=3)
+    pieces.clear()
+    result = model.generate(Generation(ids, tokens, pieces.append))
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("abc", "stop", 4)
+    assert "".join(pieces) == "abc"  # the first "a" is text
+    assert model.generate(Generation(ids, tokens)) == result  # the one-go path
+    # min_tokens up to max_tokens: the row runs out as it would anyway.
+    full = model.generate(Generation(ids, SamplingParams(max_tokens=4, min_tokens=4)))
+    assert (full.text, full.finish_reason) == ("abca", "length")
+
+
+@pytest.mark.parametrize("asked", [{"min_tokens": 1}, {"ignore_eos": True}])
+def test_an_empty_prompt_that_may_not_stop_at_once_is_refused(
+    tmp_path: Path, asked: dict[str, Any]
+) -> None:
+    model = load(tmp_path)
+    with pytest.raises(InvalidRequest) as caught:
+        model.generate(Generation([], SamplingParams(max_tokens=3, **asked)))
+    assert caught.value.param == "prompt"
+    refused, fine = Probe("", 3), Probe("ok", 3)
+    refused.row.params = SamplingParams(max_tokens=3, stop=["x"], **asked)
+    model.generate_batch([refused.row, fine.row], None)
+    assert isinstance(refused.row.error, InvalidRequest) and refused.done == 1
+    assert fine.row.result is not None and fine.row.result.text == "oko"
+    # Asked for nothing (max_tokens 0), it may stop at once.
+    nothing = model.generate(Generation([], SamplingParams(max_tokens=0, **asked)))
+    assert (nothing.text, nothing.finish_reason) == ("", "stop")
 
 
 def test_wrong_task_is_refused(tmp_path: Path) -> None:
@@ -406,6 +547,29 @@ async def test_chat_through_the_app(client: TestClient[Any, Any]) -> None:
     assert deltas[0]["role"] == "assistant"
     assert "".join(d.get("content") or "" for d in deltas) == "user"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_sampling_fields_through_the_app(client: TestClient[Any, Any]) -> None:
+    for field, value in (("logprobs", 1), ("presence_penalty", 0.5), ("logit_bias", {"97": 2})):
+        body = {"model": "echo-lm", "prompt": "abc", "max_tokens": 3, field: value}
+        response = await client.post("/v1/completions", json=body)
+        error = (await response.json())["error"]
+        assert response.status == 400, error
+        assert error["param"] == field
+    body = {
+        "model": "echo-lm",
+        "prompt": "abcd",
+        "max_tokens": 9,
+        "top_k": 2,
+        "min_p": 0.5,
+        "stop_token_ids": [ord("d")],
+        "min_tokens": 4,
+    }
+    response = await client.post("/v1/completions", json=body)
+    answer = await response.json()
+    assert response.status == 200, answer
+    assert answer["choices"][0]["text"] == "abcdabc"
+    assert answer["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_embeddings_and_failures_through_the_app(client: TestClient[Any, Any]) -> None:

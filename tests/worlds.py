@@ -280,6 +280,9 @@ class TimedBackend:
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return dict(options)
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task:
+        return Task.GENERATE  # as every TimedModel's info says
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         return Footprint(weights=self.model(spec.name).estimated)
 

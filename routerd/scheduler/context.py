@@ -1,5 +1,6 @@
 """What every part of the scheduler shares: its clock, its settings, and three small
-services — change signals, the event journal and background tasks.
+services — change signals, the event journal and background tasks — and the loop
+that keeps the device readings fresh.
 
 The parts (admission, residency, planning, lifecycle) are given one ``Context`` by
 the coordinator that owns them; none of them reaches into another's state through
@@ -143,3 +144,15 @@ class Context:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+async def poll_devices(context: Context) -> None:
+    """Refresh the device readings that status pages show, every ``poll_interval``, and
+    write the events kept while the database was locked; until the scheduler closes."""
+    while not context.closing:
+        try:
+            await asyncio.to_thread(context.devices.readings)
+        except Exception as exc:  # a flaky NVML read must not stop polling
+            log.warning("reading devices failed: %s", exc)
+        context.journal.flush()
+        await context.clock.sleep(context.settings.poll_interval)

@@ -10,6 +10,7 @@ that drives them; they never call each other's internals:
 - ``Swap`` — the path of a swap (plan, victims leave, load, warm, ready).
 - ``Reaper`` — expires idle instances (keep-alive).
 - ``Replicas`` — routes among a version's replicas; says when another is due.
+- ``VersionTasks`` — what a version does, known before a load (``task_of``).
 
 Everything runs on the event loop, so no lock is needed: between two ``await``
 points nothing else interleaves, and every plan is committed in the step that
@@ -47,6 +48,7 @@ from dataclasses import replace
 from typing import Any
 
 from backends.registry import BackendRegistry
+from contract.generation import Task
 from policies.placement import PlacementPolicy
 from routerd.clock import Clock, LoopClock
 from routerd.devices import DeviceInventory
@@ -55,7 +57,7 @@ from routerd.instance import Instance, InstanceSnapshot
 from routerd.memory import LedgerRow
 from routerd.messages import InstanceFailed, LoadProgressed, Message
 from routerd.scheduler.admission import Admission, ClientGone, unless_gone
-from routerd.scheduler.context import Context, Journal, Signals
+from routerd.scheduler.context import Context, Journal, Signals, poll_devices
 from routerd.scheduler.keepalive import Reaper
 from routerd.scheduler.lifecycle import Lifecycle
 from routerd.scheduler.planning import Planner
@@ -71,6 +73,7 @@ from routerd.scheduler.settings import (
     TierSnapshot,
 )
 from routerd.scheduler.swap import Swap
+from routerd.scheduler.tasks import VersionTasks
 from routerd.states import InstanceState
 from routerd.version_options import options_of
 from state import Store, VersionRecord
@@ -119,6 +122,7 @@ class Scheduler:
         )
         self._reaper = Reaper(self.context, self.residency, self.admission, self._lifecycle)
         self._replicas = Replicas(self.context)
+        self._tasks = VersionTasks(self.context, self.residency)
         self._loads: dict[str, asyncio.Task[Instance]] = {}  # single flight, by instance key
         self._waiters: dict[str, int] = {}  # callers waiting on each of ``_loads``
         self._background: list[asyncio.Task[None]] = []
@@ -158,7 +162,7 @@ class Scheduler:
     async def start(self, resolve: Callable[[str], VersionRecord | None]) -> None:
         """Start the keep-alive reaper and device polling; load pinned versions again."""
         self._background.append(asyncio.create_task(self._reaper.run(), name="keep-alive"))
-        self._background.append(asyncio.create_task(self._poll_devices(), name="device poll"))
+        self._background.append(asyncio.create_task(poll_devices(self.context), name="device poll"))
         for model_id in sorted(self.residency.pinned):
             record = resolve(model_id)
             if record is not None:
@@ -198,16 +202,6 @@ class Scheduler:
     @property
     def running(self) -> bool:
         return not self.context.closing
-
-    async def _poll_devices(self) -> None:
-        """Refresh the device readings that status pages show, every poll_interval."""
-        while not self.context.closing:
-            try:
-                await asyncio.to_thread(self.context.devices.readings)
-            except Exception as exc:  # a flaky NVML read must not stop polling
-                log.warning("reading devices failed: %s", exc)
-            self.context.journal.flush()  # events kept while the database was locked
-            await self.context.clock.sleep(self.settings.poll_interval)
 
     # -- messages from instances --------------------------------------------------------
 
@@ -272,6 +266,10 @@ class Scheduler:
     def queue_depths(self) -> dict[str, int]:
         """Requests waiting per version: for a lease (a load) or in a batch queue."""
         return self.admission.depths(list(self.residency.instances.values()))
+
+    async def task_of(self, record: VersionRecord) -> Task | None:
+        """What ``record`` does, without loading it (None: only a load can tell)."""
+        return await self._tasks.task_of(record)
 
     # -- requests ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from contract.generation import GenerationResult, ModelInfo, SamplingParams, Task, asked_fields
 from routerd.errors import BadRequest
@@ -26,14 +26,37 @@ class PreparedPrompt:
 
 _TASK_WORDS = {Task.GENERATE: "generates text", Task.EMBED: "computes embeddings"}
 
+Version = TypeVar("Version", contravariant=True)
+
+
+class KnowsTasks(Protocol[Version]):
+    """Says what a version does without loading it (``Scheduler.task_of``)."""
+
+    async def task_of(self, record: Version) -> Task | None: ...
+
 
 def require_task(handle: ModelHandle, task: Task, model_id: str, endpoint: str) -> None:
     """400 when the leased model does not do what ``endpoint`` asks of it."""
     has = handle.info.task
     if has is not task:
-        raise BadRequest(
-            f"model '{model_id}' {_TASK_WORDS[has]} and cannot serve {endpoint}", param="model"
-        )
+        raise _wrong_task(has, model_id, endpoint)
+
+
+async def require_task_before_load(
+    tasks: KnowsTasks[Version], record: Version, task: Task, model_id: str, endpoint: str
+) -> None:
+    """``require_task`` before a lease, so a request a version cannot serve costs no
+    load: the same 400 when ``tasks`` knows ``record`` does something else; nothing
+    when it does not know (``require_task`` on the lease then decides)."""
+    has = await tasks.task_of(record)
+    if has is not None and has is not task:
+        raise _wrong_task(has, model_id, endpoint)
+
+
+def _wrong_task(has: Task, model_id: str, endpoint: str) -> BadRequest:
+    return BadRequest(
+        f"model '{model_id}' {_TASK_WORDS[has]} and cannot serve {endpoint}", param="model"
+    )
 
 
 async def prepare_prompt(

@@ -170,6 +170,10 @@ class SimulatedBackend:
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return dict(options)
 
+    def task_of(self, path: str, options: Mapping[str, Any]) -> Task:
+        """Every simulated model generates (``SimulatedModel.info``)."""
+        return Task.GENERATE
+
     def estimate_footprint(self, spec: LoadSpec) -> Footprint:
         return Footprint(weights=self.cost(spec).bytes)
 
