@@ -310,6 +310,20 @@ async def test_a_field_the_model_cannot_honour_is_refused_by_name(client):
         assert_openai_error(await response.json(), param=param)
 
 
+async def test_an_endpoint_the_model_cannot_serve_is_refused_before_any_load(client, backend):
+    chat = {"model": "embedder", "messages": [{"role": "user", "content": "x"}]}
+    for body in (chat, {**chat, "stream": True}):
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status == 400
+        error = await response.json()
+        assert_openai_error(error, param="model")
+        assert "computes embeddings" in error["error"]["message"]
+    response = await client.post("/v1/embeddings", json={"model": "echo", "input": "x"})
+    assert response.status == 400
+    assert "generates text" in (await response.json())["error"]["message"]
+    assert backend.loads == []
+
+
 async def test_prompt_logprobs_are_not_streamed(client):
     body = {"model": "echo", "prompt": "x", "prompt_logprobs": 1, "stream": True}
     response = await client.post("/v1/completions", json=body)

@@ -59,6 +59,7 @@ from routerd.serving.prompts import (
     prepare_prompt,
     refuse_unsupported,
     require_task,
+    require_task_before_load,
 )
 from routerd.serving.requests import (
     CompletionRequest,
@@ -252,6 +253,7 @@ async def _serve_generation(
         _shadow_generation, scheduler, dialect.endpoint, prepare, req.sampling, per_prompt
     )
     record = route_request(request, req.model, req.user, shadow)
+    await require_task_before_load(scheduler, record, Task.GENERATE, req.model, dialect.endpoint)
     cold = _cold_stream(request, record, stream=req.stream)
     try:
         async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
@@ -348,6 +350,7 @@ async def _shadow_generation(
     record: VersionRecord,
 ) -> None:
     """The same request on a shadow version; the results are discarded."""
+    await require_task_before_load(scheduler, record, Task.GENERATE, record.model_id, endpoint)
     async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.GENERATE, record.model_id, endpoint)
         refuse_unsupported(lease.handle.info, sampling.params, record.model_id)
@@ -449,6 +452,7 @@ async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await read_json_object(request))
     shadow = functools.partial(_shadow_embeddings, scheduler, req)
     record = route_request(request, req.model, req.user, shadow)
+    await require_task_before_load(scheduler, record, Task.EMBED, req.model, "/v1/embeddings")
     gone = client_gone(request)
     async with scheduler.lease(record, keep_alive=req.keep_alive, client_gone=gone) as lease:
         require_task(lease.handle, Task.EMBED, req.model, "/v1/embeddings")
@@ -479,6 +483,7 @@ async def _shadow_embeddings(
     scheduler: Scheduler, req: EmbeddingRequest, record: VersionRecord
 ) -> None:
     """The same embeddings on a shadow version; the vectors are discarded."""
+    await require_task_before_load(scheduler, record, Task.EMBED, record.model_id, "/v1/embeddings")
     async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.EMBED, record.model_id, "/v1/embeddings")
         await lease.handle.embed(
