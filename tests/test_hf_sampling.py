@@ -77,13 +77,18 @@ def penalized(
     logits: torch.Tensor,
     prompt: Sequence[int],
     output: Sequence[int],
+    bias: dict[int, float],
     repetition: float = 1.0,
     frequency: float = 0.0,
     presence: float = 0.0,
+    prompt_repeats: bool = True,
 ) -> torch.Tensor:
-    """vLLM's penalties, written out token by token."""
+    """vLLM's bias and penalties, written out token by token (``prompt_repeats`` False:
+    a wrong repetition penalty that forgets the prompt, for the test to tell apart)."""
     x = logits.clone()
-    for token in set(prompt) | set(output):
+    for token, value in bias.items():
+        x[token] += value
+    for token in (set(prompt) if prompt_repeats else set()) | set(output):
         if repetition != 1.0:
             x[token] = x[token] / repetition if x[token] > 0 else x[token] * repetition
     for token in set(output):
@@ -100,7 +105,9 @@ def test_top_k_one_at_temperature_one_is_greedy(small_model: LoadedModel, prompt
         for seed in SEEDS:
             p = params(10, temperature=1.0, top_k=1, seed=seed)
             assert tokens(small_model, prompt, p) == expected
-    unlimited = [tokens(small_model, prompts[0], params(10, temperature=1.0, seed=s)) for s in SEEDS]
+    unlimited = [
+        tokens(small_model, prompts[0], params(10, temperature=1.0, seed=s)) for s in SEEDS
+    ]
     assert any(run != tokens(small_model, prompts[0], params(10)) for run in unlimited)
 
 
@@ -118,14 +125,29 @@ def _support_min_p(probs: torch.Tensor) -> set[int]:
     return {i for i, v in enumerate(probs.tolist()) if v >= 0.97 * float(probs.max())}
 
 
+def _support_min_p_then_top_p(probs: torch.Tensor) -> set[int]:
+    """vLLM's order: min_p cuts first, top_p counts the mass of what is left."""
+    kept = sorted(((v, i) for i, v in enumerate(probs.tolist()) if v >= 0.9 * float(probs.max())))
+    total = sum(v for v, _ in kept)
+    support, before = set(), 0.0
+    for v, i in reversed(kept):
+        if support and before >= 0.3 * total:
+            break
+        support.add(i)
+        before += v
+    return support
+
+
 @pytest.mark.parametrize(
     ("cut", "support"),
     [
         ({"top_k": 7}, _support_top_k),
         ({"top_p": 0.02}, _support_top_p),
+        ({"top_p": 0.02, "top_k": 1000}, _support_top_p),  # the shaped path's top_p
         ({"min_p": 0.97}, _support_min_p),
+        ({"min_p": 0.9, "top_p": 0.3}, _support_min_p_then_top_p),
     ],
-    ids=["top_k", "top_p", "min_p"],
+    ids=["top_k", "top_p", "top_p-shaped", "min_p", "min_p-then-top_p"],
 )
 def test_cuts_keep_every_sampled_token_inside_their_support(
     small_model: LoadedModel,
@@ -174,7 +196,9 @@ def test_logit_bias_moves_the_greedy_choice_as_computed(
     gap = float(logits.max() - logits[runner_up])
     bias = {runner_up: gap + 1e-3}
     assert tokens(small_model, prompt, params(1, logit_bias=bias))[0] == runner_up
-    assert tokens(small_model, prompt, params(1, logit_bias={runner_up: gap - 1e-3}))[0] != runner_up
+    assert (
+        tokens(small_model, prompt, params(1, logit_bias={runner_up: gap - 1e-3}))[0] != runner_up
+    )
 
 
 def test_allowed_token_ids_restrict_every_token(
@@ -206,38 +230,85 @@ def test_token_ids_outside_the_vocabulary_fail_their_row(small_model: LoadedMode
 
 
 @pytest.mark.parametrize(
-    "penalty",
-    [{"repetition": 1.8}, {"frequency": 0.05}, {"presence": 0.05}],
+    ("penalty", "wrong"),
+    [
+        ({"repetition": 1.5}, {"repetition": 1.5, "prompt_repeats": False}),
+        ({"frequency": 0.07}, {"presence": 0.07}),
+        ({"presence": 0.07}, {"frequency": 0.07}),
+    ],
     ids=["repetition", "frequency", "presence"],
 )
 def test_penalties_change_the_greedy_choice_as_computed(
-    small_model: LoadedModel, module: Any, prompts: list[list[int]], penalty: dict[str, float]
+    small_model: LoadedModel,
+    module: Any,
+    prompts: list[list[int]],
+    penalty: dict[str, float],
+    wrong: dict[str, Any],
 ):
     """Greedy decoding under a penalty takes, at each step, the argmax of the direct
-    forward pass's logits with vLLM's formula applied by hand."""
+    forward pass's logits with vLLM's formula applied by hand.
+
+    A bias lifts two prompt tokens just above the rest (one by 0.1, one by 0.05), so
+    that the penalty decides whether they come (repetition: they are in the prompt),
+    and how often (frequency: less each time; presence: a fixed amount) — where a
+    wrong formula (``wrong``) chooses otherwise."""
+    prompt = prompts[0]
+    first, second = prompt[-1], prompt[-2]
+    logits = last_logits(module, prompt)
+    rest = logits.clone()
+    rest[[first, second]] = float("-inf")
+    others = float(rest.max())
+    bias = {
+        first: others - float(logits[first]) + 0.1,
+        second: others - float(logits[second]) + 0.05,
+    }
     names = {"repetition": "repetition_penalty", "frequency": "frequency_penalty"}
     fields = {names.get(k, "presence_penalty"): v for k, v in penalty.items()}
-    changed = 0
-    for prompt in prompts:
-        got = tokens(small_model, prompt, params(12, **fields))
-        expected: list[int] = []
+    got = tokens(small_model, prompt, params(12, logit_bias=bias, **fields))
+
+    def by_hand(formula: dict[str, Any]) -> list[int]:
+        output: list[int] = []
         for _ in got:
-            logits = penalized(last_logits(module, prompt + expected), prompt, expected, **penalty)
-            expected.append(int(torch.argmax(logits)))
-        assert got == expected
-        changed += got != tokens(small_model, prompt, params(12))
-    assert changed > 0
+            x = penalized(last_logits(module, prompt + output), prompt, output, bias, **formula)
+            output.append(int(torch.argmax(x)))
+        return output
+
+    assert got == by_hand(penalty)
+    assert got != by_hand(wrong)
+    assert got != tokens(small_model, prompt, params(12, logit_bias=bias))
+
+
+def test_repetition_penalty_multiplies_negative_logits(
+    small_model: LoadedModel, module: Any, prompts: list[list[int]]
+):
+    """Between a prompt token with a negative logit and an unseen token a little below
+    it, the penalty (×1.5 on the negative logit) turns the choice to the unseen one."""
+    prompt = prompts[0]
+    logits = last_logits(module, prompt)
+    seen = max((t for t in set(prompt) if logits[t] < 0), key=lambda t: float(logits[t]))
+    low, high = 1.5 * float(logits[seen]), float(logits[seen])
+    unseen = next(
+        t for t in range(len(logits)) if t not in prompt and low < float(logits[t]) < high
+    )
+    allowed = [seen, unseen]
+    assert tokens(small_model, prompt, params(1, allowed_token_ids=allowed)) == [seen]
+    penalized_run = params(1, allowed_token_ids=allowed, repetition_penalty=1.5)
+    assert tokens(small_model, prompt, penalized_run) == [unseen]
 
 
 # -- how rows end: ignore_eos, min_tokens, stop_token_ids, stop strings ----------------------
 
 
-def test_ignore_eos_runs_to_max_tokens(small_model: LoadedModel, prompts: list[list[int]], eos: int):
+def test_ignore_eos_runs_to_max_tokens(
+    small_model: LoadedModel, prompts: list[list[int]], eos: int
+):
     bias = {eos: 100.0}
     ended = generate(small_model, prompts[0], params(7, logit_bias=bias, logprobs=0))
     assert (ended.completion_tokens, ended.finish_reason, ended.text) == (1, "stop", "")
     assert ids_of(ended) == [eos]
-    ignored = generate(small_model, prompts[0], params(7, logit_bias=bias, ignore_eos=True, logprobs=0))
+    ignored = generate(
+        small_model, prompts[0], params(7, logit_bias=bias, ignore_eos=True, logprobs=0)
+    )
     assert (ignored.completion_tokens, ignored.finish_reason, ignored.text) == (7, "length", "")
     assert ids_of(ignored) == [eos] * 7
     assert ignored.logprobs is not None
@@ -248,7 +319,9 @@ def test_min_tokens_hold_back_eos_and_stop_ids(
     small_model: LoadedModel, prompts: list[list[int]], eos: int
 ):
     bias = {eos: 100.0}
-    result = generate(small_model, prompts[0], params(20, logit_bias=bias, min_tokens=4, logprobs=0))
+    result = generate(
+        small_model, prompts[0], params(20, logit_bias=bias, min_tokens=4, logprobs=0)
+    )
     assert result.completion_tokens == 5 and result.finish_reason == "stop"
     produced = ids_of(result)
     assert eos not in produced[:4] and produced[4] == eos
@@ -343,9 +416,7 @@ def test_logprobs_equal_a_direct_forward_pass(
 def test_logprobs_are_raw_whatever_shapes_the_sampling(
     small_model: LoadedModel, module: Any, prompts: list[list[int]], token_text: Any
 ):
-    p = params(
-        8, temperature=0.3, seed=5, repetition_penalty=1.5, presence_penalty=0.4, logprobs=3
-    )
+    p = params(8, temperature=0.3, seed=5, repetition_penalty=1.5, presence_penalty=0.4, logprobs=3)
     result = generate(small_model, prompts[1], p)
     assert result.logprobs is not None
     sequence = list(prompts[1])
