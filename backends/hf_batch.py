@@ -1,7 +1,11 @@
 """Batched decoding for the transformers backend: many rows, one forward pass per step.
 
-Every row of a batch keeps its own settings (max_tokens, stop strings, temperature,
-top_p, seed), its own text state (:mod:`backends.hf_text`) and finishes on its own.
+Every row of a batch keeps its own settings (every field of ``SamplingParams``: how
+its next token is chosen is :mod:`backends.hf_sampling`'s, its logprobs
+:mod:`backends.hf_logprobs`'), its own text state (:mod:`backends.hf_text`) and
+finishes on its own. A row that asks for no more than temperature, top-p and a seed
+costs nothing beyond the batch's one argmax or :func:`sample` per step: the work
+other fields need is done only for rows that set them.
 Rows join a running batch between steps (continuous batching):
 
 - New rows are prefilled together as a small batch of their own (in several passes
@@ -38,31 +42,16 @@ from typing import Any
 
 import torch
 
-from backends import hf_cache
+from backends import hf_cache, hf_logprobs
 from backends.base import GenerationRow, RowSource, free_slots
+from backends.hf_sampling import LogitsShaper, is_plain, sample
 from backends.hf_text import IncrementalDetokenizer, StopStringHoldback
 from contract.errors import OutOfMemory
-from contract.generation import GenerationResult, SamplingParams
+from contract.generation import GenerationResult, Logprob, shapes_logits
 
 log = logging.getLogger("routerd.backends")
 
 RELEASE_AFTER_TOKENS = 256  # padded tokens of a prefill pass worth a release after it
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits: greedy, or temperature + top-p."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=rng).item())
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    outside = mass_before >= params.top_p  # the mass before a token already reaches top_p
-    outside[0] = False  # the most likely token always stays
-    sorted_probs[outside] = 0.0
-    choice = torch.multinomial(sorted_probs, 1, generator=rng)
-    return int(order[choice].item())
 
 
 @dataclass(frozen=True)
@@ -79,21 +68,42 @@ class Decoder:
     decode: Callable[[Sequence[int]], str]
     check: Callable[[Sequence[int]], None]  # raises InvalidRequest for a bad prompt
     release_memory: Callable[[], None] | None = None  # gives freed heap back (CPU only)
+    # One id's own text, special tokens included (logprobs name EOS as the tokenizer
+    # writes it); None: ``decode`` of the id alone.
+    token_text: Callable[[int], str] | None = None
+
+    def text_of(self, token: int) -> str:
+        return self.token_text(token) if self.token_text is not None else self.decode([token])
 
 
 class _Seq:
-    """The decoding state of one row: its sampler, text state and counts."""
+    """The decoding state of one row: its sampler, text state and counts.
+
+    ``plain`` rows (:func:`backends.hf_sampling.is_plain`) are chosen for by the batch
+    (:meth:`_Batch._take`) and only ``accept`` their token; the others ``take`` their
+    logits and do what their params ask: logprobs, a ``LogitsShaper`` where the
+    logits are shaped, and ``enders`` that are not simply the model's EOS ids.
+    """
 
     def __init__(self, row: GenerationRow, decoder: Decoder) -> None:
         self.row = row
-        self.params = row.params
+        params = self.params = row.params
         self.rng: torch.Generator | None = None
-        if self.params.temperature > 0 and self.params.seed is not None:
+        if params.temperature > 0 and params.seed is not None:
             self.rng = torch.Generator(device=decoder.device)
-            self.rng.manual_seed(self.params.seed)
-        self.eos_ids = decoder.eos_ids
+            self.rng.manual_seed(params.seed)
+        self.plain = is_plain(params)
+        stop_ids = frozenset(params.stop_token_ids)
+        # The tokens that end the row; EOS among them unless ignore_eos.
+        self.enders = (frozenset() if params.ignore_eos else decoder.eos_ids) | stop_ids
+        self.shaper: LogitsShaper | None = None
+        if shapes_logits(params):
+            self.shaper = LogitsShaper(params, row.prompt_ids, decoder.eos_ids | stop_ids)
+        self.logprobs: list[Logprob] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list[Logprob | None] | None = None
+        self.text_of = decoder.text_of
         self.detok = IncrementalDetokenizer(decoder.decode, context=row.prompt_ids)
-        self.stops = StopStringHoldback(self.params.stop)
+        self.stops = StopStringHoldback(params.stop, params.include_stop_str_in_output)
         self.pieces: list[str] = []
         prompt_len = len(row.prompt_ids)
         self.budget = min(self.params.max_tokens, decoder.context_length - prompt_len)
@@ -101,10 +111,32 @@ class _Seq:
         self.token = 0  # the last sampled token, fed to the next step
         self.position = prompt_len  # where ``token`` sits in the row's own sequence
 
-    def accept(self, token: int) -> str | None:
-        """Take a sampled token; return the finish reason if the row is done."""
+    def take(self, logits: torch.Tensor, greedy: int) -> str | None:
+        """Choose the token of a row that is not plain from its logits (``greedy``: their
+        argmax) and ``accept`` it with its logprob where asked."""
+        params = self.params
+        raw = hf_logprobs.raw(logits) if params.logprobs is not None else None
+        if self.shaper is not None:
+            token = self.shaper.choose(logits, self.rng)
+            self.shaper.count(token)
+        elif params.temperature <= 0:
+            token = greedy
+        else:
+            token = sample(logits, params, self.rng)
+        entry = None
+        if raw is not None and params.logprobs is not None:
+            entry = hf_logprobs.entry(raw, token, params.logprobs, self.text_of)
+        return self.accept(token, entry)
+
+    def accept(self, token: int, entry: Logprob | None = None) -> str | None:
+        """Take a sampled token (and its logprob, when the row asked for them); return
+        the finish reason if the row is done. The logprob goes out before any text."""
         self.produced += 1
-        if token in self.eos_ids:
+        if entry is not None and self.logprobs is not None:
+            self.logprobs.append(entry)
+            if self.row.on_logprob is not None:
+                self.row.on_logprob(entry)
+        if token in self.enders:  # a stop id's text is not part of the output
             return "stop"
         self._emit(self.stops.push(self.detok.add(token)))
         if self.stops.stopped:
@@ -125,6 +157,8 @@ class _Seq:
             prompt_tokens=len(self.row.prompt_ids),
             completion_tokens=self.produced,
             finish_reason="stop" if self.stops.stopped else reason,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def _emit(self, text: str) -> None:
@@ -186,12 +220,30 @@ class _Batch:
                 continue
             if row.cancellation.cancelled:
                 _done(row, seq, "cancelled", None)
-            elif seq.budget <= 0:
+            elif row.params.prompt_logprobs is not None and not self._score_prompt(seq):
+                continue  # its pass failed, and so did the row
+            elif seq.budget <= 0:  # max_tokens 0: the prompt's logprobs were all it asked
                 _done(row, seq, "length", None)
             else:
                 fresh.append(seq)
         self.pending.extend(fresh)
         self.prefill_pending()
+
+    def _score_prompt(self, seq: _Seq) -> bool:
+        """Set the row's prompt logprobs (a pass over its prompt alone); False, with the
+        row finished, when that pass failed."""
+        top, ids, decoder = seq.params.prompt_logprobs or 0, seq.row.prompt_ids, self.decoder
+        try:
+            seq.prompt_logprobs = hf_logprobs.prompt_logprobs(
+                decoder.model, decoder.device, decoder.cache_arg, ids, top, seq.text_of
+            )
+        except Exception as exc:  # e.g. out of memory: this row fails, the batch goes on
+            _done(seq.row, None, "", _forward_error(exc, 1))
+            return False
+        finally:
+            if len(seq.row.prompt_ids) >= RELEASE_AFTER_TOKENS:
+                self.release_memory()
+        return True
 
     def prefill_pending(self) -> None:
         """Prefill waiting rows, one context's worth of tokens per pass, while they may
@@ -303,11 +355,12 @@ class _Batch:
             error: Exception | None = None
             reason: str | None = None
             try:
-                if seq.params.temperature <= 0:
-                    token = greedy[i]
+                if not seq.plain:
+                    reason = seq.take(logits[i], greedy[i])
+                elif seq.params.temperature <= 0:
+                    reason = seq.accept(greedy[i])
                 else:
-                    token = sample(logits[i], seq.params, seq.rng)
-                reason = seq.accept(token)
+                    reason = seq.accept(sample(logits[i], seq.params, seq.rng))
             except Exception as exc:  # this row's sink or sampler failed; the rest go on
                 error = exc
             if reason is not None or error is not None:

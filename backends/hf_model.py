@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from backends import footprint, hf_batch, hf_measure, hf_text
+from backends import footprint, hf_batch, hf_measure, hf_sampling, hf_text
 from backends.base import Footprint, GenerationRow, RowSource, generate_alone
 from backends.host_memory import glibc_trim
 from contract.errors import BackendError, InvalidRequest, OutOfMemory
@@ -60,6 +60,7 @@ class TransformersModel(hf_text.HfTokenizing):
         self._on_unload = on_unload  # given the tokenizer and module (the backend's shelf)
         # Freed CPU memory goes back to the kernel after large passes (backends.heap).
         self._release_memory = glibc_trim() if device.type == "cpu" else None
+        self._token_texts: dict[int, str] = {}  # logprobs name the same few ids again and again
 
     @property
     def info(self) -> ModelInfo:
@@ -72,6 +73,18 @@ class TransformersModel(hf_text.HfTokenizing):
             list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         return str(text)
+
+    def _token_text(self, token_id: int) -> str:
+        """One id's own text for a logprob: special tokens as written (EOS is not "")."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = str(
+                self._tokenizer.decode(
+                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
+            )
+            self._token_texts[token_id] = text
+        return text
 
     def _check_ids(self, ids: Sequence[int], param: str, what: str) -> None:
         if not ids:
@@ -121,6 +134,7 @@ class TransformersModel(hf_text.HfTokenizing):
             decode=self._decode,
             check=lambda ids: self._check_ids(ids, "prompt", "the prompt"),
             release_memory=self._release_memory,
+            token_text=self._token_text,
         )
         with torch.inference_mode():
             hf_batch.generate_batch(decoder, rows, admit, max_rows)
@@ -209,7 +223,7 @@ class TransformersModel(hf_text.HfTokenizing):
         def prefill() -> Any:
             prompt = torch.tensor([profile_ids], dtype=torch.long, device=self._device)
             logits, cache = self._step(model, prompt, None)
-            hf_batch.sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
+            hf_sampling.sample(logits, SamplingParams(max_tokens=1, temperature=0.0), None)
             return cache
 
         if self._known is not None:
@@ -310,6 +324,7 @@ class TransformersModel(hf_text.HfTokenizing):
     def unload(self) -> None:
         tokenizer, self._tokenizer = self._tokenizer, None
         model, self._model = self._model, None
+        self._token_texts = {}
         if tokenizer is not None and self._on_unload is not None:
             self._on_unload(tokenizer, model)  # the model's weights are emptied there
         del model

@@ -75,15 +75,20 @@ class StopStringHoldback:
     """Finds stop strings in streamed text and holds back possible beginnings.
 
     :meth:`push` takes the next piece of text and returns what may be sent now;
-    after it reports a stop, the text up to (not including) the stop string has
-    been returned and everything after is dropped. :meth:`flush` returns the
-    held-back tail when generation ends for another reason.
+    after it reports a stop, the text up to the stop string has been returned (the
+    stop string too with ``include``: vLLM's ``include_stop_str_in_output``) and
+    everything after is dropped. :meth:`flush` returns the held-back tail when
+    generation ends for another reason.
+
+    Possible beginnings are held back with ``include`` as well: the text sent is then
+    the same, only sent later, and one rule covers both ways.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         if isinstance(stops, str):  # a lone string is one stop, not one per character
             stops = (stops,)
         self._stops = tuple(s for s in stops if s)
+        self._include = include
         self._held = ""
         self.stopped = False
 
@@ -94,11 +99,12 @@ class StopStringHoldback:
         if not self._stops:
             return text
         buffer = self._held + text
-        cut = self._first_stop(buffer)
-        if cut is not None:
+        found = self._first_stop(buffer)
+        if found is not None:
             self.stopped = True
             self._held = ""
-            return buffer[:cut]
+            cut, stop = found
+            return buffer[: cut + len(stop)] if self._include else buffer[:cut]
         keep = self._partial_suffix_len(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]
@@ -108,9 +114,12 @@ class StopStringHoldback:
         held, self._held = self._held, ""
         return "" if self.stopped else held
 
-    def _first_stop(self, buffer: str) -> int | None:
-        found = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
-        return min(found) if found else None
+    def _first_stop(self, buffer: str) -> tuple[int, str] | None:
+        """Where the first stop string in ``buffer`` starts, and which it is: of those
+        starting there, the shortest (the one text arriving a character at a time
+        would have completed first)."""
+        found = [(i, s) for i, s in ((buffer.find(s), s) for s in self._stops) if i >= 0]
+        return min(found, key=lambda pair: (pair[0], len(pair[1]))) if found else None
 
     def _partial_suffix_len(self, buffer: str) -> int:
         """Length of the longest tail of ``buffer`` that begins some stop string."""

@@ -459,6 +459,20 @@ def test_holdback_keeps_the_longest_possible_beginning() -> None:
     assert holdback.stopped
 
 
+def test_holdback_can_keep_the_stop_string() -> None:
+    holdback = StopStringHoldback(["<END>", "zzz"], include=True)
+    assert push_all(holdback, ["abc<E", "ND>tail"]) == ["abc", "<END>"]
+    assert holdback.stopped and holdback.push("more") == "" and holdback.flush() == ""
+    assert StopStringHoldback(["c", "ab"], include=True).push("xabc") == "xab"  # the earliest
+    # Of stops that start at one place, the one a character at a time completes first.
+    text = "one abcd"
+    whole = StopStringHoldback(["abc", "a"], include=True).push(text)
+    by_char = StopStringHoldback(["abc", "a"], include=True)
+    assert whole == "".join(by_char.push(ch) for ch in text) == "one a"
+    released = StopStringHoldback(["<END>"], include=True)
+    assert released.push("x <EN") == "x " and released.flush() == "<EN"  # no stop: all of it
+
+
 # -- on a GPU ---------------------------------------------------------------------
 
 
