@@ -138,7 +138,11 @@ class _Seq:
                 self.row.on_logprob(entry)
         if token in self.enders:  # a stop id's text is not part of the output
             return "stop"
-        self._emit(self.stops.push(self.detok.add(token)))
+        text = self.detok.add(token)
+        if self.produced < self.params.min_tokens:  # as vLLM: no stop string before min_tokens
+            self._emit(text)
+        else:
+            self._emit(self.stops.push(text))
         if self.stops.stopped:
             return "stop"
         if self.produced >= self.budget:

@@ -362,6 +362,20 @@ def test_include_stop_str_in_output(small_model: LoadedModel, prompts: list[list
     assert cut.text == text[: text.index(stop)]
 
 
+def test_no_stop_string_ends_a_row_before_min_tokens(
+    small_model: LoadedModel, prompts: list[list[int]]
+):
+    prompt, text = _longest(small_model, prompts)
+    stop = text[1:3]
+    assert generate(small_model, prompt, params(24, stop=[stop])).completion_tokens < 8
+    pieces: list[str] = []
+    held = small_model.generate(
+        Generation(prompt, params(24, stop=[stop], min_tokens=8), pieces.append)
+    )
+    assert held.completion_tokens >= 8
+    assert held.text.startswith(text[:3]) and "".join(pieces) == held.text
+
+
 # -- seeds ---------------------------------------------------------------------------------
 
 
