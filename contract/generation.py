@@ -97,18 +97,6 @@ class SamplingParams:
 DEFAULTS: Final = SamplingParams(max_tokens=1)
 """Every field's "not asked for" value (``max_tokens`` aside)."""
 
-LOGIT_FIELDS: Final = (
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "allowed_token_ids",
-    "min_tokens",
-)
-"""The fields that change the logits or cut the distribution beyond temperature and top-p."""
-
 
 def asked_fields(params: SamplingParams) -> list[str]:
     """The names of ``params``' fields set to something other than their default,

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backends import echo
 from backends.base import (
     MOVING_TO_DEVICE,
     READING_WEIGHTS,
@@ -55,23 +56,14 @@ FAKE_OPTIONS = {
 
 
 # What the fake cannot honour: it has no probabilities, and sampling is not its business.
-FAKE_REFUSES = frozenset(
-    (
-        "logprobs",
-        "prompt_logprobs",
-        "logit_bias",
-        "allowed_token_ids",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "min_tokens",
-        "stop_token_ids",
-        "include_stop_str_in_output",
-        "ignore_eos",
-        "top_k",
-        "min_p",
-    )
-)
+FAKE_REFUSES = echo.REFUSES | {
+    "min_tokens",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "top_k",
+    "min_p",
+}
 
 
 class FakeModel:

@@ -224,26 +224,9 @@ def _max_tokens(
     return default
 
 
-_PARAM_KEYS: Final = frozenset(
-    (
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "logit_bias",
-        "allowed_token_ids",
-        "ignore_eos",
-        "min_tokens",
-        "stop_token_ids",
-        "include_stop_str_in_output",
-        "prompt_logprobs",
-    )
-)
+# The request fields named as ``SamplingParams`` names them (vLLM's names); ``logprobs``
+# is read per endpoint (chat's is a flag, completions' a count).
+_PARAM_KEYS: Final = frozenset(SamplingParams.__slots__) - {"max_tokens", "logprobs"}
 
 
 def _params(
