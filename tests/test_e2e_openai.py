@@ -46,31 +46,22 @@ def test_top_k_1_at_temperature_1_equals_greedy(sdk: openai.OpenAI) -> None:
 
 
 def test_ignore_eos_gives_exactly_max_tokens(sdk: openai.OpenAI, eos_id: int) -> None:
-    forced = {"logit_bias": {str(eos_id): 100}}
-    stops = sdk.completions.create(
-        model="demo-small", prompt=PROMPT, max_tokens=9, temperature=0, **forced
-    )
-    assert stops.usage is not None and stops.usage.completion_tokens == 1
-    assert stops.choices[0].finish_reason == "stop"
-    runs = sdk.completions.create(
-        model="demo-small",
-        prompt=PROMPT,
-        max_tokens=9,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-        **forced,
-    )
-    assert runs.usage is not None and runs.usage.completion_tokens == 9
-    assert runs.choices[0].finish_reason == "length"
-    late = sdk.completions.create(
-        model="demo-small",
-        prompt=PROMPT,
-        max_tokens=9,
-        temperature=0,
-        extra_body={"min_tokens": 4},
-        **forced,
-    )
-    assert late.usage is not None and late.usage.completion_tokens == 5  # 4, then the eos
+    def forced_eos(**extra: object) -> tuple[int, str]:
+        """Completion tokens and finish reason when the eos token is all but certain."""
+        answer = sdk.completions.create(
+            model="demo-small",
+            prompt=PROMPT,
+            max_tokens=9,
+            temperature=0,
+            logit_bias={str(eos_id): 100},
+            extra_body=extra,
+        )
+        assert answer.usage is not None
+        return answer.usage.completion_tokens, answer.choices[0].finish_reason
+
+    assert forced_eos() == (1, "stop")
+    assert forced_eos(ignore_eos=True) == (9, "length")
+    assert forced_eos(min_tokens=4) == (5, "stop")  # 4 tokens, then the eos
 
 
 def test_n_choices_with_a_seed_differ_and_repeat(sdk: openai.OpenAI) -> None:
