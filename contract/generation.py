@@ -7,7 +7,7 @@ slotted, mutable dataclasses: frozen ones cost four times as much to build.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
@@ -93,19 +93,48 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
+    def copy(self) -> SamplingParams:
+        """A copy to change (each prompt and choice gets its own ``max_tokens`` and
+        ``seed``): built field by field, ten times faster than ``copy.copy``."""
+        return SamplingParams(
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.stop,
+            self.top_k,
+            self.min_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            self.logit_bias,
+            self.allowed_token_ids,
+            self.ignore_eos,
+            self.min_tokens,
+            self.stop_token_ids,
+            self.include_stop_str_in_output,
+            self.logprobs,
+            self.prompt_logprobs,
+        )
+
 
 DEFAULTS: Final = SamplingParams(max_tokens=1)
 """Every field's "not asked for" value (``max_tokens`` aside)."""
+_FIELD_ORDER: Final = {name: i for i, name in enumerate(SamplingParams.__slots__)}
 
 
-def asked_fields(params: SamplingParams) -> list[str]:
-    """The names of ``params``' fields set to something other than their default,
-    ``max_tokens`` aside (what ``ModelInfo.refuses`` is checked against)."""
-    return [
+def asked_fields(params: SamplingParams, among: Iterable[str] | None = None) -> list[str]:
+    """The names of ``params``' fields (of ``among``, else all) set to something other
+    than their default, ``max_tokens`` aside, in the order the fields are declared."""
+    names = SamplingParams.__slots__ if among is None else among
+    asked = [
         name
-        for name in SamplingParams.__slots__
+        for name in names
         if name != "max_tokens" and getattr(params, name) != getattr(DEFAULTS, name)
     ]
+    if among is not None:
+        asked.sort(key=_FIELD_ORDER.__getitem__)
+    return asked
 
 
 def shapes_logits(params: SamplingParams) -> bool:

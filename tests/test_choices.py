@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from contract.generation import GenerationResult, Logprob, ModelInfo, SamplingParams, Task
+from contract.generation import (
+    GenerationResult,
+    Logprob,
+    ModelInfo,
+    SamplingParams,
+    Task,
+    asked_fields,
+)
 from routerd.api.choices import (
     Asked,
     Echo,
@@ -105,6 +112,35 @@ def prompt(seed: int | None, ids: Sequence[int] = (1, 2, 3)) -> PreparedPrompt:
 
 
 # -- rows ----------------------------------------------------------------------------
+
+
+def test_a_copy_of_sampling_params_keeps_every_field() -> None:
+    changed = {
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.5,
+        "seed": 9,
+        "stop": ("x",),
+        "top_k": 2,
+        "min_p": 0.1,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+        "repetition_penalty": 1.1,
+        "logit_bias": {1: 2.0},
+        "allowed_token_ids": [1],
+        "ignore_eos": True,
+        "min_tokens": 1,
+        "stop_token_ids": (4,),
+        "include_stop_str_in_output": True,
+        "logprobs": 2,
+        "prompt_logprobs": 1,
+    }
+    assert set(changed) == set(SamplingParams.__slots__)
+    original = SamplingParams(**changed)
+    copy = original.copy()
+    assert copy == original and copy is not original
+    assert asked_fields(original) == [n for n in SamplingParams.__slots__ if n != "max_tokens"]
+    assert asked_fields(original, among={"top_k", "seed"}) == ["seed", "top_k"]
 
 
 def test_each_prompt_gets_its_rows_in_order_with_consecutive_seeds() -> None:

@@ -9,7 +9,6 @@ run the work on the instance's thread.
 from __future__ import annotations
 
 import base64
-import copy
 import functools
 import logging
 import math
@@ -332,7 +331,7 @@ async def _echoes(
             if results is not None:
                 entries = results[r].prompt_logprobs or []
             else:
-                alone = copy.copy(row.prompt.params)
+                alone = row.prompt.params.copy()
                 alone.max_tokens, alone.logprobs = 0, None
                 entries = (await handle.generate(ids, alone)).prompt_logprobs or []
             first = first_prompt_entry(ids[0], await handle.decode_tokens(ids[:1]))

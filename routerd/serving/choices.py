@@ -13,7 +13,6 @@ seeded request differ from each other and a repeated request gets the same ones.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ def _reseeded(prompt: PreparedPrompt, offset: int) -> PreparedPrompt:
     seed = prompt.params.seed
     if seed is None:
         return prompt
-    params = copy.copy(prompt.params)
+    params = prompt.params.copy()
     params.seed = (seed + offset) % _SEEDS
     return PreparedPrompt(prompt.token_ids, params)
 

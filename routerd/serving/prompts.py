@@ -7,7 +7,6 @@ HTTP, and nothing reaches past the ``ModelHandle``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -113,13 +112,12 @@ def truncate_prompt(
 
 def refuse_unsupported(info: ModelInfo, params: SamplingParams, model_id: str) -> None:
     """400 naming the first field this model cannot honour that the request sets."""
-    if info.refuses:
-        for name in asked_fields(params):
-            if name in info.refuses:
-                raise BadRequest(
-                    f"model '{model_id}' cannot honour {name} (its backend does not support it)",
-                    param=name,
-                )
+    refused = asked_fields(params, among=info.refuses) if info.refuses else None
+    if refused:
+        raise BadRequest(
+            f"model '{model_id}' cannot honour {refused[0]} (its backend does not support it)",
+            param=refused[0],
+        )
 
 
 async def generate(handle: ModelHandle, prompt: PreparedPrompt) -> GenerationResult:
@@ -201,7 +199,7 @@ def fit_to_context(
             code="context_length_exceeded",
         )
     max_tokens = fields.max_tokens if fields.max_tokens is not None else room
-    params = copy.copy(fields.params)
+    params = fields.params.copy()
     params.max_tokens = max_tokens if cap is None else min(max_tokens, cap)
     _check_sampling_ids(info, params)
     return params
