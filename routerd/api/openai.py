@@ -258,7 +258,7 @@ async def _serve_generation(
         async with cold.lease(scheduler, keep_alive=req.keep_alive) as lease:
             handle = lease.handle
             require_task(handle, Task.GENERATE, req.model, dialect.endpoint)
-            refuse_unsupported(handle.info, req.sampling.params, req.model)
+            refuse_unsupported(handle.info, req.sampling, req.model)
             prompts = await prepare(handle)
             rows = expand(prompts, per_prompt)
             if req.stream:
@@ -352,7 +352,7 @@ async def _shadow_generation(
     await require_task_before_load(scheduler, record, Task.GENERATE, record.model_id, endpoint)
     async with scheduler.lease(record) as lease:
         require_task(lease.handle, Task.GENERATE, record.model_id, endpoint)
-        refuse_unsupported(lease.handle.info, sampling.params, record.model_id)
+        refuse_unsupported(lease.handle.info, sampling, record.model_id)
         await generate_rows(lease.handle, expand(await prepare(lease.handle), per_prompt))
 
 

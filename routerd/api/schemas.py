@@ -25,6 +25,7 @@ from routerd.serving.requests import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    GenerationRequest,
     Prompt,
     SamplingFields,
 )
@@ -45,74 +46,95 @@ def parse_completion(
             "/v1/completions takes max_tokens",
             param="max_completion_tokens",
         )
-    echo = _flag(body, "echo")
+    stream, include_usage = _stream_fields(body)
+    echo, logprobs, n, best_of = False, None, 1, None
+    if not _CHOICE_KEYS.isdisjoint(body):  # the usual request has none of these
+        echo = _flag(body, "echo")
+        logprobs = _integer(body, "logprobs", 0, 5)
+        n = _integer(body, "n", 1, MAX_CHOICES) or 1
+        best_of = _integer(body, "best_of", 1, MAX_CHOICES)
+        if best_of is not None and best_of < n:
+            raise BadRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+        if best_of is not None and best_of > n and stream:
+            raise BadRequest("best_of greater than n cannot be streamed", param="best_of")
     max_tokens = _max_tokens(body, ("max_tokens",), default=16, low=0)
     if max_tokens == 0 and not echo:
         raise BadRequest("max_tokens may be 0 only with echo", param="max_tokens")
-    logprobs = _integer(body, "logprobs", 0, 5)
-    stream, include_usage = _stream_fields(body)
-    n = _integer(body, "n", 1, MAX_CHOICES) or 1
-    best_of = _integer(body, "best_of", 1, MAX_CHOICES)
-    if best_of is not None and best_of < n:
-        raise BadRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
-    if best_of is not None and best_of > n and stream:
-        raise BadRequest("best_of greater than n cannot be streamed", param="best_of")
-    params = _params(body, max_stop=max_stop, max_tokens=max_tokens, logprobs=logprobs)
+    sampling = _sampling(body, max_stop, max_tokens, logprobs)
+    params = sampling.params
     if echo and logprobs is not None:  # the prompt's tokens get logprobs too
         params.prompt_logprobs = max(logprobs, params.prompt_logprobs or 0)
     if best_of is not None and best_of > n and params.logprobs is None:
         params.logprobs = 0  # choices are ranked by their tokens' log-probabilities
-    return CompletionRequest(
+        sampling.plain = False
+    req = CompletionRequest(
+        model=_model(body),
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        user=_optional_str(body, "user"),
+        keep_alive=_keep_alive(body),
+        n=n,
+        logprobs=logprobs,
+        ignored=ignored,
         prompts=_prompts(body.get("prompt"), param="prompt"),
         echo=echo,
         best_of=best_of,
-        logprobs=logprobs,
-        **_generation_fields(body, params, max_tokens, stream, include_usage, n, ignored),
     )
+    _extras(body, req)
+    return req
 
 
 def parse_chat(body: Mapping[str, Any], *, max_stop: int = MAX_STOP_SEQUENCES) -> ChatRequest:
     ignored = _check_fields(body, CHAT_FIELDS, CHAT_REFUSED)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), default=None, low=1)
-    top = _integer(body, "top_logprobs", 0, 20)
     logprobs: int | None = None
-    if _flag(body, "logprobs"):
-        logprobs = top or 0
-    elif top:
-        raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    n = 1
+    if not _CHOICE_KEYS.isdisjoint(body):  # the usual request has none of these
+        top = _integer(body, "top_logprobs", 0, 20)
+        if _flag(body, "logprobs"):
+            logprobs = top or 0
+        elif top:
+            raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        n = _integer(body, "n", 1, MAX_CHOICES) or 1
     stream, include_usage = _stream_fields(body)
-    n = _integer(body, "n", 1, MAX_CHOICES) or 1
-    params = _params(body, max_stop=max_stop, max_tokens=max_tokens, logprobs=logprobs)
-    return ChatRequest(
-        messages=_messages(body.get("messages")),
+    req = ChatRequest(
+        model=_model(body),
+        sampling=_sampling(body, max_stop, max_tokens, logprobs),
+        stream=stream,
+        include_usage=include_usage,
+        user=_optional_str(body, "user"),
+        keep_alive=_keep_alive(body),
+        n=n,
         logprobs=logprobs,
-        **_generation_fields(body, params, max_tokens, stream, include_usage, n, ignored),
+        ignored=ignored,
+        messages=_messages(body.get("messages")),
     )
+    _extras(body, req)
+    return req
 
 
-def _generation_fields(
-    body: Mapping[str, Any],
-    params: SamplingParams,
-    max_tokens: int | None,
-    stream: bool,
-    include_usage: bool,
-    n: int,
-    ignored: tuple[str, ...],
-) -> dict[str, Any]:
-    """What completions and chat read alike: ``GenerationRequest``'s fields."""
-    return {
-        "model": _model(body),
-        "sampling": SamplingFields(max_tokens, params),
-        "stream": stream,
-        "include_usage": include_usage,
-        "user": _routing_key(body),
-        "keep_alive": _keep_alive(body),
-        "n": n,
-        "prompt_logprobs": _integer(body, "prompt_logprobs", 0, 20),
-        "tokens_as_ids": _flag(body, "return_tokens_as_token_ids"),
-        "truncate_prompt_tokens": _truncation(body),
-        "ignored": ignored,
-    }
+# Fields most requests leave out, read only when one of them is there.
+_CHOICE_KEYS: Final = frozenset(("echo", "logprobs", "top_logprobs", "n", "best_of"))
+_EXTRA_KEYS: Final = frozenset(
+    (
+        "prompt_logprobs",
+        "return_tokens_as_token_ids",
+        "truncate_prompt_tokens",
+        "safety_identifier",
+        "prompt_cache_key",
+    )
+)
+
+
+def _extras(body: Mapping[str, Any], req: GenerationRequest) -> None:
+    """vLLM's response options and the routing key's fallbacks, into ``req``."""
+    if _EXTRA_KEYS.isdisjoint(body):
+        return
+    req.prompt_logprobs = _integer(body, "prompt_logprobs", 0, 20)
+    req.tokens_as_ids = _flag(body, "return_tokens_as_token_ids")
+    req.truncate_prompt_tokens = _truncation(body)
+    req.user = _routing_key(body)
 
 
 def parse_embedding(body: Mapping[str, Any]) -> EmbeddingRequest:
@@ -229,12 +251,21 @@ def _max_tokens(
 _PARAM_KEYS: Final = frozenset(SamplingParams.__slots__) - {"max_tokens", "logprobs"}
 
 
-def _params(
-    body: Mapping[str, Any], *, max_stop: int, max_tokens: int | None, logprobs: int | None
-) -> SamplingParams:
-    """The request's ``SamplingParams`` (``max_tokens`` is set per prompt later)."""
+def _sampling(
+    body: Mapping[str, Any], max_stop: int, max_tokens: int | None, logprobs: int | None
+) -> SamplingFields:
+    """How the request decodes: ``max_tokens`` as asked, and its ``SamplingParams``
+    (whose ``max_tokens`` serving sets per prompt)."""
     if _PARAM_KEYS.isdisjoint(body):  # the usual request: every default
-        return SamplingParams(max_tokens=0, logprobs=logprobs)
+        params = SamplingParams(max_tokens=0, logprobs=logprobs)
+        return SamplingFields(max_tokens, params, plain=logprobs is None)
+    return SamplingFields(max_tokens, _params(body, max_stop, max_tokens, logprobs))
+
+
+def _params(
+    body: Mapping[str, Any], max_stop: int, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The request's ``SamplingParams`` from its fields (``max_tokens`` set later)."""
     min_tokens = _integer(body, "min_tokens", 0, None) or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise BadRequest(

@@ -38,6 +38,8 @@ class Row:
 
 def expand(prompts: Sequence[PreparedPrompt], per_prompt: int) -> list[Row]:
     """``per_prompt`` rows for each prompt, in choice order (prompt by prompt)."""
+    if per_prompt == 1 and len(prompts) == 1:  # the usual request
+        return [Row(0, prompts[0])]
     rows: list[Row] = []
     for index, prompt in enumerate(prompts):
         for i in range(per_prompt):
@@ -83,6 +85,8 @@ def cumulative_logprob(result: GenerationResult) -> float:
 def usage(rows: Sequence[Row], results: Sequence[GenerationResult]) -> tuple[int, int]:
     """Prompt tokens (each prompt once, however many choices it has) and completion
     tokens (of every row generated, best_of's discarded ones included)."""
+    if len(results) == 1:
+        return results[0].prompt_tokens, results[0].completion_tokens
     prompts: dict[int, int] = {}
     completion = 0
     for row, result in zip(rows, results, strict=True):

@@ -110,18 +110,16 @@ def truncate_prompt(
     return token_ids[-keep:] if len(token_ids) > keep else token_ids
 
 
-def refuse_unsupported(info: ModelInfo, params: SamplingParams, model_id: str) -> None:
+def refuse_unsupported(info: ModelInfo, sampling: SamplingFields, model_id: str) -> None:
     """400 naming the first field this model cannot honour that the request sets."""
-    refused = asked_fields(params, among=info.refuses) if info.refuses else None
+    if sampling.plain or not info.refuses:
+        return
+    refused = asked_fields(sampling.params, among=info.refuses)
     if refused:
         raise BadRequest(
             f"model '{model_id}' cannot honour {refused[0]} (its backend does not support it)",
             param=refused[0],
         )
-
-
-async def generate(handle: ModelHandle, prompt: PreparedPrompt) -> GenerationResult:
-    return await handle.generate(prompt.token_ids, prompt.params)
 
 
 def embedding_inputs(

@@ -23,6 +23,7 @@ class SamplingFields:
 
     max_tokens: int | None
     params: SamplingParams
+    plain: bool = False  # every field at its default: no backend can refuse anything
 
 
 @dataclass(slots=True)
