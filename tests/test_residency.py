@@ -297,7 +297,8 @@ async def test_pinned_versions_load_again_after_restart(tmp_path, backend, clock
 
 async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, backend, clock):
     from contract.generation import SamplingParams
-    from routerd.serving.prompts import PreparedPrompt, generate
+    from routerd.serving.choices import Row, generate_rows
+    from routerd.serving.prompts import PreparedPrompt
 
     models = [fake_spec(tmp_path, "slow", token_delay=0.01, context=100_000)]
     services = fake_services(tmp_path, backend, models, clock=clock)
@@ -309,7 +310,7 @@ async def test_forced_eviction_ends_live_requests_with_a_clear_error(tmp_path, b
         async def long_request():
             async with services.scheduler.lease(services.router.resolve("slow")) as lease:
                 leased.set()
-                return await generate(lease.handle, prompt)
+                return (await generate_rows(lease.handle, [Row(0, prompt)]))[0]
 
         running = asyncio.create_task(long_request())
         await leased.wait()

@@ -145,7 +145,8 @@ async def test_each_instance_loads_on_its_own_thread(services, backend):
 async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(
     tmp_path, backend, clock
 ):
-    from routerd.serving.prompts import PreparedPrompt, generate
+    from routerd.serving.choices import Row, generate_rows
+    from routerd.serving.prompts import PreparedPrompt
 
     models = [fake_spec(tmp_path, "threaded"), fake_spec(tmp_path, "inline", inline=True)]
     services = fake_services(tmp_path, backend, models, clock=clock)
@@ -155,7 +156,8 @@ async def test_request_calls_use_the_instance_thread_unless_the_model_is_inline(
             async with services.scheduler.lease(services.router.resolve(name)) as lease:
                 ids = await lease.handle.tokenize("ab")
                 prompt = PreparedPrompt(ids, SamplingParams(max_tokens=2))
-                assert (await generate(lease.handle, prompt)).text == "ba"
+                (result,) = await generate_rows(lease.handle, [Row(0, prompt)])
+                assert result.text == "ba"
         threaded_thread, inline_thread = backend.generate_threads
         assert threaded_thread != main and threaded_thread.startswith("routerd-threaded@1")
         assert inline_thread == main
