@@ -75,6 +75,25 @@ async def test_a_batch_stays_within_the_kv_its_instance_reserved(
         services.store.close()
 
 
+async def test_a_requests_n_choices_are_rows_held_to_the_same_kv(tmp_path, backend):
+    """``n`` choices are ordinary rows: six of 42 tokens each in 100 reserved tokens run
+    two at a time, as six requests would."""
+    from routerd.serving.choices import expand, generate_rows
+    from routerd.serving.prompts import PreparedPrompt
+
+    models = [fake_spec(tmp_path, "m", max_batch_size=8, max_wait_ms=50, context=64, kv_tokens=100)]
+    services = fake_services(tmp_path, backend, models)
+    try:
+        instance = await ready_instance(services, "m")
+        async with services.scheduler.lease(services.router.resolve("m")) as lease:
+            rows = expand([PreparedPrompt([97, 98], SamplingParams(max_tokens=40, seed=1))], 6)
+            results = await generate_rows(lease.handle, rows)
+        assert [r.completion_tokens for r in results] == [40] * 6
+        assert instance.batcher.largest_batch == 2
+    finally:
+        services.store.close()
+
+
 def test_the_kv_rule_counts_a_padded_batch() -> None:
     from routerd.batcher import _fits_cache
 
