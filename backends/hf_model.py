@@ -48,6 +48,7 @@ class TransformersModel(hf_text.HfTokenizing):
         self._device = device
         self._name = name
         self._eos_ids = _eos_ids(model, tokenizer)
+        self._token_texts = hf_text.TokenTexts(tokenizer)
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed past_key_values to cache.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -60,7 +61,6 @@ class TransformersModel(hf_text.HfTokenizing):
         self._on_unload = on_unload  # given the tokenizer and module (the backend's shelf)
         # Freed CPU memory goes back to the kernel after large passes (backends.heap).
         self._release_memory = glibc_trim() if device.type == "cpu" else None
-        self._token_texts: dict[int, str] = {}  # logprobs name the same few ids again and again
 
     @property
     def info(self) -> ModelInfo:
@@ -73,18 +73,6 @@ class TransformersModel(hf_text.HfTokenizing):
             list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         return str(text)
-
-    def _token_text(self, token_id: int) -> str:
-        """One id's own text for a logprob: special tokens as written (EOS is not "")."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = str(
-                self._tokenizer.decode(
-                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
-                )
-            )
-            self._token_texts[token_id] = text
-        return text
 
     def _check_ids(self, ids: Sequence[int], param: str, what: str) -> None:
         if not ids:
@@ -134,7 +122,7 @@ class TransformersModel(hf_text.HfTokenizing):
             decode=self._decode,
             check=lambda ids: self._check_ids(ids, "prompt", "the prompt"),
             release_memory=self._release_memory,
-            token_text=self._token_text,
+            token_text=self._token_texts,
         )
         with torch.inference_mode():
             hf_batch.generate_batch(decoder, rows, admit, max_rows)
@@ -323,8 +311,8 @@ class TransformersModel(hf_text.HfTokenizing):
 
     def unload(self) -> None:
         tokenizer, self._tokenizer = self._tokenizer, None
+        self._token_texts = hf_text.TokenTexts(None)  # holds neither texts nor the tokenizer
         model, self._model = self._model, None
-        self._token_texts = {}
         if tokenizer is not None and self._on_unload is not None:
             self._on_unload(tokenizer, model)  # the model's weights are emptied there
         del model

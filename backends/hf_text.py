@@ -159,6 +159,26 @@ def encode_chat(
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 
 
+class TokenTexts:
+    """Each token's own text, as a logprob names it: the token decoded alone, special
+    tokens kept (EOS is not ""), no clean-up of spaces (a lone " ," stays as it is; a
+    token holding part of a character decodes to U+FFFD). Cached per id: logprobs name
+    the same few ids again and again, and a vocabulary's worth is the most it holds."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            decoded = self._tokenizer.decode(
+                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            text = self._texts[token_id] = str(decoded)
+        return text
+
+
 class HfTokenizing:
     """The tokenizing methods of ``backends.base.LoadedModel`` over a Hugging Face
     tokenizer: one copy for the backends that tokenize with ``transformers`` (in

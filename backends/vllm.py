@@ -150,7 +150,7 @@ class VllmModel(hf_text.HfTokenizing):
         self._plan = plan
         self.kv_bytes = kv_bytes
         self.pids = frozenset(pids)
-        self._token_texts = vllm_sampling.TokenTexts(tokenizer)
+        self._token_texts = hf_text.TokenTexts(tokenizer)
 
     @property
     def info(self) -> ModelInfo:

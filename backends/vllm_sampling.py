@@ -128,23 +128,6 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 # -- log-probabilities -------------------------------------------------------------------
 
 
-class TokenTexts:
-    """Each token's own text: the token decoded alone, special tokens kept (a token
-    holding part of a character decodes to U+FFFD). Cached per id; a vocabulary's worth
-    at most."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            text = str(self._tokenizer.decode([token_id], skip_special_tokens=False))
-            self._texts[token_id] = text
-        return text
-
-
 def _rank(entry: VllmLogprob) -> float:
     return math.inf if entry.rank is None else entry.rank
 

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from backends.base import LoadSpec
+from backends.hf_text import TokenTexts
 from backends.vllm_sampling import (
     ENGINE_ARGS,
     MAX_LOGPROBS,
     OutputReader,
-    TokenTexts,
     drops_output,
     position_logprob,
     prompt_logprobs,
@@ -233,7 +233,13 @@ class CountingTokenizer:
     def __init__(self) -> None:
         self.calls: list[tuple[list[int], bool]] = []
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(
+        self,
+        ids: list[int],
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool = True,
+    ) -> str:
+        assert not clean_up_tokenization_spaces
         self.calls.append((ids, skip_special_tokens))
         return "</s>" if ids == [2] else f"t{ids[0]}"
 
