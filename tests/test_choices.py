@@ -166,9 +166,38 @@ async def test_a_failing_row_stops_the_others_before_it_is_raised() -> None:
     assert 12 in handle.stopped  # the slow row did not outlive the request
 
 
+class PromptScoringHandle(ScriptedHandle):
+    """Generates at once; a row that asks for prompt logprobs gets them (and is counted)."""
+
+    def __init__(self) -> None:
+        super().__init__(expected_rows=0)
+        self.scored: list[list[int]] = []
+
+    async def generate(self, token_ids: list[int], params: SamplingParams) -> GenerationResult:
+        entries: list[Logprob | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.scored.append(token_ids)
+            entries = [None, *(Logprob(t, chr(t), -1.0) for t in token_ids[1:])]
+        return GenerationResult("x", len(token_ids), 1, "length", prompt_logprobs=entries)
+
+
+async def test_a_prompts_logprobs_are_computed_once_and_shared_by_its_choices() -> None:
+    handle = PromptScoringHandle()
+    scored = [
+        PreparedPrompt(ids, SamplingParams(max_tokens=1, prompt_logprobs=0, seed=5))
+        for ids in ([1, 2], [3, 4, 5])
+    ]
+    rows = expand(scored, 3)
+    assert [r.prompt.params.prompt_logprobs for r in rows] == [0, None, None] * 2
+    results = await generate_rows(handle, rows)
+    assert handle.scored == [[1, 2], [3, 4, 5]]  # once per prompt, not once per choice
+    assert [len(r.prompt_logprobs or []) for r in results] == [2, 2, 2, 3, 3, 3]
+    assert results[1].prompt_logprobs is results[0].prompt_logprobs
+
+
 def test_best_of_keeps_the_most_likely_choices_most_likely_first() -> None:
     results = [result("a", -3.0, -1.0), result("b", -0.5), result("c", -1.0, -0.1)]
-    assert [r.text for r in best_of(results, 2)] == ["b", "c"]
+    assert best_of(results, 2) == [1, 2]
 
 
 def test_usage_counts_each_prompt_once_and_every_row_generated() -> None:

@@ -164,6 +164,31 @@ def test_streamed_echo_sends_the_prompt_first(sdk: openai.OpenAI) -> None:
         model="demo-small", prompt=PROMPT, max_tokens=3, echo=True, temperature=0
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    scored = list(
+        sdk.completions.create(
+            model="demo-small",
+            prompt=PROMPT,
+            max_tokens=3,
+            n=2,
+            echo=True,
+            logprobs=1,
+            temperature=0,
+            stream=True,
+        )
+    )
+    firsts = {c.choices[0].index: c.choices[0] for c in reversed(scored) if c.choices}
+    whole_scored = sdk.completions.create(
+        model="demo-small", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1
+    ).choices[0]
+    assert whole_scored.logprobs is not None
+    for index in (0, 1):  # each choice's first chunk: the prompt with its logprobs
+        first = firsts[index]
+        assert first.text == PROMPT and first.logprobs is not None
+        assert first.logprobs.tokens == whole_scored.logprobs.tokens
+        assert first.logprobs.token_logprobs[0] is None
+        assert first.logprobs.token_logprobs[1:] == pytest.approx(
+            whole_scored.logprobs.token_logprobs[1:], abs=1e-4
+        )
 
 
 def test_fields_outside_both_schemas_are_ignored_and_named(sdk: openai.OpenAI) -> None:

@@ -260,13 +260,13 @@ async def _serve_generation(
             require_task(handle, Task.GENERATE, req.model, dialect.endpoint)
             refuse_unsupported(handle.info, req.sampling, req.model)
             prompts = await prepare(handle)
-            rows = expand(prompts, per_prompt)
             if req.stream:
                 return await _stream_generation(
-                    dialect, req, request, record, lease, rows, cold.response, echo=echo
+                    dialect, req, request, record, lease, prompts, per_prompt, cold.response, echo
                 )
+            rows = expand(prompts, per_prompt)
             results = await generate_rows(handle, rows)
-            echoes = await _echoes(handle, req, rows, results) if echo else None
+            echoes = await _echoes(handle, req, prompts, results[::per_prompt]) if echo else None
     except Exception as exc:
         if cold.response is None:
             raise
@@ -281,7 +281,7 @@ async def _serve_generation(
         "created": int(time.time()),
         "model": req.model,
         "choices": [
-            dialect.choice(asked, i, results[r], echoes[r] if echoes else None)
+            dialect.choice(asked, i, results[r], echoes[rows[r].prompt_index] if echoes else None)
             for i, r in enumerate(picked)
         ],
         "usage": _usage(prompt_tokens, completion_tokens),
@@ -298,40 +298,35 @@ async def _serve_generation(
 def _pick(rows: list[Row], results: list[GenerationResult], n: int) -> list[int]:
     """Which rows become choices, in order: all of them, or each prompt's best ``n``
     when ``best_of`` made more."""
-    if len(rows) == n * (rows[-1].prompt_index + 1):
+    per_prompt = len(rows) // (rows[-1].prompt_index + 1)
+    if per_prompt == n:
         return list(range(len(rows)))
     picked: list[int] = []
-    for index in sorted({row.prompt_index for row in rows}):
-        mine = [r for r, row in enumerate(rows) if row.prompt_index == index]
-        best = best_of([results[r] for r in mine], n)
-        picked += [next(r for r in mine if results[r] is b) for b in best]
+    for start in range(0, len(rows), per_prompt):
+        picked += [start + i for i in best_of(results[start : start + per_prompt], n)]
     return picked
 
 
 async def _echoes(
     handle: ModelHandle,
     req: GenerationRequest,
-    rows: list[Row],
+    prompts: list[PreparedPrompt],
     results: list[GenerationResult] | None,
 ) -> list[Echo]:
-    """What ``echo`` puts before each row's completion: its prompt's text and, with
-    logprobs, the prompt's tokens (from each row's result, or ``results`` None: from a
-    prompt-only run, for streams, which must send the prompt first)."""
+    """What ``echo`` puts before each prompt's completions: its text and, with logprobs,
+    its tokens' entries — from the prompt's result, or (``results`` None: a stream, which
+    sends the prompt first) from a run of the prompt alone."""
     assert isinstance(req, CompletionRequest)
-    texts: dict[int, str] = {}
     echoes: list[Echo] = []
-    for r, row in enumerate(rows):
-        index = row.prompt_index
-        if index not in texts:
-            prompt = req.prompts[index]
-            texts[index] = prompt if isinstance(prompt, str) else await handle.decode_tokens(prompt)
-        echo = Echo(texts[index])
+    for index, prompt in enumerate(prompts):
+        asked = req.prompts[index]
+        echo = Echo(asked if isinstance(asked, str) else await handle.decode_tokens(asked))
         if req.logprobs is not None:
-            ids = row.prompt.token_ids
+            ids = prompt.token_ids
             if results is not None:
-                entries = results[r].prompt_logprobs or []
+                entries = results[index].prompt_logprobs or []
             else:
-                alone = row.prompt.params.copy()
+                alone = prompt.params.copy()
                 alone.max_tokens, alone.logprobs = 0, None
                 entries = (await handle.generate(ids, alone)).prompt_logprobs or []
             first = first_prompt_entry(ids[0], await handle.decode_tokens(ids[:1]))
@@ -370,9 +365,9 @@ async def _stream_generation(
     request: web.Request,
     record: VersionRecord,
     lease: Lease,
-    rows: list[Row],
+    prompts: list[PreparedPrompt],
+    per_prompt: int,
     begun: web.StreamResponse | None,
-    *,
     echo: bool,
 ) -> web.StreamResponse:
     """Server-sent events: a chunk per text piece of any choice (choices interleave as
@@ -389,7 +384,6 @@ async def _stream_generation(
         "model": req.model,
     }
     asked = _asked(req)
-    choices = [dialect.streamed(asked, i) for i in range(len(rows))]
     response = begun
     if response is None:
         headers = _served_headers(record, lease)
@@ -397,13 +391,20 @@ async def _stream_generation(
         response = await open_stream(request, headers)
     streaming(response)
     handle = lease.handle
-    results: list[GenerationResult | None] = [None] * len(rows)
-    pending: list[list[Logprob]] = [[] for _ in rows]
     try:
+        echoes: list[Echo] = []
         if echo:
-            for i, first in enumerate(await _echoes(handle, req, rows, None)):
-                chunk = choices[i].piece(first.text, first.entries, None)
-                await send_event(response, {**envelope, "choices": [chunk]})
+            echoes = await _echoes(handle, req, prompts, None)
+            for prompt in prompts:
+                prompt.params.prompt_logprobs = None  # its echo carries them
+        rows = expand(prompts, per_prompt)
+        choices = [dialect.streamed(asked, i) for i in range(len(rows))]
+        results: list[GenerationResult | None] = [None] * len(rows)
+        pending: list[list[Logprob]] = [[] for _ in rows]
+        for i, row in enumerate(rows if echoes else ()):
+            first = echoes[row.prompt_index]
+            chunk = choices[i].piece(first.text, first.entries, None)
+            await send_event(response, {**envelope, "choices": [chunk]})
         async with aclosing(stream_rows(handle, rows)) as items:
             async for i, item in items:
                 if isinstance(item, Logprob):

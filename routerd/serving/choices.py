@@ -13,6 +13,7 @@ seeded request differ from each other and a repeated request gets the same ones.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -43,21 +44,28 @@ def expand(prompts: Sequence[PreparedPrompt], per_prompt: int) -> list[Row]:
     rows: list[Row] = []
     for index, prompt in enumerate(prompts):
         for i in range(per_prompt):
-            rows.append(Row(index, prompt if i == 0 else _reseeded(prompt, i)))
+            rows.append(Row(index, prompt if i == 0 else _sibling(prompt, i)))
     return rows
 
 
-def _reseeded(prompt: PreparedPrompt, offset: int) -> PreparedPrompt:
-    seed = prompt.params.seed
-    if seed is None:
+def _sibling(prompt: PreparedPrompt, offset: int) -> PreparedPrompt:
+    """Choice ``offset`` of a prompt: it samples with ``seed + offset``, and leaves the
+    prompt's logprobs to the first choice (``generate_rows`` shares them)."""
+    params = prompt.params
+    if params.seed is None and params.prompt_logprobs is None:
         return prompt
-    params = prompt.params.copy()
-    params.seed = (seed + offset) % _SEEDS
+    params = params.copy()
+    if params.seed is not None:
+        params.seed = (params.seed + offset) % _SEEDS
+    params.prompt_logprobs = None
     return PreparedPrompt(prompt.token_ids, params)
 
 
 async def generate_rows(handle: ModelHandle, rows: Sequence[Row]) -> list[GenerationResult]:
-    """Every row's result, in order; the rows run concurrently (one batch, where they fit)."""
+    """Every row's result, in order; the rows run concurrently (one batch, where they fit).
+
+    A prompt's logprobs, computed by its first row alone, are in each of its results.
+    """
     if len(rows) == 1:
         row = rows[0]
         return [await handle.generate(row.prompt.token_ids, row.prompt.params)]
@@ -69,13 +77,22 @@ async def generate_rows(handle: ModelHandle, rows: Sequence[Row]) -> list[Genera
             ]
     except ExceptionGroup as failed:  # the request fails as its first failing row did
         raise failed.exceptions[0] from None
-    return [task.result() for task in tasks]
+    results: list[GenerationResult] = []
+    firsts: dict[int, GenerationResult] = {}
+    for row, task in zip(rows, tasks, strict=True):
+        result = task.result()
+        first = firsts.setdefault(row.prompt_index, result)
+        if result.prompt_logprobs is None and first.prompt_logprobs is not None:
+            result = dataclasses.replace(result, prompt_logprobs=first.prompt_logprobs)
+        results.append(result)
+    return results
 
 
-def best_of(results: Sequence[GenerationResult], n: int) -> list[GenerationResult]:
-    """The ``n`` results whose generated tokens are the most likely together (the highest
-    sum of their log-probabilities), most likely first."""
-    return sorted(results, key=cumulative_logprob, reverse=True)[:n]
+def best_of(results: Sequence[GenerationResult], n: int) -> list[int]:
+    """Where in ``results`` the ``n`` whose generated tokens are the most likely together
+    (the highest sum of their log-probabilities) are, most likely first."""
+    ranked = sorted(range(len(results)), key=lambda i: cumulative_logprob(results[i]), reverse=True)
+    return ranked[:n]
 
 
 def cumulative_logprob(result: GenerationResult) -> float:
